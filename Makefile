@@ -1,0 +1,33 @@
+# qaq — the two commands of the README:
+#   make demo   fetch the model, build, start a local cluster, stream a generation
+#   make test   fetch the model, build (also with --features cuda), clippy, all tests
+SHELL := /bin/bash
+CARGO ?= cargo
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: demo test model build build-cuda clippy unit bench
+
+model:
+	@scripts/fetch-model.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+# The cuda feature must compile on a machine without CUDA (cudarc loads the
+# driver at run time).
+build-cuda:
+	$(CARGO) build --release --workspace --features cuda
+
+clippy:
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+unit: build
+	$(CARGO) test --release --workspace --no-fail-fast
+
+test: model build-cuda clippy unit
+
+demo: model build
+	@scripts/demo.sh
+
+bench: model build
+	./target/release/qaq-worker bench --model $(MODEL) --batch 1,8 --tokens 64

@@ -1,0 +1,234 @@
+//! `qaq up`: a local cluster. Starts `qaq-coordinator` and N `qaq-worker`
+//! processes (each in its own process group, so that Ctrl-C reaches only
+//! `qaq`), waits for their READY lines and for every worker to be UP, then
+//! on Ctrl-C / SIGTERM sends SIGTERM to each child by PID, waits for them
+//! (SIGKILL after a grace period) and exits 0.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use qaq_coordinator::process::{ReadyChild, StdoutMode, spawn_ready};
+use qaq_proto::v1::{ClusterStatusRequest, WorkerState};
+use tokio::process::Command;
+
+use crate::DEFAULT_ADDR;
+
+/// Prefix of the worker's READY line (worker process contract).
+const WORKER_READY: &str = "QAQ_WORKER_READY";
+/// Time the coordinator gets to print READY.
+const COORDINATOR_START: Duration = Duration::from_secs(30);
+/// Time a worker gets to load its model and print READY.
+const WORKER_START: Duration = Duration::from_secs(300);
+/// Time all workers get to appear UP after their READY lines.
+const WORKERS_UP: Duration = Duration::from_secs(60);
+/// Time each child gets to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub workers: u32,
+    /// Model every worker serves (GGUF file or HF safetensors folder).
+    #[arg(long, env = "QAQ_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    /// Client address of the coordinator.
+    #[arg(long, default_value = DEFAULT_ADDR)]
+    pub listen: String,
+    /// Address of the coordinator's Prometheus /metrics endpoint (port 0 picks one).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// The qaq-worker binary (default: next to this executable).
+    #[arg(long, env = "QAQ_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// The qaq-coordinator binary (default: next to this executable).
+    #[arg(long, env = "QAQ_COORDINATOR_BIN")]
+    pub coordinator_bin: Option<PathBuf>,
+}
+
+/// `name` in the directory of the running executable.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the qaq executable")?;
+    Ok(exe.parent().unwrap_or(Path::new(".")).join(name))
+}
+
+fn check_file(path: &Path, what: &str, hint: &str) -> anyhow::Result<()> {
+    if !path.exists() {
+        anyhow::bail!("{what} not found at {} ({hint})", path.display());
+    }
+    Ok(())
+}
+
+pub async fn run(args: UpArgs, api_key: Option<&str>) -> anyhow::Result<ExitCode> {
+    let coordinator_bin = match &args.coordinator_bin {
+        Some(p) => p.clone(),
+        None => sibling("qaq-coordinator")?,
+    };
+    let worker_bin = match &args.worker_bin {
+        Some(p) => p.clone(),
+        None => sibling("qaq-worker")?,
+    };
+    check_file(
+        &coordinator_bin,
+        "qaq-coordinator",
+        "build it with `cargo build --release`, or pass --coordinator-bin",
+    )?;
+    check_file(&worker_bin, "qaq-worker", "build it with `cargo build --release`, or pass --worker-bin")?;
+    check_file(&args.model, "model", "run scripts/fetch-model.sh, or pass --model / set QAQ_MODEL")?;
+
+    // Handlers first: a Ctrl-C during start-up must still stop the children
+    // (they live in their own process groups and would not see it).
+    let mut signals = Signals::new()?;
+    let mut children: Vec<ReadyChild> = Vec::new();
+    let started = tokio::select! {
+        r = start(&args, &coordinator_bin, &worker_bin, api_key, &mut children) => r,
+        name = signals.recv() => Err(anyhow::anyhow!("{name} during start-up")),
+    };
+    let outcome = match started {
+        Err(e) => Err(e),
+        Ok(()) => wait_for_stop(&mut children, &mut signals).await,
+    };
+    stop_all(&mut children).await;
+    outcome
+}
+
+/// SIGINT and SIGTERM, registered once.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// Waits for either; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "Ctrl-C",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+async fn start(
+    args: &UpArgs,
+    coordinator_bin: &Path,
+    worker_bin: &Path,
+    api_key: Option<&str>,
+    children: &mut Vec<ReadyChild>,
+) -> anyhow::Result<()> {
+    let mut cmd = Command::new(coordinator_bin);
+    cmd.arg("--listen").arg(&args.listen);
+    if let Some(m) = &args.metrics_listen {
+        cmd.arg("--metrics-listen").arg(m);
+    }
+    cmd.process_group(0);
+    let coordinator =
+        spawn_ready(cmd, "coordinator", qaq_coordinator::READY_PREFIX, COORDINATOR_START, StdoutMode::Prefixed).await?;
+    let grpc = coordinator.ready.get("grpc").context("coordinator READY line has no grpc=")?.to_string();
+    let metrics = coordinator.ready.get("metrics").map(str::to_string);
+    children.push(coordinator);
+
+    let spawns = (1..=args.workers).map(|i| {
+        let name = format!("worker-{i}");
+        let mut cmd = Command::new(worker_bin);
+        cmd.arg("serve")
+            .arg("--model")
+            .arg(&args.model)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--coordinator", &grpc])
+            .args(["--worker-id", &name])
+            .process_group(0);
+        async move { spawn_ready(cmd, &name, WORKER_READY, WORKER_START, StdoutMode::Prefixed).await }
+    });
+    let mut failure = None;
+    for r in futures::future::join_all(spawns).await {
+        match r {
+            Ok(c) => children.push(c),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+
+    wait_workers_up(&grpc, api_key, args.workers as usize).await?;
+    let metrics = metrics.map_or_else(|| "metrics off".to_string(), |m| format!("metrics http://{m}/metrics"));
+    println!("qaq cluster ready: coordinator {grpc} ({metrics}), {} workers", args.workers);
+    for c in children.iter().skip(1) {
+        println!(
+            "  {} pid {} grpc {} metrics {}",
+            c.name,
+            c.pid,
+            c.ready.get("grpc").unwrap_or("-"),
+            c.ready.get("metrics").unwrap_or("-")
+        );
+    }
+    println!("try: qaq generate --addr {grpc} \"Once upon a time\"   (Ctrl-C here stops the cluster)");
+    Ok(())
+}
+
+/// Polls ClusterStatus until `n` workers are UP.
+async fn wait_workers_up(addr: &str, api_key: Option<&str>, n: usize) -> anyhow::Result<()> {
+    let mut client = crate::connect(addr, api_key).await?;
+    let deadline = Instant::now() + WORKERS_UP;
+    loop {
+        let up = match client.cluster_status(ClusterStatusRequest {}).await {
+            Ok(s) => s.into_inner().workers.iter().filter(|w| w.state == WorkerState::Up as i32).count(),
+            Err(e) => anyhow::bail!("ClusterStatus: {}", crate::status_text(&e)),
+        };
+        if up >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {up} of {n} workers registered within {} s", WORKERS_UP.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for Ctrl-C / SIGTERM (exit 0) or a child's unexpected exit (error).
+async fn wait_for_stop(children: &mut [ReadyChild], signals: &mut Signals) -> anyhow::Result<ExitCode> {
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            name = signals.recv() => {
+                eprintln!("qaq: {name}: stopping the cluster");
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ = check.tick() => {
+                for c in children.iter_mut() {
+                    if let Some(status) = c.exited() {
+                        anyhow::bail!("{} (pid {}) exited unexpectedly: {status}", c.name, c.pid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM to every child (workers first), then reap them all.
+async fn stop_all(children: &mut [ReadyChild]) {
+    for c in children.iter().rev() {
+        let _ = c.terminate();
+    }
+    let stops = children.iter_mut().rev().map(|c| async move {
+        let status = c.shutdown(STOP_GRACE).await;
+        (c.name.clone(), c.pid, status)
+    });
+    for (name, pid, status) in futures::future::join_all(stops).await {
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => eprintln!("qaq: {name} (pid {pid}) exited with {s}"),
+            None => eprintln!("qaq: {name} (pid {pid}) did not stop within {} s; killed", STOP_GRACE.as_secs()),
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Typed errors of the coordinator, mapped to `tonic::Status` in one place
+//! ([`From<GenerateError> for Status`], [`From<RegistryError> for Status`]),
+//! each with the metrics outcome label it counts under.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::{Code, Status};
+
+use crate::metrics::Outcome;
+
+/// Invalid coordinator configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// A flag's value is out of range; the message names the flag.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Errors of the client API (`qaq.v1.Generation`).
+#[derive(Debug, Error)]
+pub enum GenerateError {
+    /// A field failed validation (`qaq_proto::validate`); the status names it.
+    #[error("{}", .0.message())]
+    Invalid(Status),
+    /// The requested model is served by no registered worker.
+    #[error("model: {model:?} is not served by this cluster; available models: [{}]", .available.join(", "))]
+    ModelNotFound {
+        /// The name the client asked for.
+        model: String,
+        /// Models of live workers.
+        available: Vec<String>,
+    },
+    /// No live worker can take the request.
+    #[error("no live worker{}", .model.as_ref().map(|m| format!(" serves model {m:?}")).unwrap_or_default())]
+    NoLiveWorker {
+        /// The model asked for, if one was named.
+        model: Option<String>,
+    },
+    /// A request with this id is already running.
+    #[error("request_id: {0:?} is already running; choose another id or leave it empty")]
+    DuplicateRequestId(String),
+    /// The worker answered with an error (forwarded with its code).
+    #[error("worker {worker_id}: {}", .status.message())]
+    Worker {
+        /// The worker that failed.
+        worker_id: String,
+        /// Its status.
+        status: Status,
+    },
+    /// The client's gRPC deadline passed.
+    #[error("deadline of {} ms exceeded after {tokens} generated tokens", .timeout.as_millis())]
+    Deadline {
+        /// The client's timeout.
+        timeout: Duration,
+        /// Tokens streamed before the deadline.
+        tokens: u32,
+    },
+    /// The worker's stream ended without a final message.
+    #[error("worker {0} ended the stream without a final message")]
+    Truncated(String),
+}
+
+impl GenerateError {
+    /// The `outcome` label this error is counted under in
+    /// `qaq_coordinator_requests_total`.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Invalid(_) | Self::ModelNotFound { .. } | Self::DuplicateRequestId(_) => Outcome::Invalid,
+            Self::NoLiveWorker { .. } => Outcome::Unavailable,
+            Self::Deadline { .. } => Outcome::Deadline,
+            Self::Truncated(_) => Outcome::Error,
+            Self::Worker { status, .. } => match status.code() {
+                Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::FailedPrecondition => {
+                    Outcome::Invalid
+                }
+                Code::Unavailable | Code::ResourceExhausted => Outcome::Unavailable,
+                Code::DeadlineExceeded => Outcome::Deadline,
+                Code::Cancelled => Outcome::Aborted,
+                _ => Outcome::Error,
+            },
+        }
+    }
+
+    /// The gRPC code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Invalid(s) => s.code(),
+            Self::ModelNotFound { .. } => Code::NotFound,
+            Self::NoLiveWorker { .. } => Code::Unavailable,
+            Self::DuplicateRequestId(_) => Code::AlreadyExists,
+            Self::Worker { status, .. } => status.code(),
+            Self::Deadline { .. } => Code::DeadlineExceeded,
+            Self::Truncated(_) => Code::Unavailable,
+        }
+    }
+}
+
+impl From<GenerateError> for Status {
+    fn from(e: GenerateError) -> Self {
+        match e {
+            // Validation messages already start with the field name: keep them verbatim.
+            GenerateError::Invalid(s) => s,
+            // Client-caused errors keep the worker's message verbatim (it names
+            // the field); others say which worker failed. The code is kept.
+            GenerateError::Worker { worker_id, status } => match status.code() {
+                Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::DeadlineExceeded => {
+                    Status::new(status.code(), status.message().to_string())
+                }
+                code => Status::new(code, format!("worker {worker_id}: {}", status.message())),
+            },
+            other => Status::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+/// Errors of the internal `qaq.v1.Registry` service.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    /// A field of a Register/Heartbeat request is invalid; the message names it.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(m) => Status::invalid_argument(m),
+        }
+    }
+}
+
+/// Errors that stop the coordinator server.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptor set.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Binding or serving a socket failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_codes_and_outcomes() {
+        let cases: Vec<(GenerateError, Code, Outcome)> = vec![
+            (GenerateError::Invalid(Status::invalid_argument("prompt: x")), Code::InvalidArgument, Outcome::Invalid),
+            (
+                GenerateError::ModelNotFound { model: "m".into(), available: vec!["a".into(), "b".into()] },
+                Code::NotFound,
+                Outcome::Invalid,
+            ),
+            (GenerateError::NoLiveWorker { model: None }, Code::Unavailable, Outcome::Unavailable),
+            (GenerateError::DuplicateRequestId("r".into()), Code::AlreadyExists, Outcome::Invalid),
+            (
+                GenerateError::Deadline { timeout: Duration::from_millis(300), tokens: 2 },
+                Code::DeadlineExceeded,
+                Outcome::Deadline,
+            ),
+            (
+                GenerateError::Worker { worker_id: "w".into(), status: Status::internal("boom") },
+                Code::Internal,
+                Outcome::Error,
+            ),
+            (
+                GenerateError::Worker { worker_id: "w".into(), status: Status::invalid_argument("prompt: too long") },
+                Code::InvalidArgument,
+                Outcome::Invalid,
+            ),
+            (GenerateError::Truncated("w".into()), Code::Unavailable, Outcome::Error),
+        ];
+        for (e, code, outcome) in cases {
+            assert_eq!(e.outcome(), outcome, "{e}");
+            let s: Status = e.into();
+            assert_eq!(s.code(), code, "{}", s.message());
+        }
+    }
+
+    #[test]
+    fn messages_name_the_field_or_model() {
+        let s: Status =
+            GenerateError::ModelNotFound { model: "llama-70b".into(), available: vec!["smol".into()] }.into();
+        assert!(s.message().starts_with("model:"), "{}", s.message());
+        assert!(s.message().contains("llama-70b") && s.message().contains("[smol]"), "{}", s.message());
+        let s: Status = GenerateError::Invalid(Status::invalid_argument("max_new_tokens: must be in [1, 8191]")).into();
+        assert_eq!(s.message(), "max_new_tokens: must be in [1, 8191]");
+        let s: Status =
+            GenerateError::Worker { worker_id: "w1".into(), status: Status::invalid_argument("prompt: 9000 tokens") }
+                .into();
+        assert_eq!(s.message(), "prompt: 9000 tokens");
+        let s: Status = GenerateError::Worker { worker_id: "w1".into(), status: Status::internal("boom") }.into();
+        assert_eq!((s.code(), s.message()), (Code::Internal, "worker w1: boom"));
+        let s: Status = GenerateError::NoLiveWorker { model: Some("smol".into()) }.into();
+        assert!(s.message().contains("smol"));
+    }
+}

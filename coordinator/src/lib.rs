@@ -1,0 +1,134 @@
+//! qaq coordinator: the client-facing gRPC service of a qaq cluster.
+//!
+//! Workers register with the coordinator's `qaq.v1.Registry` and heartbeat
+//! their load; clients call `qaq.v1.Generation`, and each request is placed on
+//! the least-loaded live worker whose stream is forwarded to the client.
+//!
+//! Modules:
+//! - [`config`]: clap [`config::Args`] (`QAQ_*` env) -> validated [`config::Config`].
+//! - [`error`]: typed errors and their one mapping to `tonic::Status`.
+//! - [`registry`]: the worker registry and leases (plain struct, time injected).
+//! - [`placement`]: pure placement policies over a registry snapshot.
+//! - [`requests`]: the in-flight request table (request id -> worker, abort signal).
+//! - [`cluster`]: the shared handle over registry, requests and worker channels.
+//! - [`stream`]: forwards one worker stream to its client (deadline, abort, disconnect).
+//! - [`deadline`]: the client's `grpc-timeout`.
+//! - [`service`]: the tonic services `Generation` and `Registry`.
+//! - [`metrics`]: metric names, buckets and the Prometheus recorder;
+//!   the `/metrics` endpoint is `qaq_proto::metrics_http`.
+//! - [`process`]: child processes that announce readiness on stdout (used by
+//!   `qaq up` and the integration tests).
+//!
+//! [`run`] serves everything on one listener until a shutdown future resolves.
+
+pub mod cluster;
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod metrics;
+pub mod placement;
+pub mod process;
+pub mod registry;
+pub mod requests;
+pub mod service;
+pub mod stream;
+
+use std::future::Future;
+
+use qaq_proto::v1::generation_server::GenerationServer;
+use qaq_proto::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use crate::cluster::Cluster;
+pub use crate::config::{Args, Config};
+pub use crate::error::ServeError;
+use crate::service::generation::GenerationService;
+use crate::service::registry::RegistryService;
+
+/// Largest client request accepted on the wire: room for a prompt of
+/// `qaq_proto::validate::MAX_PROMPT_BYTES`, so that an oversized prompt gets
+/// the validator's INVALID_ARGUMENT naming the field rather than a transport
+/// error.
+pub const MAX_REQUEST_BYTES: usize = 2 * qaq_proto::validate::MAX_PROMPT_BYTES + (64 << 10);
+
+/// Prefix of the line the coordinator binary prints on stdout once serving:
+/// `QAQ_COORDINATOR_READY grpc=HOST:PORT metrics=HOST:PORT` (`metrics=-`
+/// when disabled).
+pub const READY_PREFIX: &str = "QAQ_COORDINATOR_READY";
+
+/// The readiness line for these addresses.
+pub fn ready_line(grpc: std::net::SocketAddr, metrics: Option<std::net::SocketAddr>) -> String {
+    let metrics = metrics.map_or_else(|| "-".to_string(), |m| m.to_string());
+    format!("{READY_PREFIX} grpc={grpc} metrics={metrics}")
+}
+
+/// Serves `qaq.v1.Generation`, `qaq.v1.Registry`, `grpc.health.v1` and
+/// server reflection on `listener` until `shutdown` resolves; in-flight
+/// streams then get `config.shutdown_grace` to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let cluster = Cluster::new(config.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GenerationServer<GenerationService>>().await;
+    health.set_serving::<RegistryServer<RegistryService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    // Sweeps lapsed leases so states and gauges change without traffic.
+    let sweeper = {
+        let cluster = cluster.clone();
+        let every = config.sweep_interval();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                cluster.sweep();
+            }
+        })
+    };
+
+    // `stop` flips once `shutdown` resolves; read by the server's graceful
+    // shutdown and by the grace timer below.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            GenerationServer::new(GenerationService::new(cluster.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(RegistryServer::new(RegistryService::new(cluster.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
+    let grace = async {
+        stopped(stop_rx).await;
+        health.set_not_serving::<GenerationServer<GenerationService>>().await;
+        let in_flight = cluster.status().in_flight;
+        tracing::info!(in_flight, grace = ?config.shutdown_grace, "shutting down");
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::from),
+        _ = grace => {
+            tracing::warn!("shutdown grace elapsed with streams still open");
+            Ok(())
+        }
+    };
+    sweeper.abort();
+    result
+}

@@ -1,0 +1,141 @@
+//! Metric names (the only place they are spelled), their descriptions, the
+//! histogram buckets, and the Prometheus recorder the binary installs.
+//!
+//! The library only calls the `metrics` macros: without an installed recorder
+//! (unit and in-process tests) they are no-ops.
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge: requests streaming tokens (first token received).
+pub const REQUESTS_RUNNING: &str = "qaq_coordinator_requests_running";
+/// Gauge: requests admitted and placed, not yet streaming their first token.
+pub const REQUESTS_WAITING: &str = "qaq_coordinator_requests_waiting";
+/// Counter: finished requests, label [`LABEL_OUTCOME`].
+pub const REQUESTS_TOTAL: &str = "qaq_coordinator_requests_total";
+/// Counter: tokens streamed to clients.
+pub const GENERATED_TOKENS_TOTAL: &str = "qaq_coordinator_generated_tokens_total";
+/// Histogram: seconds from receiving a request to streaming its first token.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "qaq_coordinator_time_to_first_token_seconds";
+/// Histogram: seconds between consecutive tokens of a stream.
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "qaq_coordinator_inter_token_latency_seconds";
+/// Histogram: seconds from receiving a request to its end (any outcome).
+pub const REQUEST_DURATION_SECONDS: &str = "qaq_coordinator_request_duration_seconds";
+/// Gauge: registered workers, label [`LABEL_STATE`].
+pub const WORKERS: &str = "qaq_coordinator_workers";
+
+/// Label of [`REQUESTS_TOTAL`]: see [`Outcome`].
+pub const LABEL_OUTCOME: &str = "outcome";
+/// Label of [`WORKERS`]: `up`, `draining` or `down`.
+pub const LABEL_STATE: &str = "state";
+
+/// How a request ended, the values of [`LABEL_OUTCOME`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished with a final message (length, stop, eos, context).
+    Ok,
+    /// A worker or transport error.
+    Error,
+    /// Aborted by the client (Abort RPC or disconnect).
+    Aborted,
+    /// The client's deadline passed.
+    Deadline,
+    /// Rejected as invalid (bad field, unknown model, duplicate id).
+    Invalid,
+    /// No live worker could take it.
+    Unavailable,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Aborted => "aborted",
+            Self::Deadline => "deadline",
+            Self::Invalid => "invalid",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Buckets of [`TIME_TO_FIRST_TOKEN_SECONDS`].
+pub const TTFT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Buckets of [`INTER_TOKEN_LATENCY_SECONDS`].
+pub const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0];
+/// Buckets of [`REQUEST_DURATION_SECONDS`].
+pub const DURATION_BUCKETS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// Registers the descriptions of every metric with the current recorder.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(REQUESTS_RUNNING, Unit::Count, "Requests streaming tokens through the coordinator.");
+    describe_gauge!(REQUESTS_WAITING, Unit::Count, "Requests placed on a worker, waiting for their first token.");
+    describe_counter!(REQUESTS_TOTAL, Unit::Count, "Finished requests by outcome.");
+    describe_counter!(GENERATED_TOKENS_TOTAL, Unit::Count, "Tokens streamed to clients.");
+    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from request to first token.");
+    describe_histogram!(INTER_TOKEN_LATENCY_SECONDS, Unit::Seconds, "Time between consecutive tokens.");
+    describe_histogram!(REQUEST_DURATION_SECONDS, Unit::Seconds, "Time from request to its end.");
+    describe_gauge!(WORKERS, Unit::Count, "Registered workers by state.");
+}
+
+/// A Prometheus recorder with real (bucketed) histograms for every histogram
+/// above. Not installed: the caller decides (`metrics::set_global_recorder`).
+pub fn prometheus_builder() -> Result<PrometheusBuilder, BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_TOKEN_SECONDS.into()), TTFT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(INTER_TOKEN_LATENCY_SECONDS.into()), ITL_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION_SECONDS.into()), DURATION_BUCKETS)
+}
+
+/// Builds the Prometheus recorder, installs it as the process-wide recorder
+/// and describes the metrics. Call once, from a binary.
+pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+    let handle = prometheus_builder()?.install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_convention() {
+        for n in [
+            REQUESTS_RUNNING,
+            REQUESTS_WAITING,
+            REQUESTS_TOTAL,
+            GENERATED_TOKENS_TOTAL,
+            TIME_TO_FIRST_TOKEN_SECONDS,
+            INTER_TOKEN_LATENCY_SECONDS,
+            REQUEST_DURATION_SECONDS,
+            WORKERS,
+        ] {
+            assert!(n.starts_with("qaq_coordinator_"), "{n}");
+            let counter = [REQUESTS_TOTAL, GENERATED_TOKENS_TOTAL].contains(&n);
+            assert_eq!(n.ends_with("_total"), counter, "{n}: _total only on counters");
+        }
+    }
+
+    #[test]
+    fn histograms_render_as_buckets() {
+        let recorder = prometheus_builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS).record(0.2);
+            metrics::histogram!(INTER_TOKEN_LATENCY_SECONDS).record(0.02);
+            metrics::histogram!(REQUEST_DURATION_SECONDS).record(3.0);
+            metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => Outcome::Ok.as_str()).increment(1);
+        });
+        let text = handle.render();
+        for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
+            assert!(text.contains(&format!("# TYPE {n} histogram")), "{n} not a histogram:\n{text}");
+            assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 1")), "{n}:\n{text}");
+        }
+        assert!(text.contains("qaq_coordinator_time_to_first_token_seconds_bucket{le=\"0.25\"} 1"), "{text}");
+        assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,590 @@
+//! [`QaqCache`]: the KV cache of one sequence, all layers, under any [`KvPolicy`].
+//!
+//! Engine cycle (matches the worker's `append / attend / end_step` trait):
+//! 1. [`QaqCache::append`] the step's K/V rows of a layer (post-RoPE, f32,
+//!    `[n_tokens][n_kv_heads * head_dim]`, many tokens at once for a prefill). Rows are
+//!    rounded to fp16 (the reference values), stored at `b_max` (QAQ) or the baseline's
+//!    width, and, for QAQ, backed up in the [`HostTier`].
+//! 2. [`QaqCache::attend_rows`] with the step's queries (the last `n_q` positions, causal).
+//!    One row: attention over the packed cache ([`QaqCache::attend`]). Several rows (a
+//!    prefill): exact attention over fp16 values (this step's rows are staged in fp16;
+//!    older tokens are dequantized). In both cases the probabilities of the last
+//!    `window` rows feed the per-token attention windows (max over the query heads of a
+//!    KV head) and every query's `||q||^2 / D` feeds the ||Q||^2 tracker. So after a
+//!    prefill the prompt's tokens get their first widths from the last `n` prompt rows
+//!    (as the reference code does), and the last `n-1` tokens, whose windows are not
+//!    full yet, stay at `b_max`.
+//! 3. [`QaqCache::end_step`]: every `every` steps, [`QaqCache::requantize`] each layer.
+
+use crate::attention::{self, KStore};
+use crate::error::{KernelError, Result};
+use crate::host::{HostTier, InMemoryHost};
+use crate::kivi::KiviKeys;
+use crate::policy::{self, DownSource, KvPolicy, QNorm, QNormTracker, QaqParams, Windows};
+use crate::quant::{self, check_group_len, GroupMeta, Outliers, QuantSpec, Scheme, RAW};
+use crate::store::{Bytes, PackedStream, BLOCK_TOKENS};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Model shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Layers.
+    pub n_layers: usize,
+    /// KV heads per layer.
+    pub n_kv_heads: usize,
+    /// Query heads per layer (a multiple of `n_kv_heads`).
+    pub n_q_heads: usize,
+    /// Head dimension (multiple of 8, at most 256).
+    pub head_dim: usize,
+}
+
+impl CacheConfig {
+    /// Checks the shape.
+    pub fn validate(&self) -> Result<()> {
+        check_group_len(self.head_dim)?;
+        if self.n_layers == 0 || self.n_kv_heads == 0 || self.n_q_heads == 0 || !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(KernelError::Config(format!("bad shape {self:?}")));
+        }
+        Ok(())
+    }
+    /// Query heads per KV head.
+    pub fn group(&self) -> usize {
+        self.n_q_heads / self.n_kv_heads
+    }
+    fn row(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Re-quantization counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Key groups moved to a higher width (from the backup).
+    pub k_up: u64,
+    /// Key groups moved to a lower width.
+    pub k_down: u64,
+    /// Value groups moved up.
+    pub v_up: u64,
+    /// Value groups moved down.
+    pub v_down: u64,
+    /// Upward moves refused because the backup was evicted.
+    pub up_blocked: u64,
+    /// Bytes read from the host tier.
+    pub backup_bytes_read: u64,
+}
+
+/// One decode query's attention.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// `[n_q_heads * head_dim]`.
+    pub output: Vec<f32>,
+    /// `[n_q_heads][T]` probabilities.
+    pub probs: Vec<f32>,
+}
+
+/// Sizes and statistics of a cache.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheStats {
+    /// Tokens (layer 0).
+    pub tokens: usize,
+    /// Keys, all layers and heads.
+    pub k: Bytes,
+    /// Values.
+    pub v: Bytes,
+    /// Host-tier bytes.
+    pub host_bytes: usize,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl CacheStats {
+    /// Real bytes on the device tier (codes, metadata, outliers and indices, padding).
+    pub fn bytes_used(&self) -> usize {
+        self.k.total() + self.v.total()
+    }
+    /// Bytes of the same K/V in fp16.
+    pub fn fp16_equivalent_bytes(&self) -> usize {
+        self.k.fp16_equivalent() + self.v.fp16_equivalent()
+    }
+    /// Paper-style bytes (codes + 32-bit metadata + 16 bits per outlier; no indices).
+    pub fn paper_style_bytes(&self) -> f64 {
+        self.k.paper_style() + self.v.paper_style()
+    }
+    /// fp16 bytes / real bytes.
+    pub fn compression_ratio(&self) -> f64 {
+        self.fp16_equivalent_bytes() as f64 / self.bytes_used().max(1) as f64
+    }
+    /// fp16 bytes / paper-style bytes (labelled "paper-style").
+    pub fn paper_style_ratio(&self) -> f64 {
+        self.fp16_equivalent_bytes() as f64 / self.paper_style_bytes().max(1.0)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Head {
+    k: KStore,
+    v: PackedStream,
+    win: Windows,
+    qn: QNormTracker,
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    heads: Vec<Head>,
+    len: usize,
+    staged_from: usize,
+    staged_k: Vec<f16>,
+    staged_v: Vec<f16>,
+    v_quantized: usize,
+}
+
+/// The KV cache of one sequence.
+pub struct QaqCache {
+    cfg: CacheConfig,
+    policy: KvPolicy,
+    layers: Vec<Layer>,
+    host: Box<dyn HostTier>,
+    counters: Counters,
+    step: u64,
+}
+
+impl std::fmt::Debug for QaqCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QaqCache").field("cfg", &self.cfg).field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+fn to_f16_checked(x: &[f32], what: &'static str) -> Result<Vec<f16>> {
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    if h.iter().all(|v| v.is_finite()) { Ok(h) } else { Err(KernelError::NonFinite { what }) }
+}
+
+impl QaqCache {
+    /// A cache with the in-memory host tier.
+    pub fn new(cfg: CacheConfig, policy: KvPolicy) -> Result<Self> {
+        Self::with_host(cfg, policy, Box::new(InMemoryHost::new()))
+    }
+
+    /// A cache with a caller-provided host tier (used by QAQ only).
+    pub fn with_host(cfg: CacheConfig, policy: KvPolicy, host: Box<dyn HostTier>) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.head_dim;
+        let plain = QuantSpec { scheme: Scheme::Midpoint, outliers: Outliers::NONE };
+        let (kspec, vspec, window) = match policy {
+            KvPolicy::Qaq(p) => {
+                p.validate()?;
+                (p.quant, p.quant, p.window)
+            }
+            KvPolicy::Uniform(u) => {
+                let o = if u.outliers { Outliers::PAPER } else { Outliers::NONE };
+                let spec = QuantSpec { scheme: Scheme::Midpoint, outliers: o };
+                for b in [u.k_bits, u.v_bits].into_iter().flatten() {
+                    if b > quant::MAX_BITS {
+                        return Err(KernelError::Config(format!("width {b} > 8")));
+                    }
+                }
+                (spec, spec, 1)
+            }
+            KvPolicy::Kivi(k) if k.group == 0 || k.bits > quant::MAX_BITS => {
+                return Err(KernelError::Config("kivi: group >= 1, bits <= 8".into()));
+            }
+            KvPolicy::Fp16 | KvPolicy::Kivi(_) => (plain, plain, 1),
+        };
+        let k_raw_only = matches!(policy, KvPolicy::Fp16 | KvPolicy::Uniform(policy::UniformSpec { k_bits: None, .. }));
+        let v_raw_only = matches!(policy, KvPolicy::Fp16 | KvPolicy::Uniform(policy::UniformSpec { v_bits: None, .. }));
+        let head = || Head {
+            k: match policy {
+                KvPolicy::Kivi(s) => KStore::Kivi(KiviKeys::new(d, s.bits, s.group, s.residual)),
+                _ => KStore::Packed(PackedStream::new(d, kspec, k_raw_only)),
+            },
+            v: PackedStream::new(d, vspec, v_raw_only),
+            win: Windows::new(window),
+            qn: QNormTracker::default(),
+        };
+        let layer = Layer {
+            heads: (0..cfg.n_kv_heads).map(|_| head()).collect(),
+            len: 0,
+            staged_from: 0,
+            staged_k: Vec::new(),
+            staged_v: Vec::new(),
+            v_quantized: 0,
+        };
+        Ok(QaqCache { cfg, policy, layers: vec![layer; cfg.n_layers], host, counters: Counters::default(), step: 0 })
+    }
+
+    /// Shape.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+    /// Policy.
+    pub fn policy(&self) -> &KvPolicy {
+        &self.policy
+    }
+    /// Tokens stored in `layer` (0 for a bad layer).
+    pub fn len(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.len)
+    }
+    /// Whether layer 0 is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len(0) == 0
+    }
+    /// Counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+    /// The host tier (for budgeting and eviction).
+    pub fn host_mut(&mut self) -> &mut dyn HostTier {
+        self.host.as_mut()
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer < self.layers.len() { Ok(()) } else { Err(KernelError::Layer { layer, n_layers: self.layers.len() }) }
+    }
+
+    fn widths_for_new(&self) -> (u8, u8) {
+        match self.policy {
+            KvPolicy::Fp16 => (RAW, RAW),
+            KvPolicy::Uniform(u) => (u.k_bits.unwrap_or(RAW), u.v_bits.unwrap_or(RAW)),
+            KvPolicy::Kivi(_) => (RAW, RAW),
+            KvPolicy::Qaq(p) => (p.b_max, p.b_max),
+        }
+    }
+
+    /// Appends `n` tokens' K and V rows (`n * n_kv_heads * head_dim` each) to `layer`.
+    /// Non-finite or out-of-f16-range values are an error and leave the cache unchanged.
+    pub fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
+        self.check_layer(layer)?;
+        let row = self.cfg.row();
+        let d = self.cfg.head_dim;
+        if !k_rows.len().is_multiple_of(row) || k_rows.len() != v_rows.len() {
+            return Err(KernelError::Shape { what: "k_rows/v_rows", expected: row, got: k_rows.len().max(v_rows.len()) });
+        }
+        let kh = to_f16_checked(k_rows, "k_rows")?;
+        let vh = to_f16_checked(v_rows, "v_rows")?;
+        let (kb, vb) = self.widths_for_new();
+        let is_qaq = matches!(self.policy, KvPolicy::Qaq(_));
+        let l = &mut self.layers[layer];
+        let mut kf = vec![0f32; row];
+        let mut vf = vec![0f32; row];
+        for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)) {
+            kr.convert_to_f32_slice(&mut kf);
+            vr.convert_to_f32_slice(&mut vf);
+            for (h, hd) in l.heads.iter_mut().enumerate() {
+                let ks = &kf[h * d..(h + 1) * d];
+                match &mut hd.k {
+                    KStore::Packed(s) => s.push(ks, kb)?,
+                    KStore::Kivi(s) => s.push(ks)?,
+                }
+                hd.v.push(&vf[h * d..(h + 1) * d], vb)?;
+                hd.win.grow(l.len + 1);
+            }
+            if is_qaq {
+                self.host.put(layer, l.len, kr, vr);
+            }
+            l.len += 1;
+        }
+        l.staged_k.extend_from_slice(&kh);
+        l.staged_v.extend_from_slice(&vh);
+        if let KvPolicy::Kivi(s) = self.policy {
+            while l.v_quantized + s.residual < l.len {
+                let t = l.v_quantized;
+                for hd in &mut l.heads {
+                    requant_one(&mut hd.v, t, s.bits)?;
+                }
+                l.v_quantized += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of one decode query (`n_q_heads * head_dim`, all query heads) over the
+    /// packed cache of `layer`, with `1/sqrt(D)` scaling. Feeds the windows and the
+    /// ||Q||^2 tracker.
+    pub fn attend(&mut self, layer: usize, q: &[f32]) -> Result<Attention> {
+        self.check_layer(layer)?;
+        let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
+        if q.len() != nq * d {
+            return Err(KernelError::Shape { what: "q", expected: nq * d, got: q.len() });
+        }
+        quant::check_finite(q, "q")?;
+        let l = &mut self.layers[layer];
+        let t = l.len;
+        if t == 0 {
+            return Err(KernelError::Config("attend on an empty layer".into()));
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+        let mut output = vec![0f32; nq * d];
+        let mut probs = vec![0f32; nq * t];
+        for (h, hd) in l.heads.iter_mut().enumerate() {
+            let qh = &qs[h * g * d..(h + 1) * g * d];
+            attention::attend_packed(&hd.k, &hd.v, qh, g, &mut output[h * g * d..(h + 1) * g * d], &mut probs[h * g * t..(h + 1) * g * t]);
+            observe(hd, qh, &probs[h * g * t..(h + 1) * g * t], g, d, t, t);
+        }
+        Ok(Attention { output, probs })
+    }
+
+    /// Attention for the last `n_q` positions of `layer` (`q_rows`:
+    /// `n_q * n_q_heads * head_dim`), causal; returns `n_q * n_q_heads * head_dim` outputs.
+    /// `n_q == 1` uses the packed cache; otherwise see the module docs.
+    pub fn attend_rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize) -> Result<Vec<f32>> {
+        if n_q == 1 {
+            return Ok(self.attend(layer, q_rows)?.output);
+        }
+        self.check_layer(layer)?;
+        let (d, g, nqh) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
+        let qrow = nqh * d;
+        if n_q == 0 || q_rows.len() != n_q * qrow {
+            return Err(KernelError::Shape { what: "q_rows", expected: n_q.max(1) * qrow, got: q_rows.len() });
+        }
+        quant::check_finite(q_rows, "q_rows")?;
+        let row = self.cfg.row();
+        let window = match self.policy {
+            KvPolicy::Qaq(p) => p.window,
+            _ => 1,
+        };
+        let l = &mut self.layers[layer];
+        let t_total = l.len;
+        if n_q > t_total {
+            return Err(KernelError::Shape { what: "n_q (more queries than tokens)", expected: t_total, got: n_q });
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; n_q * qrow];
+        let (mut kd, mut vd) = (vec![0f32; t_total * d], vec![0f32; t_total * d]);
+        for (h, hd) in l.heads.iter_mut().enumerate() {
+            for t in 0..t_total {
+                let (ko, vo) = (&mut kd[t * d..(t + 1) * d], &mut vd[t * d..(t + 1) * d]);
+                if t >= l.staged_from {
+                    let o = (t - l.staged_from) * row + h * d;
+                    for i in 0..d {
+                        ko[i] = l.staged_k[o + i].to_f32();
+                        vo[i] = l.staged_v[o + i].to_f32();
+                    }
+                } else {
+                    hd.k.decode(t, ko);
+                    hd.v.decode(t, vo);
+                }
+            }
+            let mut probs = vec![0f32; g * t_total];
+            for r in 0..n_q {
+                let p = t_total - n_q + r;
+                let tv = p + 1;
+                let qs: Vec<f32> = q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
+                let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
+                attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
+                let feed = if r + window >= n_q { tv } else { 0 };
+                observe(hd, &qs, &probs[..g * tv], g, d, tv, feed);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends a decode (or prefill) step: clears the staged fp16 rows and, every `every`
+    /// steps, re-quantizes all layers (QAQ only).
+    pub fn end_step(&mut self) -> Result<()> {
+        self.step += 1;
+        for l in &mut self.layers {
+            l.staged_from = l.len;
+            l.staged_k.clear();
+            l.staged_v.clear();
+        }
+        if let KvPolicy::Qaq(p) = self.policy
+            && self.step.is_multiple_of(p.every as u64) {
+                for layer in 0..self.layers.len() {
+                    self.requantize(layer)?;
+                }
+            }
+        Ok(())
+    }
+
+    /// Recomputes every token's K and V widths in `layer` and moves tokens down or up.
+    /// No-op for the baselines.
+    pub fn requantize(&mut self, layer: usize) -> Result<()> {
+        self.check_layer(layer)?;
+        let KvPolicy::Qaq(p) = self.policy else { return Ok(()) };
+        let host = self.host.as_ref();
+        let counters = &mut self.counters;
+        let l = &mut self.layers[layer];
+        let t_total = l.len;
+        for (h, hd) in l.heads.iter_mut().enumerate() {
+            let qn2 = match p.qnorm {
+                QNorm::Constant(c) => Some(c),
+                QNorm::Percentile(pc) => hd.qn.percentile(pc),
+            };
+            let e_k = qn2.map(|q| policy::key_step(t_total, q, p.sigma_s));
+            let win = &hd.win;
+            let KStore::Packed(ks) = &mut hd.k else { continue };
+            let k_target = |t: usize, m: &GroupMeta| match e_k {
+                _ if !win.full(t) => p.b_max,
+                Some(e) => policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max),
+                None => m.bits,
+            };
+            move_stream(ks, layer, h, true, &p, host, counters, k_target)?;
+            let v_num = policy::value_step_numerator(t_total, p.sigma_x);
+            let v_target = |t: usize, m: &GroupMeta| {
+                if !win.full(t) {
+                    return p.b_max;
+                }
+                let e = policy::value_step_from(v_num, t_total, win.max(t) as f64);
+                policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max)
+            };
+            move_stream(&mut hd.v, layer, h, false, &p, host, counters, v_target)?;
+        }
+        Ok(())
+    }
+
+    /// Current widths of `(layer, kv_head)`: (keys, values); raw fp16 reads as 16.
+    pub fn widths(&self, layer: usize, kv_head: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+        let hd = self.layers.get(layer)?.heads.get(kv_head)?;
+        let of = |s: &PackedStream| (0..s.len()).filter_map(|t| s.meta(t).map(|m| m.bits)).collect::<Vec<u8>>();
+        let k = match &hd.k {
+            KStore::Packed(s) => of(s),
+            KStore::Kivi(kk) => (0..kk.len()).map(|t| if t < kk.quantized_len() { kk.bits() } else { RAW }).collect(),
+        };
+        Some((k, of(&hd.v)))
+    }
+
+    /// Dequantized K and V of `layer`, `[T][n_kv_heads * head_dim]` each.
+    pub fn dequantized(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_layer(layer)?;
+        let (d, row) = (self.cfg.head_dim, self.cfg.row());
+        let l = &self.layers[layer];
+        let (mut k, mut v) = (vec![0f32; l.len * row], vec![0f32; l.len * row]);
+        for (h, hd) in l.heads.iter().enumerate() {
+            for t in 0..l.len {
+                hd.k.decode(t, &mut k[t * row + h * d..t * row + (h + 1) * d]);
+                hd.v.decode(t, &mut v[t * row + h * d..t * row + (h + 1) * d]);
+            }
+        }
+        Ok((k, v))
+    }
+
+    /// Sizes, average widths and counters.
+    pub fn stats(&self) -> CacheStats {
+        let mut s = CacheStats { tokens: self.len(0), host_bytes: self.host.bytes(), counters: self.counters, ..Default::default() };
+        for l in &self.layers {
+            for hd in &l.heads {
+                s.k.add(&hd.k.bytes());
+                s.v.add(&hd.v.bytes());
+            }
+        }
+        s
+    }
+    /// Real device-tier bytes (see [`CacheStats::bytes_used`]).
+    pub fn bytes_used(&self) -> usize {
+        self.stats().bytes_used()
+    }
+    /// fp16 bytes of the same K/V.
+    pub fn fp16_equivalent_bytes(&self) -> usize {
+        self.stats().fp16_equivalent_bytes()
+    }
+}
+
+/// Feeds windows (the last `feed` tokens' worth: tokens `0..feed`) and the ||Q||^2 tracker.
+fn observe(hd: &mut Head, qs: &[f32], probs: &[f32], g: usize, d: usize, t: usize, feed: usize) {
+    for j in 0..g {
+        let q = &qs[j * d..(j + 1) * d];
+        hd.qn.observe(q.iter().map(|x| (x * x) as f64).sum());
+    }
+    for tok in 0..feed.min(t) {
+        let mx = (0..g).map(|j| probs[j * t + tok]).fold(0f32, f32::max);
+        hd.win.push(tok, mx);
+    }
+}
+
+/// Re-encodes group `t` of a stream at `bits` from its decoded values (baseline use).
+fn requant_one(s: &mut PackedStream, t: usize, bits: u8) -> Result<()> {
+    let d = s.d();
+    let spec = *s.spec();
+    let mut tmp = vec![0f32; d];
+    s.rewrite_block(t / BLOCK_TOKENS, |i, g, sink| {
+        if i != t % BLOCK_TOKENS {
+            return Ok(None);
+        }
+        quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
+        quant::encode_group(&tmp, bits, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn move_stream(
+    s: &mut PackedStream,
+    layer: usize,
+    head: usize,
+    is_key: bool,
+    p: &QaqParams,
+    host: &dyn HostTier,
+    c: &mut Counters,
+    target: impl Fn(usize, &GroupMeta) -> u8,
+) -> Result<()> {
+    let d = s.d();
+    let spec = *s.spec();
+    let mut tmp = vec![0f32; d];
+    let (mut wants, mut sel) = ([0u8; BLOCK_TOKENS], [false; BLOCK_TOKENS]);
+    for bi in 0..s.blocks().len() {
+        let t0 = bi * BLOCK_TOKENS;
+        // Blocks are separate allocations: fetch the next block's metadata ahead of the
+        // scan (the stream prefetcher loses the stream at every block).
+        #[cfg(target_arch = "x86_64")]
+        if let Some(nb) = s.blocks().get(bi + 2) {
+            let p = nb.meta.as_ptr() as *const i8;
+            for off in (0..std::mem::size_of_val(nb.meta.as_slice())).step_by(64) {
+                // SAFETY: SSE is part of the x86-64 baseline; a prefetch never faults.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off)) };
+            }
+        }
+        let mut changed = false;
+        for (i, m) in s.blocks()[bi].meta.iter().enumerate() {
+            wants[i] = target(t0 + i, m);
+            sel[i] = wants[i] != m.bits;
+            changed |= sel[i];
+        }
+        if !changed {
+            continue;
+        }
+        s.rewrite_groups(bi, Some(&sel), |i, g, sink| {
+            let t = t0 + i;
+            let want = wants[i];
+            let cur = g.meta.bits;
+            if want == cur {
+                return Ok(None);
+            }
+            let up = want > cur;
+            let backup = host.get(layer, t).map(|(k, v)| if is_key { k } else { v });
+            let use_backup = up || p.down == DownSource::Backup;
+            match (backup, use_backup) {
+                (Some(row), true) => {
+                    row[head * d..(head + 1) * d].convert_to_f32_slice(&mut tmp);
+                    c.backup_bytes_read += 2 * d as u64;
+                }
+                (None, true) if up => {
+                    c.up_blocked += 1;
+                    return Ok(None);
+                }
+                _ => {
+                    if spec.scheme == Scheme::Midpoint
+                        && let Some(m) = quant::shift_down(&g.meta, d, g.codes, want, sink.codes) {
+                            sink.out_idx.extend_from_slice(g.out_idx);
+                            sink.out_val.extend_from_slice(g.out_val);
+                            bump(c, is_key, false);
+                            return Ok(Some(m));
+                        }
+                    quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
+                }
+            }
+            bump(c, is_key, up);
+            quant::encode_group(&tmp, want, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
+        })?;
+    }
+    Ok(())
+}
+
+fn bump(c: &mut Counters, is_key: bool, up: bool) {
+    match (is_key, up) {
+        (true, true) => c.k_up += 1,
+        (true, false) => c.k_down += 1,
+        (false, true) => c.v_up += 1,
+        (false, false) => c.v_down += 1,
+    }
+}

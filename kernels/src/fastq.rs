@@ -1,0 +1,661 @@
+//! Hand-written AVX2/FMA/F16C/BMI2 versions of the per-group quantizer hot paths:
+//! [`encode_midpoint`] (min/max, at most one outlier per side, quantize, pack) and
+//! [`decode_quantized`] (unpack + reconstruct). Both reproduce the scalar reference in
+//! [`crate::quant`] bit for bit (same lane order for min/max, same operation order for
+//! every rounding step); the tests at the bottom compare them for every width.
+//! Only compiled on x86-64; callers check [`crate::simd::fast_path`] first.
+
+use crate::error::{KernelError, Result};
+use crate::quant::{F16_MAX, GroupMeta};
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Byte mask with the low `bits` bits of every byte set (for pdep/pext).
+#[inline(always)]
+pub(crate) fn lane_mask(bits: u8) -> u64 {
+    0x0101_0101_0101_0101u64.wrapping_mul((1u64 << bits) - 1)
+}
+
+/// f32 -> f16 bits, round to nearest even (identical to `half::f16::from_f32`).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) fn f2h(x: f32) -> u16 {
+    _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))) as u16
+}
+
+/// f16 bits -> f32 (exact).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) fn h2f(h: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+/// [`crate::quant::f16_down`]: the largest f16 <= `x`, i.e. the conversion with
+/// rounding toward -inf, as `encode_body` does it (8 lanes at a time) (the reference's "round to nearest, step down if above" is
+/// the same function; `directed_rounding_matches_reference` checks it).
+#[cfg(test)]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) fn f16_down(x: f32) -> u16 {
+    _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEG_INF>(_mm_set_ss(x))) as u16
+}
+
+/// [`crate::quant::f16_up`]: the smallest f16 >= `x` (rounding toward +inf).
+#[cfg(test)]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) fn f16_up(x: f32) -> u16 {
+    _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_POS_INF>(_mm_set_ss(x))) as u16
+}
+
+/// Per lane: the two smallest (`lo1 <= lo2`) and two largest (`hi1 >= hi2`) values
+/// seen, as a multiset (equal values count twice).
+#[derive(Clone, Copy)]
+struct Pairs {
+    lo1: __m256,
+    lo2: __m256,
+    hi1: __m256,
+    hi2: __m256,
+}
+
+/// Merges two (smallest, second smallest) lane pairs.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn merge_lo(a1: __m256, a2: __m256, b1: __m256, b2: __m256) -> (__m256, __m256) {
+    (_mm256_min_ps(a1, b1), _mm256_min_ps(_mm256_max_ps(a1, b1), _mm256_min_ps(a2, b2)))
+}
+
+impl Pairs {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn push(self, v: __m256) -> Pairs {
+        Pairs {
+            lo1: _mm256_min_ps(self.lo1, v),
+            lo2: _mm256_min_ps(self.lo2, _mm256_max_ps(self.lo1, v)),
+            hi1: _mm256_max_ps(self.hi1, v),
+            hi2: _mm256_max_ps(self.hi2, _mm256_min_ps(self.hi1, v)),
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn merge(self, o: Pairs) -> Pairs {
+        let (lo1, lo2) = merge_lo(self.lo1, self.lo2, o.lo1, o.lo2);
+        Pairs {
+            lo1,
+            lo2,
+            hi1: _mm256_max_ps(self.hi1, o.hi1),
+            hi2: _mm256_max_ps(_mm256_min_ps(self.hi1, o.hi1), _mm256_max_ps(self.hi2, o.hi2)),
+        }
+    }
+    /// Across lanes: `[smallest, second smallest, largest, second largest]` (values
+    /// only; which of two equal zeros wins is irrelevant after `+ 0.0`). The maxima
+    /// are negated so both sides share the registers of one min-tree.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn reduce(self) -> [f32; 4] {
+        let sign = _mm256_set1_ps(-0.0);
+        let (n1, n2) = (_mm256_xor_ps(self.hi1, sign), _mm256_xor_ps(self.hi2, sign));
+        // Level 1: low halves hold lanes 0..4 of lo / -hi, high halves lanes 4..8.
+        let a1 = _mm256_permute2f128_ps::<0x20>(self.lo1, n1);
+        let b1 = _mm256_permute2f128_ps::<0x31>(self.lo1, n1);
+        let a2 = _mm256_permute2f128_ps::<0x20>(self.lo2, n2);
+        let b2 = _mm256_permute2f128_ps::<0x31>(self.lo2, n2);
+        let (p1, p2) = merge_lo(a1, a2, b1, b2);
+        let sh = |v: __m256| _mm256_permute_ps::<0b01_00_11_10>(v);
+        let (p1, p2) = merge_lo(p1, p2, sh(p1), sh(p2));
+        let s1 = |v: __m256| _mm256_permute_ps::<0b10_11_00_01>(v);
+        let (p1, p2) = merge_lo(p1, p2, s1(p1), s1(p2));
+        let hi = |v: __m256| _mm_cvtss_f32(_mm256_extractf128_ps::<1>(v));
+        [_mm256_cvtss_f32(p1), _mm256_cvtss_f32(p2), -hi(p1), -hi(p2)]
+    }
+}
+
+/// Midpoint-scheme encode of one group with at most one outlier per side
+/// (`k_lo, k_hi <= 1`), `bits` in 0..=8, `x.len()` a multiple of 8 in 8..=256 (checked
+/// by the caller). Same results and errors as the scalar `quant::encode_impl`; appends
+/// nothing on error.
+///
+/// # Safety
+/// AVX2, FMA, F16C and BMI2 must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn encode_midpoint(
+    x: &[f32],
+    bits: u8,
+    k_lo: usize,
+    k_hi: usize,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+) -> Result<GroupMeta> {
+    let mut metas = [EMPTY; 1];
+    let d = x.len();
+    // SAFETY: features enabled here; `x.len() == G * d` and `NV` is 0 or `d / 8`.
+    let (_, err) = unsafe {
+        match d {
+            64 => encode_body::<8, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+            128 => encode_body::<16, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+            _ => encode_body::<0, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+        }
+    };
+    match err {
+        Some(e) => Err(e),
+        None => Ok(metas[0]),
+    }
+}
+
+/// [`encode_midpoint`] over consecutive groups of `d` values (`x.len()` a multiple of
+/// `d`), two groups at a time in lock step so that their dependency chains overlap.
+/// Appends the groups in order and stops at the first error (the groups before it stay
+/// appended), exactly like one [`encode_midpoint`] call per group.
+///
+/// # Safety
+/// As [`encode_midpoint`]; `d` a multiple of 8 in 8..=256.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn encode_midpoint_many(
+    x: &[f32],
+    d: usize,
+    bits: u8,
+    k_lo: usize,
+    k_hi: usize,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+    metas: &mut Vec<GroupMeta>,
+) -> Result<()> {
+    let mut pairs = x.chunks_exact(2 * d);
+    for xx in &mut pairs {
+        let mut m2 = [EMPTY; 2];
+        // SAFETY: as documented; `xx.len() == 2 * d`.
+        let (n, err) = unsafe {
+            match d {
+                64 => encode_body::<8, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+                128 => encode_body::<16, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+                _ => encode_body::<0, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+            }
+        };
+        metas.extend_from_slice(&m2[..n]);
+        if let Some(e) = err {
+            return Err(e);
+        }
+    }
+    for xx in pairs.remainder().chunks_exact(d) {
+        // SAFETY: as documented.
+        metas.push(unsafe { encode_midpoint(xx, bits, k_lo, k_hi, codes, out_idx, out_val) }?);
+    }
+    Ok(())
+}
+
+const EMPTY: GroupMeta = GroupMeta { m: f16::ZERO, s: f16::ZERO, bits: 0, n_out: 0 };
+
+/// The body of [`encode_midpoint`] for `G` (1 or 2) consecutive groups of `d` values
+/// in lock step; `NV` is `d / 8` when known at compile time (0: at run time). Writes
+/// the metadata of the groups appended into `metas` and returns how many were appended
+/// and the error that stopped it.
+///
+/// # Safety
+/// As [`encode_midpoint`]; `x.len() == G * d`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
+unsafe fn encode_body<const NV: usize, const G: usize>(
+    x: &[f32],
+    d: usize,
+    bits: u8,
+    k_lo: usize,
+    k_hi: usize,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+    metas: &mut [GroupMeta; G],
+) -> (usize, Option<KernelError>) {
+    let nv = if NV == 0 { d / 8 } else { NV };
+    assert!(nv * 8 == d && nv <= 32 && x.len() == G * d && (1..=2).contains(&G));
+    debug_assert!(k_lo <= 1 && k_hi <= 1 && bits <= 8);
+    let p = x.as_ptr();
+    // SAFETY: `p.add(g * d + 8 * i)` for g < G, i < nv reads 8 floats inside `x`.
+    let ld = |g: usize, i: usize| unsafe { _mm256_loadu_ps(p.add(g * d + 8 * i)) };
+
+    // Pass 1: finiteness (|v| <= F16_MAX as ordered bit patterns: the largest of
+    // `bits << 1`, which drops the sign, NaN and inf being above F16_MAX) and, per lane,
+    // the two smallest and two largest values, in two independent sets per group to
+    // halve the dependency chains.
+    let (pinf, ninf) = (_mm256_set1_ps(f32::INFINITY), _mm256_set1_ps(f32::NEG_INFINITY));
+    let mut big = [_mm256_setzero_si256(); G];
+    let mut st = [[Pairs { lo1: pinf, lo2: pinf, hi1: ninf, hi2: ninf }; 2]; G];
+    for i in 0..nv {
+        for g in 0..G {
+            let v = ld(g, i);
+            big[g] = _mm256_max_epu32(big[g], _mm256_slli_epi32::<1>(_mm256_castps_si256(v)));
+            // One group alone uses two sets for ILP; in lock step the groups provide it.
+            let set = if G == 1 { i & 1 } else { 0 };
+            st[g][set] = st[g][set].push(v);
+        }
+    }
+    let lim = _mm256_set1_epi32((F16_MAX.to_bits() << 1) as i32);
+    let mut finite = [true; G];
+    let (mut mn, mut mx, mut s1, mut l1) = ([0f32; G], [0f32; G], [0f32; G], [0f32; G]);
+    for g in 0..G {
+        // max_epu32(big, lim) == lim  <=>  every lane of `big` <= lim (unsigned).
+        finite[g] = _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_max_epu32(big[g], lim), lim)) == -1;
+        let [a1, a2, b1, b2] = if G == 1 { st[g][0].merge(st[g][1]) } else { st[g][0] }.reduce();
+        // Inlier extremes: with one outlier per side they are the second smallest /
+        // largest values (the reference excludes the first minimum and the last
+        // maximum; d >= 8 leaves the same values). `+ 0.0` turns -0 into +0 as the
+        // reference does.
+        mn[g] = if k_lo == 1 { a2 } else { a1 } + 0.0;
+        mx[g] = if k_hi == 1 { b2 } else { b1 } + 0.0;
+        (s1[g], l1[g]) = (a1, b1);
+    }
+
+    // Outliers: the first minimum and the last maximum (as `quant::select_small`),
+    // found through the largest `and(eq, key)`: key `255 - i` gives the first match,
+    // key `i + 1` the last; no data-dependent branch.
+    let (mut ex0, mut ex1) = ([usize::MAX; G], [usize::MAX; G]);
+    if k_lo + k_hi > 0 {
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let (mut fa, mut la) = ([_mm256_setzero_si256(); G], [_mm256_setzero_si256(); G]);
+        for i in 0..nv {
+            let pos = _mm256_add_epi32(iota, _mm256_set1_epi32(8 * i as i32));
+            let key_first = _mm256_sub_epi32(_mm256_set1_epi32(255), pos);
+            let key_last = _mm256_add_epi32(pos, _mm256_set1_epi32(1));
+            for g in 0..G {
+                let v = ld(g, i);
+                let eq_lo = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(s1[g])));
+                let eq_hi = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(l1[g])));
+                fa[g] = _mm256_max_epu32(fa[g], _mm256_and_si256(eq_lo, key_first));
+                la[g] = _mm256_max_epu32(la[g], _mm256_and_si256(eq_hi, key_last));
+            }
+        }
+        let hmax_u32 = |v: __m256i| {
+            let r = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let r = _mm_max_epu32(r, _mm_shuffle_epi32::<0b01_00_11_10>(r));
+            _mm_cvtsi128_si32(_mm_max_epu32(r, _mm_shuffle_epi32::<0b10_11_00_01>(r))) as u32
+        };
+        for g in 0..G {
+            // On non-finite input (reported below) the keys may be 0: wrap, unused.
+            let imin = 255usize.wrapping_sub(hmax_u32(fa[g]) as usize) & 255;
+            let mut imax = (hmax_u32(la[g]) as usize).wrapping_sub(1) & 255;
+            if imax == imin && k_lo == 1 {
+                imax = if imin == 0 { 1 } else { 0 };
+            }
+            if k_lo == 1 {
+                ex0[g] = imin;
+            }
+            if k_hi == 1 {
+                ex1[g] = imax;
+            }
+        }
+    }
+
+    // Metadata with directed rounding, all groups in one register.
+    let lane = |a: &[f32; G]| _mm_setr_ps(a[0], a[1 % G], 0.0, 0.0);
+    let mh = _mm_cvtps_ph::<_MM_FROUND_TO_NEG_INF>(lane(&mn));
+    let mf4 = _mm_cvtph_ps(mh);
+    // x / 2^b and x * 2^-b are the same correctly rounded value.
+    let sh = _mm_cvtps_ph::<_MM_FROUND_TO_POS_INF>(_mm_mul_ps(
+        _mm_sub_ps(lane(&mx), mf4),
+        _mm_set1_ps(1.0 / (1u32 << bits) as f32),
+    ));
+    let sf4 = _mm_cvtph_ps(sh);
+    let inv4 = _mm_div_ps(_mm_set1_ps(1.0), sf4);
+    let (mut mf, mut sf, mut inv, mut mb, mut sb) = ([0f32; 4], [0f32; 4], [0f32; 4], [0u16; 8], [0u16; 8]);
+    // SAFETY: 4 floats / 8 u16 each.
+    unsafe {
+        _mm_storeu_ps(mf.as_mut_ptr(), mf4);
+        _mm_storeu_ps(sf.as_mut_ptr(), sf4);
+        _mm_storeu_ps(inv.as_mut_ptr(), inv4);
+        _mm_storeu_si128(mb.as_mut_ptr() as *mut __m128i, mh);
+        _mm_storeu_si128(sb.as_mut_ptr() as *mut __m128i, sh);
+    }
+
+    let nb = bits as usize;
+    codes.reserve(G * nv * nb + 8);
+    let len = codes.len();
+    if bits > 0 {
+        let mask = lane_mask(bits);
+        let top = _mm256_set1_epi16(((1u32 << bits) - 1) as i16);
+        // Positions of the 16-bit codes after `packus_epi32(c(i), c(i + 1))`.
+        let pos16 = _mm256_setr_epi16(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+        let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for g in 0..G {
+            // Codes as bytes: trunc((v - m) / s) then saturation, which is the
+            // reference's clamp to [0, 2^b - 1] (negative or overflowing conversions
+            // saturate to 0 in `packus`; only outliers can be that far out, and their
+            // code is 0 anyway). All zero when the step is zero.
+            // SAFETY (whole block): capacity >= len + G * nv * nb + 8; the k-th 8-byte
+            // write of group g starts at len + (g * nv + k) * nb <= len + (G * nv - 1) * nb,
+            // so every write is inside the allocation; the bytes later exposed by
+            // `set_len` are all written (pext leaves the high bytes zero and the next write
+            // overwrites them). `cb` is only read where it was written: bytes 0 .. 8 nv,
+            // stored 32 at a time (8 * i + 32 <= 256).
+            let dst = unsafe { codes.as_mut_ptr().add(len + g * nv * nb) };
+            if sf[g] <= 0.0 {
+                // SAFETY: nv * nb bytes at `dst` are inside the reserved capacity (above).
+                unsafe { std::ptr::write_bytes(dst, 0, nv * nb) };
+                continue;
+            }
+            let mut cb = std::mem::MaybeUninit::<[u8; 256]>::uninit();
+            let cbp = cb.as_mut_ptr() as *mut u8;
+            {
+                let (iv, mv) = (_mm256_set1_ps(inv[g]), _mm256_set1_ps(mf[g]));
+                let code = |i: usize| {
+                    if i < nv {
+                        _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(ld(g, i), mv), iv))
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                };
+                let (x0, x1) = (_mm256_set1_epi16(ex0[g] as i16), _mm256_set1_epi16(ex1[g] as i16));
+                let pair = |i: usize| {
+                    let w = _mm256_min_epu16(_mm256_packus_epi32(code(i), code(i + 1)), top);
+                    let pos = _mm256_add_epi16(pos16, _mm256_set1_epi16(8 * i as i16));
+                    let ex = _mm256_or_si256(_mm256_cmpeq_epi16(pos, x0), _mm256_cmpeq_epi16(pos, x1));
+                    _mm256_andnot_si256(ex, w)
+                };
+                let mut i = 0;
+                while i < nv {
+                    let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(pair(i), pair(i + 2)), perm);
+                    // SAFETY: see above.
+                    unsafe { _mm256_storeu_si256(cbp.add(8 * i) as *mut __m256i, bytes) };
+                    i += 4;
+                }
+            }
+            // SAFETY: see above.
+            unsafe {
+                for k in 0..nv {
+                    let w = (cbp.add(8 * k) as *const u64).read_unaligned();
+                    (dst.add(k * nb) as *mut u64).write_unaligned(_pext_u64(w, mask).to_le());
+                }
+            }
+        }
+    }
+    for g in 0..G {
+        if !finite[g] {
+            return (g, Some(KernelError::NonFinite { what: "group" }));
+        }
+        if sb[g] & 0x7c00 == 0x7c00 {
+            return (g, Some(KernelError::NonFinite { what: "group range" }));
+        }
+        let mut n_out = 0u8;
+        let (a, b) = if ex0[g] > ex1[g] { (ex1[g], ex0[g]) } else { (ex0[g], ex1[g]) };
+        for e in [a, b] {
+            if e != usize::MAX {
+                out_idx.push(e as u8);
+                out_val.push(f16::from_bits(f2h(x[g * d + e])));
+                n_out += 1;
+            }
+        }
+        metas[g] = GroupMeta { m: f16::from_bits(mb[g]), s: f16::from_bits(sb[g]), bits, n_out };
+        // SAFETY: the codes of groups 0..=g were written above (see the pext loop).
+        unsafe { codes.set_len(len + (g + 1) * nv * nb) };
+    }
+    (G, None)
+}
+
+/// Reconstructs a quantized group of width 1..=8: `out[i] = base + c_i * s`, then the
+/// outliers. Same operation order (multiply, then add) as `quant::decode_group`.
+///
+/// # Safety
+/// AVX2, F16C and BMI2 available; `out.len() % 8 == 0`;
+/// `codes.len() >= out.len() / 8 * bits + 8`; `1 <= bits <= 8`.
+#[target_feature(enable = "avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn decode_quantized(
+    base: f32,
+    s: f32,
+    bits: u8,
+    codes: &[u8],
+    out_idx: &[u8],
+    out_val: &[f16],
+    out: &mut [f32],
+) {
+    let mask = lane_mask(bits);
+    let (bv, sv) = (_mm256_set1_ps(base), _mm256_set1_ps(s));
+    let nb = bits as usize;
+    let (src, dst) = (codes.as_ptr(), out.as_mut_ptr());
+    for k in 0..out.len() / 8 {
+        // SAFETY: reads 8 bytes at k * nb <= codes.len() - 8; writes 8 floats inside `out`.
+        unsafe {
+            let w = (src.add(k * nb) as *const u64).read_unaligned();
+            let c =
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(_pdep_u64(u64::from_le(w), mask) as i64)));
+            _mm256_storeu_ps(dst.add(8 * k), _mm256_add_ps(bv, _mm256_mul_ps(c, sv)));
+        }
+    }
+    for (&i, &v) in out_idx.iter().zip(out_val) {
+        if let Some(o) = out.get_mut(i as usize) {
+            *o = h2f(v.to_bits());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{self, OutlierMode, Outliers, QuantSpec, Scheme};
+    use crate::simd;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn r16(v: f32) -> f32 {
+        f16::from_f32(v).to_f32()
+    }
+
+    /// Groups exercising the edge cases: random, constant, +-0 mixes, repeated min/max,
+    /// one huge outlier, tiny ranges (subnormal steps), extremes of the f16 range.
+    fn groups(d: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
+        let mut gs = Vec::new();
+        for scale in [1.0f32, 3.0, 1e-3, 1e-6, 60000.0] {
+            gs.push((0..d).map(|_| r16(rng.f() * scale)).collect());
+        }
+        gs.push(vec![0.099975586; d]);
+        gs.push(vec![-0.0; d]);
+        gs.push((0..d).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect());
+        gs.push((0..d).map(|i| if i % 2 == 0 { 1.5 } else { -2.25 }).collect());
+        gs.push((0..d).map(|i| (i % 5) as f32 - 2.0).collect());
+        let mut g: Vec<f32> = (0..d).map(|i| r16(i as f32 / 8.0)).collect();
+        g[d / 2] = 1000.0;
+        g[d - 1] = -65504.0;
+        gs.push(g);
+        gs.push((0..d).map(|i| if i == 0 { 65504.0 } else { -65504.0 }).collect());
+        gs.push((0..d).map(|_| r16(1.0 + rng.f() * 1e-3)).collect());
+        gs.push((0..d).map(|i| f16::from_bits((i % 7) as u16).to_f32()).collect());
+        gs
+    }
+
+    fn run(x: &[f32], bits: u8, spec: &QuantSpec, fast: bool) -> (Result<GroupMeta>, Vec<u8>, Vec<u8>, Vec<f16>) {
+        let (mut c, mut oi, mut ov) = (vec![7u8], Vec::new(), Vec::new());
+        let r = if fast {
+            quant::encode_group(x, bits, spec, &mut c, &mut oi, &mut ov)
+        } else {
+            quant::encode_scalar(x, bits, spec, &mut c, &mut oi, &mut ov)
+        };
+        (r, c, oi, ov)
+    }
+
+    #[test]
+    fn encode_matches_scalar_reference_bit_for_bit() {
+        if !simd::fast_path() {
+            return;
+        }
+        let mut rng = Rng(99);
+        let specs = [
+            Outliers::NONE,
+            Outliers::PAPER,
+            Outliers { alpha: 0.01, mode: OutlierMode::PerSide },
+            Outliers { alpha: 0.05, mode: OutlierMode::Total },
+        ];
+        for d in [8usize, 16, 24, 64, 72, 128, 200, 256] {
+            for x in groups(d, &mut rng) {
+                for o in specs {
+                    for scheme in [Scheme::Midpoint, Scheme::MeanCentred] {
+                        let spec = QuantSpec { scheme, outliers: o };
+                        for bits in 0..=8u8 {
+                            let (r1, c1, i1, v1) = run(&x, bits, &spec, true);
+                            let (r2, c2, i2, v2) = run(&x, bits, &spec, false);
+                            let (m1, m2) = match (r1, r2) {
+                                (Ok(a), Ok(b)) => (a, b),
+                                (Err(a), Err(b)) => {
+                                    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                                    assert_eq!((c1, i1, v1), (c2, i2, v2));
+                                    continue;
+                                }
+                                (a, b) => panic!("d {d} bits {bits} {spec:?}: {a:?} vs {b:?}"),
+                            };
+                            assert_eq!(
+                                (m1.m.to_bits(), m1.s.to_bits(), m1.bits, m1.n_out),
+                                (m2.m.to_bits(), m2.s.to_bits(), m2.bits, m2.n_out),
+                                "d {d} bits {bits} {spec:?} x {:?}",
+                                &x[..8]
+                            );
+                            assert_eq!((c1, i1), (c2, i2), "d {d} bits {bits} {spec:?}");
+                            assert_eq!(
+                                v1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                v2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batch_encode_matches_one_call_per_group() {
+        let mut rng = Rng(17);
+        for d in [8usize, 24, 64, 128, 256] {
+            let mut gs = groups(d, &mut rng);
+            gs.push(gs[0].clone());
+            for o in [Outliers::NONE, Outliers::PAPER, Outliers { alpha: 0.05, mode: OutlierMode::Total }] {
+                let spec = QuantSpec { scheme: Scheme::Midpoint, outliers: o };
+                for bits in 0..=8u8 {
+                    // Odd and even counts, and a bad group at every position of a short run.
+                    let mut runs: Vec<Vec<f32>> = vec![gs.concat(), gs[..3].concat()];
+                    for bad in 0..4 {
+                        let mut r = gs[1..5].to_vec();
+                        r[bad][d / 2] = if bad % 2 == 0 { f32::NAN } else { 1e6 };
+                        runs.push(r.concat());
+                    }
+                    for x in runs {
+                        let (mut c1, mut i1, mut v1, mut m1) = (vec![1u8], vec![2u8], Vec::new(), Vec::new());
+                        let r1 = quant::encode_groups(&x, d, bits, &spec, &mut c1, &mut i1, &mut v1, &mut m1);
+                        let (mut c2, mut i2, mut v2, mut m2) = (vec![1u8], vec![2u8], Vec::new(), Vec::new());
+                        let mut r2 = Ok(());
+                        for g in x.chunks_exact(d) {
+                            match quant::encode_scalar(g, bits, &spec, &mut c2, &mut i2, &mut v2) {
+                                Ok(m) => m2.push(m),
+                                Err(e) => {
+                                    r2 = Err(e);
+                                    break;
+                                }
+                            }
+                        }
+                        assert_eq!(format!("{r1:?}"), format!("{r2:?}"), "d {d} bits {bits}");
+                        assert_eq!((c1, i1), (c2, i2), "d {d} bits {bits} {o:?}");
+                        assert_eq!(
+                            v1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            v2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        );
+                        let key = |m: &GroupMeta| (m.m.to_bits(), m.s.to_bits(), m.bits, m.n_out);
+                        assert_eq!(m1.iter().map(key).collect::<Vec<_>>(), m2.iter().map(key).collect::<Vec<_>>());
+                    }
+                }
+            }
+        }
+        let mut sink = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let r = quant::encode_groups(
+            &[0.0; 12],
+            8,
+            3,
+            &QuantSpec::default(),
+            &mut sink.0,
+            &mut sink.1,
+            &mut sink.2,
+            &mut sink.3,
+        );
+        assert!(matches!(r, Err(KernelError::Config(_))));
+    }
+
+    #[test]
+    fn encode_errors_match_and_append_nothing() {
+        let spec = QuantSpec::default();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, -1e6] {
+            for pos in [0usize, 5, 63] {
+                let mut x = vec![0.5f32; 64];
+                x[pos] = bad;
+                let (r, c, i, v) = run(&x, 3, &spec, true);
+                assert!(matches!(r, Err(KernelError::NonFinite { what: "group" })));
+                assert_eq!((c, i.len(), v.len()), (vec![7], 0, 0));
+            }
+        }
+        // Range overflow: 65504 - (-65504) at 0 bits does not fit f16.
+        let x: Vec<f32> = (0..64).map(|i| if i < 32 { 65504.0 } else { -65504.0 }).collect();
+        let none = QuantSpec { outliers: Outliers::NONE, ..Default::default() };
+        let (r1, c1, _, _) = run(&x, 0, &none, true);
+        let (r2, _, _, _) = run(&x, 0, &none, false);
+        assert!(matches!(r1, Err(KernelError::NonFinite { what: "group range" })));
+        assert!(matches!(r2, Err(KernelError::NonFinite { what: "group range" })));
+        assert_eq!(c1, vec![7]);
+    }
+
+    #[test]
+    fn directed_rounding_matches_reference() {
+        let mut rng = Rng(5);
+        if !simd::fast_path() {
+            return;
+        }
+        for i in 0..200_000 {
+            let x = match i % 4 {
+                0 => rng.f() * 70000.0,
+                1 => rng.f() * 1e-4,
+                2 => rng.f() * 1e-7,
+                _ => f32::from_bits(rng.next() as u32) % 65504.0,
+            };
+            if !x.is_finite() {
+                continue;
+            }
+            // SAFETY: fast_path() checked above.
+            let (d, u) = unsafe { (f16_down(x), f16_up(x)) };
+            assert_eq!(d, quant::f16_down(x).to_bits(), "{x}");
+            assert_eq!(u, quant::f16_up(x).to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn decode_matches_scalar_reference_bit_for_bit() {
+        let mut rng = Rng(3);
+        for d in [8usize, 16, 64, 256] {
+            for x in groups(d, &mut rng) {
+                for o in [Outliers::NONE, Outliers::PAPER] {
+                    for scheme in [Scheme::Midpoint, Scheme::MeanCentred] {
+                        let spec = QuantSpec { scheme, outliers: o };
+                        for bits in 0..=8u8 {
+                            let (mut c, mut oi, mut ov) = (Vec::new(), Vec::new(), Vec::new());
+                            let Ok(m) = quant::encode_group(&x, bits, &spec, &mut c, &mut oi, &mut ov) else {
+                                continue;
+                            };
+                            c.extend_from_slice(&[0; 8]);
+                            let (mut a, mut b) = (vec![0f32; d], vec![1f32; d]);
+                            quant::decode_group(&m, scheme, &c, &oi, &ov, &mut a);
+                            quant::decode_scalar(&m, scheme, &c, &oi, &ov, &mut b);
+                            let (a, b): (Vec<u32>, Vec<u32>) =
+                                (a.iter().map(|v| v.to_bits()).collect(), b.iter().map(|v| v.to_bits()).collect());
+                            assert_eq!(a, b, "d {d} bits {bits}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

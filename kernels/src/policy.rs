@@ -1,0 +1,572 @@
+//! Bit-width policy: the QAQ formulas, the ||Q||^2 tracker, the attention window, and
+//! the [`KvPolicy`] enum with its string syntax.
+//!
+//! Both formulas use the step width `E = sqrt(12) * sigma_bound` (the quantization
+//! step whose round-to-nearest error has std `sigma_bound`):
+//! * keys:   `E_K = sqrt(12 / qn2 * ln(T^3/(T-1) * sigma_S^2 + 1))` (K-bound),
+//! * values: `E_V = sqrt(12 / T) * sigma_X / a_t` (V-bound, `a_t` = window max),
+//! * [`BitFormula::Paper`]: `B = ceil(log2(r / E))`;
+//!   [`BitFormula::Reference`]: `B = ceil(log2(r / (2E) + 1))` (the "+1" and factor 2),
+//!
+//! then clamped to `[b_min, b_max]`. `qn2` is the squared norm of the query the softmax
+//! sees, i.e. `||q||^2 / D` (the 1/sqrt(D) scaling kept), by default the online 90th
+//! percentile per (layer, KV head), pooled over the query heads sharing the KV head.
+//! Computation is in f64, so the reference code's fp16 rounding to 0 bits does not occur.
+//! Degenerate cases: `T <= 1` (one key: softmax is exactly 1), `a_t = 0`, `r = 0` or any
+//! NaN give `b_min`.
+
+use crate::error::{KernelError, Result};
+use crate::quant::{OutlierMode, Outliers, QuantSpec, Scheme, MAX_BITS};
+use std::str::FromStr;
+
+/// Which bit-count formula.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BitFormula {
+    /// `ceil(log2(r / E))` (paper §4.1).
+    #[default]
+    Paper,
+    /// `ceil(log2(r / (2E) + 1))` (reference implementation).
+    Reference,
+}
+
+/// Key step width `E_K`; infinite for `t <= 1`.
+pub fn key_step(t: usize, qn2: f64, sigma_s: f64) -> f64 {
+    if t <= 1 {
+        return f64::INFINITY;
+    }
+    let tf = t as f64;
+    (12.0 / qn2 * (tf * tf * tf / (tf - 1.0) * sigma_s * sigma_s).ln_1p()).sqrt()
+}
+
+/// Value step width `E_V`; infinite for `a <= 0`.
+#[inline]
+pub fn value_step(t: usize, a: f64, sigma_x: f64) -> f64 {
+    value_step_from(value_step_numerator(t, sigma_x), t, a)
+}
+
+/// `sqrt(12 / T) * sigma_X`, the part of [`value_step`] shared by all tokens of a step.
+#[inline]
+pub fn value_step_numerator(t: usize, sigma_x: f64) -> f64 {
+    (12.0 / t as f64).sqrt() * sigma_x
+}
+
+/// [`value_step`] from its precomputed numerator (the same operations, so the same bits).
+#[inline]
+pub fn value_step_from(numerator: f64, t: usize, a: f64) -> f64 {
+    if a <= 0.0 || t == 0 {
+        return f64::INFINITY;
+    }
+    numerator / a
+}
+
+
+/// `x.log2().ceil()`, bit for bit, without the libm call in the common case: for a
+/// normal positive `x = (1 + f) 2^E` with `1e-12 < f < 1 - 1e-12` the answer is `E + 1`
+/// (log2 is then at least 1.4e-12 above `E` and 7.2e-13 below `E + 1`, far more than
+/// the few-ulp (< 5e-13 for |E| <= 1023) error of any libm log2); everything else (powers
+/// of two and their neighbours, zero, subnormals, inf, NaN, negatives) calls log2.
+#[inline]
+pub fn ceil_log2(x: f64) -> f64 {
+    if x.is_normal() && x > 0.0 {
+        let b = x.to_bits();
+        let e = ((b >> 52) & 0x7ff) as i64 - 1023;
+        let f = f64::from_bits((b & ((1u64 << 52) - 1)) | (1023u64 << 52)) - 1.0;
+        if f > 1e-12 && f < 1.0 - 1e-12 {
+            // ceil of a value in (-1, 0) is -0.0.
+            return if e == -1 { -0.0 } else { (e + 1) as f64 };
+        }
+    }
+    x.log2().ceil()
+}
+
+/// Unclamped bit count for range `r` and step `e` (may be negative; NaN -> i32::MIN).
+#[inline]
+pub fn raw_bits(r: f64, e: f64, formula: BitFormula) -> i32 {
+    let v = match formula {
+        BitFormula::Paper => ceil_log2(r / e),
+        BitFormula::Reference => ceil_log2(r / (2.0 * e) + 1.0),
+    };
+    if v.is_nan() { i32::MIN } else { v.clamp(-1000.0, 1000.0) as i32 }
+}
+
+/// Clamped bit count.
+#[inline]
+pub fn bits(r: f64, e: f64, formula: BitFormula, b_min: u8, b_max: u8) -> u8 {
+    raw_bits(r, e, formula).clamp(b_min as i32, b_max as i32) as u8
+}
+
+/// Where ||Q||^2 comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QNorm {
+    /// Online percentile (0..=1, paper: 0.9) of observed `||q||^2 / D`.
+    Percentile(f64),
+    /// A constant (the reference code uses 300, in unscaled units).
+    Constant(f64),
+}
+
+/// Online percentile of `||q||^2 / D` samples: a log-spaced histogram (1/16 octave
+/// bins over 2^-24..2^24), so memory is fixed; the answer is the upper edge of the bin
+/// holding the percentile (at most 4.4% above the exact sample value, i.e. conservative).
+#[derive(Clone, Debug)]
+pub struct QNormTracker {
+    bins: Vec<u32>,
+    n: u64,
+}
+
+const BINS_PER_OCTAVE: f64 = 16.0;
+const LOG_MIN: f64 = -24.0;
+const N_BINS: usize = 48 * 16;
+
+impl Default for QNormTracker {
+    fn default() -> Self {
+        QNormTracker { bins: vec![0; N_BINS], n: 0 }
+    }
+}
+
+impl QNormTracker {
+    /// Records one sample (non-finite or non-positive samples are ignored).
+    pub fn observe(&mut self, v: f64) {
+        if !(v.is_finite() && v > 0.0) {
+            return;
+        }
+        let i = ((v.log2() - LOG_MIN) * BINS_PER_OCTAVE).floor().clamp(0.0, (N_BINS - 1) as f64) as usize;
+        self.bins[i] += 1;
+        self.n += 1;
+    }
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+    /// The `p`-quantile (upper bin edge), or `None` without samples.
+    pub fn percentile(&self, p: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let want = ((p.clamp(0.0, 1.0) * self.n as f64).ceil() as u64).max(1);
+        let mut acc = 0u64;
+        for (i, &c) in self.bins.iter().enumerate() {
+            acc += c as u64;
+            if acc >= want {
+                return Some(2f64.powf(LOG_MIN + (i + 1) as f64 / BINS_PER_OCTAVE));
+            }
+        }
+        None
+    }
+}
+
+/// Where a token moving *down* is re-encoded from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DownSource {
+    /// From the current codes (cheap; exact nesting for the midpoint scheme).
+    #[default]
+    Codes,
+    /// From the fp16 host backup when present (else from the codes).
+    Backup,
+}
+
+/// QAQ hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QaqParams {
+    /// sigma_S max (key target).
+    pub sigma_s: f64,
+    /// sigma_X max (value target).
+    pub sigma_x: f64,
+    /// Minimum width (0..=8).
+    pub b_min: u8,
+    /// Maximum width (b_min..=8); new tokens are stored at this width.
+    pub b_max: u8,
+    /// Attention window n (>= 1).
+    pub window: usize,
+    /// Bit formula.
+    pub formula: BitFormula,
+    /// ||Q||^2 source.
+    pub qnorm: QNorm,
+    /// Quantizer.
+    pub quant: QuantSpec,
+    /// Source for moving down.
+    pub down: DownSource,
+    /// Re-quantize every `every` steps (>= 1).
+    pub every: u32,
+}
+
+impl Default for QaqParams {
+    fn default() -> Self {
+        QaqParams {
+            sigma_s: 0.01,
+            sigma_x: 0.01,
+            b_min: 0,
+            b_max: 8,
+            window: 5,
+            formula: BitFormula::Paper,
+            qnorm: QNorm::Percentile(0.9),
+            quant: QuantSpec::default(),
+            down: DownSource::Codes,
+            every: 1,
+        }
+    }
+}
+
+impl QaqParams {
+    /// The reference implementation's behaviour: "+1" formula, mean-centred grid,
+    /// q_norm = 300 constant.
+    pub fn reference_code() -> Self {
+        QaqParams {
+            formula: BitFormula::Reference,
+            qnorm: QNorm::Constant(300.0),
+            quant: QuantSpec { scheme: Scheme::MeanCentred, outliers: Outliers::PAPER },
+            ..Default::default()
+        }
+    }
+    /// Validates ranges.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(KernelError::Config(m));
+        if self.b_min > self.b_max || self.b_max > MAX_BITS {
+            return bad(format!("need 0 <= b_min <= b_max <= 8, got {}..={}", self.b_min, self.b_max));
+        }
+        if self.window == 0 || self.every == 0 {
+            return bad("window and every must be >= 1".into());
+        }
+        if !(self.sigma_s > 0.0 && self.sigma_x > 0.0 && self.sigma_s.is_finite() && self.sigma_x.is_finite()) {
+            return bad("sigma_s and sigma_x must be positive".into());
+        }
+        if !(0.0..0.5).contains(&self.quant.outliers.alpha) {
+            return bad("alpha must be in [0, 0.5)".into());
+        }
+        match self.qnorm {
+            QNorm::Percentile(p) if (0.0..=1.0).contains(&p) => Ok(()),
+            QNorm::Constant(c) if c > 0.0 && c.is_finite() => Ok(()),
+            _ => bad("qnorm: percentile in [0,1] or a positive constant".into()),
+        }
+    }
+}
+
+/// Per-side mode of a uniform baseline: fp16 or a fixed width.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UniformSpec {
+    /// Key width (`None` = fp16).
+    pub k_bits: Option<u8>,
+    /// Value width (`None` = fp16).
+    pub v_bits: Option<u8>,
+    /// Keep 1% outliers exact (the paper's "non-attention quantization").
+    pub outliers: bool,
+}
+
+/// KIVI-style baseline: keys per channel over groups of `group` tokens, values per token,
+/// the `residual` most recent tokens in fp16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KiviSpec {
+    /// Width for both (KIVI: 2).
+    pub bits: u8,
+    /// Key channel group G (tokens).
+    pub group: usize,
+    /// fp16 residual window R (tokens).
+    pub residual: usize,
+}
+
+impl Default for KiviSpec {
+    fn default() -> Self {
+        KiviSpec { bits: 2, group: 32, residual: 128 }
+    }
+}
+
+/// What the cache does with K/V.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvPolicy {
+    /// No quantization.
+    Fp16,
+    /// Uniform width per token (K-only / V-only when one side is `None`).
+    Uniform(UniformSpec),
+    /// KIVI-style.
+    Kivi(KiviSpec),
+    /// QAQ.
+    Qaq(QaqParams),
+}
+
+/// The accepted policy strings (shown in parse errors).
+pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
+qaq[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, outliers=total|perside, \
+formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every) | qaq-ref (reference-code variant); N in 0..=8";
+
+impl FromStr for KvPolicy {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let err = |reason: String| KernelError::Policy { input: s.to_string(), reason, accepted: POLICY_SYNTAX };
+        let width = |t: &str| -> Result<u8> {
+            match t.parse::<u8>() {
+                Ok(n) if n <= MAX_BITS => Ok(n),
+                _ => Err(err(format!("bad width {t:?}"))),
+            }
+        };
+        let num = |t: &str| t.parse::<f64>().map_err(|_| err(format!("bad number {t:?}")));
+        let int = |t: &str| t.parse::<usize>().map_err(|_| err(format!("bad integer {t:?}")));
+        let lower = s.trim().to_ascii_lowercase();
+        let parts: Vec<&str> = lower.splitn(2, ':').collect();
+        let (head, rest) = (parts[0], parts.get(1).copied());
+        let pol = match (head, rest) {
+            ("fp16", None) => KvPolicy::Fp16,
+            ("uniform", Some(r)) => {
+                let mut it = r.split(':');
+                let n = width(it.next().unwrap_or(""))?;
+                let outliers = match it.next() {
+                    None => true,
+                    Some("noout") => false,
+                    Some(o) => return Err(err(format!("unknown uniform option {o:?}"))),
+                };
+                KvPolicy::Uniform(UniformSpec { k_bits: Some(n), v_bits: Some(n), outliers })
+            }
+            ("uniform-k", Some(r)) => KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true }),
+            ("uniform-v", Some(r)) => KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true }),
+            ("kivi", r) => {
+                let mut k = KiviSpec::default();
+                if let Some(r) = r {
+                    let v: Vec<&str> = r.split(':').collect();
+                    if v.len() < 2 || v.len() > 3 {
+                        return Err(err("kivi takes G:R or G:R:BITS".into()));
+                    }
+                    k.group = int(v[0])?;
+                    k.residual = int(v[1])?;
+                    if let Some(b) = v.get(2) {
+                        k.bits = width(b)?;
+                    }
+                }
+                if k.group == 0 {
+                    return Err(err("kivi group must be >= 1".into()));
+                }
+                KvPolicy::Kivi(k)
+            }
+            ("qaq-ref", None) => KvPolicy::Qaq(QaqParams::reference_code()),
+            ("qaq", r) => {
+                let mut p = QaqParams::default();
+                for kv in r.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+                    let Some((k, v)) = kv.split_once('=') else {
+                        return Err(err(format!("expected key=value, got {kv:?}")));
+                    };
+                    match k {
+                        "sigma_s" => p.sigma_s = num(v)?,
+                        "sigma_x" => p.sigma_x = num(v)?,
+                        "bmin" => p.b_min = width(v)?,
+                        "bmax" => p.b_max = width(v)?,
+                        "window" => p.window = int(v)?,
+                        "every" => p.every = int(v)?.try_into().map_err(|_| err("every too large".into()))?,
+                        "alpha" => p.quant.outliers.alpha = num(v)?,
+                        "outliers" => {
+                            p.quant.outliers.mode = match v {
+                                "total" => OutlierMode::Total,
+                                "perside" => OutlierMode::PerSide,
+                                _ => return Err(err(format!("outliers={v:?}"))),
+                            }
+                        }
+                        "formula" => {
+                            p.formula = match v {
+                                "paper" => BitFormula::Paper,
+                                "code" => BitFormula::Reference,
+                                _ => return Err(err(format!("formula={v:?}"))),
+                            }
+                        }
+                        "quant" => {
+                            p.quant.scheme = match v {
+                                "midpoint" => Scheme::Midpoint,
+                                "mean" => Scheme::MeanCentred,
+                                _ => return Err(err(format!("quant={v:?}"))),
+                            }
+                        }
+                        "down" => {
+                            p.down = match v {
+                                "codes" => DownSource::Codes,
+                                "backup" => DownSource::Backup,
+                                _ => return Err(err(format!("down={v:?}"))),
+                            }
+                        }
+                        "qnorm" => {
+                            p.qnorm = match v.strip_prefix('p') {
+                                Some(pc) => QNorm::Percentile(num(pc)? / 100.0),
+                                None => QNorm::Constant(num(v)?),
+                            }
+                        }
+                        _ => return Err(err(format!("unknown qaq key {k:?}"))),
+                    }
+                }
+                p.validate().map_err(|e| err(e.to_string()))?;
+                KvPolicy::Qaq(p)
+            }
+            _ => return Err(err("unknown policy".into())),
+        };
+        Ok(pol)
+    }
+}
+
+/// Attention windows of one (layer, KV head): for every token, a ring of the last `n`
+/// observed probabilities (max over the query heads sharing the KV head).
+#[derive(Clone, Debug)]
+pub struct Windows {
+    n: usize,
+    vals: Vec<f32>,
+    seen: Vec<u32>,
+}
+
+impl Windows {
+    /// Windows of length `n`.
+    pub fn new(n: usize) -> Self {
+        Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new() }
+    }
+    /// Makes room for `t` tokens.
+    pub fn grow(&mut self, t: usize) {
+        self.vals.resize(t * self.n, 0.0);
+        self.seen.resize(t, 0);
+    }
+    /// Pushes probability `p` for token `t`.
+    #[inline]
+    pub fn push(&mut self, t: usize, p: f32) {
+        let slot = self.seen[t] as usize % self.n;
+        self.vals[t * self.n + slot] = p;
+        self.seen[t] = self.seen[t].saturating_add(1);
+    }
+    /// Whether token `t` has `n` observations.
+    pub fn full(&self, t: usize) -> bool {
+        self.seen.get(t).is_some_and(|&s| s as usize >= self.n)
+    }
+    /// Max over the window of token `t` (over what has been observed).
+    pub fn max(&self, t: usize) -> f32 {
+        self.vals[t * self.n..(t + 1) * self.n].iter().copied().fold(0.0, f32::max)
+    }
+    /// Number of tokens tracked.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+    /// Whether no token is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceil_log2_is_bit_exact_with_libm() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let check = |v: f64| {
+            let (a, b) = (ceil_log2(v), v.log2().ceil());
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{v:e}: {a} vs {b}");
+        };
+        for e in -1074..=1023 {
+            let p = 2f64.powi(e);
+            for v in [p, p * (1.0 + 1e-12), p * (1.0 - 1e-12), p * (1.0 + 2e-12), p * (1.0 - 2e-12), -p] {
+                check(v);
+                check(f64::from_bits(v.to_bits() + 1));
+                check(f64::from_bits(v.to_bits().saturating_sub(1)));
+            }
+        }
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            check(f64::from_bits(x));
+            check((x >> 11) as f64 / (1u64 << 40) as f64);
+        }
+        for v in [0.0, -0.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, f64::MIN_POSITIVE, f64::MAX] {
+            check(v);
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 5e-5
+    }
+
+    #[test]
+    fn section_11_key_vectors() {
+        // (T, eps, E_K, B(r=4), B(r=8)) with the reference formula and q_norm = 300.
+        let rows = [
+            (2usize, 1.0, 0.2965, 3, 4),
+            (10, 1.0, 0.4345, 3, 4),
+            (100, 1.0, 0.6073, 3, 3),
+            (100, 3.0, 0.6758, 2, 3),
+            (100, 30.0, 0.8006, 2, 3),
+            (500, 10.0, 0.8255, 2, 3),
+        ];
+        for (t, eps, e, b4, b8) in rows {
+            let ek = key_step(t, 300.0, eps);
+            assert!(close(ek, e), "T {t} eps {eps}: {ek}");
+            assert_eq!(raw_bits(4.0, ek, BitFormula::Reference), b4, "T {t} eps {eps} r 4");
+            assert_eq!(raw_bits(8.0, ek, BitFormula::Reference), b8, "T {t} eps {eps} r 8");
+        }
+        assert!((4.0 / (2.0 * key_step(100, 300.0, 1.0)) + 1.0).log2() - 2.102 < 1e-3);
+        assert!(key_step(1, 300.0, 1.0).is_infinite());
+    }
+
+    #[test]
+    fn section_11_value_vectors() {
+        let rows = [(100usize, 1.0, 1.0, 0.3464, 2, 3), (100, 1.0, 0.5, 0.6928, 1, 2), (100, 1.0, 0.01, 34.64, 1, 1)];
+        for (t, eps, a, e, b1, b4) in rows {
+            let ev = value_step(t, a, eps);
+            assert!((ev - e).abs() < 5e-3, "{ev}");
+            assert_eq!(raw_bits(1.0, ev, BitFormula::Reference), b1);
+            assert_eq!(raw_bits(4.0, ev, BitFormula::Reference), b4);
+        }
+    }
+
+    #[test]
+    fn paper_formula_and_clamp() {
+        // Paper: ceil(log2(r/E)); r/E = 4/0.3464 = 11.5 -> 4 bits; reference gives 3.
+        let e = value_step(100, 1.0, 1.0);
+        assert_eq!(raw_bits(4.0, e, BitFormula::Paper), 4);
+        assert_eq!(bits(4.0, e, BitFormula::Paper, 0, 3), 3);
+        assert_eq!(bits(0.0, e, BitFormula::Paper, 1, 8), 1, "r = 0 -> b_min");
+        assert_eq!(bits(1.0, value_step(100, 0.0, 1.0), BitFormula::Paper, 0, 8), 0, "a = 0");
+        assert_eq!(bits(f64::NAN, 1.0, BitFormula::Reference, 2, 8), 2);
+        assert_eq!(bits(1e30, 1e-30, BitFormula::Paper, 0, 8), 8);
+        // Paper vs reference: more attention -> more value bits.
+        assert!(raw_bits(2.0, value_step(1000, 0.5, 0.01), BitFormula::Paper) > raw_bits(2.0, value_step(1000, 0.01, 0.01), BitFormula::Paper));
+    }
+
+    #[test]
+    fn qnorm_percentile() {
+        let mut q = QNormTracker::default();
+        assert_eq!(q.percentile(0.9), None);
+        for i in 1..=1000 {
+            q.observe(i as f64);
+        }
+        q.observe(f64::NAN);
+        assert_eq!(q.count(), 1000);
+        let p = q.percentile(0.9).unwrap();
+        assert!((900.0..=900.0 * 1.045).contains(&p), "{p}");
+    }
+
+    #[test]
+    fn windows_ring() {
+        let mut w = Windows::new(3);
+        w.grow(2);
+        w.push(0, 0.5);
+        w.push(0, 0.1);
+        assert!(!w.full(0));
+        w.push(0, 0.2);
+        assert!(w.full(0));
+        assert_eq!(w.max(0), 0.5);
+        w.push(0, 0.05); // evicts 0.5
+        assert_eq!(w.max(0), 0.2);
+        assert_eq!(w.max(1), 0.0);
+    }
+
+    #[test]
+    fn policy_strings() {
+        assert_eq!("fp16".parse::<KvPolicy>().unwrap(), KvPolicy::Fp16);
+        assert_eq!(
+            "uniform:4".parse::<KvPolicy>().unwrap(),
+            KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true })
+        );
+        assert!(matches!("uniform:2:noout".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { outliers: false, .. })));
+        assert!(matches!("uniform-k:2".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { v_bits: None, .. })));
+        assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
+        assert_eq!("kivi:16:64".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64 }));
+        let KvPolicy::Qaq(p) = "qaq:sigma_x=0.5,formula=code,qnorm=p95,bmax=4".parse::<KvPolicy>().unwrap() else {
+            panic!("not qaq")
+        };
+        assert_eq!((p.sigma_x, p.formula, p.qnorm, p.b_max), (0.5, BitFormula::Reference, QNorm::Percentile(0.95), 4));
+        assert_eq!("qaq".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::default()));
+        for bad in ["", "uniform:9", "uniform", "qaq:bmin=5,bmax=3", "qaq:foo=1", "kivi:0:1", "int8"] {
+            let e = bad.parse::<KvPolicy>().unwrap_err();
+            assert!(e.to_string().contains("uniform:N"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Paged mixed-width storage for one (layer, KV head, K-or-V) stream of groups.
+//!
+//! A stream is a list of blocks of up to [`BLOCK_TOKENS`] groups. Appending fills the
+//! last block and opens a new one when it is full, so a growing sequence never copies
+//! old blocks. Inside a block the data is struct-of-arrays: widths, f16 `m`, f16 `s`,
+//! outlier counts (the 6 metadata bytes per group), the concatenated bit-packed codes
+//! (each group starts on a byte boundary), and the outliers' u8 indices and f16 values.
+//! Changing widths rewrites only the blocks concerned. Quantized blocks keep
+//! [`SLACK`] zero bytes after their codes so SIMD unpacking can read 8 bytes at a time;
+//! those bytes are real memory and are counted as padding in [`Bytes`].
+
+use crate::error::Result;
+use crate::quant::{self, GroupMeta, QuantSpec, META_BYTES, OUTLIER_BYTES, RAW};
+use half::f16;
+
+/// Groups per block.
+pub const BLOCK_TOKENS: usize = 64;
+/// Zero bytes kept after the codes of a block that holds quantized groups.
+pub const SLACK: usize = 8;
+
+/// Byte accounting of a stream (or a sum of streams).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Bytes {
+    /// Packed code bytes (raw fp16 groups included), excluding padding bits.
+    pub codes: usize,
+    /// Padding: unused bits in the last code byte of each group, plus block slack.
+    pub padding: usize,
+    /// Per-group metadata (6 bytes per quantized group, 1 width byte per raw group in a
+    /// mixed stream, 0 in an fp16-only stream).
+    pub metadata: usize,
+    /// Outlier values (2 bytes each).
+    pub outlier_values: usize,
+    /// Outlier indices (1 byte each).
+    pub outlier_indices: usize,
+    /// Paper-style size in bits: codes of inliers + 32 bits of metadata per quantized
+    /// group + 16 bits per outlier, no indices, no padding (raw groups: 16 bits/value).
+    pub paper_bits: f64,
+    /// Number of groups.
+    pub groups: usize,
+    /// Number of values.
+    pub values: usize,
+    /// Sum of widths over groups (raw counts as 16), for average bits.
+    pub width_sum: usize,
+}
+
+impl Bytes {
+    /// Real bytes: everything stored.
+    pub fn total(&self) -> usize {
+        self.codes + self.padding + self.metadata + self.outlier_values + self.outlier_indices
+    }
+    /// Bytes of the same values in fp16.
+    pub fn fp16_equivalent(&self) -> usize {
+        2 * self.values
+    }
+    /// Paper-style bytes (see [`Bytes::paper_bits`]); labelled "paper-style" in reports.
+    pub fn paper_style(&self) -> f64 {
+        self.paper_bits / 8.0
+    }
+    /// Average width per group.
+    pub fn avg_bits(&self) -> f64 {
+        if self.groups == 0 { 0.0 } else { self.width_sum as f64 / self.groups as f64 }
+    }
+    /// Sums two accounts.
+    pub fn add(&mut self, o: &Bytes) {
+        self.codes += o.codes;
+        self.padding += o.padding;
+        self.metadata += o.metadata;
+        self.outlier_values += o.outlier_values;
+        self.outlier_indices += o.outlier_indices;
+        self.paper_bits += o.paper_bits;
+        self.groups += o.groups;
+        self.values += o.values;
+        self.width_sum += o.width_sum;
+    }
+}
+
+/// One page of groups.
+#[derive(Clone, Debug, Default)]
+pub struct Block {
+    pub(crate) meta: Vec<GroupMeta>,
+    pub(crate) codes: Vec<u8>,
+    pub(crate) out_idx: Vec<u8>,
+    pub(crate) out_val: Vec<f16>,
+    has_slack: bool,
+}
+
+/// A view of one stored group.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupRef<'a> {
+    /// Metadata.
+    pub meta: GroupMeta,
+    /// Codes, starting at this group (may run on into the next groups and the slack).
+    pub codes: &'a [u8],
+    /// Outlier indices.
+    pub out_idx: &'a [u8],
+    /// Outlier values.
+    pub out_val: &'a [f16],
+}
+
+impl Block {
+    /// Number of groups.
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+    /// Visits every group in order.
+    #[inline]
+    pub fn for_each<'a>(&'a self, d: usize, mut f: impl FnMut(usize, GroupRef<'a>)) {
+        let (mut co, mut oo) = (0usize, 0usize);
+        for (i, m) in self.meta.iter().enumerate() {
+            let no = m.n_out as usize;
+            f(
+                i,
+                GroupRef {
+                    meta: *m,
+                    codes: &self.codes[co..],
+                    out_idx: &self.out_idx[oo..oo + no],
+                    out_val: &self.out_val[oo..oo + no],
+                },
+            );
+            co += m.code_bytes(d);
+            oo += no;
+        }
+    }
+
+    fn strip_slack(&mut self) {
+        if self.has_slack {
+            self.codes.truncate(self.codes.len() - SLACK);
+            self.has_slack = false;
+        }
+    }
+    fn add_slack(&mut self) {
+        if !self.has_slack && self.meta.iter().any(|m| m.bits != RAW) {
+            self.codes.extend_from_slice(&[0; SLACK]);
+            self.has_slack = true;
+        }
+    }
+}
+
+/// The groups of one stream.
+#[derive(Clone, Debug)]
+pub struct PackedStream {
+    d: usize,
+    spec: QuantSpec,
+    raw_only: bool,
+    blocks: Vec<Block>,
+    len: usize,
+    /// The buffers of the last block replaced by a rewrite, reused by the next one.
+    spare: Block,
+}
+
+impl PackedStream {
+    /// A stream of groups of `d` values. `raw_only` streams (fp16 baseline) hold only raw
+    /// groups and store no per-group metadata.
+    pub fn new(d: usize, spec: QuantSpec, raw_only: bool) -> Self {
+        PackedStream { d, spec, raw_only, blocks: Vec::new(), len: 0, spare: Block::default() }
+    }
+    /// Group length.
+    pub fn d(&self) -> usize {
+        self.d
+    }
+    /// Quantizer configuration.
+    pub fn spec(&self) -> &QuantSpec {
+        &self.spec
+    }
+    /// Number of groups.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The blocks, in order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Appends one group (f16-representable values) at width `bits`.
+    pub fn push(&mut self, x: &[f32], bits: u8) -> Result<()> {
+        let bits = if self.raw_only { RAW } else { bits };
+        if self.blocks.last().is_none_or(|b| b.len() >= BLOCK_TOKENS) {
+            self.blocks.push(Block::default());
+        }
+        let spec = self.spec;
+        let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        b.strip_slack();
+        let meta = quant::encode_group(x, bits, &spec, &mut b.codes, &mut b.out_idx, &mut b.out_val);
+        let res = meta.map(|m| b.meta.push(m));
+        b.add_slack();
+        if res.is_ok() {
+            self.len += 1;
+        }
+        res
+    }
+
+    /// Metadata of group `t`.
+    pub fn meta(&self, t: usize) -> Option<GroupMeta> {
+        self.blocks.get(t / BLOCK_TOKENS)?.meta.get(t % BLOCK_TOKENS).copied()
+    }
+
+    /// Decodes group `t` into `out`.
+    pub fn decode(&self, t: usize, out: &mut [f32]) -> bool {
+        let Some(b) = self.blocks.get(t / BLOCK_TOKENS) else { return false };
+        let want = t % BLOCK_TOKENS;
+        let mut found = false;
+        b.for_each(self.d, |i, g| {
+            if i == want {
+                quant::decode_group(&g.meta, self.spec.scheme, g.codes, g.out_idx, g.out_val, out);
+                found = true;
+            }
+        });
+        found
+    }
+
+    /// Rewrites block `bi`: `f(i, group, &mut sink)` returns `Some(meta)` after appending
+    /// a new encoding of group `i` to the sink, or `None` to keep the group unchanged.
+    pub fn rewrite_block(
+        &mut self,
+        bi: usize,
+        f: impl FnMut(usize, GroupRef<'_>, &mut Sink) -> Result<Option<GroupMeta>>,
+    ) -> Result<()> {
+        self.rewrite_groups(bi, None, f)
+    }
+
+    /// [`PackedStream::rewrite_block`] calling `f` only for the groups `i` with
+    /// `selected[i]` (all when `None`); the other groups are kept, copied in runs. The
+    /// new block reuses the buffers of the previously replaced one.
+    pub fn rewrite_groups(
+        &mut self,
+        bi: usize,
+        selected: Option<&[bool]>,
+        mut f: impl FnMut(usize, GroupRef<'_>, &mut Sink) -> Result<Option<GroupMeta>>,
+    ) -> Result<()> {
+        let d = self.d;
+        let Some(old) = self.blocks.get(bi) else { return Ok(()) };
+        let mut nb = std::mem::take(&mut self.spare);
+        nb.meta.clear();
+        nb.codes.clear();
+        nb.out_idx.clear();
+        nb.out_val.clear();
+        nb.has_slack = false;
+        nb.meta.reserve(old.meta.len());
+        nb.codes.reserve(old.codes.len() + 2 * d);
+        nb.out_idx.reserve(old.out_idx.len());
+        nb.out_val.reserve(old.out_val.len());
+        // Pending run of kept groups: meta index, code and outlier offsets where it starts.
+        let (mut rm, mut rc, mut ro) = (0usize, 0usize, 0usize);
+        let (mut co, mut oo) = (0usize, 0usize);
+        let mut res = Ok(());
+        for (i, m) in old.meta.iter().enumerate() {
+            let (cb, no) = (m.code_bytes(d), m.n_out as usize);
+            if selected.is_none_or(|sel| sel.get(i).copied().unwrap_or(false)) {
+                nb.meta.extend_from_slice(&old.meta[rm..i]);
+                nb.codes.extend_from_slice(&old.codes[rc..co]);
+                nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
+                nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
+                let g = GroupRef { meta: *m, codes: &old.codes[co..], out_idx: &old.out_idx[oo..oo + no], out_val: &old.out_val[oo..oo + no] };
+                let mut sink = Sink { codes: &mut nb.codes, out_idx: &mut nb.out_idx, out_val: &mut nb.out_val };
+                match f(i, g, &mut sink) {
+                    Ok(Some(nm)) => {
+                        nb.meta.push(nm);
+                        (rm, rc, ro) = (i + 1, co + cb, oo + no);
+                    }
+                    // Kept: it joins the next run.
+                    Ok(None) => (rm, rc, ro) = (i, co, oo),
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                }
+            }
+            co += cb;
+            oo += no;
+        }
+        if let Err(e) = res {
+            self.spare = nb;
+            return Err(e);
+        }
+        nb.meta.extend_from_slice(&old.meta[rm..]);
+        nb.codes.extend_from_slice(&old.codes[rc..co]);
+        nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
+        nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
+        nb.add_slack();
+        self.spare = std::mem::replace(&mut self.blocks[bi], nb);
+        Ok(())
+    }
+
+    /// Exact byte accounting.
+    pub fn bytes(&self) -> Bytes {
+        let mut a = Bytes::default();
+        let d = self.d;
+        for b in &self.blocks {
+            if b.has_slack {
+                a.padding += SLACK;
+            }
+            for m in &b.meta {
+                a.groups += 1;
+                a.values += d;
+                a.width_sum += m.bits as usize;
+                let no = m.n_out as usize;
+                a.outlier_values += 2 * no;
+                a.outlier_indices += no;
+                if m.bits == RAW {
+                    a.codes += 2 * d;
+                    a.metadata += usize::from(!self.raw_only);
+                    a.paper_bits += 16.0 * d as f64;
+                } else {
+                    let bits = d * m.bits as usize;
+                    a.codes += bits / 8;
+                    a.padding += m.code_bytes(d) - bits / 8;
+                    a.metadata += META_BYTES;
+                    a.paper_bits += (m.bits as usize * (d - no)) as f64 + 32.0 + 16.0 * no as f64;
+                }
+            }
+        }
+        debug_assert_eq!(a.outlier_values + a.outlier_indices, OUTLIER_BYTES * (a.outlier_indices));
+        a
+    }
+}
+
+/// Where [`PackedStream::rewrite_block`] callbacks write a new encoding.
+#[derive(Debug)]
+pub struct Sink<'a> {
+    /// Code bytes.
+    pub codes: &'a mut Vec<u8>,
+    /// Outlier indices.
+    pub out_idx: &'a mut Vec<u8>,
+    /// Outlier values.
+    pub out_val: &'a mut Vec<f16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::Outliers;
+
+    #[test]
+    fn hand_computed_bytes() {
+        // d = 64, alpha 1% total -> 2 outliers per group.
+        let mut s = PackedStream::new(64, QuantSpec::default(), false);
+        let x: Vec<f32> = (0..64).map(|i| (i as f32 - 30.0) / 16.0).collect();
+        s.push(&x, 3).unwrap(); // 24 code bytes, 6 meta, 2 outliers = 6 bytes
+        s.push(&x, 0).unwrap(); // 0 code bytes, 6 meta, 6 outlier bytes
+        s.push(&x, RAW).unwrap(); // 128 code bytes, 1 width byte
+        let b = s.bytes();
+        assert_eq!(b.codes, 24 + 128);
+        assert_eq!(b.metadata, 6 + 6 + 1);
+        assert_eq!(b.outlier_values, 2 * 2 * 2);
+        assert_eq!(b.outlier_indices, 2 * 2);
+        assert_eq!(b.padding, SLACK);
+        assert_eq!(b.total(), 152 + 13 + 8 + 4 + 8);
+        assert_eq!(b.fp16_equivalent(), 3 * 128);
+        // paper: 3*62 + 32 + 32 ; 0 + 32 + 32 ; 1024
+        assert_eq!(b.paper_bits, (186 + 64 + 64 + 1024) as f64);
+        // d = 8 at 3 bits: exactly 3 bytes; d = 8 at 5 bits: 5 bytes; d=24 at 3: 9 bytes.
+        let mut s = PackedStream::new(24, QuantSpec { outliers: Outliers::NONE, ..Default::default() }, false);
+        s.push(&[0.5; 24], 3).unwrap();
+        assert_eq!(s.bytes().codes, 9);
+        assert_eq!(s.bytes().padding, SLACK);
+    }
+
+    #[test]
+    fn blocks_grow_without_copy_and_decode() {
+        let mut s = PackedStream::new(8, QuantSpec { outliers: Outliers::NONE, ..Default::default() }, false);
+        for t in 0..(2 * BLOCK_TOKENS + 3) {
+            s.push(&[t as f32; 8], 8).unwrap();
+        }
+        assert_eq!(s.blocks().len(), 3);
+        let ptr = s.blocks()[0].codes.as_ptr();
+        s.push(&[1.0; 8], 4).unwrap();
+        assert_eq!(s.blocks()[0].codes.as_ptr(), ptr);
+        let mut out = [0f32; 8];
+        assert!(s.decode(70, &mut out));
+        assert_eq!(out, [70.0; 8]);
+        assert!(!s.decode(10_000, &mut out));
+        let raw = PackedStream::new(8, QuantSpec::default(), true);
+        assert_eq!(raw.bytes().total(), 0);
+    }
+}

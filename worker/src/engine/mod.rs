@@ -1,0 +1,218 @@
+//! The engine: a dedicated OS thread that owns the model and every
+//! sequence's KV cache and runs continuous batching — each step batches all
+//! running sequences (decode) with chunks of newly admitted prompts
+//! (prefill); requests join and leave between steps.
+//!
+//! - [`EngineHandle`]: the async side's handle (submit, abort, load).
+//! - `state`: the plain-struct scheduler state, unit-testable without threads.
+//! - [`sampling`]: next-token selection.
+//! - [`output`]: incremental detokenization and stop strings.
+
+pub mod output;
+pub mod sampling;
+mod state;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::model::LoadedModel;
+pub use sampling::SamplingConfig;
+use state::EngineState;
+
+/// Engine limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most sequences per step.
+    pub max_batch: usize,
+    /// Most prompt tokens prefilled per step (across sequences).
+    pub prefill_chunk: usize,
+    /// Most requests waiting for a slot; beyond that submissions are refused.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch: 16, prefill_chunk: 512, max_waiting: 256 }
+    }
+}
+
+/// Why a sequence ended (mirrors `qaq.v1.FinishReason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Stop,
+    Eos,
+    Aborted,
+    Context,
+}
+
+/// KV statistics of a finished sequence.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KvSummary {
+    pub policy: String,
+    pub avg_key_bits: f64,
+    pub avg_value_bits: f64,
+    pub device_bytes: u64,
+    pub fp16_equivalent_bytes: u64,
+}
+
+/// What the engine reports about a request, in order.
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// New text and the tokens that produced it.
+    Delta { text: String, token_ids: Vec<u32> },
+    /// The last message.
+    Done {
+        text: String,
+        token_ids: Vec<u32>,
+        finish: Finish,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        kv: KvSummary,
+    },
+    /// The sequence failed inside the engine.
+    Failed(String),
+}
+
+/// A request ready for the engine (validated and tokenized).
+#[derive(Debug)]
+pub struct Job {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    /// Tokens generated earlier elsewhere (migration), fed after the prompt.
+    pub resume: Vec<u32>,
+    /// Most tokens to generate, `resume` included.
+    pub max_new_tokens: u32,
+    pub sampling: SamplingConfig,
+    pub stops: Vec<String>,
+    pub ignore_eos: bool,
+    /// Receiver held by the gRPC stream of this request; dropping it aborts.
+    pub events: tmpsc::UnboundedSender<Event>,
+    pub received: Instant,
+}
+
+/// Load counters shared with the async side (heartbeats, Stats).
+#[derive(Debug, Default)]
+pub struct Load {
+    pub running: AtomicU32,
+    pub waiting: AtomicU32,
+    pub generated_total: AtomicU64,
+    pub kv_device_bytes: AtomicU64,
+    pub kv_fp16_equivalent_bytes: AtomicU64,
+    pub cached_tokens: AtomicU64,
+}
+
+enum Command {
+    Submit(Box<Job>),
+    /// Abort by id; the reply says whether it was found.
+    Abort(String, Option<oneshot::Sender<bool>>),
+    Shutdown,
+}
+
+/// Errors of the engine handle.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// The async side's handle to the engine thread. Dropping it stops the thread
+/// after the current step.
+#[derive(Debug)]
+pub struct EngineHandle {
+    /// Commands to the engine thread, which owns the receiving end.
+    tx: mpsc::Sender<Command>,
+    load: Arc<Load>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for a loaded model.
+    pub fn start(model: Arc<LoadedModel>, cfg: EngineConfig) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let load = Arc::new(Load::default());
+        let l = load.clone();
+        let thread = std::thread::Builder::new()
+            .name("qaq-engine".into())
+            .spawn(move || run(EngineState::new(model, cfg, l), rx))
+            .expect("spawning the engine thread");
+        Self { tx, load, thread: Some(thread) }
+    }
+
+    /// Queues a job.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.tx.send(Command::Submit(Box::new(job))).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Aborts a request; resolves to whether it was running or waiting.
+    pub async fn abort(&self, id: &str) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Abort(id.to_string(), Some(tx))).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Aborts without waiting for the answer (used from `Drop`).
+    pub fn abort_nowait(&self, id: &str) {
+        let _ = self.tx.send(Command::Abort(id.to_string(), None));
+    }
+
+    /// Live load counters.
+    pub fn load(&self) -> &Arc<Load> {
+        &self.load
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut st: EngineState, rx: mpsc::Receiver<Command>) {
+    loop {
+        // Block only when idle; otherwise take what has arrived and step.
+        let first = if st.is_idle() {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match cmd {
+                Command::Submit(job) => st.submit(*job),
+                Command::Abort(id, reply) => {
+                    let found = st.abort(&id);
+                    if let Some(r) = reply {
+                        let _ = r.send(found);
+                    }
+                }
+                Command::Shutdown => {
+                    st.abort_all();
+                    return;
+                }
+            }
+        }
+        st.step();
+        st.publish_load();
+    }
+}
+
+/// Load snapshot helpers.
+impl Load {
+    pub fn running(&self) -> u32 {
+        self.running.load(Ordering::Relaxed)
+    }
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}

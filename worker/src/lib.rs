@@ -1,0 +1,22 @@
+//! qaq worker: one process per device.
+//!
+//! - [`model`]: configuration, GGUF / safetensors loading, tokenizer and chat
+//!   template, the llama forward pass, the [`model::KvCache`] seam.
+//! - [`engine`]: the engine thread (continuous batching), sampling,
+//!   detokenization with stop strings.
+//! - [`service`]: the `qaq.v1.Worker` gRPC service.
+//! - [`registration`]: register and heartbeat with the coordinator.
+//! - [`server`]: `run(listener, ...)`, the whole worker behind a listener.
+//! - [`config`]: command-line arguments and the validated configuration.
+//! - [`metrics`]: metric names; [`prom`]: the Prometheus recorder.
+//! - [`bench`]: `qaq-worker bench`, decode throughput in-process.
+
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod prom;
+pub mod registration;
+pub mod server;
+pub mod service;

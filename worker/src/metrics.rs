@@ -1,0 +1,47 @@
+//! Names of the worker's Prometheus metrics (one place, so dashboards and
+//! alert rules can be checked against them) and their descriptions.
+
+/// Sequences in the running batch (gauge).
+pub const REQUESTS_RUNNING: &str = "qaq_worker_requests_running";
+/// Requests waiting for a batch slot (gauge).
+pub const REQUESTS_WAITING: &str = "qaq_worker_requests_waiting";
+/// Requests finished, by `outcome` (counter).
+pub const REQUESTS_TOTAL: &str = "qaq_worker_requests_total";
+/// Tokens generated (counter).
+pub const GENERATED_TOKENS_TOTAL: &str = "qaq_worker_generated_tokens_total";
+/// Prompt tokens prefilled (counter).
+pub const PROMPT_TOKENS_TOTAL: &str = "qaq_worker_prompt_tokens_total";
+/// Time from a request's arrival to its first generated token (histogram).
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "qaq_worker_time_to_first_token_seconds";
+/// Time between two generated tokens of a sequence (histogram).
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "qaq_worker_inter_token_latency_seconds";
+/// Duration of one engine step (forward pass of the batch) (histogram).
+pub const STEP_DURATION_SECONDS: &str = "qaq_worker_step_duration_seconds";
+/// Sequences in each engine step (histogram).
+pub const BATCH_SIZE: &str = "qaq_worker_batch_size";
+/// Bytes the KV caches hold in the device tier (gauge).
+pub const KV_DEVICE_BYTES: &str = "qaq_worker_kv_device_bytes";
+/// Bytes the same tokens would take in an fp16 cache (gauge).
+pub const KV_FP16_EQUIVALENT_BYTES: &str = "qaq_worker_kv_fp16_equivalent_bytes";
+
+/// Latency buckets (seconds) shared by the latency histograms.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Buckets of the batch-size histogram.
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Registers descriptions with the installed recorder.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");
+    describe_gauge!(REQUESTS_WAITING, "Requests waiting for a batch slot");
+    describe_counter!(REQUESTS_TOTAL, "Requests finished, by outcome");
+    describe_counter!(GENERATED_TOKENS_TOTAL, "Tokens generated");
+    describe_counter!(PROMPT_TOKENS_TOTAL, "Prompt tokens prefilled");
+    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Arrival to first generated token");
+    describe_histogram!(INTER_TOKEN_LATENCY_SECONDS, Unit::Seconds, "Time between generated tokens");
+    describe_histogram!(STEP_DURATION_SECONDS, Unit::Seconds, "Duration of one engine step");
+    describe_histogram!(BATCH_SIZE, "Sequences per engine step");
+    describe_gauge!(KV_DEVICE_BYTES, Unit::Bytes, "Bytes held by KV caches in the device tier");
+    describe_gauge!(KV_FP16_EQUIVALENT_BYTES, Unit::Bytes, "Bytes the cached tokens would take in fp16");
+}

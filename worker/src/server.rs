@@ -1,0 +1,96 @@
+//! `run`: serves a loaded model on already-bound listeners until `shutdown`
+//! resolves, then drains (no new requests; in-flight ones get the grace
+//! period), deregisters and stops.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use qaq_proto::v1::worker_server::WorkerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::WorkerConfig;
+use crate::engine::EngineHandle;
+use crate::model::LoadedModel;
+use crate::registration::{self, Announcement};
+use crate::service::WorkerService;
+
+/// Serves until `shutdown` resolves. `metrics_addr` is announced to the
+/// coordinator (empty if metrics are not served).
+pub async fn run(
+    listener: TcpListener,
+    metrics_addr: String,
+    model: Arc<LoadedModel>,
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let engine = Arc::new(EngineHandle::start(model.clone(), cfg.engine.clone()));
+    let draining = Arc::new(AtomicBool::new(false));
+    let service = WorkerService::new(
+        cfg.worker_id.clone(),
+        cfg.engine.max_batch,
+        model.clone(),
+        engine.clone(),
+        draining.clone(),
+    );
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<WorkerServer<WorkerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let announcement = cfg.coordinator.as_ref().map(|c| Announcement {
+        coordinator: c.clone(),
+        worker_id: cfg.worker_id.clone(),
+        address: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        metrics_address: metrics_addr,
+        model: WorkerService::model_info(&model),
+        secret: cfg.registration_secret.clone(),
+        max_batch: cfg.engine.max_batch,
+    });
+    let heartbeats =
+        announcement.clone().map(|a| tokio::spawn(registration::keep_registered(a, engine.clone(), draining.clone())));
+
+    // Stop signal for the gRPC server; fired after the drain below.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(WorkerServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(server);
+
+    shutdown.await;
+    tracing::info!("shutting down: draining");
+    draining.store(true, Ordering::Relaxed);
+    reporter.set_not_serving::<WorkerServer<WorkerService>>().await;
+    let deadline = Instant::now() + cfg.shutdown_grace;
+    while Instant::now() < deadline {
+        let l = engine.load();
+        if l.running() + l.waiting() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
+    if let Some(a) = &announcement {
+        registration::deregister(a).await;
+    }
+    let _ = stop_tx.send(());
+    // Open streams end when the engine stops (its drop aborts what is left).
+    drop(engine);
+    match tokio::time::timeout(std::time::Duration::from_secs(2), server).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("gRPC server did not stop in time"),
+    }
+    Ok(())
+}

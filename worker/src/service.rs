@@ -1,0 +1,298 @@
+//! The worker's gRPC service (`qaq.v1.Worker`): validates and tokenizes
+//! requests, hands them to the engine and streams its events back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use futures::Stream;
+use qaq_proto::v1::worker_server::Worker;
+use qaq_proto::v1::{
+    AbortRequest, AbortResponse, DrainRequest, DrainResponse, FinishReason, GenerateResponse, KvStats, ModelInfo,
+    StatsRequest, StatsResponse, SubmitRequest, Usage, WorkerLoad,
+};
+use qaq_proto::validate;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{EngineHandle, Event, Finish, Job, SamplingConfig};
+use crate::model::LoadedModel;
+
+/// Shared state of the service (cheap to clone).
+#[derive(Clone)]
+pub struct WorkerService {
+    pub worker_id: String,
+    max_batch: usize,
+    model: Arc<LoadedModel>,
+    engine: Arc<EngineHandle>,
+    draining: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WorkerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerService").field("worker_id", &self.worker_id).finish_non_exhaustive()
+    }
+}
+
+impl WorkerService {
+    pub fn new(
+        worker_id: String,
+        max_batch: usize,
+        model: Arc<LoadedModel>,
+        engine: Arc<EngineHandle>,
+        draining: Arc<AtomicBool>,
+    ) -> Self {
+        Self { worker_id, max_batch, model, engine, draining }
+    }
+
+    /// The model as announced to the coordinator.
+    pub fn model_info(model: &LoadedModel) -> ModelInfo {
+        let c = model.model.config();
+        ModelInfo {
+            name: model.name.clone(),
+            architecture: c.architecture.clone(),
+            context_length: c.context_length as u32,
+            vocab_size: c.vocab_size as u32,
+            workers: 0,
+        }
+    }
+
+    /// Current load.
+    pub fn load(engine: &EngineHandle, max_batch: usize) -> WorkerLoad {
+        let l = engine.load();
+        let o = std::sync::atomic::Ordering::Relaxed;
+        let tokens = l.cached_tokens.load(o);
+        let dev = l.kv_device_bytes.load(o);
+        WorkerLoad {
+            running: l.running(),
+            waiting: l.waiting(),
+            max_batch: max_batch as u32,
+            kv_device_bytes: dev,
+            kv_device_budget_bytes: 0,
+            kv_host_bytes: 0,
+            kv_host_budget_bytes: 0,
+            avg_bytes_per_token: if tokens > 0 { dev as f64 / tokens as f64 } else { 0.0 },
+            kv_fp16_equivalent_bytes: l.kv_fp16_equivalent_bytes.load(o),
+            generated_tokens_total: l.generated_total.load(o),
+        }
+    }
+
+    /// Validates, tokenizes and builds the engine job.
+    fn prepare(&self, req: SubmitRequest) -> Result<(Job, mpsc::UnboundedReceiver<Event>), Status> {
+        let cfg = self.model.model.config();
+        let ctx = cfg.context_length;
+        let r = req.request.ok_or_else(|| Status::invalid_argument("request: must be set"))?;
+        validate::generate_request(&r, ctx as u32, cfg.vocab_size as u32)?;
+        if r.request_id.is_empty() {
+            return Err(Status::invalid_argument("request.request_id: must be set by the coordinator"));
+        }
+        if !r.model.is_empty() && r.model != self.model.name {
+            return Err(Status::not_found(format!(
+                "model: {:?} is not served by this worker (it serves {:?})",
+                r.model, self.model.name
+            )));
+        }
+        if let Some(p) = &r.kv_policy
+            && !p.policy.is_empty()
+            && p.policy != "f32"
+        {
+            return Err(Status::invalid_argument(format!(
+                "kv_policy.policy: {:?} is not available on this worker; accepted: \"f32\" or empty",
+                p.policy
+            )));
+        }
+        let tok = &self.model.tokenizer;
+        let text = if r.messages.is_empty() {
+            r.prompt.clone()
+        } else {
+            let turns: Vec<(String, String)> = r.messages.iter().map(|m| (m.role.clone(), m.content.clone())).collect();
+            tok.render_chat(&turns).map_err(|e| Status::invalid_argument(format!("messages: {e}")))?
+        };
+        let prompt = tok.encode(&text).map_err(|e| Status::invalid_argument(format!("prompt: {e}")))?;
+        if prompt.is_empty() {
+            return Err(Status::invalid_argument("prompt: tokenizes to no tokens"));
+        }
+        if let Some(&bad) = req.resume_token_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Status::invalid_argument(format!(
+                "resume_token_ids: token {bad} outside the vocabulary [0, {})",
+                cfg.vocab_size
+            )));
+        }
+        let used = prompt.len() + req.resume_token_ids.len();
+        if used >= ctx {
+            return Err(Status::invalid_argument(format!(
+                "prompt: {} tokens (with {} resumed) but the context holds {ctx}; at most {} prompt tokens are allowed",
+                prompt.len(),
+                req.resume_token_ids.len(),
+                ctx - 1
+            )));
+        }
+        let room = (ctx - prompt.len()) as u32;
+        let max_new = match r.max_new_tokens {
+            Some(n) if n > room => {
+                return Err(Status::invalid_argument(format!(
+                    "max_new_tokens: must be in [1, {room}] for this {}-token prompt (context {ctx}), got {n}",
+                    prompt.len()
+                )));
+            }
+            Some(n) => n,
+            None => validate::DEFAULT_MAX_NEW_TOKENS.min(room),
+        };
+        if req.resume_token_ids.len() as u32 >= max_new {
+            return Err(Status::invalid_argument(format!(
+                "resume_token_ids: {} tokens already reach max_new_tokens {max_new}",
+                req.resume_token_ids.len()
+            )));
+        }
+        let s = r.sampling.unwrap_or_default();
+        let sampling = SamplingConfig {
+            temperature: s.temperature.unwrap_or(0.0),
+            top_p: s.top_p.unwrap_or(1.0),
+            top_k: s.top_k.unwrap_or(0) as usize,
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            seed: s.seed.unwrap_or_else(|| seed_of(&r.request_id)),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            id: r.request_id,
+            prompt,
+            resume: req.resume_token_ids,
+            max_new_tokens: max_new,
+            sampling,
+            stops: r.stop,
+            ignore_eos: r.ignore_eos,
+            events: tx,
+            received: Instant::now(),
+        };
+        Ok((job, rx))
+    }
+}
+
+fn seed_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Maps an engine event to the wire message.
+pub fn to_response(id: &str, worker_id: &str, ev: Event) -> Result<GenerateResponse, Status> {
+    let base = GenerateResponse { request_id: id.to_string(), worker_id: worker_id.to_string(), ..Default::default() };
+    Ok(match ev {
+        Event::Delta { text, token_ids } => GenerateResponse { text, token_ids, ..base },
+        Event::Done { text, token_ids, finish, prompt_tokens, completion_tokens, kv } => {
+            let finish_reason = match finish {
+                Finish::Length => FinishReason::Length,
+                Finish::Stop => FinishReason::Stop,
+                Finish::Eos => FinishReason::Eos,
+                Finish::Aborted => FinishReason::Aborted,
+                Finish::Context => FinishReason::Context,
+            };
+            let ratio =
+                if kv.device_bytes > 0 { kv.fp16_equivalent_bytes as f64 / kv.device_bytes as f64 } else { 0.0 };
+            GenerateResponse {
+                text,
+                token_ids,
+                finish_reason: finish_reason as i32,
+                usage: Some(Usage { prompt_tokens, completion_tokens }),
+                kv_stats: Some(KvStats {
+                    policy: kv.policy,
+                    avg_key_bits: kv.avg_key_bits,
+                    avg_value_bits: kv.avg_value_bits,
+                    device_bytes: kv.device_bytes,
+                    fp16_equivalent_bytes: kv.fp16_equivalent_bytes,
+                    compression_ratio: ratio,
+                    requantizations_up: 0,
+                    requantizations_down: 0,
+                }),
+                ..base
+            }
+        }
+        Event::Failed(msg) => return Err(Status::internal(msg)),
+    })
+}
+
+/// The response stream of one request; dropping it before the end aborts the
+/// request in the engine.
+struct EventStream {
+    id: String,
+    worker_id: String,
+    /// Events from the engine thread, which holds the sending end in the job.
+    rx: mpsc::UnboundedReceiver<Event>,
+    engine: Arc<EngineHandle>,
+    done: bool,
+}
+
+impl Stream for EventStream {
+    type Item = Result<GenerateResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(ev)) => {
+                if matches!(ev, Event::Done { .. } | Event::Failed(_)) {
+                    self.done = true;
+                }
+                std::task::Poll::Ready(Some(to_response(&self.id, &self.worker_id, ev)))
+            }
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Err(Status::internal("the engine dropped the request"))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.abort_nowait(&self.id);
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type SubmitStream = ResponseStream;
+
+    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Self::SubmitStream>, Status> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        let req = request.into_inner();
+        // Tokenizing a long prompt is CPU work: keep it off the async threads.
+        let this = self.clone();
+        let (job, rx) = tokio::task::spawn_blocking(move || this.prepare(req))
+            .await
+            .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))??;
+        let id = job.id.clone();
+        self.engine.submit(job).map_err(|e| Status::unavailable(e.to_string()))?;
+        let stream =
+            EventStream { id, worker_id: self.worker_id.clone(), rx, engine: self.engine.clone(), done: false };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
+        let id = request.into_inner().request_id;
+        validate::id("request_id", &id)?;
+        Ok(Response::new(AbortResponse { found: self.engine.abort(&id).await }))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(StatsResponse {
+            worker_id: self.worker_id.clone(),
+            load: Some(Self::load(&self.engine, self.max_batch)),
+            model: Some(Self::model_info(&self.model)),
+            draining: self.draining.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.draining.store(true, Ordering::Relaxed);
+        let l = self.engine.load();
+        Ok(Response::new(DrainResponse { in_flight: l.running() + l.waiting() }))
+    }
+}
