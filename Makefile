@@ -24,10 +24,16 @@ clippy:
 unit: build
 	$(CARGO) test --release --workspace --no-fail-fast
 
-test: model build-cuda clippy unit
+test: model build-cuda clippy unit deploy-check
 
 demo: model build
 	@scripts/demo.sh
 
 bench: model build
 	./target/release/qaq-worker bench --model $(MODEL) --batch 1,8 --tokens 64
+
+# deploy/: promtool, compose and Helm chart validation, and an end-to-end check that
+# every metric the dashboard and the alert rules use exists on a live local cluster.
+.PHONY: deploy-check
+deploy-check: model build
+	@scripts/deploy-check.sh

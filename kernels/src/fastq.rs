@@ -110,6 +110,85 @@ impl Pairs {
     }
 }
 
+/// The input of the encoders: f32 values, or f16 values read directly (converted
+/// exactly with F16C as they are loaded).
+pub(crate) trait GroupInput: Copy {
+    /// Bytes per value.
+    const ELEM: usize;
+    /// Number of values.
+    fn len(self) -> usize;
+    /// The values `a..b`.
+    fn slice(self, a: usize, b: usize) -> Self;
+    /// 8 values from `off` as f32.
+    ///
+    /// # Safety
+    /// AVX2 and F16C available; `off + 8 <= self.len()`.
+    unsafe fn load8(self, off: usize) -> __m256;
+    /// Value `i` as f16 bits (round to nearest, exact for f16-representable values).
+    ///
+    /// # Safety
+    /// F16C available.
+    unsafe fn half_bits(self, i: usize) -> u16;
+    /// Address of value `i` (may be one past the end or beyond; only for prefetching).
+    fn addr(self, i: usize) -> *const i8;
+}
+
+impl GroupInput for &[f32] {
+    const ELEM: usize = 4;
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
+    #[inline(always)]
+    fn slice(self, a: usize, b: usize) -> Self {
+        &self[a..b]
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(self, off: usize) -> __m256 {
+        debug_assert!(off + 8 <= self.len());
+        // SAFETY: per the contract, 8 floats at `off` are inside the slice.
+        unsafe { _mm256_loadu_ps(self.as_ptr().add(off)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn half_bits(self, i: usize) -> u16 {
+        f2h(self[i])
+    }
+    #[inline(always)]
+    fn addr(self, i: usize) -> *const i8 {
+        self.as_ptr().wrapping_add(i) as *const i8
+    }
+}
+
+impl GroupInput for &[f16] {
+    const ELEM: usize = 2;
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f16]>::len(self)
+    }
+    #[inline(always)]
+    fn slice(self, a: usize, b: usize) -> Self {
+        &self[a..b]
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(self, off: usize) -> __m256 {
+        debug_assert!(off + 8 <= self.len());
+        // SAFETY: per the contract, 8 f16 (16 bytes) at `off` are inside the slice.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(self.as_ptr().add(off) as *const __m128i)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn half_bits(self, i: usize) -> u16 {
+        self[i].to_bits()
+    }
+    #[inline(always)]
+    fn addr(self, i: usize) -> *const i8 {
+        self.as_ptr().wrapping_add(i) as *const i8
+    }
+}
+
 /// Midpoint-scheme encode of one group with at most one outlier per side
 /// (`k_lo, k_hi <= 1`), `bits` in 0..=8, `x.len()` a multiple of 8 in 8..=256 (checked
 /// by the caller). Same results and errors as the scalar `quant::encode_impl`; appends
@@ -119,8 +198,8 @@ impl Pairs {
 /// AVX2, FMA, F16C and BMI2 must be available.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-pub(crate) unsafe fn encode_midpoint(
-    x: &[f32],
+pub(crate) unsafe fn encode_midpoint<I: GroupInput>(
+    x: I,
     bits: u8,
     k_lo: usize,
     k_hi: usize,
@@ -133,9 +212,9 @@ pub(crate) unsafe fn encode_midpoint(
     // SAFETY: features enabled here; `x.len() == G * d` and `NV` is 0 or `d / 8`.
     let (_, err) = unsafe {
         match d {
-            64 => encode_body::<8, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
-            128 => encode_body::<16, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
-            _ => encode_body::<0, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+            64 => encode_body::<I, 8, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+            128 => encode_body::<I, 16, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
+            _ => encode_body::<I, 0, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut metas),
         }
     };
     match err {
@@ -153,8 +232,8 @@ pub(crate) unsafe fn encode_midpoint(
 /// As [`encode_midpoint`]; `d` a multiple of 8 in 8..=256.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-pub(crate) unsafe fn encode_midpoint_many(
-    x: &[f32],
+pub(crate) unsafe fn encode_midpoint_many<I: GroupInput>(
+    x: I,
     d: usize,
     bits: u8,
     k_lo: usize,
@@ -164,15 +243,21 @@ pub(crate) unsafe fn encode_midpoint_many(
     out_val: &mut Vec<f16>,
     metas: &mut Vec<GroupMeta>,
 ) -> Result<()> {
-    let mut pairs = x.chunks_exact(2 * d);
-    for xx in &mut pairs {
+    let n = x.len() / d;
+    for k in 0..n / 2 {
+        // Fetch the input 8 groups ahead (a prefetch never faults, even past the end).
+        let ahead = x.addr((2 * k + 8) * d);
+        for off in (0..2 * d * I::ELEM).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
+        }
+        let xx = x.slice(2 * k * d, 2 * (k + 1) * d);
         let mut m2 = [EMPTY; 2];
         // SAFETY: as documented; `xx.len() == 2 * d`.
         let (n, err) = unsafe {
             match d {
-                64 => encode_body::<8, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
-                128 => encode_body::<16, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
-                _ => encode_body::<0, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+                64 => encode_body::<I, 8, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+                128 => encode_body::<I, 16, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
+                _ => encode_body::<I, 0, 2>(xx, d, bits, k_lo, k_hi, codes, out_idx, out_val, &mut m2),
             }
         };
         metas.extend_from_slice(&m2[..n]);
@@ -180,7 +265,8 @@ pub(crate) unsafe fn encode_midpoint_many(
             return Err(e);
         }
     }
-    for xx in pairs.remainder().chunks_exact(d) {
+    if n % 2 == 1 {
+        let xx = x.slice((n - 1) * d, n * d);
         // SAFETY: as documented.
         metas.push(unsafe { encode_midpoint(xx, bits, k_lo, k_hi, codes, out_idx, out_val) }?);
     }
@@ -198,8 +284,8 @@ const EMPTY: GroupMeta = GroupMeta { m: f16::ZERO, s: f16::ZERO, bits: 0, n_out:
 /// As [`encode_midpoint`]; `x.len() == G * d`.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-unsafe fn encode_body<const NV: usize, const G: usize>(
-    x: &[f32],
+unsafe fn encode_body<I: GroupInput, const NV: usize, const G: usize>(
+    x: I,
     d: usize,
     bits: u8,
     k_lo: usize,
@@ -212,9 +298,8 @@ unsafe fn encode_body<const NV: usize, const G: usize>(
     let nv = if NV == 0 { d / 8 } else { NV };
     assert!(nv * 8 == d && nv <= 32 && x.len() == G * d && (1..=2).contains(&G));
     debug_assert!(k_lo <= 1 && k_hi <= 1 && bits <= 8);
-    let p = x.as_ptr();
-    // SAFETY: `p.add(g * d + 8 * i)` for g < G, i < nv reads 8 floats inside `x`.
-    let ld = |g: usize, i: usize| unsafe { _mm256_loadu_ps(p.add(g * d + 8 * i)) };
+    // SAFETY: g * d + 8 * i + 8 <= G * d = x.len() for g < G, i < nv.
+    let ld = |g: usize, i: usize| unsafe { x.load8(g * d + 8 * i) };
 
     // Pass 1: finiteness (|v| <= F16_MAX as ordered bit patterns: the largest of
     // `bits << 1`, which drops the sign, NaN and inf being above F16_MAX) and, per lane,
@@ -382,7 +467,8 @@ unsafe fn encode_body<const NV: usize, const G: usize>(
         for e in [a, b] {
             if e != usize::MAX {
                 out_idx.push(e as u8);
-                out_val.push(f16::from_bits(f2h(x[g * d + e])));
+                // SAFETY: F16C is enabled in this function.
+                out_val.push(f16::from_bits(unsafe { x.half_bits(g * d + e) }));
                 n_out += 1;
             }
         }
@@ -550,6 +636,13 @@ mod tests {
                     for x in runs {
                         let (mut c1, mut i1, mut v1, mut m1) = (vec![1u8], vec![2u8], Vec::new(), Vec::new());
                         let r1 = quant::encode_groups(&x, d, bits, &spec, &mut c1, &mut i1, &mut v1, &mut m1);
+                        // The f16 entry point on the same values (1e6 becomes inf: same error).
+                        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                        let (mut c3, mut i3, mut v3, mut m3) = (vec![1u8], vec![2u8], Vec::new(), Vec::new());
+                        let r3 = quant::encode_groups_f16(&xh, d, bits, &spec, &mut c3, &mut i3, &mut v3, &mut m3);
+                        assert_eq!(format!("{r1:?}"), format!("{r3:?}"), "f16 d {d} bits {bits}");
+                        assert_eq!((&c1, &i1, &v1), (&c3, &i3, &v3), "f16 d {d} bits {bits}");
+                        assert_eq!(format!("{m1:?}"), format!("{m3:?}"));
                         let (mut c2, mut i2, mut v2, mut m2) = (vec![1u8], vec![2u8], Vec::new(), Vec::new());
                         let mut r2 = Ok(());
                         for g in x.chunks_exact(d) {

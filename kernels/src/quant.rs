@@ -371,6 +371,43 @@ pub fn encode_groups(
     Ok(())
 }
 
+/// [`encode_groups`] reading f16 values directly (the same results as converting them
+/// to f32 first, without the conversion pass).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_groups_f16(
+    x: &[f16],
+    d: usize,
+    bits: u8,
+    spec: &QuantSpec,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+    metas: &mut Vec<GroupMeta>,
+) -> Result<()> {
+    check_group_len(d)?;
+    if !x.len().is_multiple_of(d) {
+        return Err(KernelError::Config(format!("{} values is not a whole number of groups of {d}", x.len())));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::fast_path() && spec.scheme == Scheme::Midpoint && bits <= MAX_BITS {
+        let (k_lo, k_hi) = spec.outliers.counts(d);
+        let k_lo = k_lo.min(d - 1);
+        let k_hi = k_hi.min(d - 1 - k_lo);
+        if k_lo <= 1 && k_hi <= 1 {
+            // SAFETY: features detected at run time; `d` checked above.
+            return unsafe { crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas) };
+        }
+    }
+    let mut tmp = [0f32; MAX_GROUP];
+    for g in x.chunks_exact(d) {
+        for (t, h) in tmp.iter_mut().zip(g) {
+            *t = h.to_f32();
+        }
+        metas.push(encode_group(&tmp[..d], bits, spec, codes, out_idx, out_val)?);
+    }
+    Ok(())
+}
+
 /// The scalar reference encoder (what [`encode_group`] computes on every CPU).
 pub(crate) fn encode_scalar(
     x: &[f32],

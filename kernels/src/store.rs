@@ -364,6 +364,45 @@ mod tests {
     }
 
     #[test]
+    fn rewrite_groups_keeps_unselected_and_declined_groups() {
+        let spec = QuantSpec::default();
+        let rows: Vec<Vec<f32>> =
+            (0..70).map(|t| (0..16).map(|i| half::f16::from_f32(((t * 7 + i * 3) % 11) as f32 - 5.0).to_f32()).collect()).collect();
+        let build = || {
+            let mut s = PackedStream::new(16, spec, false);
+            for (t, r) in rows.iter().enumerate() {
+                s.push(r, [8u8, RAW, 3, 0][t % 4]).unwrap();
+            }
+            s
+        };
+        let (mut a, mut b) = (build(), build());
+        let sel: Vec<bool> = (0..BLOCK_TOKENS).map(|i| i.is_multiple_of(3)).collect();
+        for (s, selected) in [(&mut a, Some(sel.as_slice())), (&mut b, None)] {
+            for bi in 0..2 {
+                s.rewrite_groups(bi, selected, |i, g, sink| {
+                    // Selected groups: every 6th is declined, the others re-encoded at 2 bits.
+                    if !i.is_multiple_of(3) || i.is_multiple_of(6) {
+                        return Ok(None);
+                    }
+                    let mut tmp = [0f32; 16];
+                    quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
+                    quant::encode_group(&tmp, 2, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
+                })
+                .unwrap();
+            }
+        }
+        let (mut x, mut y) = ([0f32; 16], [0f32; 16]);
+        for t in 0..70 {
+            assert!(a.decode(t, &mut x) && b.decode(t, &mut y));
+            assert_eq!(x, y, "t {t}");
+            let i = t % BLOCK_TOKENS;
+            let want = if i.is_multiple_of(3) && !i.is_multiple_of(6) { 2 } else { [8u8, RAW, 3, 0][t % 4] };
+            assert_eq!(a.meta(t).unwrap().bits, want, "t {t}");
+        }
+        assert_eq!(a.bytes(), b.bytes());
+    }
+
+    #[test]
     fn blocks_grow_without_copy_and_decode() {
         let mut s = PackedStream::new(8, QuantSpec { outliers: Outliers::NONE, ..Default::default() }, false);
         for t in 0..(2 * BLOCK_TOKENS + 3) {

@@ -1,5 +1,10 @@
-//! `qaq-worker bench`: decode throughput of the engine in-process, for several
-//! batch sizes side by side in the same run.
+//! `qaq-worker bench`: the engine measured in-process, side by side in one run.
+//!
+//! - Batch mode (default): decode tokens/s for several batch sizes.
+//! - Context mode (`--contexts`): for each KV policy and context length, one
+//!   sequence prefilled with real text, then decoded: decode tokens/s, real
+//!   device bytes per cached token, and how many sequences of 4k tokens fit
+//!   in a device budget.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,64 +12,125 @@ use std::time::Instant;
 
 use clap::Args;
 
+use crate::cache::{self, PolicyChoice};
 use crate::config::DEFAULT_MODEL;
-use crate::engine::{EngineConfig, EngineHandle, Event, Job, SamplingConfig};
-use crate::model::load_model;
+use crate::engine::{EngineConfig, EngineHandle, Event, Job, KvSummary, SamplingConfig};
+use crate::model::{LoadedModel, load_model};
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Model: a .gguf file or an HF safetensors folder.
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
-    /// Concurrent sequences, one run each (comma-separated).
+    /// Concurrent sequences, one run each (batch mode).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64)]
     pub tokens: u32,
-    /// Prompt of every sequence.
+    /// Prompt of every sequence (batch mode).
     #[arg(long, default_value = "The history of the Roman Empire")]
     pub prompt: String,
+    /// KV policies to compare (context mode) or the one to use (batch mode: the first).
+    #[arg(long, value_delimiter = ';', default_value = "fp16;qaq")]
+    pub policies: Vec<String>,
+    /// Context lengths (switches to context mode).
+    #[arg(long, value_delimiter = ',')]
+    pub contexts: Vec<usize>,
+    /// Real text the context-mode prompts are cut from.
+    #[arg(long, default_value = "../shared/data/wikitext2/wiki.test.raw")]
+    pub text: PathBuf,
+    /// Device budget for the "sequences that fit" column, in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub fit_budget_bytes: u64,
+    /// Sequence length for the "sequences that fit" column.
+    #[arg(long, default_value_t = 4096)]
+    pub fit_tokens: usize,
 }
 
-/// One measured configuration.
+/// One measured run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchRow {
+    pub policy: String,
     pub batch: usize,
+    pub context: usize,
     pub tokens_per_seq: u32,
     /// Decode tokens per second, all sequences together (first tokens excluded).
     pub decode_tokens_per_s: f64,
-    /// Per-sequence decode tokens per second.
-    pub per_seq_tokens_per_s: f64,
     /// Mean time to first token in seconds.
     pub mean_ttft_s: f64,
+    /// Real device bytes per cached token at the end.
+    pub bytes_per_token: f64,
+    /// fp16 bytes per cached token.
+    pub fp16_bytes_per_token: f64,
+    pub avg_key_bits: f64,
+    pub avg_value_bits: f64,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.tokens >= 2, "--tokens: must be at least 2");
     anyhow::ensure!(args.batch.iter().all(|&b| (1..=256).contains(&b)), "--batch: each in [1, 256]");
+    let policies = args
+        .policies
+        .iter()
+        .map(|p| PolicyChoice::parse(p).map_err(|e| anyhow::anyhow!("--policies: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!policies.is_empty(), "--policies: give at least one");
     let model = Arc::new(load_model(&args.model).map_err(|e| anyhow::anyhow!("{}: {e}", args.model.display()))?);
-    let prompt = model.tokenizer.encode(&args.prompt)?;
-    println!("| batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) |");
-    println!("|---|---|---|---|---|");
-    for &b in &args.batch {
-        let row = measure(&model, &prompt, b, args.tokens)?;
-        println!(
-            "| {} | {} | {:.1} | {:.1} | {:.3} |",
-            row.batch, row.tokens_per_seq, row.decode_tokens_per_s, row.per_seq_tokens_per_s, row.mean_ttft_s
-        );
+    if args.contexts.is_empty() {
+        let prompt = model.tokenizer.encode(&args.prompt)?;
+        println!("| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) |");
+        println!("|---|---|---|---|---|---|");
+        for &b in &args.batch {
+            let r = measure(&model, &policies[0], &prompt, b, args.tokens)?;
+            println!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.3} |",
+                r.policy,
+                r.batch,
+                r.tokens_per_seq,
+                r.decode_tokens_per_s,
+                r.decode_tokens_per_s / b as f64,
+                r.mean_ttft_s
+            );
+        }
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
+    let ids = model.tokenizer.encode(&text)?;
+    let ctx_max = model.model.config().context_length;
+    println!(
+        "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB |",
+        args.fit_tokens,
+        args.fit_budget_bytes >> 20
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for p in &policies {
+        for &c in &args.contexts {
+            anyhow::ensure!(c + args.tokens as usize <= ctx_max, "--contexts: {c} + --tokens exceeds the context {ctx_max}");
+            anyhow::ensure!(ids.len() >= c, "--text has only {} tokens, fewer than {c}", ids.len());
+            let r = measure(&model, p, &ids[..c], 1, args.tokens)?;
+            let fit = (args.fit_budget_bytes as f64 / (args.fit_tokens as f64 * r.bytes_per_token)).floor();
+            println!(
+                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} |",
+                r.policy,
+                r.context,
+                r.decode_tokens_per_s,
+                r.bytes_per_token,
+                r.fp16_bytes_per_token,
+                r.fp16_bytes_per_token / r.bytes_per_token,
+                r.avg_key_bits,
+                r.avg_value_bits
+            );
+        }
     }
     Ok(())
 }
 
-/// Runs `batch` greedy sequences of `tokens` tokens each and measures them.
-pub fn measure(
-    model: &Arc<crate::model::LoadedModel>,
-    prompt: &[u32],
-    batch: usize,
-    tokens: u32,
-) -> anyhow::Result<BenchRow> {
-    let engine = EngineHandle::start(model.clone(), EngineConfig { max_batch: batch, ..Default::default() });
+/// Runs `batch` greedy sequences of `tokens` tokens each under `policy`.
+pub fn measure(model: &Arc<LoadedModel>, policy: &PolicyChoice, prompt: &[u32], batch: usize, tokens: u32) -> anyhow::Result<BenchRow> {
+    let worst = cache::worst_bytes_per_token(&model.model.kv_shape(), &policy.policy).map_err(anyhow::Error::msg)?;
+    let cfg = EngineConfig { max_batch: batch, budgets: crate::engine::Budgets { device: u64::MAX, host: u64::MAX }, ..Default::default() };
+    let engine = EngineHandle::start(model.clone(), cfg);
     let start = Instant::now();
     let mut rxs = Vec::new();
     for i in 0..batch {
@@ -77,6 +143,8 @@ pub fn measure(
             sampling: SamplingConfig::default(),
             stops: vec![],
             ignore_eos: true,
+            policy: policy.clone(),
+            worst_bytes_per_token: worst,
             events: tx,
             received: start,
         })?;
@@ -86,14 +154,14 @@ pub fn measure(
     let collectors: Vec<_> = rxs
         .into_iter()
         .map(|mut rx| {
-            std::thread::spawn(move || -> anyhow::Result<(f64, u64)> {
+            std::thread::spawn(move || -> anyhow::Result<(f64, u64, KvSummary)> {
                 let mut first = None;
                 while let Some(ev) = rx.blocking_recv() {
                     first.get_or_insert_with(|| start.elapsed().as_secs_f64());
                     match ev {
                         Event::Delta { .. } => {}
-                        Event::Done { completion_tokens, .. } => {
-                            return Ok((first.unwrap_or_default(), u64::from(completion_tokens)));
+                        Event::Done { completion_tokens, kv, .. } => {
+                            return Ok((first.unwrap_or_default(), u64::from(completion_tokens), kv));
                         }
                         Event::Failed(e) => anyhow::bail!("bench sequence failed: {e}"),
                     }
@@ -102,21 +170,26 @@ pub fn measure(
             })
         })
         .collect();
-    let mut first = Vec::new();
-    let mut generated = 0u64;
+    let (mut first, mut generated, mut kv) = (Vec::new(), 0u64, KvSummary::default());
     for c in collectors {
-        let (f, n) = c.join().map_err(|_| anyhow::anyhow!("collector panicked"))??;
+        let (f, n, k) = c.join().map_err(|_| anyhow::anyhow!("collector panicked"))??;
         first.push(f);
         generated += n;
+        kv = k;
     }
     let end = start.elapsed().as_secs_f64();
     let last_first = first.iter().cloned().fold(0.0, f64::max);
-    let decode = (generated - batch as u64) as f64 / (end - last_first).max(1e-9);
+    let cached = (prompt.len() + tokens as usize - 1) as f64;
     Ok(BenchRow {
+        policy: policy.label.clone(),
         batch,
+        context: prompt.len(),
         tokens_per_seq: tokens,
-        decode_tokens_per_s: decode,
-        per_seq_tokens_per_s: decode / batch as f64,
+        decode_tokens_per_s: (generated - batch as u64) as f64 / (end - last_first).max(1e-9),
         mean_ttft_s: first.iter().sum::<f64>() / batch as f64,
+        bytes_per_token: kv.device_bytes as f64 / cached,
+        fp16_bytes_per_token: kv.fp16_equivalent_bytes as f64 / cached,
+        avg_key_bits: kv.avg_key_bits,
+        avg_value_bits: kv.avg_value_bits,
     })
 }

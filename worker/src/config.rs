@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::engine::EngineConfig;
+use crate::cache::{PolicyChoice, QaqOverrides};
+use crate::engine::{Budgets, EngineConfig};
 
 /// Default model path (fetched by `scripts/fetch-model.sh`).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -45,9 +46,42 @@ pub struct ServeArgs {
     /// Most requests waiting for a batch slot.
     #[arg(long, env = "QAQ_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+    /// Default KV-cache policy: qaq | fp16 | uniform:N | kivi (see the QAQ
+    /// syntax in the README for every option, e.g. qaq:sigma_s=0.01,window=5).
+    #[arg(long, env = "QAQ_KV_POLICY", default_value = "qaq")]
+    pub kv_policy: String,
+    /// QAQ key target sigma_S (overrides the policy string).
+    #[arg(long, env = "QAQ_KV_SIGMA_S")]
+    pub kv_sigma_s: Option<f64>,
+    /// QAQ value target sigma_X (overrides the policy string).
+    #[arg(long, env = "QAQ_KV_SIGMA_X")]
+    pub kv_sigma_x: Option<f64>,
+    /// Fraction of each group kept exact as outliers (QAQ).
+    #[arg(long, env = "QAQ_KV_OUTLIER_RATIO")]
+    pub kv_outlier_ratio: Option<f64>,
+    /// QAQ attention window (recent scores whose max predicts importance).
+    #[arg(long, env = "QAQ_KV_WINDOW")]
+    pub kv_window: Option<usize>,
+    /// Smallest QAQ bit width.
+    #[arg(long, env = "QAQ_KV_MIN_BITS")]
+    pub kv_min_bits: Option<u8>,
+    /// Largest QAQ bit width (new tokens are stored at it).
+    #[arg(long, env = "QAQ_KV_MAX_BITS")]
+    pub kv_max_bits: Option<u8>,
+    /// Re-quantize every k decode steps.
+    #[arg(long, env = "QAQ_KV_REQUANTIZE_EVERY")]
+    pub kv_requantize_every: Option<u32>,
+    /// Device-tier budget: packed KV caches of all running sequences, in bytes.
+    #[arg(long, env = "QAQ_KV_DEVICE_BUDGET_BYTES", default_value_t = crate::engine::DEFAULT_DEVICE_BUDGET)]
+    pub kv_device_budget_bytes: u64,
+    /// Host-tier budget: fp16 backups and swapped-out caches, in bytes.
+    #[arg(long, env = "QAQ_KV_HOST_BUDGET_BYTES", default_value_t = crate::engine::DEFAULT_HOST_BUDGET)]
+    pub kv_host_budget_bytes: u64,
     /// On SIGTERM, how long in-flight requests may run before being aborted.
     #[arg(long, env = "QAQ_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// Validated configuration.
@@ -61,8 +95,15 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     pub registration_secret: Option<String>,
     pub engine: EngineConfig,
+    /// Default KV policy (flags applied).
+    pub kv_policy: PolicyChoice,
     pub shutdown_grace: Duration,
+    /// TLS of the gRPC server and towards the coordinator.
+    pub tls: crate::tls::TlsConfig,
 }
+
+/// Smallest sequence (tokens) the budgets must be able to hold.
+pub const MIN_SEQUENCE_TOKENS: u64 = 256;
 
 impl ServeArgs {
     /// Checks every argument and builds the configuration.
@@ -82,6 +123,17 @@ impl ServeArgs {
             self.prefill_chunk
         );
         anyhow::ensure!(self.max_waiting <= 1 << 20, "--max-waiting: must be at most 1048576");
+        let overrides = QaqOverrides {
+            sigma_s: self.kv_sigma_s,
+            sigma_x: self.kv_sigma_x,
+            outlier_ratio: self.kv_outlier_ratio,
+            window: self.kv_window,
+            min_bits: self.kv_min_bits,
+            max_bits: self.kv_max_bits,
+            every: self.kv_requantize_every,
+        };
+        let kv_policy = PolicyChoice::parse(&self.kv_policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
+        let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(|e| anyhow::anyhow!("{e}"))?;
         let worker_id = match self.worker_id {
             Some(id) => {
                 qaq_proto::validate::id("--worker-id", &id).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -102,9 +154,37 @@ impl ServeArgs {
                 max_batch: self.max_batch,
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_waiting,
+                budgets: Budgets { device: self.kv_device_budget_bytes, host: self.kv_host_budget_bytes },
             },
+            kv_policy,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            tls: self.tls.validate()?,
         })
+    }
+}
+
+impl WorkerConfig {
+    /// Checks the budgets against the model: each tier must hold at least one
+    /// sequence of [`MIN_SEQUENCE_TOKENS`] tokens at the worst case (new tokens
+    /// at the policy's widest setting; fp16 backups for QAQ).
+    pub fn check_budgets(&self, worst_bytes_per_token: usize, backup_bytes_per_token: usize) -> anyhow::Result<()> {
+        let b = self.engine.budgets;
+        let dev_min = MIN_SEQUENCE_TOKENS * worst_bytes_per_token as u64;
+        anyhow::ensure!(
+            b.device >= dev_min,
+            "--kv-device-budget-bytes: {} is smaller than one sequence of {MIN_SEQUENCE_TOKENS} tokens under {:?} \
+             ({dev_min} bytes); allowed: [{dev_min}, 2^64)",
+            b.device,
+            self.kv_policy.label
+        );
+        let host_min = if self.kv_policy.uses_host_backups() { MIN_SEQUENCE_TOKENS * backup_bytes_per_token as u64 } else { 1 };
+        anyhow::ensure!(
+            b.host >= host_min,
+            "--kv-host-budget-bytes: {} is smaller than the fp16 backups of one sequence of {MIN_SEQUENCE_TOKENS} tokens \
+             ({host_min} bytes); allowed: [{host_min}, 2^64)",
+            b.host
+        );
+        Ok(())
     }
 }
 

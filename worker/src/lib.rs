@@ -2,8 +2,10 @@
 //!
 //! - [`model`]: configuration, GGUF / safetensors loading, tokenizer and chat
 //!   template, the llama forward pass, the [`model::KvCache`] seam.
-//! - [`engine`]: the engine thread (continuous batching), sampling,
-//!   detokenization with stop strings.
+//! - [`engine`]: the engine thread (continuous batching under two-tier KV
+//!   budgets with preemption), sampling, detokenization with stop strings.
+//! - [`cache`]: the per-sequence QAQ cache behind the model's KV seam, and
+//!   KV policy resolution.
 //! - [`service`]: the `qaq.v1.Worker` gRPC service.
 //! - [`registration`]: register and heartbeat with the coordinator.
 //! - [`server`]: `run(listener, ...)`, the whole worker behind a listener.
@@ -12,6 +14,7 @@
 //! - [`bench`]: `qaq-worker bench`, decode throughput in-process.
 
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod metrics;
@@ -20,3 +23,4 @@ pub mod prom;
 pub mod registration;
 pub mod server;
 pub mod service;
+pub mod tls;

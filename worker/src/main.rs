@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve the model over gRPC (and register with a coordinator).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// Measure decode throughput in-process.
     Bench(bench::BenchArgs),
 }
@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.cmd {
-        Cmd::Serve(args) => rt.block_on(serve(args.validate()?)),
+        Cmd::Serve(args) => rt.block_on(serve((*args).validate()?)),
         Cmd::Bench(args) => bench::run(args),
     }
 }

@@ -24,15 +24,73 @@ pub const KV_DEVICE_BYTES: &str = "qaq_worker_kv_device_bytes";
 /// Bytes the same tokens would take in an fp16 cache (gauge).
 pub const KV_FP16_EQUIVALENT_BYTES: &str = "qaq_worker_kv_fp16_equivalent_bytes";
 
+/// Bytes of fp16 backups (and swapped-out caches) in the host tier (gauge).
+pub const KV_HOST_BACKUP_BYTES: &str = "qaq_worker_kv_host_backup_bytes";
+/// Device-tier budget (gauge).
+pub const KV_DEVICE_BUDGET_BYTES: &str = "qaq_worker_kv_device_budget_bytes";
+/// Host-tier budget (gauge).
+pub const KV_HOST_BUDGET_BYTES: &str = "qaq_worker_kv_host_budget_bytes";
+/// Device-tier usage, 0..1 (gauge).
+pub const KV_USAGE_RATIO: &str = "qaq_worker_kv_usage_ratio";
+/// Widths of the cached groups of finished sequences, label `kind` (histogram).
+pub const KV_BITS: &str = "qaq_worker_kv_bits";
+/// Groups re-quantized, labels `direction` (up|down) and `kind` (key|value) (counter).
+pub const KV_REQUANTIZATIONS_TOTAL: &str = "qaq_worker_kv_requantizations_total";
+/// Upward moves refused because the backup was evicted (counter).
+pub const KV_REQUANTIZATIONS_BLOCKED_TOTAL: &str = "qaq_worker_kv_requantizations_blocked_total";
+/// Bytes moved between tiers, label `direction` (to_host|to_device) (counter).
+pub const KV_HOST_TRANSFER_BYTES_TOTAL: &str = "qaq_worker_kv_host_transfer_bytes_total";
+/// Token backups evicted from the host tier (counter).
+pub const KV_BACKUP_EVICTIONS_TOTAL: &str = "qaq_worker_kv_backup_evictions_total";
+/// Sequences preempted (moved out of the device tier) (counter).
+pub const PREEMPTIONS_TOTAL: &str = "qaq_worker_preemptions_total";
+
+/// Outcome labels of REQUESTS_TOTAL.
+pub const OUTCOMES: [&str; 4] = ["ok", "aborted", "error", "rejected"];
+
 /// Latency buckets (seconds) shared by the latency histograms.
 pub const LATENCY_BUCKETS: [f64; 14] =
     [0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Buckets of the batch-size histogram.
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// Registers descriptions with the installed recorder.
+/// Buckets of the bit-width histogram (one per width 0..=8, 16 = fp16).
+pub const BITS_BUCKETS: [f64; 10] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 16.0];
+
+/// Registers descriptions with the installed recorder and creates every
+/// counter series at zero, so dashboards see them before the first event.
 pub fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(KV_HOST_BACKUP_BYTES, Unit::Bytes, "Bytes of fp16 backups and swapped-out caches in the host tier");
+    describe_gauge!(KV_DEVICE_BUDGET_BYTES, Unit::Bytes, "Device-tier KV budget");
+    describe_gauge!(KV_HOST_BUDGET_BYTES, Unit::Bytes, "Host-tier KV budget");
+    describe_gauge!(KV_USAGE_RATIO, "Device-tier KV usage (0..1)");
+    describe_histogram!(KV_BITS, "Bit widths of cached groups of finished sequences");
+    describe_counter!(KV_REQUANTIZATIONS_TOTAL, "Groups re-quantized, by direction and kind");
+    describe_counter!(KV_REQUANTIZATIONS_BLOCKED_TOTAL, "Upward re-quantizations refused (backup evicted)");
+    describe_counter!(KV_HOST_TRANSFER_BYTES_TOTAL, Unit::Bytes, "Bytes moved between the tiers");
+    describe_counter!(KV_BACKUP_EVICTIONS_TOTAL, "Token backups evicted from the host tier");
+    describe_counter!(PREEMPTIONS_TOTAL, "Sequences preempted out of the device tier");
+    for direction in ["up", "down"] {
+        for kind in ["key", "value"] {
+            counter!(KV_REQUANTIZATIONS_TOTAL, "direction" => direction, "kind" => kind).absolute(0);
+        }
+    }
+    for direction in ["to_host", "to_device"] {
+        counter!(KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => direction).absolute(0);
+    }
+    for outcome in OUTCOMES {
+        counter!(REQUESTS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for c in [
+        KV_BACKUP_EVICTIONS_TOTAL,
+        PREEMPTIONS_TOTAL,
+        KV_REQUANTIZATIONS_BLOCKED_TOTAL,
+        GENERATED_TOKENS_TOTAL,
+        PROMPT_TOKENS_TOTAL,
+    ] {
+        counter!(c).absolute(0);
+    }
     describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");
     describe_gauge!(REQUESTS_WAITING, "Requests waiting for a batch slot");
     describe_counter!(REQUESTS_TOTAL, "Requests finished, by outcome");

@@ -22,6 +22,8 @@ pub struct Announcement {
     pub model: ModelInfo,
     pub secret: Option<String>,
     pub max_batch: usize,
+    /// TLS towards the coordinator (`None`: plaintext).
+    pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Keeps the worker registered until the task is dropped.
@@ -42,7 +44,7 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
 /// One registration and its heartbeats; returns when the coordinator forgets
 /// this worker, errs when it cannot be reached.
 async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool) -> anyhow::Result<()> {
-    let channel = qaq_proto::client::endpoint(&a.coordinator)?
+    let channel = crate::tls::coordinator_endpoint(&a.coordinator, a.coordinator_tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -82,7 +84,7 @@ async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool)
 
 /// Leaves the cluster (best effort).
 pub async fn deregister(a: &Announcement) {
-    let Ok(ep) = qaq_proto::client::endpoint(&a.coordinator) else { return };
+    let Ok(ep) = crate::tls::coordinator_endpoint(&a.coordinator, a.coordinator_tls.as_ref()) else { return };
     let Ok(channel) = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect().await else {
         return;
     };

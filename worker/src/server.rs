@@ -15,7 +15,8 @@ use crate::config::WorkerConfig;
 use crate::engine::EngineHandle;
 use crate::model::LoadedModel;
 use crate::registration::{self, Announcement};
-use crate::service::WorkerService;
+use crate::cache;
+use crate::service::{KvSettings, WorkerService};
 
 /// Serves until `shutdown` resolves. `metrics_addr` is announced to the
 /// coordinator (empty if metrics are not served).
@@ -27,11 +28,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let shape = model.model.kv_shape();
+    let worst = cache::worst_bytes_per_token(&shape, &cfg.kv_policy.policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
+    cfg.check_budgets(worst, cache::backup_bytes_per_token(&shape))?;
     let engine = Arc::new(EngineHandle::start(model.clone(), cfg.engine.clone()));
     let draining = Arc::new(AtomicBool::new(false));
     let service = WorkerService::new(
         cfg.worker_id.clone(),
         cfg.engine.max_batch,
+        Arc::new(KvSettings::new(cfg.kv_policy.clone())),
         model.clone(),
         engine.clone(),
         draining.clone(),
@@ -52,13 +57,18 @@ pub async fn run(
         model: WorkerService::model_info(&model),
         secret: cfg.registration_secret.clone(),
         max_batch: cfg.engine.max_batch,
+        coordinator_tls: cfg.tls.coordinator_client(c),
     });
     let heartbeats =
         announcement.clone().map(|a| tokio::spawn(registration::keep_registered(a, engine.clone(), draining.clone())));
 
     // Stop signal for the gRPC server; fired after the drain below.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = cfg.tls.server_config() {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(WorkerServer::new(service))

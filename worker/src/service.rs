@@ -16,14 +16,63 @@ use qaq_proto::validate;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::cache::{self, PolicyChoice, QaqOverrides};
 use crate::engine::{EngineHandle, Event, Finish, Job, SamplingConfig};
 use crate::model::LoadedModel;
+
+/// The worker's KV settings, against which requests are resolved.
+#[derive(Debug)]
+pub struct KvSettings {
+    /// Default policy (`--kv-policy` with the `--kv-*` flags applied).
+    pub default: PolicyChoice,
+    /// Worst-case device bytes per token, by policy label (measured once each).
+    worst: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl KvSettings {
+    pub fn new(default: PolicyChoice) -> Self {
+        Self { default, worst: Default::default() }
+    }
+
+    /// The request's policy: its override (string and QAQ fields) or the default.
+    pub fn resolve(&self, req: Option<&qaq_proto::v1::KvPolicy>) -> Result<PolicyChoice, Status> {
+        let Some(p) = req else { return Ok(self.default.clone()) };
+        let base = if p.policy.trim().is_empty() {
+            self.default.clone()
+        } else {
+            PolicyChoice::parse(&p.policy).map_err(|e| Status::invalid_argument(format!("kv_policy.policy: {e}")))?
+        };
+        let o = QaqOverrides {
+            sigma_s: p.sigma_s.map(f64::from),
+            sigma_x: p.sigma_x.map(f64::from),
+            outlier_ratio: p.outlier_ratio.map(f64::from),
+            window: p.window.map(|w| w as usize),
+            min_bits: p.min_bits.map(|b| b.min(255) as u8),
+            max_bits: p.max_bits.map(|b| b.min(255) as u8),
+            every: None,
+        };
+        o.apply(base, "kv_policy").map_err(Status::invalid_argument)
+    }
+
+    /// Worst-case device bytes per token of a policy for this model.
+    pub fn worst_bytes_per_token(&self, model: &LoadedModel, p: &PolicyChoice) -> Result<usize, Status> {
+        let mut m = self.worst.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&w) = m.get(&p.label) {
+            return Ok(w);
+        }
+        let w = cache::worst_bytes_per_token(&model.model.kv_shape(), &p.policy)
+            .map_err(|e| Status::invalid_argument(format!("kv_policy: {e}")))?;
+        m.insert(p.label.clone(), w);
+        Ok(w)
+    }
+}
 
 /// Shared state of the service (cheap to clone).
 #[derive(Clone)]
 pub struct WorkerService {
     pub worker_id: String,
     max_batch: usize,
+    kv: Arc<KvSettings>,
     model: Arc<LoadedModel>,
     engine: Arc<EngineHandle>,
     draining: Arc<AtomicBool>,
@@ -39,11 +88,12 @@ impl WorkerService {
     pub fn new(
         worker_id: String,
         max_batch: usize,
+        kv: Arc<KvSettings>,
         model: Arc<LoadedModel>,
         engine: Arc<EngineHandle>,
         draining: Arc<AtomicBool>,
     ) -> Self {
-        Self { worker_id, max_batch, model, engine, draining }
+        Self { worker_id, max_batch, kv, model, engine, draining }
     }
 
     /// The model as announced to the coordinator.
@@ -64,14 +114,15 @@ impl WorkerService {
         let o = std::sync::atomic::Ordering::Relaxed;
         let tokens = l.cached_tokens.load(o);
         let dev = l.kv_device_bytes.load(o);
+        let budgets = engine.budgets();
         WorkerLoad {
             running: l.running(),
             waiting: l.waiting(),
             max_batch: max_batch as u32,
             kv_device_bytes: dev,
-            kv_device_budget_bytes: 0,
-            kv_host_bytes: 0,
-            kv_host_budget_bytes: 0,
+            kv_device_budget_bytes: budgets.device,
+            kv_host_bytes: l.kv_host_bytes.load(o),
+            kv_host_budget_bytes: budgets.host,
             avg_bytes_per_token: if tokens > 0 { dev as f64 / tokens as f64 } else { 0.0 },
             kv_fp16_equivalent_bytes: l.kv_fp16_equivalent_bytes.load(o),
             generated_tokens_total: l.generated_total.load(o),
@@ -93,15 +144,8 @@ impl WorkerService {
                 r.model, self.model.name
             )));
         }
-        if let Some(p) = &r.kv_policy
-            && !p.policy.is_empty()
-            && p.policy != "f32"
-        {
-            return Err(Status::invalid_argument(format!(
-                "kv_policy.policy: {:?} is not available on this worker; accepted: \"f32\" or empty",
-                p.policy
-            )));
-        }
+        let policy = self.kv.resolve(r.kv_policy.as_ref())?;
+        let worst = self.kv.worst_bytes_per_token(&self.model, &policy)?;
         let tok = &self.model.tokenizer;
         let text = if r.messages.is_empty() {
             r.prompt.clone()
@@ -126,6 +170,15 @@ impl WorkerService {
                 prompt.len(),
                 req.resume_token_ids.len(),
                 ctx - 1
+            )));
+        }
+        let device_budget = self.engine.budgets().device;
+        let need = (used as u64).saturating_mul(worst as u64);
+        if need > device_budget {
+            return Err(Status::resource_exhausted(format!(
+                "prompt: {used} tokens need up to {need} bytes of KV cache under {:?}, more than the worker's \
+                 device budget (--kv-device-budget-bytes {device_budget})",
+                policy.label
             )));
         }
         let room = (ctx - prompt.len()) as u32;
@@ -162,6 +215,8 @@ impl WorkerService {
             sampling,
             stops: r.stop,
             ignore_eos: r.ignore_eos,
+            policy,
+            worst_bytes_per_token: worst,
             events: tx,
             received: Instant::now(),
         };
@@ -200,8 +255,8 @@ pub fn to_response(id: &str, worker_id: &str, ev: Event) -> Result<GenerateRespo
                     device_bytes: kv.device_bytes,
                     fp16_equivalent_bytes: kv.fp16_equivalent_bytes,
                     compression_ratio: ratio,
-                    requantizations_up: 0,
-                    requantizations_down: 0,
+                    requantizations_up: kv.requantizations_up,
+                    requantizations_down: kv.requantizations_down,
                 }),
                 ..base
             }

@@ -5,9 +5,11 @@
 //!
 //! - [`EngineHandle`]: the async side's handle (submit, abort, load).
 //! - `state`: the plain-struct scheduler state, unit-testable without threads.
+//! - [`memory`]: two-tier (device / host) KV budget planning.
 //! - [`sampling`]: next-token selection.
 //! - [`output`]: incremental detokenization and stop strings.
 
+pub mod memory;
 pub mod output;
 pub mod sampling;
 mod state;
@@ -18,7 +20,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use crate::cache::PolicyChoice;
 use crate::model::LoadedModel;
+pub use memory::Budgets;
 pub use sampling::SamplingConfig;
 use state::EngineState;
 
@@ -31,11 +35,23 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Most requests waiting for a slot; beyond that submissions are refused.
     pub max_waiting: usize,
+    /// KV memory budgets.
+    pub budgets: Budgets,
 }
+
+/// Default device-tier budget (bytes).
+pub const DEFAULT_DEVICE_BUDGET: u64 = 1 << 30;
+/// Default host-tier budget (bytes).
+pub const DEFAULT_HOST_BUDGET: u64 = 4 << 30;
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, prefill_chunk: 512, max_waiting: 256 }
+        Self {
+            max_batch: 16,
+            prefill_chunk: 512,
+            max_waiting: 256,
+            budgets: Budgets { device: DEFAULT_DEVICE_BUDGET, host: DEFAULT_HOST_BUDGET },
+        }
     }
 }
 
@@ -57,6 +73,8 @@ pub struct KvSummary {
     pub avg_value_bits: f64,
     pub device_bytes: u64,
     pub fp16_equivalent_bytes: u64,
+    pub requantizations_up: u64,
+    pub requantizations_down: u64,
 }
 
 /// What the engine reports about a request, in order.
@@ -89,6 +107,10 @@ pub struct Job {
     pub sampling: SamplingConfig,
     pub stops: Vec<String>,
     pub ignore_eos: bool,
+    /// KV-cache policy of the sequence.
+    pub policy: PolicyChoice,
+    /// Worst-case device bytes per token under that policy.
+    pub worst_bytes_per_token: usize,
     /// Receiver held by the gRPC stream of this request; dropping it aborts.
     pub events: tmpsc::UnboundedSender<Event>,
     pub received: Instant,
@@ -102,7 +124,16 @@ pub struct Load {
     pub generated_total: AtomicU64,
     pub kv_device_bytes: AtomicU64,
     pub kv_fp16_equivalent_bytes: AtomicU64,
+    pub kv_host_bytes: AtomicU64,
     pub cached_tokens: AtomicU64,
+    /// Highest device-tier bytes seen after any step.
+    pub peak_device_bytes: AtomicU64,
+    /// Highest host-tier bytes seen after any step.
+    pub peak_host_bytes: AtomicU64,
+    /// Sequences preempted so far.
+    pub preemptions: AtomicU64,
+    /// Token backups evicted from the host tier so far.
+    pub backup_evictions: AtomicU64,
 }
 
 enum Command {
@@ -126,6 +157,7 @@ pub struct EngineHandle {
     /// Commands to the engine thread, which owns the receiving end.
     tx: mpsc::Sender<Command>,
     load: Arc<Load>,
+    budgets: Budgets,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -135,11 +167,12 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
         let l = load.clone();
+        let budgets = cfg.budgets;
         let thread = std::thread::Builder::new()
             .name("qaq-engine".into())
             .spawn(move || run(EngineState::new(model, cfg, l), rx))
             .expect("spawning the engine thread");
-        Self { tx, load, thread: Some(thread) }
+        Self { tx, load, budgets, thread: Some(thread) }
     }
 
     /// Queues a job.
@@ -164,6 +197,11 @@ impl EngineHandle {
     /// Live load counters.
     pub fn load(&self) -> &Arc<Load> {
         &self.load
+    }
+
+    /// The KV budgets the engine runs under.
+    pub fn budgets(&self) -> Budgets {
+        self.budgets
     }
 }
 

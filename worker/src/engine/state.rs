@@ -1,5 +1,6 @@
 //! Scheduler state of the engine thread: the waiting queue, the running
-//! batch, one engine step, and finishing sequences.
+//! batch, preempted sequences, one engine step under the KV budgets, and
+//! finishing sequences.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -8,22 +9,26 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 
+use super::memory::{self, SeqNeed};
 use super::output::OutputText;
 use super::sampling::Sampler;
 use super::{EngineConfig, Event, Finish, Job, KvSummary, Load};
+use crate::cache::{self, SeqCache};
 use crate::metrics as m;
-use crate::model::{BatchItem, DenseKv, KvCache, LoadedModel};
+use crate::model::{BatchItem, KvCache, LoadedModel};
 
-/// A running sequence.
+/// A sequence that has been admitted (running or preempted).
 struct Seq {
     job: Job,
     /// Prompt, then every generated token (resumed ones included).
     tokens: Vec<u32>,
-    kv: Box<dyn KvCache>,
+    kv: SeqCache,
     sampler: Sampler,
     output: OutputText,
     generated: u32,
     last_token_at: Option<Instant>,
+    /// Counters already exported (the cache's are cumulative).
+    exported: qaq_kernels::Counters,
 }
 
 pub(super) struct EngineState {
@@ -31,46 +36,50 @@ pub(super) struct EngineState {
     cfg: EngineConfig,
     load: Arc<Load>,
     waiting: VecDeque<Job>,
+    /// In admission order (preemption takes the latest first).
     running: Vec<Seq>,
+    /// Swapped out of the device tier, resumed first-in first-out.
+    preempted: VecDeque<Seq>,
 }
 
 impl EngineState {
     pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig, load: Arc<Load>) -> Self {
-        Self { model, cfg, load, waiting: VecDeque::new(), running: Vec::new() }
+        gauge!(m::KV_DEVICE_BUDGET_BYTES).set(cfg.budgets.device as f64);
+        gauge!(m::KV_HOST_BUDGET_BYTES).set(cfg.budgets.host as f64);
+        Self { model, cfg, load, waiting: VecDeque::new(), running: Vec::new(), preempted: VecDeque::new() }
     }
 
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty()
     }
 
     pub fn submit(&mut self, job: Job) {
         if self.waiting.len() >= self.cfg.max_waiting {
-            let _ = job
-                .events
-                .send(Event::Failed(format!("worker queue full ({} waiting requests)", self.cfg.max_waiting)));
+            let _ = job.events.send(Event::Failed(format!(
+                "worker queue full ({} waiting requests)",
+                self.cfg.max_waiting
+            )));
             counter!(m::REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
             return;
         }
         self.waiting.push_back(job);
     }
 
-    /// Aborts a waiting or running request; true if it was found.
+    /// Aborts a waiting, running or preempted request; true if it was found.
     pub fn abort(&mut self, id: &str) -> bool {
         if let Some(i) = self.waiting.iter().position(|j| j.id == id) {
             let job = self.waiting.remove(i).expect("index from position");
-            let _ = job.events.send(done_event(
-                String::new(),
-                vec![],
-                Finish::Aborted,
-                job.prompt.len(),
-                0,
-                KvSummary::default(),
-            ));
+            let _ = job.events.send(done_event(String::new(), vec![], Finish::Aborted, job.prompt.len(), 0, KvSummary::default()));
             counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
             return true;
         }
         if let Some(i) = self.running.iter().position(|s| s.job.id == id) {
-            let seq = self.running.swap_remove(i);
+            let seq = self.running.remove(i);
+            self.finish(seq, Finish::Aborted, String::new(), vec![]);
+            return true;
+        }
+        if let Some(i) = self.preempted.iter().position(|s| s.job.id == id) {
+            let seq = self.preempted.remove(i).expect("index from position");
             self.finish(seq, Finish::Aborted, String::new(), vec![]);
             return true;
         }
@@ -78,105 +87,203 @@ impl EngineState {
     }
 
     pub fn abort_all(&mut self) {
-        let ids: Vec<String> =
-            self.waiting.iter().map(|j| j.id.clone()).chain(self.running.iter().map(|s| s.job.id.clone())).collect();
+        let ids: Vec<String> = self
+            .waiting
+            .iter()
+            .map(|j| j.id.clone())
+            .chain(self.running.iter().chain(&self.preempted).map(|s| s.job.id.clone()))
+            .collect();
         for id in ids {
             self.abort(&id);
         }
     }
 
+    fn device_used(&self) -> u64 {
+        self.running.iter().map(|s| s.kv.bytes_used() as u64).sum()
+    }
+
+    fn host_used(&self) -> u64 {
+        let backups: u64 = self.running.iter().chain(&self.preempted).map(|s| s.kv.host_bytes() as u64).sum();
+        backups + self.preempted.iter().map(|s| s.kv.bytes_used() as u64).sum::<u64>()
+    }
+
+    /// Device bytes per cached token over the running sequences (the real
+    /// compressed footprint), or `None` before any token is cached.
+    fn avg_bytes_per_token(&self) -> Option<f64> {
+        let tokens: usize = self.running.iter().map(|s| s.kv.len()).sum();
+        (tokens > 0).then(|| self.device_used() as f64 / tokens as f64)
+    }
+
+    /// Resumes preempted sequences, then admits new ones, while they fit.
     fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+        let budget = self.cfg.budgets.device;
+        while self.running.len() < self.cfg.max_batch
+            && let Some(seq) = self.preempted.front()
+        {
+            let bytes = seq.kv.bytes_used() as u64;
+            if !memory::fits(self.device_used(), bytes, seq.job.worst_bytes_per_token as u64, budget) {
+                return;
+            }
+            let seq = self.preempted.pop_front().expect("front exists");
+            counter!(m::KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => "to_device").increment(bytes);
+            self.running.push(seq);
+        }
+        while self.running.len() < self.cfg.max_batch
+            && let Some(job) = self.waiting.front()
+        {
             if job.events.is_closed() {
+                self.waiting.pop_front();
                 counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
                 continue;
             }
-            let mut tokens = job.prompt.clone();
-            tokens.extend_from_slice(&job.resume);
-            let mut output = OutputText::new(job.stops.clone());
-            if let Err(e) = output.prime(&self.model.tokenizer, &job.resume) {
-                let _ = job.events.send(Event::Failed(e.to_string()));
-                continue;
+            // The first step stores a prefill chunk at the widest setting;
+            // in the long run the prompt costs the running average.
+            let worst = job.worst_bytes_per_token as u64;
+            let n = (job.prompt.len() + job.resume.len()) as u64;
+            let first_chunk = n.min(self.cfg.prefill_chunk as u64) * worst;
+            let settled = self.avg_bytes_per_token().map_or(n * worst, |a| (a * n as f64) as u64);
+            let used = self.device_used();
+            if !self.running.is_empty() && !memory::fits(used, settled.max(first_chunk), worst, budget) {
+                return;
             }
-            self.running.push(Seq {
-                kv: Box::new(DenseKv::new(self.model.model.kv_shape())),
-                sampler: Sampler::new(job.sampling.clone()),
-                output,
-                generated: job.resume.len() as u32,
-                tokens,
-                last_token_at: None,
-                job,
-            });
+            let job = self.waiting.pop_front().expect("front exists");
+            if let Some(seq) = self.start(job) {
+                self.running.push(seq);
+            }
         }
     }
 
-    /// One engine step: admit, run the batch, sample, stream, retire.
+    fn start(&mut self, job: Job) -> Option<Seq> {
+        let kv = match SeqCache::new(&self.model.model.kv_shape(), &job.policy) {
+            Ok(kv) => kv,
+            Err(e) => {
+                let _ = job.events.send(Event::Failed(format!("kv cache: {e}")));
+                counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
+                return None;
+            }
+        };
+        let mut tokens = job.prompt.clone();
+        tokens.extend_from_slice(&job.resume);
+        let mut output = OutputText::new(job.stops.clone());
+        if let Err(e) = output.prime(&self.model.tokenizer, &job.resume) {
+            let _ = job.events.send(Event::Failed(e.to_string()));
+            return None;
+        }
+        Some(Seq {
+            kv,
+            sampler: Sampler::new(job.sampling.clone()),
+            output,
+            generated: job.resume.len() as u32,
+            tokens,
+            last_token_at: None,
+            exported: Default::default(),
+            job,
+        })
+    }
+
+    /// Moves running sequence `i` to the host tier.
+    fn preempt(&mut self, i: usize) {
+        let seq = self.running.remove(i);
+        counter!(m::PREEMPTIONS_TOTAL).increment(1);
+        self.load.preemptions.fetch_add(1, Ordering::Relaxed);
+        counter!(m::KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => "to_host").increment(seq.kv.bytes_used() as u64);
+        tracing::debug!(id = %seq.job.id, bytes = seq.kv.bytes_used(), "preempted");
+        self.preempted.push_front(seq);
+    }
+
+    /// One engine step: admit, plan under the budget, run the batch, sample,
+    /// stream, retire, keep the host tier within its budget.
     pub fn step(&mut self) {
-        self.admit();
         // Drop sequences whose client went away before spending compute.
-        let mut i = 0;
-        while i < self.running.len() {
+        for i in (0..self.running.len()).rev() {
             if self.running[i].job.events.is_closed() {
-                let seq = self.running.swap_remove(i);
+                let seq = self.running.remove(i);
                 self.finish(seq, Finish::Aborted, String::new(), vec![]);
-            } else {
-                i += 1;
             }
         }
+        self.admit();
         if self.running.is_empty() {
             return;
         }
-        // Plan: decoding sequences feed their last token, prefilling ones a
-        // chunk of their prompt while the step's prefill budget lasts.
-        let mut budget = self.cfg.prefill_chunk;
-        let mut plan = Vec::with_capacity(self.running.len());
-        for (i, s) in self.running.iter().enumerate() {
-            let fed = s.kv.len();
-            let n = match s.tokens.len() - fed {
-                0 => 0,
-                1 => 1,
-                r => {
-                    let n = r.min(budget);
-                    budget -= n;
-                    n
-                }
-            };
-            if n > 0 {
-                plan.push((i, fed, fed + n));
-            }
+        let needs: Vec<SeqNeed> = self
+            .running
+            .iter()
+            .map(|s| SeqNeed {
+                bytes: s.kv.bytes_used() as u64,
+                pending: s.tokens.len() - s.kv.len(),
+                worst_per_token: s.job.worst_bytes_per_token as u64,
+            })
+            .collect();
+        let plan = memory::plan_step(&needs, self.cfg.budgets.device, self.cfg.prefill_chunk);
+        let mut feed = plan.feed;
+        for i in plan.preempt {
+            self.preempt(i);
+            feed.remove(i);
         }
-        if plan.is_empty() {
+        // A lone sequence that cannot grow within the budget cannot continue.
+        if self.running.len() == 1
+            && !memory::fits(needs[0].bytes, 0, needs[0].worst_per_token, self.cfg.budgets.device)
+        {
+            let seq = self.running.remove(0);
+            let msg = format!(
+                "the device KV budget (--kv-device-budget-bytes {}) cannot hold this sequence ({} bytes)",
+                self.cfg.budgets.device,
+                seq.kv.bytes_used()
+            );
+            let _ = seq.job.events.send(Event::Failed(msg));
+            counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
             return;
         }
+        // Room in the host tier for the backups this step writes.
+        let shape = self.model.model.kv_shape();
+        let growth: u64 = self
+            .running
+            .iter()
+            .zip(&feed)
+            .filter(|(s, _)| s.job.policy.uses_host_backups())
+            .map(|(_, &n)| (n * cache::backup_bytes_per_token(&shape)) as u64)
+            .sum();
+        self.enforce_host_budget(growth);
+        self.run_batch(&feed);
+        self.enforce_host_budget(0);
+    }
+
+    fn run_batch(&mut self, feed: &[usize]) {
         let started = Instant::now();
         let mut prompt_tokens = 0u64;
+        let mut rows = Vec::with_capacity(feed.len());
         let result = {
-            let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
-            let mut rest: &mut [Seq] = &mut self.running;
-            let mut base = 0;
-            for &(i, a, b) in &plan {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-                let (seq, tail) = tail.split_first_mut().expect("planned index in range");
+            let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(feed.len());
+            for (i, (seq, &n)) in self.running.iter_mut().zip(feed).enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let a = seq.kv.len();
                 let n_prompt = seq.job.prompt.len() + seq.job.resume.len();
-                prompt_tokens += b.min(n_prompt).saturating_sub(a) as u64;
-                items.push(BatchItem { tokens: &seq.tokens[a..b], kv: seq.kv.as_mut() });
-                rest = tail;
-                base = i + 1;
+                prompt_tokens += (a + n).min(n_prompt).saturating_sub(a) as u64;
+                rows.push((i, a + n == seq.tokens.len()));
+                items.push(BatchItem { tokens: &seq.tokens[a..a + n], kv: &mut seq.kv });
             }
             self.model.model.forward(&mut items).and_then(|l| Ok(l.to_vec2::<f32>()?))
         };
         histogram!(m::STEP_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-        histogram!(m::BATCH_SIZE).record(plan.len() as f64);
+        // The step's peak: fed caches before re-quantization, the others as they are.
+        let peak: usize = self
+            .running
+            .iter()
+            .zip(feed)
+            .map(|(s, &n)| if n > 0 { s.kv.step_peak_bytes.max(s.kv.bytes_used()) } else { s.kv.bytes_used() })
+            .sum();
+        self.load.peak_device_bytes.fetch_max(peak as u64, Ordering::Relaxed);
+        histogram!(m::BATCH_SIZE).record(rows.len() as f64);
         counter!(m::PROMPT_TOKENS_TOTAL).increment(prompt_tokens);
+        self.export_cache_counters();
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing the batch");
-                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
-                for i in idx {
-                    let seq = self.running.swap_remove(i);
+                for &(i, _) in rows.iter().rev() {
+                    let seq = self.running.remove(i);
                     let _ = seq.job.events.send(Event::Failed(format!("forward pass failed: {e}")));
                     counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
                 }
@@ -184,21 +291,82 @@ impl EngineState {
             }
         };
         let mut finished = Vec::new();
-        for (row, &(i, _, b)) in plan.iter().enumerate() {
-            let seq = &mut self.running[i];
-            if b < seq.tokens.len() {
+        for (row, &(i, complete)) in rows.iter().enumerate() {
+            if !complete {
                 continue; // still prefilling
             }
+            let seq = &mut self.running[i];
             let mut l = logits[row].clone();
             let tok = seq.sampler.sample(&mut l, &seq.tokens);
             if let Some(f) = self.advance(i, tok) {
                 finished.push((i, f));
             }
         }
-        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, (finish, text, ids)) in finished {
-            let seq = self.running.swap_remove(i);
+        for (i, (finish, text, ids)) in finished.into_iter().rev() {
+            let seq = self.running.remove(i);
             self.finish(seq, finish, text, ids);
+        }
+    }
+
+    /// Exports the growth of every running cache's cumulative counters.
+    fn export_cache_counters(&mut self) {
+        for s in &mut self.running {
+            let c = s.kv.counters();
+            let e = s.exported;
+            for (dir, kind, now, then) in [
+                ("up", "key", c.k_up, e.k_up),
+                ("down", "key", c.k_down, e.k_down),
+                ("up", "value", c.v_up, e.v_up),
+                ("down", "value", c.v_down, e.v_down),
+            ] {
+                if now > then {
+                    counter!(m::KV_REQUANTIZATIONS_TOTAL, "direction" => dir, "kind" => kind).increment(now - then);
+                }
+            }
+            counter!(m::KV_REQUANTIZATIONS_BLOCKED_TOTAL).increment(c.up_blocked - e.up_blocked);
+            counter!(m::KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => "to_device")
+                .increment(c.backup_bytes_read - e.backup_bytes_read);
+            counter!(m::KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => "to_host").increment(s.kv.to_host_bytes);
+            s.kv.to_host_bytes = 0;
+            s.exported = c;
+        }
+    }
+
+    /// Keeps the host tier within its budget with room for `reserve` more
+    /// bytes: evicts the least important backups (largest holders first), then
+    /// drops swapped-out caches (their sequences will prefill again when
+    /// resumed).
+    fn enforce_host_budget(&mut self, reserve: u64) {
+        let budget = self.cfg.budgets.host.saturating_sub(reserve);
+        let mut excess = memory::host_excess(self.host_used(), budget) as usize;
+        while excess > 0 {
+            let holder = self
+                .running
+                .iter_mut()
+                .chain(self.preempted.iter_mut())
+                .max_by_key(|s| s.kv.host_bytes())
+                .filter(|s| s.kv.host_bytes() > 0);
+            let Some(seq) = holder else { break };
+            let (freed, n) = seq.kv.evict_backups(excess);
+            counter!(m::KV_BACKUP_EVICTIONS_TOTAL).increment(n);
+            self.load.backup_evictions.fetch_add(n, Ordering::Relaxed);
+            if freed == 0 {
+                break;
+            }
+            excess = excess.saturating_sub(freed);
+        }
+        while self.host_used() > budget
+            && let Some(i) = (0..self.preempted.len()).max_by_key(|&i| self.preempted[i].kv.bytes_used())
+        {
+            let seq = &mut self.preempted[i];
+            if seq.kv.is_empty() {
+                break;
+            }
+            tracing::debug!(id = %seq.job.id, "host tier full: dropping a swapped-out cache (it will prefill again)");
+            match SeqCache::new(&self.model.model.kv_shape(), &seq.job.policy) {
+                Ok(kv) => seq.kv = kv,
+                Err(_) => break,
+            }
         }
     }
 
@@ -245,14 +413,17 @@ impl EngineState {
         if finish != Finish::Stop {
             text.push_str(&seq.output.flush());
         }
-        let cached = seq.kv.len();
-        let kv = KvSummary {
-            policy: "f32".into(),
-            avg_key_bits: 32.0,
-            avg_value_bits: 32.0,
-            device_bytes: seq.kv.bytes_used() as u64,
-            fp16_equivalent_bytes: (cached * self.model.model.config().fp16_kv_bytes_per_token()) as u64,
-        };
+        let (kw, vw) = seq.kv.widths();
+        for (kind, widths) in [("key", kw), ("value", vw)] {
+            let mut hist = [0u64; 17];
+            for w in widths {
+                hist[usize::from(w).min(16)] += 1;
+            }
+            for (w, &n) in hist.iter().enumerate().filter(|(_, n)| **n > 0) {
+                histogram!(m::KV_BITS, "kind" => kind).record_many(w as f64, n as usize);
+            }
+        }
+        let kv = seq.kv.summary();
         let prompt = seq.job.prompt.len();
         let _ = seq.job.events.send(done_event(text, ids, finish, prompt, seq.generated, kv));
         let outcome = match finish {
@@ -264,32 +435,30 @@ impl EngineState {
 
     /// Publishes load counters and gauges.
     pub fn publish_load(&self) {
-        let (mut dev, mut tokens) = (0usize, 0usize);
+        let (mut tokens, mut fp16) = (0usize, 0usize);
         for s in &self.running {
-            dev += s.kv.bytes_used();
             tokens += s.kv.len();
+            fp16 += s.kv.fp16_equivalent_bytes();
         }
-        let fp16 = tokens * self.model.model.config().fp16_kv_bytes_per_token();
+        let (dev, host) = (self.device_used(), self.host_used());
         let l = &self.load;
         l.running.store(self.running.len() as u32, Ordering::Relaxed);
-        l.waiting.store(self.waiting.len() as u32, Ordering::Relaxed);
-        l.kv_device_bytes.store(dev as u64, Ordering::Relaxed);
+        l.waiting.store((self.waiting.len() + self.preempted.len()) as u32, Ordering::Relaxed);
+        l.kv_device_bytes.store(dev, Ordering::Relaxed);
+        l.kv_host_bytes.store(host, Ordering::Relaxed);
+        l.peak_device_bytes.fetch_max(dev, Ordering::Relaxed);
+        l.peak_host_bytes.fetch_max(host, Ordering::Relaxed);
         l.kv_fp16_equivalent_bytes.store(fp16 as u64, Ordering::Relaxed);
         l.cached_tokens.store(tokens as u64, Ordering::Relaxed);
         gauge!(m::REQUESTS_RUNNING).set(self.running.len() as f64);
-        gauge!(m::REQUESTS_WAITING).set(self.waiting.len() as f64);
+        gauge!(m::REQUESTS_WAITING).set((self.waiting.len() + self.preempted.len()) as f64);
         gauge!(m::KV_DEVICE_BYTES).set(dev as f64);
+        gauge!(m::KV_HOST_BACKUP_BYTES).set(host as f64);
         gauge!(m::KV_FP16_EQUIVALENT_BYTES).set(fp16 as f64);
+        gauge!(m::KV_USAGE_RATIO).set(dev as f64 / self.cfg.budgets.device.max(1) as f64);
     }
 }
 
-fn done_event(
-    text: String,
-    token_ids: Vec<u32>,
-    finish: Finish,
-    prompt: usize,
-    completion: u32,
-    kv: KvSummary,
-) -> Event {
+fn done_event(text: String, token_ids: Vec<u32>, finish: Finish, prompt: usize, completion: u32, kv: KvSummary) -> Event {
     Event::Done { text, token_ids, finish, prompt_tokens: prompt as u32, completion_tokens: completion, kv }
 }

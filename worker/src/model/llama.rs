@@ -8,33 +8,64 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::kv::{KvCache, KvShape};
+use super::matmul::linear_rows;
 use super::{LlamaConfig, ModelError, Result};
 
+/// A weight matrix `[rows, cols]`, row-major f32.
+struct Mat {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Mat {
+    fn from_tensor(t: Tensor) -> Result<Self> {
+        let (rows, cols) = t.dims2()?;
+        Ok(Self { data: t.flatten_all()?.to_vec1::<f32>()?, rows, cols })
+    }
+
+    /// `x · selfᵀ (+ bias)` for `m` rows of `x`.
+    fn apply(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.rows];
+        linear_rows(x, m, &self.data, self.rows, self.cols, &mut out);
+        if let Some(b) = bias {
+            for row in out.chunks_exact_mut(self.rows) {
+                for (o, b) in row.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+        }
+        out
+    }
+}
+
 struct Layer {
-    attn_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
-    wo: Tensor,
-    ffn_norm: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
-    w_down: Tensor,
+    attn_norm: Vec<f32>,
+    wq: Mat,
+    wk: Mat,
+    wv: Mat,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Mat,
+    ffn_norm: Vec<f32>,
+    w_gate: Mat,
+    w_up: Mat,
+    w_down: Mat,
 }
 
 /// A loaded llama-family model.
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    /// `[vocab, hidden]`; also the output projection when tied.
+    embed: Mat,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    norm: Vec<f32>,
+    /// `None` when tied to `embed`.
+    lm_head: Option<Mat>,
     /// `cos` and `sin` for every position and rotary pair, `[context, head_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
@@ -54,61 +85,69 @@ pub struct BatchItem<'a> {
     pub kv: &'a mut dyn KvCache,
 }
 
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
-    Ok(match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    })
+fn vec1(t: Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl Llama {
-    /// Builds the model from HF-named f32 weights (`model.layers.N.self_attn.q_proj.weight`, ...).
+    /// Builds the model from HF-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn from_weights(cfg: LlamaConfig, mut w: HashMap<String, Tensor>) -> Result<Self> {
         cfg.validate()?;
         let mut take = |name: &str| -> Result<Tensor> {
             let t = w.remove(name).ok_or_else(|| ModelError::Format(format!("missing tensor {name}")))?;
             Ok(t.to_dtype(DType::F32)?.contiguous()?)
         };
-        let embed = take("model.embed_tokens.weight")?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let expect = |t: &Tensor, dims: [usize; 2], name: &str| -> Result<()> {
+            if t.dims() != dims {
+                return Err(ModelError::Format(format!("{name}: shape {:?}, expected {dims:?}", t.dims())));
+            }
+            Ok(())
+        };
+        let mut mat = |name: &str, dims: [usize; 2]| -> Result<Mat> {
+            let t = take(name)?;
+            expect(&t, dims, name)?;
+            Mat::from_tensor(t)
+        };
+        let embed = mat("model.embed_tokens.weight", [cfg.vocab_size, h])?;
+        let (q_out, kv_out) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
-                wq: take(&format!("{p}.self_attn.q_proj.weight"))?,
-                wk: take(&format!("{p}.self_attn.k_proj.weight"))?,
-                wv: take(&format!("{p}.self_attn.v_proj.weight"))?,
-                bq: take(&format!("{p}.self_attn.q_proj.bias")).ok(),
-                bk: take(&format!("{p}.self_attn.k_proj.bias")).ok(),
-                bv: take(&format!("{p}.self_attn.v_proj.bias")).ok(),
-                wo: take(&format!("{p}.self_attn.o_proj.weight"))?,
-                ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-                w_gate: take(&format!("{p}.mlp.gate_proj.weight"))?,
-                w_up: take(&format!("{p}.mlp.up_proj.weight"))?,
-                w_down: take(&format!("{p}.mlp.down_proj.weight"))?,
+                wq: mat(&format!("{p}.self_attn.q_proj.weight"), [q_out, h])?,
+                wk: mat(&format!("{p}.self_attn.k_proj.weight"), [kv_out, h])?,
+                wv: mat(&format!("{p}.self_attn.v_proj.weight"), [kv_out, h])?,
+                wo: mat(&format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
+                w_gate: mat(&format!("{p}.mlp.gate_proj.weight"), [cfg.intermediate_size, h])?,
+                w_up: mat(&format!("{p}.mlp.up_proj.weight"), [cfg.intermediate_size, h])?,
+                w_down: mat(&format!("{p}.mlp.down_proj.weight"), [h, cfg.intermediate_size])?,
+                attn_norm: Vec::new(),
+                ffn_norm: Vec::new(),
+                bq: None,
+                bk: None,
+                bv: None,
             });
         }
-        let norm = take("model.norm.weight")?;
-        let lm_head = if cfg.tie_embeddings { embed.clone() } else { take("lm_head.weight")? };
-        let expect = [
-            (&embed, vec![cfg.vocab_size, cfg.hidden_size], "embed_tokens"),
-            (&lm_head, vec![cfg.vocab_size, cfg.hidden_size], "lm_head"),
-            (&layers[0].wq, vec![cfg.n_heads * cfg.head_dim, cfg.hidden_size], "q_proj"),
-            (&layers[0].wk, vec![cfg.n_kv_heads * cfg.head_dim, cfg.hidden_size], "k_proj"),
-            (&layers[0].w_up, vec![cfg.intermediate_size, cfg.hidden_size], "up_proj"),
-        ];
-        for (t, dims, name) in expect {
-            if t.dims() != dims.as_slice() {
-                return Err(ModelError::Format(format!("{name}: shape {:?}, expected {dims:?}", t.dims())));
+        let lm_head = if cfg.tie_embeddings { None } else { Some(mat("lm_head.weight", [cfg.vocab_size, h])?) };
+        for (i, l) in layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            l.attn_norm = vec1(take(&format!("{p}.input_layernorm.weight"))?)?;
+            l.ffn_norm = vec1(take(&format!("{p}.post_attention_layernorm.weight"))?)?;
+            l.bq = take(&format!("{p}.self_attn.q_proj.bias")).ok().map(vec1).transpose()?;
+            l.bk = take(&format!("{p}.self_attn.k_proj.bias")).ok().map(vec1).transpose()?;
+            l.bv = take(&format!("{p}.self_attn.v_proj.bias")).ok().map(vec1).transpose()?;
+            if l.attn_norm.len() != h || l.ffn_norm.len() != h {
+                return Err(ModelError::Format(format!("layer {i}: norm weights must have {h} values")));
             }
         }
-        let half = cfg.head_dim / 2;
+        let norm = vec1(take("model.norm.weight")?)?;
+        let half = hd / 2;
         let mut rope_cos = Vec::with_capacity(cfg.context_length * half);
         let mut rope_sin = Vec::with_capacity(cfg.context_length * half);
         for pos in 0..cfg.context_length {
             for i in 0..half {
-                let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64);
+                let freq = 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / hd as f64);
                 let a = pos as f64 * freq;
                 rope_cos.push(a.cos() as f32);
                 rope_sin.push(a.sin() as f32);
@@ -131,8 +170,18 @@ impl Llama {
         }
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_eps as f32)?)
+    /// RMSNorm of each row of `x` (width `hidden`).
+    fn rms_norm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let eps = self.cfg.rms_eps as f32;
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+                *o = v * r * g;
+            }
+        }
+        out
     }
 
     /// Applies RoPE in place to rows `[n, heads * head_dim]` at the given positions.
@@ -154,10 +203,11 @@ impl Llama {
 
     /// Runs one step for a batch and returns the logits of each item's last
     /// token, `[batch, vocab]`. Every item must feed at least one token and
-    /// stay within the context.
+    /// stay within the context. Each row is computed independently of the
+    /// others (see [`linear_rows`]), so results do not depend on the batch.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let (hd, nh, nkv, h) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size);
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(items.len());
@@ -181,44 +231,47 @@ impl Llama {
             positions.extend(start..start + it.tokens.len());
         }
         let n = ids.len();
-        let dev = Device::Cpu;
-        let mut x = self.embed.index_select(&Tensor::from_vec(ids, n, &dev)?, 0)?;
+        let mut x = Vec::with_capacity(n * h);
+        for &t in &ids {
+            x.extend_from_slice(&self.embed.data[t as usize * h..][..h]);
+        }
         let (qw, kvw) = (nh * hd, nkv * hd);
         let mut attn = vec![0f32; n * qw];
         for (li, l) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &l.attn_norm)?;
-            let mut q = linear(&h, &l.wq, l.bq.as_ref())?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = linear(&h, &l.wk, l.bk.as_ref())?.flatten_all()?.to_vec1::<f32>()?;
-            let v = linear(&h, &l.wv, l.bv.as_ref())?.flatten_all()?.to_vec1::<f32>()?;
+            let hn = self.rms_norm(&x, &l.attn_norm);
+            let mut q = l.wq.apply(&hn, n, l.bq.as_deref());
+            let mut k = l.wk.apply(&hn, n, l.bk.as_deref());
+            let v = l.wv.apply(&hn, n, l.bv.as_deref());
             self.rope(&mut q, nh, &positions);
             self.rope(&mut k, nkv, &positions);
             for (it, &(off, len)) in items.iter_mut().zip(&spans) {
                 it.kv.append(li, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
                 it.kv.attend(li, &q[off * qw..(off + len) * qw], len, &mut attn[off * qw..(off + len) * qw])?;
             }
-            let a = Tensor::from_slice(&attn, (n, qw), &dev)?;
-            x = (x + linear(&a, &l.wo, None)?)?;
-            let h = self.rms_norm(&x, &l.ffn_norm)?;
-            let g = linear(&h, &l.w_gate, None)?.silu()?;
-            let u = linear(&h, &l.w_up, None)?;
-            x = (x + linear(&(g * u)?, &l.w_down, None)?)?;
+            for (a, b) in x.iter_mut().zip(l.wo.apply(&attn, n, None)) {
+                *a += b;
+            }
+            let hn = self.rms_norm(&x, &l.ffn_norm);
+            let mut g = l.w_gate.apply(&hn, n, None);
+            let u = l.w_up.apply(&hn, n, None);
+            for (g, u) in g.iter_mut().zip(&u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            for (a, b) in x.iter_mut().zip(l.w_down.apply(&g, n, None)) {
+                *a += b;
+            }
         }
         for it in items.iter_mut() {
             it.kv.end_step();
         }
-        let last: Vec<u32> = spans.iter().map(|&(off, len)| (off + len - 1) as u32).collect();
-        let b = last.len();
-        let x = x.index_select(&Tensor::from_vec(last, b, &dev)?, 0)?;
-        let x = self.rms_norm(&x, &self.norm)?;
-        Ok(x.apply(&LmHead(&self.lm_head))?)
-    }
-}
-
-struct LmHead<'a>(&'a Tensor);
-
-impl Module for LmHead<'_> {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.0.t()?)
+        let mut last = Vec::with_capacity(spans.len() * h);
+        for &(off, len) in &spans {
+            last.extend_from_slice(&x[(off + len - 1) * h..][..h]);
+        }
+        let last = self.rms_norm(&last, &self.norm);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = head.apply(&last, spans.len(), None);
+        Ok(Tensor::from_vec(logits, (spans.len(), cfg.vocab_size), &Device::Cpu)?)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod kv;
 pub mod llama;
 pub mod loader;
+pub mod matmul;
 pub mod tokenizer;
 
 pub use config::LlamaConfig;

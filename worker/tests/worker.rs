@@ -1,6 +1,7 @@
-//! Integration tests of the worker crate: forward-pass parity with
+//! Integration tests of the worker crate (one binary): forward-pass parity with
 //! candle-transformers' llama (tiny random weights and the real model), the
-//! tokenizer and chat template of the real model, and the engine end to end.
+//! tokenizer and chat template of the real model, the engine end to end, the
+//! KV budgets (preemption, host-tier eviction) and the worker's gRPC service.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
-use qaq_worker::engine::{EngineConfig, EngineHandle, Event, Finish, Job, SamplingConfig};
+use qaq_worker::cache::PolicyChoice;
+use qaq_worker::engine::{Budgets, EngineConfig, EngineHandle, Event, Finish, Job, KvSummary, SamplingConfig};
 use qaq_worker::model::loader::load_weights;
 use qaq_worker::model::{BatchItem, DenseKv, KvCache, Llama, LlamaConfig, LoadedModel, TextTokenizer};
 
@@ -166,12 +168,18 @@ fn real_tokenizer_round_trips_and_knows_the_chat_tokens() {
     assert!(chat.ends_with("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"), "{chat:?}");
 }
 
-fn job(
+fn job(id: &str, prompt: Vec<u32>, max_new: u32, stops: Vec<String>) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    job_with(id, prompt, max_new, stops, PolicyChoice::parse("fp16").unwrap())
+}
+
+fn job_with(
     id: &str,
     prompt: Vec<u32>,
     max_new: u32,
     stops: Vec<String>,
+    policy: PolicyChoice,
 ) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    let worst = qaq_worker::cache::worst_bytes_per_token(&real().2.model.kv_shape(), &policy.policy).unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
         id: id.into(),
@@ -181,13 +189,20 @@ fn job(
         sampling: SamplingConfig::default(),
         stops,
         ignore_eos: true,
+        policy,
+        worst_bytes_per_token: worst,
         events: tx,
         received: std::time::Instant::now(),
     };
     (job, rx)
 }
 
-fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Vec<u32>, Finish) {
+fn collect(rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Vec<u32>, Finish) {
+    let (text, ids, finish, _) = collect_kv(rx);
+    (text, ids, finish)
+}
+
+fn collect_kv(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Vec<u32>, Finish, KvSummary) {
     let (mut text, mut ids) = (String::new(), Vec::new());
     while let Some(ev) = rx.blocking_recv() {
         match ev {
@@ -195,10 +210,10 @@ fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, Vec<
                 text.push_str(&t);
                 ids.extend(token_ids);
             }
-            Event::Done { text: t, token_ids, finish, .. } => {
+            Event::Done { text: t, token_ids, finish, kv, .. } => {
                 text.push_str(&t);
                 ids.extend(token_ids);
-                return (text, ids, finish);
+                return (text, ids, finish, kv);
             }
             Event::Failed(e) => panic!("sequence failed: {e}"),
         }
@@ -213,7 +228,7 @@ fn engine_batches_sequences_like_it_runs_them_alone() {
     let enc: Vec<Vec<u32>> = prompts.iter().map(|p| loaded.tokenizer.encode(p).unwrap()).collect();
     let alone: Vec<Vec<u32>> = enc.iter().map(|p| greedy_ours(&loaded.model, p, 12)).collect();
     // Small prefill chunks force chunked prefill beside running decodes.
-    let engine = EngineHandle::start(loaded.clone(), EngineConfig { max_batch: 8, prefill_chunk: 3, max_waiting: 16 });
+    let engine = EngineHandle::start(loaded.clone(), EngineConfig { max_batch: 8, prefill_chunk: 3, max_waiting: 16, ..EngineConfig::default() });
     let rxs: Vec<_> = enc
         .iter()
         .enumerate()
@@ -256,4 +271,184 @@ fn engine_stops_on_stop_strings_and_aborts() {
     assert!(!rt.block_on(engine.abort("long")));
     let (_, _, finish) = collect(rx);
     assert_eq!(finish, Finish::Aborted);
+}
+
+fn engine_with(device: u64, host: u64) -> EngineHandle {
+    let cfg = EngineConfig { budgets: Budgets { device, host }, ..EngineConfig::default() };
+    EngineHandle::start(real().2.clone(), cfg)
+}
+
+fn qaq() -> PolicyChoice {
+    PolicyChoice::parse("qaq").unwrap()
+}
+
+#[test]
+fn qaq_generates_2000_tokens_within_a_device_budget_fp16_could_not_hold() {
+    let loaded = real().2.clone();
+    let fp16_per_token = loaded.model.config().fp16_kv_bytes_per_token() as u64;
+    let prompts = ["Tell me a long story about a dragon.", "Write an essay on the history of bridges."];
+    let n_new = 1000u32;
+    // Room for both sequences compressed, a third of what fp16 would need.
+    let budget = 2 * (n_new as u64 + 16) * fp16_per_token / 3;
+    let engine = engine_with(budget, u64::MAX);
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (j, rx) = job_with(&format!("long{i}"), loaded.tokenizer.encode(p).unwrap(), n_new, vec![], qaq());
+            engine.submit(j).unwrap();
+            rx
+        })
+        .collect();
+    let mut generated = 0;
+    for rx in rxs {
+        let (_, ids, finish, kv) = collect_kv(rx);
+        assert_eq!(finish, Finish::Length);
+        generated += ids.len();
+        assert!(kv.fp16_equivalent_bytes as f64 / kv.device_bytes as f64 >= 4.0, "{kv:?}");
+        assert!(kv.requantizations_down > 0, "{kv:?}");
+    }
+    assert!(generated >= 2000, "{generated}");
+    let l = engine.load();
+    let peak = l.peak_device_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(peak > 0 && peak <= budget, "peak {peak} vs budget {budget}");
+}
+
+#[test]
+fn a_preempted_sequence_resumes_with_exactly_the_tokens_of_an_undisturbed_run() {
+    let loaded = real().2.clone();
+    let (pa, pb) = (loaded.tokenizer.encode("The moon is").unwrap(), loaded.tokenizer.encode("My favourite food is").unwrap());
+    let n = 48;
+    // Undisturbed runs, one at a time, with no memory pressure.
+    let free = engine_with(u64::MAX, u64::MAX);
+    let (ja, ra) = job_with("a", pa.clone(), n, vec![], qaq());
+    free.submit(ja).unwrap();
+    let (_, alone_a, _, kv_a) = collect_kv(ra);
+    let (jb, rb) = job_with("b", pb.clone(), n, vec![], qaq());
+    free.submit(jb).unwrap();
+    let (_, alone_b, _, kv_b) = collect_kv(rb);
+    // A budget that holds either sequence but not both at their full length.
+    let worst = qaq_worker::cache::worst_bytes_per_token(&loaded.model.kv_shape(), &qaq().policy).unwrap() as u64;
+    let budget = kv_a.device_bytes.max(kv_b.device_bytes) * 3 / 2 + 2 * worst;
+    let tight = engine_with(budget, u64::MAX);
+    let (ja, ra) = job_with("a", pa, n, vec![], qaq());
+    let (jb, rb) = job_with("b", pb, n, vec![], qaq());
+    tight.submit(ja).unwrap();
+    tight.submit(jb).unwrap();
+    let (_, got_a, fa, _) = collect_kv(ra);
+    let (_, got_b, fb, _) = collect_kv(rb);
+    assert_eq!((fa, fb), (Finish::Length, Finish::Length));
+    let l = tight.load();
+    assert!(l.preemptions.load(std::sync::atomic::Ordering::Relaxed) >= 1, "no preemption happened");
+    assert!(l.peak_device_bytes.load(std::sync::atomic::Ordering::Relaxed) <= budget);
+    assert_eq!(got_a, alone_a);
+    assert_eq!(got_b, alone_b);
+}
+
+#[test]
+fn a_full_host_tier_evicts_backups_and_generation_goes_on() {
+    let loaded = real().2.clone();
+    let per_token = qaq_worker::cache::backup_bytes_per_token(&loaded.model.kv_shape()) as u64;
+    let host_budget = 64 * per_token;
+    let engine = engine_with(u64::MAX, host_budget);
+    let (j, rx) = job_with("h", loaded.tokenizer.encode("List the planets of the solar system.").unwrap(), 160, vec![], qaq());
+    engine.submit(j).unwrap();
+    let (text, ids, finish, kv) = collect_kv(rx);
+    assert_eq!(finish, Finish::Length);
+    assert_eq!(ids.len(), 160);
+    assert!(!text.is_empty());
+    assert!(kv.device_bytes > 0);
+    let l = engine.load();
+    let o = std::sync::atomic::Ordering::Relaxed;
+    assert!(l.backup_evictions.load(o) > 0, "no backup was evicted");
+    let peak = l.peak_host_bytes.load(o);
+    assert!(peak <= host_budget, "host peak {peak} over budget {host_budget}");
+}
+
+/// `qaq-worker serve` arguments parsed as on the command line.
+fn serve_config(args: &[&str]) -> anyhow::Result<qaq_worker::config::WorkerConfig> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: qaq_worker::config::ServeArgs,
+    }
+    let mut argv = vec!["qaq-worker", "--metrics-listen", ""];
+    argv.extend_from_slice(args);
+    <Cli as clap::Parser>::try_parse_from(argv)?.serve.validate()
+}
+
+/// Serves the real model in-process on a loopback port; returns its address
+/// and a guard that stops it.
+fn serve(args: &[&str]) -> (tokio::runtime::Runtime, String, tokio::sync::oneshot::Sender<()>) {
+    let cfg = serve_config(args).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(qaq_worker::server::run(listener, String::new(), real().2.clone(), cfg, async move {
+        let _ = rx.await;
+    }));
+    (rt, addr, tx)
+}
+
+#[test]
+fn budgets_that_cannot_hold_a_sequence_are_start_up_errors() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (flag, value) in [("--kv-device-budget-bytes", "0"), ("--kv-host-budget-bytes", "1000")] {
+        let cfg = serve_config(&[flag, value]).unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let err = rt
+            .block_on(qaq_worker::server::run(listener, String::new(), real().2.clone(), cfg, async {}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with(flag) && err.contains("one sequence"), "{err}");
+    }
+    let err = serve_config(&["--kv-policy", "uniform:9"]).unwrap_err().to_string();
+    assert!(err.contains("--kv-policy") && err.contains("uniform:N"), "{err}");
+    let err = serve_config(&["--kv-policy", "fp16", "--kv-sigma-x", "0.1"]).unwrap_err().to_string();
+    assert!(err.contains("qaq policy only"), "{err}");
+}
+
+#[test]
+fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
+    use qaq_proto::v1::{GenerateRequest, KvPolicy, SubmitRequest, worker_client::WorkerClient};
+    // Room for a few hundred tokens at the widest QAQ setting.
+    let (rt, addr, stop) = serve(&["--kv-device-budget-bytes", "8000000"]);
+    rt.block_on(async {
+        let mut c = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
+        let submit = |prompt: String, policy: Option<KvPolicy>| SubmitRequest {
+            request: Some(GenerateRequest {
+                prompt,
+                max_new_tokens: Some(4),
+                request_id: "r1".into(),
+                kv_policy: policy,
+                ..Default::default()
+            }),
+            resume_token_ids: vec![],
+        };
+        let pol = |s: &str| Some(KvPolicy { policy: s.into(), ..Default::default() });
+        let e = c.submit(submit("Hello".into(), pol("bogus:3"))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("kv_policy.policy") && e.message().contains("uniform:N"), "{}", e.message());
+        let p = Some(KvPolicy { policy: "fp16".into(), sigma_x: Some(0.5), ..Default::default() });
+        let e = c.submit(submit("Hello".into(), p)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = c.submit(submit("word ".repeat(3000), None)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("--kv-device-budget-bytes 8000000"), "{}", e.message());
+        // A valid override is applied and reported in the final message.
+        let mut s = c.submit(submit("The sky is".into(), pol("uniform:4"))).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(m) = s.message().await.unwrap() {
+            last = Some(m);
+        }
+        let kv = last.unwrap().kv_stats.unwrap();
+        assert_eq!(kv.policy, "uniform:4");
+        assert_eq!((kv.avg_key_bits, kv.avg_value_bits), (4.0, 4.0));
+        assert!(kv.compression_ratio > 2.5 && kv.compression_ratio < 4.0, "{kv:?}");
+        let stats = c.stats(qaq_proto::v1::StatsRequest {}).await.unwrap().into_inner();
+        let load = stats.load.unwrap();
+        assert_eq!((load.kv_device_budget_bytes, load.running), (8_000_000, 0));
+    });
+    let _ = stop.send(());
 }
