@@ -4,10 +4,10 @@
 //! decode step of attention for all 90 KV heads of the default model (30 layers x 3 KV
 //! heads, 9 query heads, head_dim 64) over a QAQ-packed cache (~3 bits) vs f32 and f16.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
-use qaq_kernels::attention::{attend_dense_f16, attend_dense_f32, attend_packed, KStore};
-use qaq_kernels::quant::{decode_group, encode_group, encode_groups_f16, QuantSpec};
+use qaq_kernels::attention::{KStore, attend_dense_f16, attend_dense_f32, attend_packed};
+use qaq_kernels::quant::{QuantSpec, decode_group, encode_group, encode_groups_f16};
 use qaq_kernels::simd;
 use qaq_kernels::store::PackedStream;
 use std::hint::black_box;
@@ -45,7 +45,15 @@ fn f16_buffer(n: usize) -> Vec<u8> {
 
 /// Quantizes the whole buffer with the batch API reading f16 directly
 /// ([`encode_groups_f16`]).
-fn quantize_all(src: &[f16], bits: u8, spec: &QuantSpec, codes: &mut Vec<u8>, oi: &mut Vec<u8>, ov: &mut Vec<f16>, metas: &mut Vec<qaq_kernels::quant::GroupMeta>) {
+fn quantize_all(
+    src: &[f16],
+    bits: u8,
+    spec: &QuantSpec,
+    codes: &mut Vec<u8>,
+    oi: &mut Vec<u8>,
+    ov: &mut Vec<f16>,
+    metas: &mut Vec<qaq_kernels::quant::GroupMeta>,
+) {
     codes.clear();
     oi.clear();
     ov.clear();
@@ -54,7 +62,15 @@ fn quantize_all(src: &[f16], bits: u8, spec: &QuantSpec, codes: &mut Vec<u8>, oi
 }
 
 /// The same with one [`encode_group`] call per group.
-fn quantize_all_single(src: &[u8], bits: u8, spec: &QuantSpec, codes: &mut Vec<u8>, oi: &mut Vec<u8>, ov: &mut Vec<f16>, metas: &mut Vec<qaq_kernels::quant::GroupMeta>) {
+fn quantize_all_single(
+    src: &[u8],
+    bits: u8,
+    spec: &QuantSpec,
+    codes: &mut Vec<u8>,
+    oi: &mut Vec<u8>,
+    ov: &mut Vec<f16>,
+    metas: &mut Vec<qaq_kernels::quant::GroupMeta>,
+) {
     codes.clear();
     oi.clear();
     ov.clear();
@@ -276,7 +292,10 @@ packed {:.2} ms, f32 {:.2} ms, f16 {:.2} ms -> f32/packed {:.2}, f16/packed {:.2
 }
 
 fn config() -> Criterion {
-    Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2))
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
 }
 
 criterion_group! { name = benches; config = config(); targets = bench_quant, bench_requantize, bench_attention }

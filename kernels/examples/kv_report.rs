@@ -39,7 +39,8 @@ fn parse(b: &[u8]) -> Result<Dump, String> {
     if b.get(..8) != Some(b"QAQKVD01") {
         return Err("bad magic (expected QAQKVD01)".into());
     }
-    let h: Vec<usize> = (0..5).map(|i| read_u32(b, 8 + 4 * i).map(|v| v as usize)).collect::<Option<_>>().ok_or("short header")?;
+    let h: Vec<usize> =
+        (0..5).map(|i| read_u32(b, 8 + 4 * i).map(|v| v as usize)).collect::<Option<_>>().ok_or("short header")?;
     let cfg = CacheConfig { n_layers: h[0], n_kv_heads: h[1], n_q_heads: h[2], head_dim: h[3] };
     let t = h[4];
     let kv = cfg.n_layers * t * cfg.n_kv_heads * cfg.head_dim;
@@ -143,7 +144,10 @@ fn main() -> ExitCode {
         }
     };
     let n_last = n_last.clamp(1, d.t);
-    println!("{} layers, {} KV heads, {} q heads, head_dim {}, {} tokens; error over the last {n_last} queries", d.cfg.n_layers, d.cfg.n_kv_heads, d.cfg.n_q_heads, d.cfg.head_dim, d.t);
+    println!(
+        "{} layers, {} KV heads, {} q heads, head_dim {}, {} tokens; error over the last {n_last} queries",
+        d.cfg.n_layers, d.cfg.n_kv_heads, d.cfg.n_q_heads, d.cfg.head_dim, d.t
+    );
     let reference: Vec<Vec<f32>> = (0..d.cfg.n_layers).map(|l| exact(&d, l, n_last)).collect();
     let policies = [
         "fp16",

@@ -244,7 +244,12 @@ mod tests {
             (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
         for d in [8usize, 24, 64, 72, 128] {
-            for (scheme, alpha) in [(Scheme::Midpoint, 0.01), (Scheme::Midpoint, 0.0), (Scheme::Midpoint, 0.05), (Scheme::MeanCentred, 0.01)] {
+            for (scheme, alpha) in [
+                (Scheme::Midpoint, 0.01),
+                (Scheme::Midpoint, 0.0),
+                (Scheme::Midpoint, 0.05),
+                (Scheme::MeanCentred, 0.01),
+            ] {
                 let spec = QuantSpec { scheme, outliers: Outliers { alpha, mode: OutlierMode::Total } };
                 let n = 150;
                 let mut ks = PackedStream::new(d, spec, false);

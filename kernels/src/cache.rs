@@ -21,8 +21,8 @@ use crate::error::{KernelError, Result};
 use crate::host::{HostTier, InMemoryHost};
 use crate::kivi::KiviKeys;
 use crate::policy::{self, DownSource, KvPolicy, QNorm, QNormTracker, QaqParams, Windows};
-use crate::quant::{self, check_group_len, GroupMeta, Outliers, QuantSpec, Scheme, RAW};
-use crate::store::{Bytes, PackedStream, BLOCK_TOKENS};
+use crate::quant::{self, GroupMeta, Outliers, QuantSpec, RAW, Scheme, check_group_len};
+use crate::store::{BLOCK_TOKENS, Bytes, PackedStream};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -43,7 +43,11 @@ impl CacheConfig {
     /// Checks the shape.
     pub fn validate(&self) -> Result<()> {
         check_group_len(self.head_dim)?;
-        if self.n_layers == 0 || self.n_kv_heads == 0 || self.n_q_heads == 0 || !self.n_q_heads.is_multiple_of(self.n_kv_heads) {
+        if self.n_layers == 0
+            || self.n_kv_heads == 0
+            || self.n_q_heads == 0
+            || !self.n_q_heads.is_multiple_of(self.n_kv_heads)
+        {
             return Err(KernelError::Config(format!("bad shape {self:?}")));
         }
         Ok(())
@@ -258,16 +262,46 @@ impl QaqCache {
         let row = self.cfg.row();
         let d = self.cfg.head_dim;
         if !k_rows.len().is_multiple_of(row) || k_rows.len() != v_rows.len() {
-            return Err(KernelError::Shape { what: "k_rows/v_rows", expected: row, got: k_rows.len().max(v_rows.len()) });
+            return Err(KernelError::Shape {
+                what: "k_rows/v_rows",
+                expected: row,
+                got: k_rows.len().max(v_rows.len()),
+            });
         }
         let kh = to_f16_checked(k_rows, "k_rows")?;
         let vh = to_f16_checked(v_rows, "v_rows")?;
         let (kb, vb) = self.widths_for_new();
         let is_qaq = matches!(self.policy, KvPolicy::Qaq(_));
         let l = &mut self.layers[layer];
+        let n_tok = kh.len() / row;
+        // Prefill: one batch encode per head and stream. Only where no encode can fail
+        // (finite f16 input: widths >= 1 or raw), so the result is the same as the
+        // token-by-token loop below, errors included.
+        let batched = n_tok > 1 && kb != 0 && vb != 0 && l.heads.iter().all(|hd| matches!(hd.k, KStore::Packed(_)));
+        if batched {
+            let (mut kbuf, mut vbuf) = (vec![f16::ZERO; n_tok * d], vec![f16::ZERO; n_tok * d]);
+            for (h, hd) in l.heads.iter_mut().enumerate() {
+                for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
+                    kbuf[t * d..(t + 1) * d].copy_from_slice(&kr[h * d..(h + 1) * d]);
+                    vbuf[t * d..(t + 1) * d].copy_from_slice(&vr[h * d..(h + 1) * d]);
+                }
+                if let KStore::Packed(s) = &mut hd.k {
+                    s.push_many_f16(&kbuf, kb)?;
+                }
+                hd.v.push_many_f16(&vbuf, vb)?;
+                hd.win.grow(l.len + n_tok);
+            }
+            if is_qaq {
+                for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
+                    self.host.put(layer, l.len + t, kr, vr);
+                }
+            }
+            l.len += n_tok;
+        }
         let mut kf = vec![0f32; row];
         let mut vf = vec![0f32; row];
-        for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)) {
+        let per_token = if batched { 0 } else { n_tok };
+        for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).take(per_token) {
             kr.convert_to_f32_slice(&mut kf);
             vr.convert_to_f32_slice(&mut vf);
             for (h, hd) in l.heads.iter_mut().enumerate() {
@@ -319,7 +353,14 @@ impl QaqCache {
         let mut probs = vec![0f32; nq * t];
         for (h, hd) in l.heads.iter_mut().enumerate() {
             let qh = &qs[h * g * d..(h + 1) * g * d];
-            attention::attend_packed(&hd.k, &hd.v, qh, g, &mut output[h * g * d..(h + 1) * g * d], &mut probs[h * g * t..(h + 1) * g * t]);
+            attention::attend_packed(
+                &hd.k,
+                &hd.v,
+                qh,
+                g,
+                &mut output[h * g * d..(h + 1) * g * d],
+                &mut probs[h * g * t..(h + 1) * g * t],
+            );
             observe(hd, qh, &probs[h * g * t..(h + 1) * g * t], g, d, t, t);
         }
         Ok(Attention { output, probs })
@@ -370,7 +411,8 @@ impl QaqCache {
             for r in 0..n_q {
                 let p = t_total - n_q + r;
                 let tv = p + 1;
-                let qs: Vec<f32> = q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
+                let qs: Vec<f32> =
+                    q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
                 let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
                 attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
                 let feed = if r + window >= n_q { tv } else { 0 };
@@ -390,11 +432,12 @@ impl QaqCache {
             l.staged_v.clear();
         }
         if let KvPolicy::Qaq(p) = self.policy
-            && self.step.is_multiple_of(p.every as u64) {
-                for layer in 0..self.layers.len() {
-                    self.requantize(layer)?;
-                }
+            && self.step.is_multiple_of(p.every as u64)
+        {
+            for layer in 0..self.layers.len() {
+                self.requantize(layer)?;
             }
+        }
         Ok(())
     }
 
@@ -462,7 +505,12 @@ impl QaqCache {
 
     /// Sizes, average widths and counters.
     pub fn stats(&self) -> CacheStats {
-        let mut s = CacheStats { tokens: self.len(0), host_bytes: self.host.bytes(), counters: self.counters, ..Default::default() };
+        let mut s = CacheStats {
+            tokens: self.len(0),
+            host_bytes: self.host.bytes(),
+            counters: self.counters,
+            ..Default::default()
+        };
         for l in &self.layers {
             for hd in &l.heads {
                 s.k.add(&hd.k.bytes());
@@ -564,12 +612,13 @@ fn move_stream(
                 }
                 _ => {
                     if spec.scheme == Scheme::Midpoint
-                        && let Some(m) = quant::shift_down(&g.meta, d, g.codes, want, sink.codes) {
-                            sink.out_idx.extend_from_slice(g.out_idx);
-                            sink.out_val.extend_from_slice(g.out_val);
-                            bump(c, is_key, false);
-                            return Ok(Some(m));
-                        }
+                        && let Some(m) = quant::shift_down(&g.meta, d, g.codes, want, sink.codes)
+                    {
+                        sink.out_idx.extend_from_slice(g.out_idx);
+                        sink.out_val.extend_from_slice(g.out_val);
+                        bump(c, is_key, false);
+                        return Ok(Some(m));
+                    }
                     quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
                 }
             }

@@ -194,8 +194,9 @@ mod tests {
     fn kivi_keys_quantize_in_chunks_within_bound() {
         let d = 8;
         let mut k = KiviKeys::new(d, 2, 4, 4);
-        let rows: Vec<Vec<f32>> =
-            (0..11).map(|t| (0..d).map(|i| f16::from_f32(((t * 7 + i * 3) % 11) as f32 / 4.0 - 1.0).to_f32()).collect()).collect();
+        let rows: Vec<Vec<f32>> = (0..11)
+            .map(|t| (0..d).map(|i| f16::from_f32(((t * 7 + i * 3) % 11) as f32 / 4.0 - 1.0).to_f32()).collect())
+            .collect();
         for r in &rows {
             k.push(r).unwrap();
         }

@@ -28,6 +28,8 @@ pub mod error;
 #[cfg(target_arch = "x86_64")]
 mod fastq;
 #[cfg(target_arch = "x86_64")]
+mod fastq512;
+#[cfg(target_arch = "x86_64")]
 mod fused;
 pub mod host;
 pub mod kivi;
@@ -44,6 +46,6 @@ pub mod cuda {
 pub use cache::{Attention, CacheConfig, CacheStats, Counters, QaqCache};
 pub use error::{KernelError, Result};
 pub use host::{HostTier, InMemoryHost};
-pub use policy::{BitFormula, DownSource, KiviSpec, KvPolicy, QNorm, QaqParams, UniformSpec, POLICY_SYNTAX};
+pub use policy::{BitFormula, DownSource, KiviSpec, KvPolicy, POLICY_SYNTAX, QNorm, QaqParams, UniformSpec};
 pub use quant::{OutlierMode, Outliers, QuantSpec, Scheme};
 pub use store::Bytes;

@@ -16,7 +16,7 @@
 //! NaN give `b_min`.
 
 use crate::error::{KernelError, Result};
-use crate::quant::{OutlierMode, Outliers, QuantSpec, Scheme, MAX_BITS};
+use crate::quant::{MAX_BITS, OutlierMode, Outliers, QuantSpec, Scheme};
 use std::str::FromStr;
 
 /// Which bit-count formula.
@@ -58,7 +58,6 @@ pub fn value_step_from(numerator: f64, t: usize, a: f64) -> f64 {
     }
     numerator / a
 }
-
 
 /// `x.log2().ceil()`, bit for bit, without the libm call in the common case: for a
 /// normal positive `x = (1 + f) 2^E` with `1e-12 < f < 1 - 1e-12` the answer is `E + 1`
@@ -314,8 +313,12 @@ impl FromStr for KvPolicy {
                 };
                 KvPolicy::Uniform(UniformSpec { k_bits: Some(n), v_bits: Some(n), outliers })
             }
-            ("uniform-k", Some(r)) => KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true }),
-            ("uniform-v", Some(r)) => KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true }),
+            ("uniform-k", Some(r)) => {
+                KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true })
+            }
+            ("uniform-v", Some(r)) => {
+                KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true })
+            }
             ("kivi", r) => {
                 let mut k = KiviSpec::default();
                 if let Some(r) = r {
@@ -517,7 +520,10 @@ mod tests {
         assert_eq!(bits(f64::NAN, 1.0, BitFormula::Reference, 2, 8), 2);
         assert_eq!(bits(1e30, 1e-30, BitFormula::Paper, 0, 8), 8);
         // Paper vs reference: more attention -> more value bits.
-        assert!(raw_bits(2.0, value_step(1000, 0.5, 0.01), BitFormula::Paper) > raw_bits(2.0, value_step(1000, 0.01, 0.01), BitFormula::Paper));
+        assert!(
+            raw_bits(2.0, value_step(1000, 0.5, 0.01), BitFormula::Paper)
+                > raw_bits(2.0, value_step(1000, 0.01, 0.01), BitFormula::Paper)
+        );
     }
 
     #[test]
@@ -555,10 +561,19 @@ mod tests {
             "uniform:4".parse::<KvPolicy>().unwrap(),
             KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true })
         );
-        assert!(matches!("uniform:2:noout".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { outliers: false, .. })));
-        assert!(matches!("uniform-k:2".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { v_bits: None, .. })));
+        assert!(matches!(
+            "uniform:2:noout".parse::<KvPolicy>().unwrap(),
+            KvPolicy::Uniform(UniformSpec { outliers: false, .. })
+        ));
+        assert!(matches!(
+            "uniform-k:2".parse::<KvPolicy>().unwrap(),
+            KvPolicy::Uniform(UniformSpec { v_bits: None, .. })
+        ));
         assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
-        assert_eq!("kivi:16:64".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64 }));
+        assert_eq!(
+            "kivi:16:64".parse::<KvPolicy>().unwrap(),
+            KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64 })
+        );
         let KvPolicy::Qaq(p) = "qaq:sigma_x=0.5,formula=code,qnorm=p95,bmax=4".parse::<KvPolicy>().unwrap() else {
             panic!("not qaq")
         };

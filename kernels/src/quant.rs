@@ -151,9 +151,7 @@ pub fn code_bytes(bits: u8, d: usize) -> usize {
 /// Checks a group length: a multiple of 8 in 8..=256.
 pub fn check_group_len(d: usize) -> Result<()> {
     if d == 0 || !d.is_multiple_of(8) || d > MAX_GROUP {
-        return Err(KernelError::Config(format!(
-            "head_dim must be a multiple of 8 in 8..={MAX_GROUP}, got {d}"
-        )));
+        return Err(KernelError::Config(format!("head_dim must be a multiple of 8 in 8..={MAX_GROUP}, got {d}")));
     }
     Ok(())
 }
@@ -165,7 +163,13 @@ pub(crate) fn f16_down(x: f32) -> f16 {
         return h;
     }
     let b = h.to_bits();
-    if b & 0x7fff == 0 { f16::from_bits(0x8001) } else if b & 0x8000 == 0 { f16::from_bits(b - 1) } else { f16::from_bits(b + 1) }
+    if b & 0x7fff == 0 {
+        f16::from_bits(0x8001)
+    } else if b & 0x8000 == 0 {
+        f16::from_bits(b - 1)
+    } else {
+        f16::from_bits(b + 1)
+    }
 }
 
 #[inline(always)]
@@ -175,7 +179,13 @@ pub(crate) fn f16_up(x: f32) -> f16 {
         return h;
     }
     let b = h.to_bits();
-    if b & 0x7fff == 0 { f16::from_bits(0x0001) } else if b & 0x8000 == 0 { f16::from_bits(b + 1) } else { f16::from_bits(b - 1) }
+    if b & 0x7fff == 0 {
+        f16::from_bits(0x0001)
+    } else if b & 0x8000 == 0 {
+        f16::from_bits(b + 1)
+    } else {
+        f16::from_bits(b - 1)
+    }
 }
 
 /// Largest finite f16.
@@ -192,11 +202,7 @@ pub fn check_finite(x: &[f32], what: &'static str) -> Result<()> {
         }
     }
     let tail_ok = chunks.remainder().iter().all(|v| v.abs() <= F16_MAX);
-    if tail_ok && ok.iter().all(|&b| b) {
-        Ok(())
-    } else {
-        Err(KernelError::NonFinite { what })
-    }
+    if tail_ok && ok.iter().all(|&b| b) { Ok(()) } else { Err(KernelError::NonFinite { what }) }
 }
 
 #[inline(always)]
@@ -280,7 +286,13 @@ fn select_small(x: &[f32], k_lo: usize, k_hi: usize, idx: &mut [u8; MAX_GROUP], 
 
 /// Picks outliers; returns the inlier (min, max, sum) and fills `idx` (sorted).
 #[inline(always)]
-fn select_outliers(x: &[f32], k_lo: usize, k_hi: usize, idx: &mut [u8; MAX_GROUP], n_idx: &mut usize) -> (f32, f32, f32) {
+fn select_outliers(
+    x: &[f32],
+    k_lo: usize,
+    k_hi: usize,
+    idx: &mut [u8; MAX_GROUP],
+    n_idx: &mut usize,
+) -> (f32, f32, f32) {
     *n_idx = 0;
     if k_lo + k_hi > 0 {
         let mut taken = [false; MAX_GROUP];
@@ -339,7 +351,8 @@ pub fn encode_group(
 /// `d`), appending each group's metadata to `metas`: the same bytes and metadata as one
 /// [`encode_group`] call per group, and the same error at the first failing group (the
 /// groups before it stay appended). Faster: on x86-64 the default midpoint scheme runs
-/// two groups in lock step.
+/// four groups in lock step with AVX-512 (F/BW/VL/VBMI, `crate::fastq512`), else two
+/// with AVX2 (`QAQ_KERNELS_NO_AVX512` forces the latter).
 #[allow(clippy::too_many_arguments)]
 pub fn encode_groups(
     x: &[f32],
@@ -361,8 +374,16 @@ pub fn encode_groups(
         let k_lo = k_lo.min(d - 1);
         let k_hi = k_hi.min(d - 1 - k_lo);
         if k_lo <= 1 && k_hi <= 1 {
+            if crate::fastq512::available() {
+                // SAFETY: AVX-512 detected at run time; `d` checked above.
+                return unsafe {
+                    crate::fastq512::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas)
+                };
+            }
             // SAFETY: features detected at run time; `d` checked above.
-            return unsafe { crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas) };
+            return unsafe {
+                crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas)
+            };
         }
     }
     for g in x.chunks_exact(d) {
@@ -394,8 +415,16 @@ pub fn encode_groups_f16(
         let k_lo = k_lo.min(d - 1);
         let k_hi = k_hi.min(d - 1 - k_lo);
         if k_lo <= 1 && k_hi <= 1 {
+            if crate::fastq512::available() {
+                // SAFETY: AVX-512 detected at run time; `d` checked above.
+                return unsafe {
+                    crate::fastq512::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas)
+                };
+            }
             // SAFETY: features detected at run time; `d` checked above.
-            return unsafe { crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas) };
+            return unsafe {
+                crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas)
+            };
         }
     }
     let mut tmp = [0f32; MAX_GROUP];
@@ -550,14 +579,29 @@ fn encode_impl(
 
 /// Reconstructs one group into `out` (length `d`). `codes` starts at the group's codes
 /// (it may extend further); `out_idx`/`out_val` are the group's outliers.
-pub fn decode_group(
-    meta: &GroupMeta,
-    scheme: Scheme,
-    codes: &[u8],
-    out_idx: &[u8],
-    out_val: &[f16],
-    out: &mut [f32],
-) {
+pub fn decode_group(meta: &GroupMeta, scheme: Scheme, codes: &[u8], out_idx: &[u8], out_val: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if meta.bits != RAW
+        && meta.bits > 0
+        && out.len().is_multiple_of(8)
+        && out.len() <= MAX_GROUP
+        && codes.len() >= code_bytes(meta.bits, out.len())
+        && crate::fastq512::available()
+    {
+        // SAFETY: AVX-512 detected; length conditions checked just above.
+        unsafe {
+            crate::fastq512::decode_quantized(
+                meta.base(scheme),
+                simd::h2f(meta.s),
+                meta.bits,
+                codes,
+                out_idx,
+                out_val,
+                out,
+            )
+        };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if meta.bits != RAW
         && meta.bits > 0
@@ -567,7 +611,15 @@ pub fn decode_group(
     {
         // SAFETY: features detected; length conditions checked just above.
         unsafe {
-            crate::fastq::decode_quantized(meta.base(scheme), simd::h2f(meta.s), meta.bits, codes, out_idx, out_val, out)
+            crate::fastq::decode_quantized(
+                meta.base(scheme),
+                simd::h2f(meta.s),
+                meta.bits,
+                codes,
+                out_idx,
+                out_val,
+                out,
+            )
         };
         return;
     }

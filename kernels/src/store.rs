@@ -9,8 +9,8 @@
 //! [`SLACK`] zero bytes after their codes so SIMD unpacking can read 8 bytes at a time;
 //! those bytes are real memory and are counted as padding in [`Bytes`].
 
-use crate::error::Result;
-use crate::quant::{self, GroupMeta, QuantSpec, META_BYTES, OUTLIER_BYTES, RAW};
+use crate::error::{KernelError, Result};
+use crate::quant::{self, GroupMeta, META_BYTES, OUTLIER_BYTES, QuantSpec, RAW};
 use half::f16;
 
 /// Groups per block.
@@ -197,6 +197,44 @@ impl PackedStream {
         res
     }
 
+    /// Appends consecutive groups of `d` f16 values at width `bits`: the same stream as
+    /// one [`PackedStream::push`] per group (of the values as f32), through the batch
+    /// encoder. Stops at the first failing group; the groups before it stay appended.
+    pub fn push_many_f16(&mut self, x: &[f16], bits: u8) -> Result<()> {
+        let bits = if self.raw_only { RAW } else { bits };
+        let d = self.d;
+        if !x.len().is_multiple_of(d) {
+            return Err(KernelError::Shape { what: "groups", expected: d, got: x.len() });
+        }
+        let spec = self.spec;
+        let mut rest = x;
+        while !rest.is_empty() {
+            if self.blocks.last().is_none_or(|b| b.len() >= BLOCK_TOKENS) {
+                self.blocks.push(Block::default());
+            }
+            let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+            let take = (BLOCK_TOKENS - b.len()).min(rest.len() / d);
+            let (now, later) = rest.split_at(take * d);
+            b.strip_slack();
+            let before = b.meta.len();
+            let res = quant::encode_groups_f16(
+                now,
+                d,
+                bits,
+                &spec,
+                &mut b.codes,
+                &mut b.out_idx,
+                &mut b.out_val,
+                &mut b.meta,
+            );
+            self.len += b.meta.len() - before;
+            b.add_slack();
+            res?;
+            rest = later;
+        }
+        Ok(())
+    }
+
     /// Metadata of group `t`.
     pub fn meta(&self, t: usize) -> Option<GroupMeta> {
         self.blocks.get(t / BLOCK_TOKENS)?.meta.get(t % BLOCK_TOKENS).copied()
@@ -258,7 +296,12 @@ impl PackedStream {
                 nb.codes.extend_from_slice(&old.codes[rc..co]);
                 nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
                 nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
-                let g = GroupRef { meta: *m, codes: &old.codes[co..], out_idx: &old.out_idx[oo..oo + no], out_val: &old.out_val[oo..oo + no] };
+                let g = GroupRef {
+                    meta: *m,
+                    codes: &old.codes[co..],
+                    out_idx: &old.out_idx[oo..oo + no],
+                    out_val: &old.out_val[oo..oo + no],
+                };
                 let mut sink = Sink { codes: &mut nb.codes, out_idx: &mut nb.out_idx, out_val: &mut nb.out_val };
                 match f(i, g, &mut sink) {
                     Ok(Some(nm)) => {
@@ -366,8 +409,9 @@ mod tests {
     #[test]
     fn rewrite_groups_keeps_unselected_and_declined_groups() {
         let spec = QuantSpec::default();
-        let rows: Vec<Vec<f32>> =
-            (0..70).map(|t| (0..16).map(|i| half::f16::from_f32(((t * 7 + i * 3) % 11) as f32 - 5.0).to_f32()).collect()).collect();
+        let rows: Vec<Vec<f32>> = (0..70)
+            .map(|t| (0..16).map(|i| half::f16::from_f32(((t * 7 + i * 3) % 11) as f32 - 5.0).to_f32()).collect())
+            .collect();
         let build = || {
             let mut s = PackedStream::new(16, spec, false);
             for (t, r) in rows.iter().enumerate() {

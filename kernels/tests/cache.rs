@@ -63,7 +63,17 @@ fn filled(policy: &str, t: usize, seed: u64) -> (QaqCache, Rng, Vec<Vec<f32>>, V
 
 #[test]
 fn packed_attention_equals_dequantised_attention_for_every_policy() {
-    for policy in ["fp16", "uniform:3", "uniform:0", "uniform:4:noout", "uniform-k:2", "uniform-v:1", "kivi:8:16", "qaq", "qaq-ref"] {
+    for policy in [
+        "fp16",
+        "uniform:3",
+        "uniform:0",
+        "uniform:4:noout",
+        "uniform-k:2",
+        "uniform-v:1",
+        "kivi:8:16",
+        "qaq",
+        "qaq-ref",
+    ] {
         let (mut cache, mut rng, _, _) = filled(policy, 300, 7);
         let q0 = rng.vec(CFG.n_q_heads * CFG.head_dim, 3.0);
         cache.attend_rows(0, &q0, 1).unwrap();
@@ -314,4 +324,83 @@ fn kivi_keeps_residual_in_fp16() {
     let (kd, _) = cache.dequantized(0).unwrap();
     assert_eq!(&kd[39 * 32..40 * 32], &r16(&ks[0][39 * 32..40 * 32])[..]);
     assert!(cache.stats().compression_ratio() > 1.2);
+}
+
+/// A multi-token append (prefill, batch encoder) leaves the same cache as appending the
+/// tokens one at a time, across block boundaries and after a partly filled block.
+#[test]
+fn batch_append_matches_token_by_token() {
+    for policy in [
+        "fp16",
+        "uniform:0",
+        "uniform:2",
+        "uniform:3",
+        "uniform:4:noout",
+        "uniform-k:2",
+        "uniform-v:1",
+        "kivi:8:16",
+        "qaq",
+        "qaq-ref",
+    ] {
+        for cfg in [CFG, CacheConfig { head_dim: 64, ..CFG }, CacheConfig { head_dim: 24, ..CFG }] {
+            let r = row(&cfg);
+            let (mut a, mut b) = (
+                QaqCache::new(cfg, policy.parse().unwrap()).unwrap(),
+                QaqCache::new(cfg, policy.parse().unwrap()).unwrap(),
+            );
+            let mut rng = Rng(77);
+            for n in [1usize, 130, 3, 1, 70] {
+                for layer in 0..cfg.n_layers {
+                    let k = rng.vec(n * r, 2.0);
+                    let v = rng.vec(n * r, 1.0);
+                    a.append(layer, &k, &v).unwrap();
+                    for t in 0..n {
+                        b.append(layer, &k[t * r..(t + 1) * r], &v[t * r..(t + 1) * r]).unwrap();
+                    }
+                }
+            }
+            let q = rng.vec(cfg.n_q_heads * cfg.head_dim, 1.0);
+            for layer in 0..cfg.n_layers {
+                assert_eq!(a.len(layer), b.len(layer));
+                let bits = |x: (Vec<f32>, Vec<f32>)| {
+                    (
+                        x.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        x.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    )
+                };
+                assert_eq!(
+                    bits(a.dequantized(layer).unwrap()),
+                    bits(b.dequantized(layer).unwrap()),
+                    "{policy} d {}",
+                    cfg.head_dim
+                );
+                for h in 0..cfg.n_kv_heads {
+                    assert_eq!(a.widths(layer, h), b.widths(layer, h), "{policy}");
+                }
+                let (oa, ob) = (a.attend(layer, &q).unwrap(), b.attend(layer, &q).unwrap());
+                assert_eq!(
+                    oa.output.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    ob.output.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{policy}"
+                );
+            }
+            assert_eq!(format!("{:?}", a.stats()), format!("{:?}", b.stats()), "{policy} d {}", cfg.head_dim);
+            a.end_step().unwrap();
+            b.end_step().unwrap();
+            assert_eq!(format!("{:?}", a.stats()), format!("{:?}", b.stats()), "{policy} after end_step");
+            for layer in 0..cfg.n_layers {
+                let bits = |x: (Vec<f32>, Vec<f32>)| {
+                    (
+                        x.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        x.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    )
+                };
+                assert_eq!(
+                    bits(a.dequantized(layer).unwrap()),
+                    bits(b.dequantized(layer).unwrap()),
+                    "{policy} after end_step"
+                );
+            }
+        }
+    }
 }

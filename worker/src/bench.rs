@@ -95,7 +95,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let text = std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
+    let text =
+        std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
     let ids = model.tokenizer.encode(&text)?;
     let ctx_max = model.model.config().context_length;
     println!(
@@ -106,14 +107,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|");
     for p in &policies {
         for &c in &args.contexts {
-            anyhow::ensure!(c + args.tokens as usize <= ctx_max, "--contexts: {c} + --tokens exceeds the context {ctx_max}");
-            anyhow::ensure!(ids.len() >= c, "--text has only {} tokens, fewer than {c}", ids.len());
-            let r = measure(&model, p, &ids[..c], 1, args.tokens)?;
+            // Context = prompt + generated tokens.
+            anyhow::ensure!(
+                c <= ctx_max && c > args.tokens as usize,
+                "--contexts: {c} must be in ({}, {ctx_max}] (prompt plus --tokens)",
+                args.tokens
+            );
+            let prompt = c - args.tokens as usize;
+            anyhow::ensure!(ids.len() >= prompt, "--text has only {} tokens, fewer than {prompt}", ids.len());
+            let r = measure(&model, p, &ids[..prompt], 1, args.tokens)?;
             let fit = (args.fit_budget_bytes as f64 / (args.fit_tokens as f64 * r.bytes_per_token)).floor();
             println!(
                 "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} |",
                 r.policy,
-                r.context,
+                c,
                 r.decode_tokens_per_s,
                 r.bytes_per_token,
                 r.fp16_bytes_per_token,
@@ -127,9 +134,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `batch` greedy sequences of `tokens` tokens each under `policy`.
-pub fn measure(model: &Arc<LoadedModel>, policy: &PolicyChoice, prompt: &[u32], batch: usize, tokens: u32) -> anyhow::Result<BenchRow> {
+pub fn measure(
+    model: &Arc<LoadedModel>,
+    policy: &PolicyChoice,
+    prompt: &[u32],
+    batch: usize,
+    tokens: u32,
+) -> anyhow::Result<BenchRow> {
     let worst = cache::worst_bytes_per_token(&model.model.kv_shape(), &policy.policy).map_err(anyhow::Error::msg)?;
-    let cfg = EngineConfig { max_batch: batch, budgets: crate::engine::Budgets { device: u64::MAX, host: u64::MAX }, ..Default::default() };
+    let cfg = EngineConfig {
+        max_batch: batch,
+        budgets: crate::engine::Budgets { device: u64::MAX, host: u64::MAX },
+        ..Default::default()
+    };
     let engine = EngineHandle::start(model.clone(), cfg);
     let start = Instant::now();
     let mut rxs = Vec::new();

@@ -177,7 +177,8 @@ impl WorkerConfig {
             b.device,
             self.kv_policy.label
         );
-        let host_min = if self.kv_policy.uses_host_backups() { MIN_SEQUENCE_TOKENS * backup_bytes_per_token as u64 } else { 1 };
+        let host_min =
+            if self.kv_policy.uses_host_backups() { MIN_SEQUENCE_TOKENS * backup_bytes_per_token as u64 } else { 1 };
         anyhow::ensure!(
             b.host >= host_min,
             "--kv-host-budget-bytes: {} is smaller than the fp16 backups of one sequence of {MIN_SEQUENCE_TOKENS} tokens \

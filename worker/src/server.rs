@@ -11,11 +11,11 @@ use qaq_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::cache;
 use crate::config::WorkerConfig;
 use crate::engine::EngineHandle;
 use crate::model::LoadedModel;
 use crate::registration::{self, Announcement};
-use crate::cache;
 use crate::service::{KvSettings, WorkerService};
 
 /// Serves until `shutdown` resolves. `metrics_addr` is announced to the
@@ -29,7 +29,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let shape = model.model.kv_shape();
-    let worst = cache::worst_bytes_per_token(&shape, &cfg.kv_policy.policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
+    let worst =
+        cache::worst_bytes_per_token(&shape, &cfg.kv_policy.policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
     cfg.check_budgets(worst, cache::backup_bytes_per_token(&shape))?;
     let engine = Arc::new(EngineHandle::start(model.clone(), cfg.engine.clone()));
     let draining = Arc::new(AtomicBool::new(false));

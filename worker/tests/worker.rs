@@ -168,7 +168,12 @@ fn real_tokenizer_round_trips_and_knows_the_chat_tokens() {
     assert!(chat.ends_with("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"), "{chat:?}");
 }
 
-fn job(id: &str, prompt: Vec<u32>, max_new: u32, stops: Vec<String>) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+fn job(
+    id: &str,
+    prompt: Vec<u32>,
+    max_new: u32,
+    stops: Vec<String>,
+) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
     job_with(id, prompt, max_new, stops, PolicyChoice::parse("fp16").unwrap())
 }
 
@@ -228,7 +233,10 @@ fn engine_batches_sequences_like_it_runs_them_alone() {
     let enc: Vec<Vec<u32>> = prompts.iter().map(|p| loaded.tokenizer.encode(p).unwrap()).collect();
     let alone: Vec<Vec<u32>> = enc.iter().map(|p| greedy_ours(&loaded.model, p, 12)).collect();
     // Small prefill chunks force chunked prefill beside running decodes.
-    let engine = EngineHandle::start(loaded.clone(), EngineConfig { max_batch: 8, prefill_chunk: 3, max_waiting: 16, ..EngineConfig::default() });
+    let engine = EngineHandle::start(
+        loaded.clone(),
+        EngineConfig { max_batch: 8, prefill_chunk: 3, max_waiting: 16, ..EngineConfig::default() },
+    );
     let rxs: Vec<_> = enc
         .iter()
         .enumerate()
@@ -317,7 +325,8 @@ fn qaq_generates_2000_tokens_within_a_device_budget_fp16_could_not_hold() {
 #[test]
 fn a_preempted_sequence_resumes_with_exactly_the_tokens_of_an_undisturbed_run() {
     let loaded = real().2.clone();
-    let (pa, pb) = (loaded.tokenizer.encode("The moon is").unwrap(), loaded.tokenizer.encode("My favourite food is").unwrap());
+    let (pa, pb) =
+        (loaded.tokenizer.encode("The moon is").unwrap(), loaded.tokenizer.encode("My favourite food is").unwrap());
     let n = 48;
     // Undisturbed runs, one at a time, with no memory pressure.
     let free = engine_with(u64::MAX, u64::MAX);
@@ -351,7 +360,8 @@ fn a_full_host_tier_evicts_backups_and_generation_goes_on() {
     let per_token = qaq_worker::cache::backup_bytes_per_token(&loaded.model.kv_shape()) as u64;
     let host_budget = 64 * per_token;
     let engine = engine_with(u64::MAX, host_budget);
-    let (j, rx) = job_with("h", loaded.tokenizer.encode("List the planets of the solar system.").unwrap(), 160, vec![], qaq());
+    let (j, rx) =
+        job_with("h", loaded.tokenizer.encode("List the planets of the solar system.").unwrap(), 160, vec![], qaq());
     engine.submit(j).unwrap();
     let (text, ids, finish, kv) = collect_kv(rx);
     assert_eq!(finish, Finish::Length);

@@ -55,10 +55,9 @@ impl EngineState {
 
     pub fn submit(&mut self, job: Job) {
         if self.waiting.len() >= self.cfg.max_waiting {
-            let _ = job.events.send(Event::Failed(format!(
-                "worker queue full ({} waiting requests)",
-                self.cfg.max_waiting
-            )));
+            let _ = job
+                .events
+                .send(Event::Failed(format!("worker queue full ({} waiting requests)", self.cfg.max_waiting)));
             counter!(m::REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
             return;
         }
@@ -69,7 +68,14 @@ impl EngineState {
     pub fn abort(&mut self, id: &str) -> bool {
         if let Some(i) = self.waiting.iter().position(|j| j.id == id) {
             let job = self.waiting.remove(i).expect("index from position");
-            let _ = job.events.send(done_event(String::new(), vec![], Finish::Aborted, job.prompt.len(), 0, KvSummary::default()));
+            let _ = job.events.send(done_event(
+                String::new(),
+                vec![],
+                Finish::Aborted,
+                job.prompt.len(),
+                0,
+                KvSummary::default(),
+            ));
             counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
             return true;
         }
@@ -459,6 +465,13 @@ impl EngineState {
     }
 }
 
-fn done_event(text: String, token_ids: Vec<u32>, finish: Finish, prompt: usize, completion: u32, kv: KvSummary) -> Event {
+fn done_event(
+    text: String,
+    token_ids: Vec<u32>,
+    finish: Finish,
+    prompt: usize,
+    completion: u32,
+    kv: KvSummary,
+) -> Event {
     Event::Done { text, token_ids, finish, prompt_tokens: prompt as u32, completion_tokens: completion, kv }
 }

@@ -1,0 +1,749 @@
+//! AVX-512 (F/BW/VL/VBMI) version of the midpoint encoder of [`crate::fastq`]: one group
+//! is `ceil(d / 16)` zmm of f32 (f16 input converted with `vcvtph2ps` as it is loaded),
+//! min/max and the one-per-side outlier selection use masked reductions, codes are
+//! `trunc((x - m) * (1 / s))` saturated by the `packus` chain, and 64 byte codes are
+//! bit-packed at once with shifts and one `vpermb`. Bit-exact with the scalar reference
+//! in [`crate::quant`] (same operations in the same order for every rounding step).
+//! Only compiled on x86-64; callers check [`available`] first.
+
+use crate::error::{KernelError, Result};
+use crate::fastq::f2h;
+use crate::quant::{F16_MAX, GroupMeta};
+use half::f16;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Whether the AVX-512 encoder may be used: the AVX2 fast path is on (so the
+/// `QAQ_KERNELS_SCALAR` switch also disables this), the CPU has AVX-512 F, BW, VL and
+/// VBMI, and `QAQ_KERNELS_NO_AVX512` is unset (to exercise the AVX2 path).
+pub(crate) fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        crate::simd::fast_path()
+            && std::env::var_os("QAQ_KERNELS_NO_AVX512").is_none()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vbmi")
+    })
+}
+
+/// The encoder input: f32 values, or f16 values converted exactly as they are loaded.
+pub(crate) trait Input16: Copy {
+    /// Bytes per value.
+    const ELEM: usize;
+    /// Number of values.
+    fn len(self) -> usize;
+    /// Address of value `i` (may be past the end; only for prefetching).
+    fn addr(self, i: usize) -> *const i8;
+    /// The lanes of `mask` of the 16 values from `off` as f32 (other lanes 0).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL available; every lane of `mask` is inside the slice.
+    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512;
+    /// Value `i` as f16 bits (round to nearest, exact for f16-representable values).
+    ///
+    /// # Safety
+    /// F16C available.
+    unsafe fn half_bits(self, i: usize) -> u16;
+}
+
+impl Input16 for &[f32] {
+    const ELEM: usize = 4;
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
+    #[inline(always)]
+    fn addr(self, i: usize) -> *const i8 {
+        self.as_ptr().wrapping_add(i) as *const i8
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512 {
+        debug_assert!(off < self.len());
+        // SAFETY: per the contract, the lanes read (those of `mask`) are in the slice;
+        // masked-off lanes are not accessed.
+        unsafe { _mm512_maskz_loadu_ps(mask, self.as_ptr().add(off)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn half_bits(self, i: usize) -> u16 {
+        f2h(self[i])
+    }
+}
+
+impl Input16 for &[f16] {
+    const ELEM: usize = 2;
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f16]>::len(self)
+    }
+    #[inline(always)]
+    fn addr(self, i: usize) -> *const i8 {
+        self.as_ptr().wrapping_add(i) as *const i8
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512 {
+        debug_assert!(off < self.len());
+        // SAFETY: as for f32; 16-bit lanes.
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, self.as_ptr().add(off) as *const i16)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn half_bits(self, i: usize) -> u16 {
+        self[i].to_bits()
+    }
+}
+
+/// Where the encoder puts each group's metadata.
+pub(crate) trait MetaSink {
+    /// Appends one group's metadata.
+    fn put(&mut self, m: GroupMeta);
+    /// Room for `n` more groups.
+    fn reserve(&mut self, _n: usize) {}
+}
+
+impl MetaSink for Vec<GroupMeta> {
+    #[inline(always)]
+    fn put(&mut self, m: GroupMeta) {
+        self.push(m);
+    }
+    fn reserve(&mut self, n: usize) {
+        Vec::reserve(self, n);
+    }
+}
+
+impl MetaSink for Option<GroupMeta> {
+    #[inline(always)]
+    fn put(&mut self, m: GroupMeta) {
+        *self = Some(m);
+    }
+}
+
+/// Midpoint-scheme encode of consecutive groups of `d` values (`x.len()` a multiple of
+/// `d`) with at most one outlier per side, `bits` in 0..=8. Same bytes, metadata and
+/// errors as one scalar `quant::encode_impl` call per group, stopping at the first
+/// failing group (the groups before it stay appended, the failing one appends nothing).
+///
+/// # Safety
+/// [`available`] returned true; `d` a multiple of 8 in 8..=256; `k_lo, k_hi <= 1`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn encode_midpoint_many<I: Input16, M: MetaSink>(
+    x: I,
+    d: usize,
+    bits: u8,
+    k_lo: usize,
+    k_hi: usize,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+    metas: &mut M,
+) -> Result<()> {
+    assert!(d.is_multiple_of(8) && (8..=256).contains(&d) && x.len().is_multiple_of(d) && bits <= 8);
+    assert!(k_lo <= 1 && k_hi <= 1);
+    // SAFETY: features detected (contract); `d` checked above.
+    unsafe {
+        match (d, x.len() > d) {
+            (64, true) => encode_body::<I, M, 4, 4>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+            (64, false) => encode_body::<I, M, 4, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+            (128, true) => encode_body::<I, M, 8, 2>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+            (128, false) => encode_body::<I, M, 8, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+            _ => encode_body::<I, M, 0, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+        }
+    }
+}
+
+/// Mask of the valid lanes of vector `i` of a group of `d` values.
+#[inline(always)]
+fn lanes<const NZ: usize>(d: usize, i: usize) -> __mmask16 {
+    // NZ != 0: d == 16 NZ (all lanes valid, known at compile time).
+    if NZ != 0 || 16 * i + 16 <= d { 0xffff } else { 0x00ff }
+}
+
+/// Per width, the `vpermb` indices that gather the low `b` bytes of every qword: output
+/// byte `j < 8 b` comes from qword `j / b`, byte `j % b`.
+static PACK_IDX: [[u8; 64]; 9] = {
+    let mut t = [[0u8; 64]; 9];
+    let mut b = 1;
+    while b <= 8 {
+        let mut j = 0;
+        while j < 8 * b {
+            t[b][j] = ((j / b) * 8 + j % b) as u8;
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Per lane: the smallest and the second smallest value seen (as a multiset).
+type Pair = (__m512, __m512);
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn push_lo(p: Pair, v: __m512) -> Pair {
+    (_mm512_min_ps(p.0, v), _mm512_min_ps(p.1, _mm512_max_ps(p.0, v)))
+}
+
+/// Per lane: the largest and the second largest value seen (as a multiset).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn push_hi(p: Pair, v: __m512) -> Pair {
+    (_mm512_max_ps(p.0, v), _mm512_max_ps(p.1, _mm512_min_ps(p.0, v)))
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn merge(a: Pair, b: Pair) -> Pair {
+    (_mm512_min_ps(a.0, b.0), _mm512_min_ps(_mm512_max_ps(a.0, b.0), _mm512_min_ps(a.1, b.1)))
+}
+
+/// First level of the horizontal reduction of one group: the 8-lane reduction of `lo`
+/// in the low 256 bits, of `nh` in the high ones.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn level1(lo: Pair, nh: Pair) -> Pair {
+    let a = (_mm512_shuffle_f32x4::<0x44>(lo.0, nh.0), _mm512_shuffle_f32x4::<0x44>(lo.1, nh.1));
+    let b = (_mm512_shuffle_f32x4::<0xEE>(lo.0, nh.0), _mm512_shuffle_f32x4::<0xEE>(lo.1, nh.1));
+    merge(a, b)
+}
+
+/// The other levels for two groups `p`, `q` (from [`level1`]): lanes 0, 4, 8, 12 of the
+/// result hold the reductions of `p.lo`, `p.nh`, `q.lo`, `q.nh` (values only; the sign
+/// of a zero result is irrelevant after `+ 0.0`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn level234(p: Pair, q: Pair) -> Pair {
+    let a = (_mm512_shuffle_f32x4::<0x88>(p.0, q.0), _mm512_shuffle_f32x4::<0x88>(p.1, q.1));
+    let b = (_mm512_shuffle_f32x4::<0xDD>(p.0, q.0), _mm512_shuffle_f32x4::<0xDD>(p.1, q.1));
+    let r = merge(a, b);
+    let r = merge(r, (_mm512_permute_ps::<0x4E>(r.0), _mm512_permute_ps::<0x4E>(r.1)));
+    merge(r, (_mm512_permute_ps::<0xB1>(r.0), _mm512_permute_ps::<0xB1>(r.1)))
+}
+
+/// The body of [`encode_midpoint_many`] for `G` (1 or 2) groups in lock step, so that
+/// their dependency chains overlap; `NZ` is `d / 16` rounded up when known at compile
+/// time (0: at run time).
+///
+/// # Safety
+/// As [`encode_midpoint_many`], with its assertions.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+unsafe fn encode_body<I: Input16, M: MetaSink, const NZ: usize, const G: usize>(
+    x: I,
+    d: usize,
+    bits: u8,
+    k_lo: usize,
+    k_hi: usize,
+    codes: &mut Vec<u8>,
+    out_idx: &mut Vec<u8>,
+    out_val: &mut Vec<f16>,
+    metas: &mut M,
+) -> Result<()> {
+    let nz = if NZ == 0 { d.div_ceil(16) } else { NZ };
+    assert!(nz == d.div_ceil(16) && nz <= 16 && (NZ == 0 || d == 16 * NZ) && (1..=4).contains(&G));
+    let n = x.len() / d;
+    let b = bits as usize;
+    let nb = d * b / 8;
+    codes.reserve(n * nb);
+    out_idx.reserve(n * (k_lo + k_hi));
+    out_val.reserve(n * (k_lo + k_hi));
+    metas.reserve(n);
+    let len0 = codes.len();
+
+    let lim = _mm512_set1_epi32((F16_MAX.to_bits() << 1) as i32);
+    let (pinf, sign) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_epi32(i32::MIN));
+    let top = _mm512_set1_epi8(((1u32 << bits) - 1) as u8 as i8);
+    // Dword order after `packus_epi16(packus_epi32(c0, c1), packus_epi32(c2, c3))`:
+    // 128-bit lane L holds dwords (c0, c1, c2, c3) of lane L; put them back in order.
+    let fix = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    // SAFETY: 64 bytes.
+    let pidx = unsafe { _mm512_loadu_si512(PACK_IDX[b].as_ptr() as *const _) };
+    let (sh1, sh2, sh4) =
+        (_mm_cvtsi32_si128(b as i32), _mm_cvtsi32_si128(2 * b as i32), _mm_cvtsi32_si128(4 * b as i32));
+    let (m16, m32, m64) =
+        (_mm512_set1_epi32(0x00ff_00ff), _mm512_set1_epi32(0x0000_ffff), _mm512_set1_epi64(0xffff_ffff));
+    let scale = 1.0 / (1u32 << bits) as f32;
+
+    let mut g0 = 0;
+    while g0 < n {
+        // Groups g0 .. g0 + gn; a missing second group repeats the first (not written).
+        let gn = G.min(n - g0);
+        // Fetch the input 8 groups ahead (a prefetch never faults, even past the end).
+        let ahead = x.addr((g0 + 8) * d);
+        for off in (0..G * d * I::ELEM).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
+        }
+        let base = |g: usize| (g0 + g.min(gn - 1)) * d;
+        // Only the first `nz` vectors of each group are written and read (left
+        // uninitialised: zeroing all 16 per step costs a memset).
+        let mut v = [[std::mem::MaybeUninit::<__m512>::uninit(); 16]; G];
+        let mut big = [_mm512_setzero_si512(); G];
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let (mut lo, mut hi) = ([(pinf, pinf); G], [(ninf, ninf); G]);
+        for i in 0..nz {
+            let k = lanes::<NZ>(d, i);
+            for g in 0..G {
+                // SAFETY: lanes `16 i ..` of `k` are below `d`, so inside the group.
+                let vv = unsafe { x.load16(base(g) + 16 * i, k) };
+                v[g][i].write(vv);
+                // Finiteness: |v| <= F16_MAX as ordered bit patterns of `bits << 1` (NaN
+                // and inf are above); masked-off lanes are 0.
+                big[g] = _mm512_max_epu32(big[g], _mm512_slli_epi32::<1>(_mm512_castps_si512(vv)));
+                // The two smallest and the two largest values per lane, masked-off
+                // lanes as +inf / -inf.
+                lo[g] = push_lo(lo[g], _mm512_mask_blend_ps(k, pinf, vv));
+                hi[g] = push_hi(hi[g], _mm512_mask_blend_ps(k, ninf, vv));
+            }
+        }
+        // SAFETY: vectors 0..nz of every group were written in the load loop above.
+        let vec = |g: usize, i: usize| unsafe { v[g][i].assume_init() };
+        let mut finite = [true; G];
+        for g in 0..G {
+            finite[g] = _mm512_cmpgt_epu32_mask(big[g], lim) == 0;
+        }
+        // Horizontal reduction, two groups per register from the second level on; lane
+        // g of a1/a2 (n1/n2) is the smallest/second smallest of v (of -v) of group g.
+        let mut l1 = [(pinf, pinf); G];
+        for g in 0..G {
+            let neg = |p: __m512| _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(p), sign));
+            l1[g] = level1(lo[g], (neg(hi[g].0), neg(hi[g].1)));
+        }
+        let r0 = level234(l1[0], l1[1 % G]);
+        let r1 = if G > 2 { level234(l1[2 % G], l1[3 % G]) } else { r0 };
+        let (ilo, inh) = (
+            _mm512_setr_epi32(0, 8, 16, 24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_setr_epi32(4, 12, 20, 28, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        );
+        let a1 = _mm512_permutex2var_ps(r0.0, ilo, r1.0);
+        let n1 = _mm512_permutex2var_ps(r0.0, inh, r1.0);
+        let low = |p: __m512| _mm512_castps512_ps128(p);
+        let a2 = low(_mm512_permutex2var_ps(r0.1, ilo, r1.1));
+        let n2 = low(_mm512_permutex2var_ps(r0.1, inh, r1.1));
+        // Inlier extremes: with one outlier per side they are the second smallest /
+        // largest values (the reference excludes the first minimum and the last maximum;
+        // d >= 8 leaves the same values). `+ 0.0` turns -0 into +0 as the reference
+        // does; directed rounding to f16; x / 2^b and x * 2^-b are the same correctly
+        // rounded value.
+        let zero4 = _mm_setzero_ps();
+        let neg = |p: __m128| _mm_castsi128_ps(_mm_xor_si128(_mm_castps_si128(p), _mm_set1_epi32(i32::MIN)));
+        let mn4 = _mm_add_ps(if k_lo == 1 { a2 } else { low(a1) }, zero4);
+        let mx4 = _mm_add_ps(neg(if k_hi == 1 { n2 } else { low(n1) }), zero4);
+        let mh4 = _mm_cvtps_ph::<_MM_FROUND_TO_NEG_INF>(mn4);
+        let mf4 = _mm_cvtph_ps(mh4);
+        let sh4v = _mm_cvtps_ph::<_MM_FROUND_TO_POS_INF>(_mm_mul_ps(_mm_sub_ps(mx4, mf4), _mm_set1_ps(scale)));
+        let sf4 = _mm_cvtph_ps(sh4v);
+        let inv4 = _mm_div_ps(_mm_set1_ps(1.0), sf4);
+        let (mut mh, mut sh, mut sf) = ([0u16; 8], [0u16; 8], [0f32; 4]);
+        // SAFETY: 8 u16 / 4 f32 each.
+        unsafe {
+            _mm_storeu_si128(mh.as_mut_ptr() as *mut __m128i, mh4);
+            _mm_storeu_si128(sh.as_mut_ptr() as *mut __m128i, sh4v);
+            _mm_storeu_ps(sf.as_mut_ptr(), sf4);
+        }
+        let lane = |p: __m512, g: usize| _mm512_permutexvar_ps(_mm512_set1_epi32(g as i32), p);
+        let (mf16, inv16) = (_mm512_castps128_ps512(mf4), _mm512_castps128_ps512(inv4));
+        let (mut ex0, mut ex1) = ([usize::MAX; G], [usize::MAX; G]);
+        if k_lo + k_hi > 0 {
+            for g in 0..G {
+                // The reference's outliers: the first minimum and the last maximum (by
+                // value equality, so +0 == -0), the maximum moved off the minimum.
+                let (vmn, vmx) = (lane(a1, g), lane(n1, g));
+                let vmx = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(vmx), sign));
+                // Equality masks, 64 positions per word (4 words for d = 256).
+                let (mut wlo, mut whi) = ([0u64; 4], [0u64; 4]);
+                for i in 0..nz {
+                    let k = lanes::<NZ>(d, i);
+                    wlo[i / 4] |= (_mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(k, vec(g, i), vmn) as u64) << (16 * (i % 4));
+                    whi[i / 4] |= (_mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(k, vec(g, i), vmx) as u64) << (16 * (i % 4));
+                }
+                let (mut imin, mut imax) = (0usize, 0usize);
+                for j in (0..nz.div_ceil(4)).rev() {
+                    if wlo[j] != 0 {
+                        imin = 64 * j + wlo[j].trailing_zeros() as usize;
+                    }
+                }
+                for j in 0..nz.div_ceil(4) {
+                    if whi[j] != 0 {
+                        imax = 64 * j + 63 - whi[j].leading_zeros() as usize;
+                    }
+                }
+                if imax == imin && k_lo == 1 {
+                    imax = if imin == 0 { 1 } else { 0 };
+                }
+                if k_lo == 1 {
+                    ex0[g] = imin;
+                }
+                if k_hi == 1 {
+                    ex1[g] = imax;
+                }
+            }
+        }
+        for g in 0..G {
+            if b == 0 || g >= gn {
+                continue;
+            }
+            // SAFETY: capacity >= len0 + n * nb (reserved above) and g0 + g < n, so the
+            // group's nb bytes at len0 + (g0 + g) * nb are inside the allocation (the
+            // length is only set once they are all written).
+            let dst = unsafe { codes.as_mut_ptr().add(len0 + (g0 + g) * nb) };
+            if sf[g] <= 0.0 || !finite[g] {
+                // SAFETY: see `dst`.
+                unsafe { std::ptr::write_bytes(dst, 0, nb) };
+                continue;
+            }
+            let (iv, mv) = (lane(inv16, g), lane(mf16, g));
+            for blk in 0..nz.div_ceil(4) {
+                // Codes 64 blk .. 64 blk + 64 as bytes: trunc((v - m) * inv), negative
+                // or overflowing conversions saturate to 0 in `packus` (only outliers
+                // get there, and their code is 0), then clamp to 2^b - 1 and zero the
+                // outliers' codes. All zero when the step is zero (above).
+                let c = |q: usize| {
+                    let i = 4 * blk + q;
+                    if i < nz {
+                        _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_sub_ps(vec(g, i), mv), iv))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                };
+                let w = _mm512_packus_epi16(_mm512_packus_epi32(c(0), c(1)), _mm512_packus_epi32(c(2), c(3)));
+                let w = _mm512_permutexvar_epi32(fix, w);
+                let bit64 = |e: usize| if e / 64 == blk { 1u64 << (e % 64) } else { 0 };
+                let w = _mm512_maskz_min_epu8(!(bit64(ex0[g]) | bit64(ex1[g])), w, top);
+                // Pack: 16-bit lanes (c0 | c1 << b), 32-bit (.. | .. << 2b), 64-bit
+                // (.. | .. << 4b); 0xEA: (a & b) | c. Then gather the low b bytes of
+                // every qword.
+                let w = _mm512_ternarylogic_epi32::<0xEA>(w, m16, _mm512_sll_epi16(_mm512_srli_epi16::<8>(w), sh1));
+                let w = _mm512_ternarylogic_epi32::<0xEA>(w, m32, _mm512_sll_epi32(_mm512_srli_epi32::<16>(w), sh2));
+                let w = _mm512_ternarylogic_epi64::<0xEA>(w, m64, _mm512_sll_epi64(_mm512_srli_epi64::<32>(w), sh4));
+                let w = _mm512_permutexvar_epi8(pidx, w);
+                let bytes = (d - 64 * blk).min(64) * b / 8;
+                let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
+                // SAFETY: bytes 8 blk b .. 8 blk b + bytes lie inside the group's nb.
+                unsafe { _mm512_mask_storeu_epi8(dst.add(8 * blk * b) as *mut i8, keep, w) };
+            }
+        }
+        for g in 0..gn {
+            if !finite[g] {
+                return Err(KernelError::NonFinite { what: "group" });
+            }
+            if sh[g] & 0x7c00 == 0x7c00 {
+                return Err(KernelError::NonFinite { what: "group range" });
+            }
+            let mut n_out = 0u8;
+            let (a, z) = if ex0[g] > ex1[g] { (ex1[g], ex0[g]) } else { (ex0[g], ex1[g]) };
+            for e in [a, z] {
+                if e != usize::MAX {
+                    out_idx.push(e as u8);
+                    // SAFETY: F16C is enabled in this function.
+                    out_val.push(f16::from_bits(unsafe { x.half_bits(base(g) + e) }));
+                    n_out += 1;
+                }
+            }
+            metas.put(GroupMeta { m: f16::from_bits(mh[g]), s: f16::from_bits(sh[g]), bits, n_out });
+            // SAFETY: the nb code bytes of groups ..= g0 + g were all written above.
+            unsafe { codes.set_len(len0 + (g0 + g + 1) * nb) };
+        }
+        g0 += gn;
+    }
+    Ok(())
+}
+
+/// Per width, the `vpermb` indices that give qword `k` the bytes `k b .. k b + 8` of a
+/// block of packed codes (codes `8 k .. 8 k + 8` start at bit 0 of them).
+static SPREAD_IDX: [[u8; 64]; 9] = {
+    let mut t = [[0u8; 64]; 9];
+    let mut b = 1;
+    while b <= 8 {
+        let mut j = 0;
+        while j < 64 {
+            t[b][j] = ((j / 8) * b + j % 8) as u8;
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Per width, the `vpmultishiftqb` bit offsets: byte `i` of each qword takes the 8 bits
+/// from bit `i b`.
+static SHIFT_CTL: [[u8; 64]; 9] = {
+    let mut t = [[0u8; 64]; 9];
+    let mut b = 1;
+    while b <= 8 {
+        let mut j = 0;
+        while j < 64 {
+            t[b][j] = ((j % 8) * b) as u8;
+            j += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Reconstructs a quantized group of width 1..=8: `out[i] = base + c_i * s` (multiply,
+/// then add, as `quant::decode_scalar`), then the outliers. Reads only the group's
+/// code bytes.
+///
+/// # Safety
+/// [`available`] returned true; `out.len()` a multiple of 8, at most 256;
+/// `codes.len() >= out.len() * bits / 8`; `1 <= bits <= 8`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn decode_quantized(
+    base: f32,
+    s: f32,
+    bits: u8,
+    codes: &[u8],
+    out_idx: &[u8],
+    out_val: &[f16],
+    out: &mut [f32],
+) {
+    let (b, d) = (bits as usize, out.len());
+    assert!((1..=8).contains(&b) && d.is_multiple_of(8) && d <= 256 && codes.len() >= d * b / 8);
+    // SAFETY: 64 bytes each.
+    let (spread, ctl) = unsafe {
+        (_mm512_loadu_si512(SPREAD_IDX[b].as_ptr() as *const _), _mm512_loadu_si512(SHIFT_CTL[b].as_ptr() as *const _))
+    };
+    let mask = _mm512_set1_epi8(((1u32 << b) - 1) as u8 as i8);
+    let (bv, sv) = (_mm512_set1_ps(base), _mm512_set1_ps(s));
+    for blk in 0..d.div_ceil(64) {
+        let cnt = (d - 64 * blk).min(64);
+        let bytes = cnt * b / 8;
+        let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
+        // SAFETY: bytes 8 blk b .. 8 blk b + bytes are inside `codes` (asserted length).
+        let w = unsafe { _mm512_maskz_loadu_epi8(keep, codes.as_ptr().add(8 * blk * b) as *const i8) };
+        let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, w)), mask);
+        let c = [
+            _mm512_castsi512_si128(w),
+            _mm512_extracti32x4_epi32::<1>(w),
+            _mm512_extracti32x4_epi32::<2>(w),
+            _mm512_extracti32x4_epi32::<3>(w),
+        ];
+        for (q, cq) in c.into_iter().enumerate() {
+            let off = 64 * blk + 16 * q;
+            if off >= d {
+                break;
+            }
+            let k: __mmask16 = if off + 16 <= d { 0xffff } else { 0x00ff };
+            let y = _mm512_add_ps(bv, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(cq)), sv));
+            // SAFETY: the lanes of `k` are below `d`, inside `out`.
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(off), k, y) };
+        }
+    }
+    for (&i, &v) in out_idx.iter().zip(out_val) {
+        if let Some(o) = out.get_mut(i as usize) {
+            *o = v.to_f32();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{self, OutlierMode, Outliers, QuantSpec, Scheme};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn r16(v: f32) -> f32 {
+        f16::from_f32(v).to_f32()
+    }
+
+    /// Random, constant, +-0, repeated extremes, outliers, subnormal steps, f16 extremes.
+    fn groups(d: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
+        let mut gs: Vec<Vec<f32>> = Vec::new();
+        for scale in [1.0f32, 3.0, 1e-3, 1e-6, 60000.0] {
+            gs.push((0..d).map(|_| r16(rng.f() * scale)).collect());
+        }
+        gs.push(vec![0.099975586; d]);
+        gs.push(vec![-0.0; d]);
+        gs.push((0..d).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect());
+        gs.push((0..d).map(|i| if i % 2 == 0 { 1.5 } else { -2.25 }).collect());
+        gs.push((0..d).map(|i| (i % 5) as f32 - 2.0).collect());
+        let mut g: Vec<f32> = (0..d).map(|i| r16(i as f32 / 8.0)).collect();
+        g[d / 2] = 1000.0;
+        g[d - 1] = -65504.0;
+        gs.push(g);
+        gs.push((0..d).map(|i| if i == 0 { 65504.0 } else { -65504.0 }).collect());
+        gs.push((0..d).map(|i| if i == d - 1 { -65504.0 } else { 65504.0 }).collect());
+        gs.push((0..d).map(|_| r16(1.0 + rng.f() * 1e-3)).collect());
+        gs.push(
+            (0..d).map(|i| f16::from_bits((i % 7) as u16 | if i % 2 == 0 { 0x8000 } else { 0 }).to_f32()).collect(),
+        );
+        gs.push((0..d).map(|i| if i == d - 1 { 0.5 } else { 0.25 }).collect());
+        gs.push((0..d).map(|i| if i == 0 { -0.5 } else { 0.25 }).collect());
+        gs
+    }
+
+    type Out = (Result<()>, Vec<u8>, Vec<u8>, Vec<u16>, Vec<(u16, u16, u8, u8)>);
+
+    fn key(m: &GroupMeta) -> (u16, u16, u8, u8) {
+        (m.m.to_bits(), m.s.to_bits(), m.bits, m.n_out)
+    }
+
+    /// The scalar reference, one group at a time, stopping at the first error.
+    fn reference(x: &[f32], d: usize, bits: u8, spec: &QuantSpec) -> Out {
+        let (mut c, mut oi, mut ov, mut ms) = (vec![9u8], vec![4u8], Vec::new(), Vec::new());
+        for g in x.chunks_exact(d) {
+            match quant::encode_scalar(g, bits, spec, &mut c, &mut oi, &mut ov) {
+                Ok(m) => ms.push(key(&m)),
+                Err(e) => return (Err(e), c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms),
+            }
+        }
+        (Ok(()), c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms)
+    }
+
+    /// Calls `enc` (an encoder with the signature of `encode_midpoint_many`) on f32 and on
+    /// f16 input and checks both against the reference.
+    fn check(x: &[f32], d: usize, bits: u8, spec: &QuantSpec, what: &str, avx512: bool) {
+        let (k_lo, k_hi) = spec.outliers.counts(d);
+        let (k_lo, k_hi) = (k_lo.min(d - 1), k_hi.min(d - 1 - k_lo.min(d - 1)));
+        assert!(k_lo <= 1 && k_hi <= 1);
+        let want = reference(x, d, bits, spec);
+        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        for half in [false, true] {
+            let (mut c, mut oi, mut ov, mut ms) = (vec![9u8], vec![4u8], Vec::new(), Vec::new());
+            // SAFETY: the callers check the features first; d and the counts are valid.
+            let r = unsafe {
+                match (avx512, half) {
+                    (true, false) => encode_midpoint_many(x, d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms),
+                    (true, true) => {
+                        encode_midpoint_many(&xh[..], d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms)
+                    }
+                    (false, false) => {
+                        crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms)
+                    }
+                    (false, true) => crate::fastq::encode_midpoint_many(
+                        &xh[..],
+                        d,
+                        bits,
+                        k_lo,
+                        k_hi,
+                        &mut c,
+                        &mut oi,
+                        &mut ov,
+                        &mut ms,
+                    ),
+                }
+            };
+            let got: Out = (r, c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms.iter().map(key).collect());
+            // f16 input: values out of f16 range become inf, the same "group" error.
+            assert_eq!(format!("{:?}", got.0), format!("{:?}", want.0), "{what} d {d} bits {bits} f16 {half}");
+            assert_eq!(
+                (&got.1, &got.2, &got.3, &got.4),
+                (&want.1, &want.2, &want.3, &want.4),
+                "{what} d {d} bits {bits} f16 {half} {spec:?}"
+            );
+        }
+    }
+
+    fn specs() -> [QuantSpec; 3] {
+        let mid = |outliers| QuantSpec { scheme: Scheme::Midpoint, outliers };
+        [mid(Outliers::NONE), mid(Outliers::PAPER), mid(Outliers { alpha: 0.01, mode: OutlierMode::PerSide })]
+    }
+
+    fn all_cases(avx512: bool) {
+        let mut rng = Rng(1234);
+        for d in [8usize, 16, 24, 64, 72, 128, 200, 256] {
+            let gs = groups(d, &mut rng);
+            for spec in specs() {
+                let (lo, hi) = spec.outliers.counts(d);
+                if lo > 1 || hi > 1 {
+                    continue;
+                }
+                for bits in 0..=8u8 {
+                    for g in &gs {
+                        check(g, d, bits, &spec, "single", avx512);
+                    }
+                    // Runs of every length 1..=7 (tails of the lock step), and the whole set.
+                    for len in 1..=7 {
+                        check(&gs[..len].concat(), d, bits, &spec, "run", avx512);
+                    }
+                    check(&gs.concat(), d, bits, &spec, "all", avx512);
+                    // A bad group at every position of a run of 6.
+                    for bad in 0..6 {
+                        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, -1e6] {
+                            let mut r = gs[..6].to_vec();
+                            r[bad][(bad * 7) % d] = v;
+                            check(&r.concat(), d, bits, &spec, "bad", avx512);
+                        }
+                    }
+                    // Range overflow ("group range") in the middle of a run.
+                    let mut r = gs[..5].to_vec();
+                    r[2] = (0..d).map(|i| if i % 2 == 0 { 65504.0 } else { -65504.0 }).collect();
+                    check(&r.concat(), d, bits, &spec, "range", avx512);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_matches_scalar_reference_every_width() {
+        if available() {
+            all_cases(true);
+        }
+    }
+
+    #[test]
+    fn avx2_matches_scalar_reference_every_width() {
+        if crate::simd::fast_path() {
+            all_cases(false);
+        }
+    }
+
+    #[test]
+    fn decode_matches_scalar_reference_every_width() {
+        let mut rng = Rng(55);
+        for d in [8usize, 16, 24, 64, 72, 128, 200, 256] {
+            for bits in 1..=8u8 {
+                for x in groups(d, &mut rng) {
+                    for spec in specs() {
+                        let (mut c, mut oi, mut ov) = (Vec::new(), Vec::new(), Vec::new());
+                        let Ok(m) = quant::encode_scalar(&x, bits, &spec, &mut c, &mut oi, &mut ov) else { continue };
+                        // Exactly the group's bytes: no slack to read past.
+                        assert_eq!(c.len(), m.code_bytes(d));
+                        let (mut a, mut r) = (vec![0f32; d], vec![1f32; d]);
+                        quant::decode_scalar(&m, spec.scheme, &c, &oi, &ov, &mut r);
+                        let want: Vec<u32> = r.iter().map(|v| v.to_bits()).collect();
+                        if available() {
+                            // SAFETY: features detected; lengths as required.
+                            unsafe { decode_quantized(m.base(spec.scheme), m.s.to_f32(), bits, &c, &oi, &ov, &mut a) };
+                            assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "d {d} bits {bits}");
+                        }
+                        // Random codes too (every code value, not only those of `x`).
+                        let rc: Vec<u8> = (0..c.len()).map(|_| rng.next() as u8).collect();
+                        quant::decode_scalar(&m, spec.scheme, &rc, &oi, &ov, &mut r);
+                        quant::decode_group(&m, spec.scheme, &rc, &oi, &ov, &mut a);
+                        assert_eq!(
+                            a.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
+                            r.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
+                            "random d {d} bits {bits}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_tables_gather_the_low_bytes() {
+        for (b, t) in PACK_IDX.iter().enumerate().skip(1) {
+            for (j, &q) in t.iter().enumerate().take(8 * b) {
+                let q = q as usize;
+                assert_eq!((q / 8, q % 8), (j / b, j % b));
+            }
+        }
+    }
+}
