@@ -2,11 +2,15 @@
 //! what the user typed; [`Config`] is the validated form the library runs on.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 
+use crate::auth::{ApiKeys, Secret};
 use crate::error::ConfigError;
+use crate::placement::Policy;
+use crate::tls::{ServerTls, WorkerTls};
 
 /// Command line of `qaq-coordinator`.
 #[derive(Debug, Clone, Parser)]
@@ -27,6 +31,42 @@ pub struct Args {
     /// Seconds in-flight streams may take to finish after a shutdown signal.
     #[arg(long, env = "QAQ_SHUTDOWN_GRACE_S", default_value_t = 5)]
     pub shutdown_grace_s: u64,
+    /// How a worker is chosen for a request.
+    #[arg(long, env = "QAQ_PLACEMENT", value_enum, default_value_t = Policy::KvAware)]
+    pub placement: Policy,
+    /// Most requests waiting in the admission queue for a worker slot; beyond
+    /// it requests get RESOURCE_EXHAUSTED with a `retry-after-ms` hint.
+    #[arg(long, env = "QAQ_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most requests the coordinator runs on one worker at once; 0: the
+    /// worker's reported max_batch.
+    #[arg(long, env = "QAQ_MAX_PER_WORKER", default_value_t = 0)]
+    pub max_per_worker: u32,
+    /// Most resubmissions of one request to another worker after failures.
+    #[arg(long, env = "QAQ_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+    /// File of client API keys (one per line, `#` comments). Set: every
+    /// Generation call needs `authorization: Bearer <key>`.
+    #[arg(long, env = "QAQ_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Shared secret workers must present to register (prefer the file or the environment).
+    #[arg(long, env = "QAQ_REGISTRATION_SECRET", hide_env_values = true)]
+    pub registration_secret: Option<String>,
+    /// File holding the registration secret (first line).
+    #[arg(long, env = "QAQ_REGISTRATION_SECRET_FILE", conflicts_with = "registration_secret")]
+    pub registration_secret_file: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "QAQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "QAQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: dial workers over TLS, verifying them against it.
+    #[arg(long, env = "QAQ_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// Server name expected in worker certificates (default: the host of the worker's address).
+    #[arg(long, env = "QAQ_WORKER_TLS_DOMAIN", requires = "worker_tls_ca")]
+    pub worker_tls_domain: Option<String>,
 }
 
 /// Validated configuration of the coordinator library.
@@ -38,6 +78,22 @@ pub struct Config {
     pub lease: Duration,
     /// Time in-flight streams get to finish after shutdown is requested.
     pub shutdown_grace: Duration,
+    /// Placement policy.
+    pub placement: Policy,
+    /// Capacity of the admission queue (0: no queue, reject when every worker is busy).
+    pub max_queue: usize,
+    /// Requests per worker; `None`: the worker's reported max_batch.
+    pub max_per_worker: Option<u32>,
+    /// Resubmissions of one request after worker failures.
+    pub max_retries: u32,
+    /// Client API keys; `None`: no authentication.
+    pub api_keys: Option<ApiKeys>,
+    /// Registration secret; `None`: any worker may register.
+    pub registration_secret: Option<Secret>,
+    /// TLS of the coordinator's gRPC server.
+    pub tls: Option<ServerTls>,
+    /// TLS towards workers.
+    pub worker_tls: Option<WorkerTls>,
 }
 
 impl Default for Config {
@@ -46,6 +102,14 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_millis(2000),
             shutdown_grace: Duration::from_secs(5),
+            placement: Policy::default(),
+            max_queue: 256,
+            max_per_worker: None,
+            max_retries: 3,
+            api_keys: None,
+            registration_secret: None,
+            tls: None,
+            worker_tls: None,
         }
     }
 }
@@ -64,7 +128,7 @@ impl Config {
                 lease.as_millis()
             )));
         }
-        Ok(Self { heartbeat_interval, lease, shutdown_grace })
+        Ok(Self { heartbeat_interval, lease, shutdown_grace, ..Self::default() })
     }
 
     /// How often the registry sweeps for expired leases.
@@ -77,11 +141,44 @@ impl TryFrom<&Args> for Config {
     type Error = ConfigError;
 
     fn try_from(a: &Args) -> Result<Self, Self::Error> {
-        Config::new(
+        let mut c = Config::new(
             Duration::from_millis(a.heartbeat_interval_ms),
             Duration::from_millis(a.lease_ms),
             Duration::from_secs(a.shutdown_grace_s),
-        )
+        )?;
+        if a.max_queue > 1 << 20 {
+            return Err(ConfigError::Invalid(format!("max-queue: must be at most 1048576, got {}", a.max_queue)));
+        }
+        if a.max_retries > 16 {
+            return Err(ConfigError::Invalid(format!("max-retries: must be at most 16, got {}", a.max_retries)));
+        }
+        c.placement = a.placement;
+        c.max_queue = a.max_queue;
+        c.max_per_worker = (a.max_per_worker > 0).then_some(a.max_per_worker);
+        c.max_retries = a.max_retries;
+        c.api_keys = a.api_keys_file.as_deref().map(ApiKeys::load).transpose()?;
+        c.registration_secret = match (&a.registration_secret, &a.registration_secret_file) {
+            (Some(s), _) => Some(
+                Secret::new(s).ok_or_else(|| ConfigError::Invalid("registration-secret: must not be empty".into()))?,
+            ),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Invalid(format!("registration-secret-file: cannot read {}: {e}", path.display()))
+                })?;
+                let first = text.lines().next().unwrap_or_default();
+                Some(Secret::new(first).ok_or_else(|| {
+                    ConfigError::Invalid(format!("registration-secret-file: {} is empty", path.display()))
+                })?)
+            }
+            (None, None) => None,
+        };
+        c.tls = match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::load(cert, key)?),
+            _ => None,
+        };
+        c.worker_tls =
+            a.worker_tls_ca.as_deref().map(|ca| WorkerTls::load(ca, a.worker_tls_domain.clone())).transpose()?;
+        Ok(c)
     }
 }
 
@@ -112,6 +209,37 @@ mod tests {
         assert!(e.to_string().contains("lease-ms"), "{e}");
         let e = Config::try_from(&args(&["--heartbeat-interval-ms", "0"])).unwrap_err();
         assert!(e.to_string().contains("heartbeat-interval-ms"), "{e}");
+    }
+
+    #[test]
+    fn issue5_flags() {
+        let c = Config::try_from(&args(&[])).unwrap();
+        assert_eq!(c.placement, Policy::KvAware);
+        assert_eq!((c.max_queue, c.max_per_worker, c.max_retries), (256, None, 3));
+        assert!(c.api_keys.is_none() && c.registration_secret.is_none() && c.tls.is_none());
+        let c = Config::try_from(&args(&[
+            "--placement",
+            "round-robin",
+            "--max-queue",
+            "0",
+            "--max-per-worker",
+            "2",
+            "--registration-secret",
+            "hunter2",
+        ]))
+        .unwrap();
+        assert_eq!(c.placement, Policy::RoundRobin);
+        assert_eq!((c.max_queue, c.max_per_worker), (0, Some(2)));
+        assert!(c.registration_secret.as_ref().unwrap().matches("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"), "secret in Debug");
+        assert!(Args::try_parse_from(["qaq-coordinator", "--placement", "fastest"]).is_err());
+        assert!(Args::try_parse_from(["qaq-coordinator", "--tls-cert", "a.pem"]).is_err(), "needs --tls-key");
+        let e = Config::try_from(&args(&["--api-keys-file", "/nonexistent/keys"])).unwrap_err();
+        assert!(e.to_string().contains("api-keys-file"), "{e}");
+        let e = Config::try_from(&args(&["--registration-secret", " "])).unwrap_err();
+        assert!(e.to_string().contains("registration-secret"), "{e}");
+        let e = Config::try_from(&args(&["--max-retries", "99"])).unwrap_err();
+        assert!(e.to_string().contains("max-retries"), "{e}");
     }
 
     #[test]

@@ -59,7 +59,42 @@ pub enum GenerateError {
     /// The worker's stream ended without a final message.
     #[error("worker {0} ended the stream without a final message")]
     Truncated(String),
+    /// The admission queue is full; retry after the hint.
+    #[error("admission queue full ({depth} requests waiting); retry after {} ms", .retry_after.as_millis())]
+    QueueFull {
+        /// Requests waiting.
+        depth: usize,
+        /// When a retry may succeed (sent as `retry-after-ms` metadata).
+        retry_after: Duration,
+    },
+    /// The request's deadline passed while it waited in the admission queue.
+    #[error("deadline of {} ms exceeded while queued for a worker", .timeout.as_millis())]
+    QueuedTooLong {
+        /// The client's timeout.
+        timeout: Duration,
+    },
+    /// Generation.Abort arrived while the request waited in the queue.
+    #[error("aborted while queued")]
+    AbortedWhileQueued,
+    /// The coordinator is shutting down and admits nothing new.
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    /// Workers kept failing: the retry budget is spent.
+    #[error("gave up after {retries} retries (last worker {worker_id}: {}); completion_tokens={tokens} were streamed", .status.message())]
+    RetriesExhausted {
+        /// Resubmissions made.
+        retries: u32,
+        /// Tokens the client received.
+        tokens: u32,
+        /// The last worker that failed.
+        worker_id: String,
+        /// Its error.
+        status: Status,
+    },
 }
+
+/// Trailer metadata key carrying the tokens a failed request streamed.
+pub const PARTIAL_COMPLETION_TOKENS: &str = "qaq-completion-tokens";
 
 impl GenerateError {
     /// The `outcome` label this error is counted under in
@@ -70,6 +105,10 @@ impl GenerateError {
             Self::NoLiveWorker { .. } => Outcome::Unavailable,
             Self::Deadline { .. } => Outcome::Deadline,
             Self::Truncated(_) => Outcome::Error,
+            Self::QueueFull { .. } | Self::ShuttingDown => Outcome::Rejected,
+            Self::QueuedTooLong { .. } => Outcome::Deadline,
+            Self::AbortedWhileQueued => Outcome::Aborted,
+            Self::RetriesExhausted { .. } => Outcome::Unavailable,
             Self::Worker { status, .. } => match status.code() {
                 Code::InvalidArgument | Code::NotFound | Code::OutOfRange | Code::FailedPrecondition => {
                     Outcome::Invalid
@@ -92,6 +131,10 @@ impl GenerateError {
             Self::Worker { status, .. } => status.code(),
             Self::Deadline { .. } => Code::DeadlineExceeded,
             Self::Truncated(_) => Code::Unavailable,
+            Self::QueueFull { .. } => Code::ResourceExhausted,
+            Self::QueuedTooLong { .. } => Code::DeadlineExceeded,
+            Self::AbortedWhileQueued => Code::Cancelled,
+            Self::ShuttingDown | Self::RetriesExhausted { .. } => Code::Unavailable,
         }
     }
 }
@@ -109,6 +152,21 @@ impl From<GenerateError> for Status {
                 }
                 code => Status::new(code, format!("worker {worker_id}: {}", status.message())),
             },
+            e @ GenerateError::QueueFull { retry_after, .. } => {
+                let mut s =
+                    Status::new(e.code(), format!("{e} (see the {} metadata)", crate::admission::RETRY_AFTER_MS));
+                if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                    s.metadata_mut().insert(crate::admission::RETRY_AFTER_MS, v);
+                }
+                s
+            }
+            e @ GenerateError::RetriesExhausted { tokens, .. } => {
+                let mut s = Status::new(e.code(), e.to_string());
+                if let Ok(v) = tokens.to_string().parse() {
+                    s.metadata_mut().insert(PARTIAL_COMPLETION_TOKENS, v);
+                }
+                s
+            }
             other => Status::new(other.code(), other.to_string()),
         }
     }
@@ -120,12 +178,16 @@ pub enum RegistryError {
     /// A field of a Register/Heartbeat request is invalid; the message names it.
     #[error("{0}")]
     Invalid(String),
+    /// The worker presented no or a wrong registration secret.
+    #[error("registration secret: missing or wrong")]
+    BadSecret,
 }
 
 impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Invalid(m) => Status::invalid_argument(m),
+            e @ RegistryError::BadSecret => Status::unauthenticated(e.to_string()),
         }
     }
 }
@@ -175,6 +237,17 @@ mod tests {
                 Outcome::Invalid,
             ),
             (GenerateError::Truncated("w".into()), Code::Unavailable, Outcome::Error),
+            (
+                GenerateError::QueueFull { depth: 3, retry_after: Duration::from_millis(250) },
+                Code::ResourceExhausted,
+                Outcome::Rejected,
+            ),
+            (GenerateError::ShuttingDown, Code::Unavailable, Outcome::Rejected),
+            (
+                GenerateError::QueuedTooLong { timeout: Duration::from_millis(5) },
+                Code::DeadlineExceeded,
+                Outcome::Deadline,
+            ),
         ];
         for (e, code, outcome) in cases {
             assert_eq!(e.outcome(), outcome, "{e}");
@@ -199,5 +272,24 @@ mod tests {
         assert_eq!((s.code(), s.message()), (Code::Internal, "worker w1: boom"));
         let s: Status = GenerateError::NoLiveWorker { model: Some("smol".into()) }.into();
         assert!(s.message().contains("smol"));
+    }
+
+    #[test]
+    fn queue_full_carries_the_retry_hint_and_exhausted_retries_the_usage() {
+        let s: Status = GenerateError::QueueFull { depth: 2, retry_after: Duration::from_millis(750) }.into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.metadata().get(crate::admission::RETRY_AFTER_MS).unwrap(), "750");
+        let s: Status = GenerateError::RetriesExhausted {
+            retries: 3,
+            tokens: 7,
+            worker_id: "w2".into(),
+            status: Status::unavailable("connection refused"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get(PARTIAL_COMPLETION_TOKENS).unwrap(), "7");
+        assert!(s.message().contains("completion_tokens=7"), "{}", s.message());
+        let s: Status = RegistryError::BadSecret.into();
+        assert_eq!(s.code(), Code::Unauthenticated);
     }
 }

@@ -1,17 +1,24 @@
 //! qaq coordinator: the client-facing gRPC service of a qaq cluster.
 //!
-//! Workers register with the coordinator's `qaq.v1.Registry` and heartbeat
-//! their load; clients call `qaq.v1.Generation`, and each request is placed on
-//! the least-loaded live worker whose stream is forwarded to the client.
+//! Workers register with the coordinator's `qaq.v1.Registry` (presenting the
+//! shared secret when one is configured) and heartbeat their load; clients
+//! call `qaq.v1.Generation` (with an API key when keys are configured), each
+//! request is admitted (or queued, or refused when the queue is full), placed
+//! on a worker and its stream forwarded to the client, failing over to
+//! another worker when its worker dies.
 //!
 //! Modules:
 //! - [`config`]: clap [`config::Args`] (`QAQ_*` env) -> validated [`config::Config`].
 //! - [`error`]: typed errors and their one mapping to `tonic::Status`.
+//! - [`auth`]: API keys and the registration secret; [`tls`]: rustls settings.
 //! - [`registry`]: the worker registry and leases (plain struct, time injected).
 //! - [`placement`]: pure placement policies over a registry snapshot.
+//! - [`admission`]: the bounded admission queue and the retry-after hint.
 //! - [`requests`]: the in-flight request table (request id -> worker, abort signal).
-//! - [`cluster`]: the shared handle over registry, requests and worker channels.
-//! - [`stream`]: forwards one worker stream to its client (deadline, abort, disconnect).
+//! - [`cluster`]: the shared handle over registry, queue, requests and worker channels.
+//! - [`workers`]: channels to workers (plaintext or TLS) and Worker.Abort.
+//! - [`stream`]: forwards one worker stream to its client (deadline, abort,
+//!   disconnect, failover with request migration).
 //! - [`deadline`]: the client's `grpc-timeout`.
 //! - [`service`]: the tonic services `Generation` and `Registry`.
 //! - [`metrics`]: metric names, buckets and the Prometheus recorder;
@@ -21,6 +28,8 @@
 //!
 //! [`run`] serves everything on one listener until a shutdown future resolves.
 
+pub mod admission;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod deadline;
@@ -32,6 +41,8 @@ pub mod registry;
 pub mod requests;
 pub mod service;
 pub mod stream;
+pub mod tls;
+pub mod workers;
 
 use std::future::Future;
 
@@ -40,7 +51,9 @@ use qaq_proto::v1::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
+use crate::auth::ApiKeyCheck;
 pub use crate::cluster::Cluster;
 pub use crate::config::{Args, Config};
 pub use crate::error::ServeError;
@@ -65,8 +78,9 @@ pub fn ready_line(grpc: std::net::SocketAddr, metrics: Option<std::net::SocketAd
 }
 
 /// Serves `qaq.v1.Generation`, `qaq.v1.Registry`, `grpc.health.v1` and
-/// server reflection on `listener` until `shutdown` resolves; in-flight
-/// streams then get `config.shutdown_grace` to finish.
+/// server reflection on `listener` until `shutdown` resolves; then nothing
+/// new is admitted and in-flight streams get `config.shutdown_grace` to
+/// finish.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -106,17 +120,21 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let generation =
+        GenerationServer::new(GenerationService::new(cluster.clone())).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            GenerationServer::new(GenerationService::new(cluster.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+        .add_service(InterceptedService::new(generation, ApiKeyCheck::new(config.api_keys.clone())))
         .add_service(RegistryServer::new(RegistryService::new(cluster.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone()));
     let grace = async {
         stopped(stop_rx).await;
+        cluster.close();
         health.set_not_serving::<GenerationServer<GenerationService>>().await;
         let in_flight = cluster.status().in_flight;
         tracing::info!(in_flight, grace = ?config.shutdown_grace, "shutting down");

@@ -22,11 +22,62 @@ pub const INTER_TOKEN_LATENCY_SECONDS: &str = "qaq_coordinator_inter_token_laten
 pub const REQUEST_DURATION_SECONDS: &str = "qaq_coordinator_request_duration_seconds";
 /// Gauge: registered workers, label [`LABEL_STATE`].
 pub const WORKERS: &str = "qaq_coordinator_workers";
+/// Gauge: requests in the admission queue, waiting for a worker slot.
+pub const QUEUE_DEPTH: &str = "qaq_coordinator_queue_depth";
+/// Counter: requests resubmitted to another worker after streaming tokens
+/// (mid-stream failover: prompt plus the tokens generated so far).
+pub const MIGRATIONS_TOTAL: &str = "qaq_coordinator_migrations_total";
+/// Counter: resubmissions of a request after its worker failed (before or
+/// after its first token; migrations included).
+pub const RETRIES_TOTAL: &str = "qaq_coordinator_retries_total";
+/// Counter: requests or registrations refused, label [`LABEL_REASON`].
+pub const REJECTIONS_TOTAL: &str = "qaq_coordinator_rejections_total";
 
 /// Label of [`REQUESTS_TOTAL`]: see [`Outcome`].
 pub const LABEL_OUTCOME: &str = "outcome";
 /// Label of [`WORKERS`]: `up`, `draining` or `down`.
 pub const LABEL_STATE: &str = "state";
+/// Values of [`LABEL_STATE`].
+pub const STATES: [&str; 3] = ["up", "draining", "down"];
+/// Label of [`REJECTIONS_TOTAL`]: see [`Rejection`].
+pub const LABEL_REASON: &str = "reason";
+
+/// Why a request or a registration was refused, the values of [`LABEL_REASON`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The admission queue was full (RESOURCE_EXHAUSTED).
+    QueueFull,
+    /// A queued request's deadline passed before a worker slot freed.
+    QueueTimeout,
+    /// No or an unknown API key (UNAUTHENTICATED).
+    Unauthenticated,
+    /// A worker presented no or a wrong registration secret.
+    BadSecret,
+    /// The coordinator is shutting down.
+    ShuttingDown,
+}
+
+impl Rejection {
+    /// Every value, for initialising the series at 0.
+    pub const ALL: [Rejection; 5] =
+        [Self::QueueFull, Self::QueueTimeout, Self::Unauthenticated, Self::BadSecret, Self::ShuttingDown];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::QueueTimeout => "queue_timeout",
+            Self::Unauthenticated => "unauthenticated",
+            Self::BadSecret => "bad_secret",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Counts one rejection.
+    pub fn count(self) {
+        metrics::counter!(REJECTIONS_TOTAL, LABEL_REASON => self.as_str()).increment(1);
+    }
+}
 
 /// How a request ended, the values of [`LABEL_OUTCOME`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +92,10 @@ pub enum Outcome {
     Deadline,
     /// Rejected as invalid (bad field, unknown model, duplicate id).
     Invalid,
-    /// No live worker could take it.
+    /// No live worker could take it (or its retry budget ran out).
     Unavailable,
+    /// Refused by admission (queue full, shutting down).
+    Rejected,
 }
 
 impl Outcome {
@@ -55,8 +108,13 @@ impl Outcome {
             Self::Deadline => "deadline",
             Self::Invalid => "invalid",
             Self::Unavailable => "unavailable",
+            Self::Rejected => "rejected",
         }
     }
+
+    /// Every value, for initialising the series at 0.
+    pub const ALL: [Outcome; 7] =
+        [Self::Ok, Self::Error, Self::Aborted, Self::Deadline, Self::Invalid, Self::Unavailable, Self::Rejected];
 }
 
 /// Buckets of [`TIME_TO_FIRST_TOKEN_SECONDS`].
@@ -78,6 +136,35 @@ pub fn describe() {
     describe_histogram!(INTER_TOKEN_LATENCY_SECONDS, Unit::Seconds, "Time between consecutive tokens.");
     describe_histogram!(REQUEST_DURATION_SECONDS, Unit::Seconds, "Time from request to its end.");
     describe_gauge!(WORKERS, Unit::Count, "Registered workers by state.");
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests in the admission queue.");
+    describe_counter!(MIGRATIONS_TOTAL, Unit::Count, "Requests moved to another worker mid-stream.");
+    describe_counter!(RETRIES_TOTAL, Unit::Count, "Resubmissions after a worker failure.");
+    describe_counter!(REJECTIONS_TOTAL, Unit::Count, "Requests or registrations refused, by reason.");
+}
+
+/// Gives every counter, every label value, every gauge and every histogram a
+/// series from startup (dashboards query series that must exist before the
+/// first event).
+pub fn initialise() {
+    for o in Outcome::ALL {
+        metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => o.as_str()).absolute(0);
+    }
+    for r in Rejection::ALL {
+        metrics::counter!(REJECTIONS_TOTAL, LABEL_REASON => r.as_str()).absolute(0);
+    }
+    for n in [GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL] {
+        metrics::counter!(n).absolute(0);
+    }
+    for n in [REQUESTS_RUNNING, REQUESTS_WAITING, QUEUE_DEPTH] {
+        metrics::gauge!(n).set(0.0);
+    }
+    for s in STATES {
+        metrics::gauge!(WORKERS, LABEL_STATE => s).set(0.0);
+    }
+    for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
+        // Registering the histogram is enough for the exporter to render it.
+        let _ = metrics::histogram!(n);
+    }
 }
 
 /// A Prometheus recorder with real (bucketed) histograms for every histogram
@@ -94,6 +181,7 @@ pub fn prometheus_builder() -> Result<PrometheusBuilder, BuildError> {
 pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
     let handle = prometheus_builder()?.install_recorder()?;
     describe();
+    initialise();
     Ok(handle)
 }
 
@@ -112,9 +200,14 @@ mod tests {
             INTER_TOKEN_LATENCY_SECONDS,
             REQUEST_DURATION_SECONDS,
             WORKERS,
+            QUEUE_DEPTH,
+            MIGRATIONS_TOTAL,
+            RETRIES_TOTAL,
+            REJECTIONS_TOTAL,
         ] {
             assert!(n.starts_with("qaq_coordinator_"), "{n}");
-            let counter = [REQUESTS_TOTAL, GENERATED_TOKENS_TOTAL].contains(&n);
+            let counter = [REQUESTS_TOTAL, GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL, REJECTIONS_TOTAL]
+                .contains(&n);
             assert_eq!(n.ends_with("_total"), counter, "{n}: _total only on counters");
         }
     }
@@ -137,5 +230,36 @@ mod tests {
         }
         assert!(text.contains("qaq_coordinator_time_to_first_token_seconds_bucket{le=\"0.25\"} 1"), "{text}");
         assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn every_series_exists_from_startup() {
+        let recorder = prometheus_builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            initialise();
+        });
+        let text = handle.render();
+        for o in Outcome::ALL {
+            let line = format!("{REQUESTS_TOTAL}{{{LABEL_OUTCOME}=\"{}\"}} 0", o.as_str());
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        for r in Rejection::ALL {
+            let line = format!("{REJECTIONS_TOTAL}{{{LABEL_REASON}=\"{}\"}} 0", r.as_str());
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        for s in STATES {
+            assert!(text.contains(&format!("{WORKERS}{{{LABEL_STATE}=\"{s}\"}} 0")), "{s}:\n{text}");
+        }
+        for n in
+            [GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL, QUEUE_DEPTH, REQUESTS_RUNNING, REQUESTS_WAITING]
+        {
+            assert!(text.contains(&format!("\n{n} 0")), "{n}:\n{text}");
+        }
+        for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
+            assert!(text.contains(&format!("# TYPE {n} histogram")), "{n} not a histogram:\n{text}");
+            assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 0")), "{n}:\n{text}");
+        }
     }
 }

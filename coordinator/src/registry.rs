@@ -50,6 +50,14 @@ pub struct WorkerSnapshot {
     pub waiting: u32,
     /// Requests the coordinator has in flight on it.
     pub in_flight: u32,
+    /// Most requests the coordinator places on it at once.
+    pub capacity: u32,
+    /// KV device bytes in use (last heartbeat).
+    pub kv_device_bytes: u64,
+    /// KV device budget (0: unlimited).
+    pub kv_device_budget_bytes: u64,
+    /// Device bytes per cached token (0: not reported yet).
+    pub avg_bytes_per_token: f64,
     /// Time since the last heartbeat.
     pub heartbeat_age: Duration,
     /// Registration incarnation.
@@ -62,12 +70,26 @@ pub struct Registry {
     workers: BTreeMap<String, WorkerEntry>,
     lease: Duration,
     incarnations: u64,
+    max_per_worker: Option<u32>,
 }
+
+/// Slots of a worker that reports no max_batch.
+pub const DEFAULT_CAPACITY: u32 = 16;
 
 impl Registry {
     /// An empty registry with the given lease.
     pub fn new(lease: Duration) -> Self {
-        Self { workers: BTreeMap::new(), lease, incarnations: 0 }
+        Self { workers: BTreeMap::new(), lease, incarnations: 0, max_per_worker: None }
+    }
+
+    /// Caps the requests placed on each worker (`None`: its reported max_batch).
+    pub fn with_max_per_worker(mut self, max: Option<u32>) -> Self {
+        self.max_per_worker = max;
+        self
+    }
+
+    fn capacity(&self, w: &WorkerEntry) -> u32 {
+        self.max_per_worker.unwrap_or(if w.load.max_batch > 0 { w.load.max_batch } else { DEFAULT_CAPACITY })
     }
 
     /// Adds a worker or refreshes a returning one (state UP, lease renewed).
@@ -116,6 +138,23 @@ impl Registry {
             }
             _ => false,
         }
+    }
+
+    /// Marks a worker DOWN at once (its connection failed), unless it
+    /// re-registered since (`incarnation` differs). Returns whether it changed.
+    pub fn mark_down(&mut self, worker_id: &str, incarnation: u64) -> bool {
+        match self.workers.get_mut(worker_id) {
+            Some(w) if w.incarnation == incarnation && w.state != WorkerState::Down => {
+                w.state = WorkerState::Down;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Total slots of UP workers.
+    pub fn up_capacity(&self) -> u32 {
+        self.workers.values().filter(|w| w.state == WorkerState::Up).map(|w| self.capacity(w)).sum()
     }
 
     /// Removes a worker. Returns whether it was known.
@@ -173,6 +212,10 @@ impl Registry {
                 running: w.load.running,
                 waiting: w.load.waiting,
                 in_flight: w.in_flight,
+                capacity: self.capacity(w),
+                kv_device_bytes: w.load.kv_device_bytes,
+                kv_device_budget_bytes: w.load.kv_device_budget_bytes,
+                avg_bytes_per_token: w.load.avg_bytes_per_token,
                 heartbeat_age: now.saturating_duration_since(w.last_heartbeat),
                 incarnation: w.incarnation,
             })
@@ -314,6 +357,26 @@ mod tests {
         assert_eq!(r.state_counts(), (0, 1, 0));
         assert!(r.deregister("w1"));
         assert!(r.get("w1").is_none());
+    }
+
+    #[test]
+    fn mark_down_respects_incarnations_and_capacity_follows_max_batch() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(LEASE);
+        let mut q = req("w1", "smol");
+        q.load = Some(WorkerLoad { max_batch: 8, ..Default::default() });
+        let inc = r.register(&q, t0).unwrap().incarnation;
+        r.register(&req("w2", "smol"), t0).unwrap();
+        assert_eq!(r.up_capacity(), 8 + DEFAULT_CAPACITY);
+        assert_eq!(r.snapshot(t0)[0].capacity, 8);
+        assert!(!r.mark_down("w1", inc + 5), "stale incarnation");
+        assert!(r.mark_down("w1", inc));
+        assert!(!r.mark_down("w1", inc));
+        assert_eq!(r.up_capacity(), DEFAULT_CAPACITY);
+        assert!(!r.heartbeat("w1", None, false, t0), "must re-register");
+        let mut r = Registry::new(LEASE).with_max_per_worker(Some(2));
+        r.register(&q, t0).unwrap();
+        assert_eq!(r.snapshot(t0)[0].capacity, 2);
     }
 
     #[test]

@@ -37,6 +37,18 @@ impl RequestTable {
         true
     }
 
+    /// The worker a request runs on (empty while queued).
+    pub fn worker_of(&self, request_id: &str) -> Option<&str> {
+        self.by_id.get(request_id).map(|r| r.worker_id.as_str())
+    }
+
+    /// Moves a request to another worker (placement after queueing, migration).
+    pub fn set_worker(&mut self, request_id: &str, worker_id: &str) {
+        if let Some(r) = self.by_id.get_mut(request_id) {
+            r.worker_id = worker_id.to_string();
+        }
+    }
+
     /// Removes a finished request, returning its worker.
     pub fn remove(&mut self, request_id: &str) -> Option<String> {
         self.by_id.remove(request_id).map(|r| r.worker_id)
@@ -90,5 +102,19 @@ mod tests {
         assert!(again.is_none());
         assert!(t.take_abort("nope").is_none());
         assert!(t.contains("r1"));
+    }
+
+    #[test]
+    fn queued_requests_get_a_worker_later_and_can_move() {
+        let mut t = RequestTable::default();
+        let (tx, _rx) = oneshot::channel();
+        t.insert("r1", "", tx);
+        assert_eq!(t.worker_of("r1"), Some(""));
+        t.set_worker("r1", "w1");
+        t.set_worker("r1", "w2");
+        t.set_worker("ghost", "w2");
+        assert_eq!(t.worker_of("r1"), Some("w2"));
+        assert_eq!(t.remove("r1").as_deref(), Some("w2"));
+        assert_eq!(t.worker_of("r1"), None);
     }
 }

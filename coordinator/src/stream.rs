@@ -4,6 +4,13 @@
 //! client's deadline or an Abort; when it is dropped before the worker
 //! finished (client disconnect, deadline, ...) it drops the worker stream and
 //! calls Worker.Abort, then releases the request.
+//!
+//! Failover: when the worker fails (transport error, stream cut, an abort the
+//! client did not ask for, e.g. a drain that ran out of grace), the request
+//! is resubmitted to another worker with the tokens streamed so far as
+//! `resume_token_ids`, and the same client stream continues (a migration;
+//! before the first token it is a plain retry). `--max-retries` bounds this;
+//! then the client gets UNAVAILABLE with the partial usage.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +21,7 @@ use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::cluster::{Admission, Cluster, abort_on_worker};
+use crate::cluster::{Admission, Cluster, Placed, abort_on_worker};
 use crate::error::GenerateError;
 use crate::metrics::{self as m, Outcome};
 
@@ -44,12 +51,49 @@ enum Phase {
     Done,
 }
 
+/// Why one Worker.Submit attempt failed.
+enum Attempt {
+    /// The client's deadline passed.
+    Deadline,
+    /// The worker (or the connection to it) answered with an error.
+    Worker(Status),
+}
+
+/// Whether a worker error is the worker's fault (retry elsewhere) rather
+/// than the request's (report it).
+pub fn retryable(s: &Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted | Code::ResourceExhausted
+    )
+}
+
+/// Whether the error says the connection to the worker is gone (as opposed
+/// to a worker that answered, e.g. "draining").
+fn connection_lost(s: &Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+        && !s.message().contains("draining")
+}
+
 /// Forwards one request's stream; see the module docs.
 pub struct Forward {
     cluster: Cluster,
     request_id: String,
     worker_id: String,
+    incarnation: u64,
     worker: WorkerClient<Channel>,
+    /// The request as submitted (resubmitted on failover).
+    request: GenerateRequest,
+    predicted_tokens: u64,
+    /// Every token streamed to the client (resume_token_ids on failover).
+    token_ids: Vec<u32>,
+    /// Workers that failed this request.
+    failed: Vec<String>,
+    retries: u32,
+    /// A worker-side end seen while forwarding its last tokens: fail over
+    /// on the next poll.
+    pending_failure: Option<Status>,
     /// The worker's stream; `None` once it ended (or was dropped).
     inbound: Option<Streaming<GenerateResponse>>,
     /// Whether the worker's side of the request is over (final message or
@@ -65,21 +109,36 @@ pub struct Forward {
     last_token: Option<Instant>,
     tokens: u32,
     phase: Phase,
+    /// Duration of a successful request (feeds the retry-after estimate).
+    duration: Option<Duration>,
 }
 
 impl Forward {
     /// Takes over a placed request. `received` is when the client's request
     /// arrived; `timeout` the client's gRPC timeout.
-    pub fn new(cluster: Cluster, admission: Admission, received: Instant, timeout: Option<Duration>) -> Self {
+    pub fn new(
+        cluster: Cluster,
+        admission: Admission,
+        request: GenerateRequest,
+        received: Instant,
+        timeout: Option<Duration>,
+    ) -> Self {
         metrics::gauge!(m::REQUESTS_WAITING).increment(1.0);
-        let Admission { request_id, worker_id, worker, abort, .. } = admission;
-        // A timeout too large to represent is no deadline at all.
-        let deadline = timeout.and_then(|t| Some((tokio::time::Instant::from_std(received.checked_add(t)?), t)));
+        let Admission { request_id, placed, abort, predicted_tokens, .. } = admission;
+        let Placed { worker_id, incarnation, worker } = placed;
+        let deadline = deadline_of(received, timeout);
         Self {
             cluster,
             request_id,
             worker_id,
+            incarnation,
             worker,
+            request,
+            predicted_tokens,
+            token_ids: Vec::new(),
+            failed: Vec::new(),
+            retries: 0,
+            pending_failure: None,
             inbound: None,
             worker_finished: false,
             deadline,
@@ -89,14 +148,30 @@ impl Forward {
             last_token: None,
             tokens: 0,
             phase: Phase::Waiting,
+            duration: None,
         }
     }
 
     /// Calls Worker.Submit (with the client's remaining time as its
-    /// timeout). On error the request is over; dropping `self` then releases
-    /// it (and aborts it on the worker if the call was cut short).
-    pub async fn start(&mut self, request: GenerateRequest) -> Result<(), Status> {
-        let mut submit = tonic::Request::new(SubmitRequest { request: Some(request), resume_token_ids: Vec::new() });
+    /// timeout), failing over to other workers while that is retryable. On
+    /// error the request is over; dropping `self` then releases it (and
+    /// aborts it on the worker if the call was cut short).
+    pub async fn start(&mut self) -> Result<(), Status> {
+        match self.submit_once().await {
+            Ok(()) => Ok(()),
+            Err(Attempt::Deadline) => Err(self.deadline_error()),
+            Err(Attempt::Worker(status)) if retryable(&status) => self.resubmit(status).await.map(|_| ()),
+            Err(Attempt::Worker(status)) => {
+                self.worker_finished = true;
+                Err(self.fail(GenerateError::Worker { worker_id: self.worker_id.clone(), status }))
+            }
+        }
+    }
+
+    /// One Worker.Submit of the request (resuming after the tokens streamed so far).
+    async fn submit_once(&mut self) -> Result<(), Attempt> {
+        let resume_token_ids = self.token_ids.clone();
+        let mut submit = tonic::Request::new(SubmitRequest { request: Some(self.request.clone()), resume_token_ids });
         if let Some((at, _)) = self.deadline {
             submit.set_timeout(at.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(1)));
         }
@@ -111,14 +186,86 @@ impl Forward {
                 self.inbound = Some(response.into_inner());
                 Ok(())
             }
-            Some(Err(status)) => {
-                self.worker_finished = true;
-                Err(self.fail(GenerateError::Worker { worker_id: self.worker_id.clone(), status }))
+            Some(Err(status)) => Err(Attempt::Worker(status)),
+            None => Err(Attempt::Deadline),
+        }
+    }
+
+    /// Fails over after `status` from the current worker until a worker
+    /// accepts the request. `Ok(true)`: every token was already streamed, the
+    /// caller ends the stream.
+    async fn resubmit(&mut self, mut status: Status) -> Result<bool, Status> {
+        loop {
+            tracing::info!(
+                request_id = %self.request_id, worker_id = %self.worker_id, tokens = self.token_ids.len(),
+                error = %status.message(), "worker failed the request: failing over"
+            );
+            // The old stream is over (or about to be, for a draining worker).
+            self.inbound = None;
+            self.worker_finished = true;
+            if connection_lost(&status) {
+                self.cluster.suspect(&self.worker_id, self.incarnation);
             }
-            None => {
-                let timeout = self.deadline.map(|d| d.1).unwrap_or_default();
-                Err(self.fail(GenerateError::Deadline { timeout, tokens: 0 }))
+            self.failed.push(self.worker_id.clone());
+            let tokens = self.token_ids.len() as u32;
+            if self.request.max_new_tokens.is_some_and(|max| tokens >= max) {
+                return Ok(true);
             }
+            if self.retries >= self.cluster.config().max_retries {
+                return Err(self.give_up(status));
+            }
+            let placed = match self.cluster.reassign(
+                &self.request_id,
+                &self.request.model,
+                &self.request.session_id,
+                self.predicted_tokens,
+                &self.failed,
+            ) {
+                Ok(p) => p,
+                Err(e) => return Err(self.give_up(Status::from(e))),
+            };
+            self.retries += 1;
+            metrics::counter!(m::RETRIES_TOTAL).increment(1);
+            if tokens > 0 {
+                metrics::counter!(m::MIGRATIONS_TOTAL).increment(1);
+            }
+            tracing::info!(request_id = %self.request_id, to = %placed.worker_id, tokens, "resubmitting");
+            self.worker_id = placed.worker_id;
+            self.incarnation = placed.incarnation;
+            self.worker = placed.worker;
+            self.worker_finished = false;
+            match self.submit_once().await {
+                Ok(()) => return Ok(false),
+                Err(Attempt::Deadline) => return Err(self.deadline_error()),
+                Err(Attempt::Worker(s)) if retryable(&s) => status = s,
+                Err(Attempt::Worker(s)) => {
+                    self.worker_finished = true;
+                    return Err(self.fail(GenerateError::Worker { worker_id: self.worker_id.clone(), status: s }));
+                }
+            }
+        }
+    }
+
+    fn give_up(&mut self, status: Status) -> Status {
+        self.fail(GenerateError::RetriesExhausted {
+            retries: self.retries,
+            tokens: self.token_ids.len() as u32,
+            worker_id: self.worker_id.clone(),
+            status,
+        })
+    }
+
+    fn deadline_error(&mut self) -> Status {
+        let timeout = self.deadline.map(|d| d.1).unwrap_or_default();
+        self.fail(GenerateError::Deadline { timeout, tokens: self.tokens })
+    }
+
+    /// Fails over, then: `None` to keep reading, or the item to return.
+    async fn fail_over(&mut self, status: Status) -> Option<Result<GenerateResponse, Status>> {
+        match self.resubmit(status).await {
+            Ok(false) => None,
+            Ok(true) => Some(Ok(self.finish_complete())),
+            Err(s) => Some(Err(s)),
         }
     }
 
@@ -131,6 +278,12 @@ impl Forward {
         loop {
             if self.phase == Phase::Done {
                 return None;
+            }
+            if let Some(status) = self.pending_failure.take() {
+                match self.fail_over(status).await {
+                    None => continue,
+                    item => return item,
+                }
             }
             let event = {
                 let inbound = self.inbound.as_mut()?;
@@ -156,22 +309,42 @@ impl Forward {
                     }
                 }
                 Event::GraceOver => return Some(Ok(self.finish_aborted())),
-                Event::Deadline => {
-                    let timeout = self.deadline.map(|d| d.1).unwrap_or_default();
-                    return Some(Err(self.fail(GenerateError::Deadline { timeout, tokens: self.tokens })));
+                Event::Deadline => return Some(Err(self.deadline_error())),
+                Event::Message(Ok(Some(msg))) => {
+                    let worker_abort = msg.finish_reason == FinishReason::Aborted as i32 && self.abort_grace.is_none();
+                    if !worker_abort {
+                        return Some(Ok(self.on_message(msg)));
+                    }
+                    // The worker ended the request on its own (drain out of
+                    // grace): forward what it produced, then fail over.
+                    self.pending_failure = Some(Status::unavailable(format!(
+                        "worker {} aborted the request (draining or stopping)",
+                        self.worker_id
+                    )));
+                    let delta = GenerateResponse { finish_reason: 0, usage: None, kv_stats: None, ..msg };
+                    if !delta.token_ids.is_empty() || !delta.text.is_empty() {
+                        return Some(Ok(self.on_message(delta)));
+                    }
                 }
-                Event::Message(Ok(Some(msg))) => return Some(Ok(self.on_message(msg))),
                 Event::Message(Ok(None)) => {
                     self.worker_finished = true;
                     if self.abort_grace.is_some() {
                         return Some(Ok(self.finish_aborted()));
                     }
-                    return Some(Err(self.fail(GenerateError::Truncated(self.worker_id.clone()))));
+                    let status = Status::unavailable(format!("worker {} ended the stream early", self.worker_id));
+                    match self.fail_over(status).await {
+                        None => continue,
+                        item => return item,
+                    }
                 }
                 Event::Message(Err(_)) if self.abort_grace.is_some() => {
                     self.worker_finished = true;
                     return Some(Ok(self.finish_aborted()));
                 }
+                Event::Message(Err(status)) if retryable(&status) => match self.fail_over(status).await {
+                    None => continue,
+                    item => return item,
+                },
                 Event::Message(Err(status)) => {
                     self.worker_finished = true;
                     return Some(Err(self.fail(GenerateError::Worker { worker_id: self.worker_id.clone(), status })));
@@ -203,6 +376,7 @@ impl Forward {
             }
             self.last_token = Some(now);
             self.tokens += n;
+            self.token_ids.extend_from_slice(&msg.token_ids);
             metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(u64::from(n));
             if self.phase == Phase::Waiting {
                 metrics::gauge!(m::REQUESTS_WAITING).decrement(1.0);
@@ -221,6 +395,19 @@ impl Forward {
             self.end(outcome);
         }
         msg
+    }
+
+    /// The final message of a request whose worker died after streaming its
+    /// last token but before its final message.
+    fn finish_complete(&mut self) -> GenerateResponse {
+        self.end(Outcome::Ok);
+        GenerateResponse {
+            request_id: self.request_id.clone(),
+            finish_reason: FinishReason::Length as i32,
+            usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
+            worker_id: self.worker_id.clone(),
+            ..Default::default()
+        }
     }
 
     /// The final message of an aborted request whose worker did not send one.
@@ -252,6 +439,9 @@ impl Forward {
         self.phase = Phase::Done;
         metrics::counter!(m::REQUESTS_TOTAL, m::LABEL_OUTCOME => outcome.as_str()).increment(1);
         metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(self.received.elapsed());
+        if outcome == Outcome::Ok {
+            self.duration = Some(self.received.elapsed());
+        }
         if self.worker_finished {
             self.inbound = None;
         }
@@ -272,8 +462,14 @@ impl Drop for Forward {
                 (self.worker.clone(), self.worker_id.clone(), self.request_id.clone());
             rt.spawn(async move { abort_on_worker(worker, &worker_id, &request_id).await });
         }
-        self.cluster.release(&self.request_id);
+        self.cluster.release(&self.request_id, self.duration);
     }
+}
+
+/// The client's deadline as an instant, with the timeout (for messages). A
+/// timeout too large to represent is no deadline at all.
+pub fn deadline_of(received: Instant, timeout: Option<Duration>) -> Option<(tokio::time::Instant, Duration)> {
+    timeout.and_then(|t| Some((tokio::time::Instant::from_std(received.checked_add(t)?), t)))
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

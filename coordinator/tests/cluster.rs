@@ -5,6 +5,11 @@
 #[path = "cluster/harness.rs"]
 mod harness;
 
+#[path = "cluster/faults.rs"]
+mod faults;
+#[path = "cluster/security.rs"]
+mod security;
+
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -31,7 +36,7 @@ fn long_running(request_id: &str) -> GenerateRequest {
 
 /// Runs a generation to its end: (concatenated text, messages).
 async fn collect(
-    c: &mut qaq_proto::v1::generation_client::GenerationClient<tonic::transport::Channel>,
+    c: &mut qaq_proto::client::Client,
     req: impl tonic::IntoRequest<GenerateRequest>,
 ) -> Result<(String, Vec<GenerateResponse>), Status> {
     let mut s = c.generate(req).await?.into_inner();
@@ -139,18 +144,28 @@ async fn cancellation_stops_work_on_the_worker() {
     let mut s = c.generate(long_running("disconnect-1")).await.unwrap().into_inner();
     s.message().await.unwrap().expect("first message");
     s.message().await.unwrap().expect("second message");
+    let mut worker = cluster.worker_client(0).await;
     assert_eq!(cluster.worker_load(0).await.running, 1, "the request runs on the worker");
     drop(s);
-    let took = cluster.wait_worker_idle(0).await;
+    let took = cluster.wait_idle_on(&mut worker).await;
     eprintln!("worker idle {took:?} after the client dropped its stream");
+    assert!(took < Duration::from_millis(100), "worker still running the request {took:?} after the disconnect");
     cluster.wait_state(|s| s.in_flight == 0 && s.workers[0].in_flight == 0, "coordinator in-flight back to 0").await;
 
     // Abort(request_id): the stream ends with ABORTED and the worker is idle.
     let mut s = c.generate(long_running("abort-1")).await.unwrap().into_inner();
     s.message().await.unwrap().expect("first message");
     s.message().await.unwrap().expect("second message");
+    // Abort returns once the worker's engine took the request out (it waits
+    // for the engine's current step); the worker must then be idle at once.
+    let aborted = Instant::now();
     let found = c.abort(AbortRequest { request_id: "abort-1".into() }).await.unwrap().into_inner().found;
     assert!(found);
+    let rpc = aborted.elapsed();
+    let took = cluster.wait_idle_on(&mut worker).await;
+    eprintln!("Abort RPC {rpc:?} (includes the engine step in progress), then worker idle after {took:?}");
+    assert!(took < Duration::from_millis(100), "worker still running the request {took:?} after Abort returned");
+    assert!(rpc < Duration::from_secs(1), "Abort took {rpc:?}");
     let mut last = None;
     while let Some(m) = s.message().await.unwrap() {
         last = Some(m);
@@ -159,7 +174,6 @@ async fn cancellation_stops_work_on_the_worker() {
     assert_eq!(last.finish_reason, FinishReason::Aborted as i32, "{last:?}");
     let usage = last.usage.expect("usage on the ABORTED message");
     assert!(usage.completion_tokens >= 2, "{usage:?}");
-    cluster.wait_worker_idle(0).await;
     assert!(!c.abort(AbortRequest { request_id: "abort-1".into() }).await.unwrap().into_inner().found);
     // The worker still serves afterwards.
     let (text, _) = collect(&mut c, greedy("Hello", 4)).await.unwrap();

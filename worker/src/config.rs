@@ -93,13 +93,23 @@ pub struct WorkerConfig {
     pub coordinator: Option<String>,
     pub worker_id: String,
     pub advertise: Option<String>,
-    pub registration_secret: Option<String>,
+    pub registration_secret: Option<Secret>,
     pub engine: EngineConfig,
     /// Default KV policy (flags applied).
     pub kv_policy: PolicyChoice,
     pub shutdown_grace: Duration,
     /// TLS of the gRPC server and towards the coordinator.
     pub tls: crate::tls::TlsConfig,
+}
+
+/// A secret that never shows in `Debug` output (logs).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// Smallest sequence (tokens) the budgets must be able to hold.
@@ -149,7 +159,7 @@ impl ServeArgs {
             coordinator: Some(self.coordinator).filter(|c| !c.trim().is_empty()),
             worker_id,
             advertise: self.advertise,
-            registration_secret: self.registration_secret,
+            registration_secret: self.registration_secret.map(Secret),
             engine: EngineConfig {
                 max_batch: self.max_batch,
                 prefill_chunk: self.prefill_chunk,

@@ -20,7 +20,7 @@ pub struct Announcement {
     pub address: String,
     pub metrics_address: String,
     pub model: ModelInfo,
-    pub secret: Option<String>,
+    pub secret: Option<crate::config::Secret>,
     pub max_batch: usize,
     /// TLS towards the coordinator (`None`: plaintext).
     pub coordinator_tls: Option<tonic::transport::ClientTlsConfig>,
@@ -55,7 +55,7 @@ async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool)
             worker_id: a.worker_id.clone(),
             address: a.address.clone(),
             model: Some(a.model.clone()),
-            secret: a.secret.clone().unwrap_or_default(),
+            secret: a.secret.clone().map(|s| s.0).unwrap_or_default(),
             load: Some(WorkerService::load(engine, a.max_batch)),
             metrics_address: a.metrics_address.clone(),
         })
@@ -69,7 +69,7 @@ async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool)
             .heartbeat(HeartbeatRequest {
                 worker_id: a.worker_id.clone(),
                 load: Some(WorkerService::load(engine, a.max_batch)),
-                secret: a.secret.clone().unwrap_or_default(),
+                secret: a.secret.clone().map(|s| s.0).unwrap_or_default(),
                 draining: draining.load(Ordering::Relaxed),
             })
             .await?
@@ -88,7 +88,8 @@ pub async fn deregister(a: &Announcement) {
     let Ok(channel) = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect().await else {
         return;
     };
-    let req = DeregisterRequest { worker_id: a.worker_id.clone(), secret: a.secret.clone().unwrap_or_default() };
+    let req =
+        DeregisterRequest { worker_id: a.worker_id.clone(), secret: a.secret.clone().map(|s| s.0).unwrap_or_default() };
     if let Err(e) = RegistryClient::new(channel).deregister(req).await {
         tracing::warn!(error = %e, "deregistration failed");
     }

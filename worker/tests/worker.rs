@@ -413,6 +413,8 @@ fn budgets_that_cannot_hold_a_sequence_are_start_up_errors() {
             .to_string();
         assert!(err.starts_with(flag) && err.contains("one sequence"), "{err}");
     }
+    let cfg = serve_config(&["--registration-secret", "s3cr3t-value"]).unwrap();
+    assert!(!format!("{cfg:?}").contains("s3cr3t-value"), "the secret shows in Debug output");
     let err = serve_config(&["--kv-policy", "uniform:9"]).unwrap_err().to_string();
     assert!(err.contains("--kv-policy") && err.contains("uniform:N"), "{err}");
     let err = serve_config(&["--kv-policy", "fp16", "--kv-sigma-x", "0.1"]).unwrap_err().to_string();

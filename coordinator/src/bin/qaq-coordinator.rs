@@ -18,6 +18,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = Config::try_from(&args)?;
+    // What is on, never the secrets themselves.
+    let config_summary =
+        (config.api_keys.as_ref().map_or(0, |k| k.len()), config.registration_secret.is_some(), config.tls.is_some());
 
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
@@ -47,7 +50,15 @@ async fn main() -> anyhow::Result<()> {
         writeln!(out, "{}", ready_line(grpc_addr, metrics_addr))?;
         out.flush()?;
     }
-    tracing::info!(grpc = %grpc_addr, metrics = ?metrics_addr, "coordinator serving");
+    tracing::info!(
+        grpc = %grpc_addr,
+        metrics = ?metrics_addr,
+        placement = ?args.placement,
+        api_keys = config_summary.0,
+        registration_secret = config_summary.1,
+        tls = config_summary.2,
+        "coordinator serving"
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut server = server;

@@ -6,8 +6,8 @@ use std::time::Instant;
 use futures::Stream;
 use qaq_proto::v1::generation_server::Generation;
 use qaq_proto::v1::{
-    AbortRequest, AbortResponse, ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse,
-    ListModelsRequest, ListModelsResponse,
+    AbortRequest, AbortResponse, ClusterStatusRequest, ClusterStatusResponse, FinishReason, GenerateRequest,
+    GenerateResponse, ListModelsRequest, ListModelsResponse, Usage,
 };
 use tonic::{Request, Response, Status};
 
@@ -15,7 +15,7 @@ use crate::cluster::Cluster;
 use crate::deadline;
 use crate::error::GenerateError;
 use crate::metrics as m;
-use crate::stream::Forward;
+use crate::stream::{Forward, deadline_of};
 
 /// The client API over a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -29,6 +29,9 @@ impl GenerationService {
         Self { cluster }
     }
 }
+
+/// How much earlier than the client's deadline a queued request gives up.
+const QUEUE_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Records a request rejected before it reached a worker.
 fn count_rejection(e: &GenerateError, received: Instant) {
@@ -47,13 +50,32 @@ impl Generation for GenerationService {
         let received = Instant::now();
         let timeout = deadline::from_metadata(request.metadata());
         let mut req = request.into_inner();
-        let admission = self.cluster.admit(&mut req).map_err(|e| {
-            count_rejection(&e, received);
-            Status::from(e)
-        })?;
-        tracing::debug!(request_id = %admission.request_id, worker_id = %admission.worker_id, ?timeout, "placed");
-        let mut forward = Forward::new(self.cluster.clone(), admission, received, timeout);
-        forward.start(req).await?;
+        // tonic cancels the call ("Timeout expired", CANCELLED) when the
+        // client's grpc-timeout passes before the response starts: a queued
+        // request gives up just before that, with DEADLINE_EXCEEDED.
+        let deadline = deadline_of(received, timeout)
+            .map(|(at, t)| at.checked_sub(QUEUE_DEADLINE_MARGIN.min(t / 10)).unwrap_or(at));
+        let admission = match self.cluster.admit(&mut req, deadline, timeout).await {
+            Ok(a) => a,
+            Err(e @ GenerateError::AbortedWhileQueued) => {
+                count_rejection(&e, received);
+                // Aborted before it ran: the stream is just the final message.
+                let last = GenerateResponse {
+                    request_id: req.request_id.clone(),
+                    finish_reason: FinishReason::Aborted as i32,
+                    usage: Some(Usage::default()),
+                    ..Default::default()
+                };
+                return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(last)]))));
+            }
+            Err(e) => {
+                count_rejection(&e, received);
+                return Err(Status::from(e));
+            }
+        };
+        tracing::debug!(request_id = %admission.request_id, worker_id = %admission.placed.worker_id, ?timeout, "placed");
+        let mut forward = Forward::new(self.cluster.clone(), admission, req, received, timeout);
+        forward.start().await?;
         Ok(Response::new(Box::pin(forward.into_stream())))
     }
 

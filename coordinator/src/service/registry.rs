@@ -28,12 +28,12 @@ impl Registry for RegistryService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(self.cluster.heartbeat(request.get_ref())))
+        Ok(Response::new(self.cluster.heartbeat(request.get_ref())?))
     }
 
     async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
-        let id = &request.get_ref().worker_id;
-        if self.cluster.deregister(id) {
+        let DeregisterRequest { worker_id: id, secret } = request.get_ref();
+        if self.cluster.deregister(id, secret)? {
             tracing::info!(worker_id = %id, "worker deregistered");
         }
         Ok(Response::new(DeregisterResponse {}))

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use qaq_coordinator::process::{ReadyChild, StdoutMode, spawn_ready};
+use qaq_proto::client::{ApiKey, Client};
 use qaq_proto::v1::generation_client::GenerationClient;
 use qaq_proto::v1::worker_client::WorkerClient;
 use qaq_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, StatsRequest, WorkerLoad, WorkerState};
@@ -52,26 +53,66 @@ pub fn worker_bin() -> PathBuf {
     p
 }
 
+/// How a [`TestCluster`] is started.
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    /// Workers `w1..wn`.
+    pub workers: usize,
+    /// Lease (heartbeats every `lease_ms / 5`).
+    pub lease_ms: u64,
+    /// Extra coordinator flags.
+    pub coordinator_args: Vec<String>,
+    /// Extra flags of every worker.
+    pub worker_args: Vec<String>,
+    /// Coordinator stderr goes to this file (default: inherited).
+    pub coordinator_stderr: Option<PathBuf>,
+    /// `QAQ_LOG` of the coordinator (default `warn`).
+    pub coordinator_log: Option<String>,
+    /// API key the harness' clients send.
+    pub api_key: Option<String>,
+    /// Scheme and client TLS of the coordinator (default: plaintext).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl Opts {
+    /// `n` workers, lease `lease_ms`, nothing else.
+    pub fn new(workers: usize, lease_ms: u64) -> Self {
+        Self { workers, lease_ms, ..Self::default() }
+    }
+}
+
 /// A coordinator process and its workers.
 pub struct TestCluster {
     /// The coordinator (first) ...
     pub coordinator: ReadyChild,
     /// ... and its workers, in start order.
     pub workers: Vec<ReadyChild>,
+    /// How it was started.
+    pub opts: Opts,
 }
 
 impl TestCluster {
     /// Starts a coordinator (lease `lease_ms`, heartbeats every `lease_ms / 5`)
     /// and `n` workers named `w1..wn`, and waits until all are UP.
     pub async fn start(n: usize, lease_ms: u64) -> Self {
+        Self::start_with(Opts::new(n, lease_ms)).await
+    }
+
+    /// Starts a cluster as `opts` say and waits until every worker is UP.
+    pub async fn start_with(opts: Opts) -> Self {
+        let lease_ms = opts.lease_ms;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qaq-coordinator"));
         cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--lease-ms")
             .arg(lease_ms.to_string())
             .arg("--heartbeat-interval-ms")
             .arg((lease_ms / 5).max(1).to_string())
-            .env("QAQ_LOG", "warn")
-            .stderr(Stdio::inherit());
+            .args(&opts.coordinator_args)
+            .env("QAQ_LOG", opts.coordinator_log.as_deref().unwrap_or("warn"));
+        match &opts.coordinator_stderr {
+            Some(path) => cmd.stderr(std::fs::File::create(path).expect("create the coordinator's stderr file")),
+            None => cmd.stderr(Stdio::inherit()),
+        };
         let coordinator = spawn_ready(
             cmd,
             "coordinator",
@@ -81,22 +122,13 @@ impl TestCluster {
         )
         .await
         .expect("coordinator starts");
-        let mut cluster = Self { coordinator, workers: Vec::new() };
+        let mut cluster = Self { coordinator, workers: Vec::new(), opts };
+        let n = cluster.opts.workers;
         if n > 0 {
-            let (model, bin) = (model_path(), worker_bin());
-            let starts = (1..=n).map(|i| {
-                let mut cmd = Command::new(&bin);
-                cmd.arg("serve")
-                    .arg("--model")
-                    .arg(&model)
-                    .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-                    .args(["--coordinator", &cluster.grpc(), "--worker-id", &format!("w{i}")])
-                    .env("QAQ_LOG", "warn")
-                    .stderr(Stdio::inherit());
-                async move {
-                    spawn_ready(cmd, &format!("w{i}"), WORKER_READY, Duration::from_secs(180), StdoutMode::Discard)
-                        .await
-                }
+            let starts: Vec<_> = (1..=n).map(|i| cluster.worker_command(&format!("w{i}"), &[])).collect();
+            let starts = starts.into_iter().enumerate().map(|(i, cmd)| async move {
+                spawn_ready(cmd, &format!("w{}", i + 1), WORKER_READY, Duration::from_secs(180), StdoutMode::Discard)
+                    .await
             });
             for w in futures::future::join_all(starts).await {
                 cluster.workers.push(w.expect("worker starts"));
@@ -106,19 +138,44 @@ impl TestCluster {
         cluster
     }
 
+    /// The command line of a worker `id` of this cluster, plus `extra` flags.
+    pub fn worker_command(&self, id: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(worker_bin());
+        cmd.arg("serve")
+            .arg("--model")
+            .arg(model_path())
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--coordinator", &self.grpc(), "--worker-id", id])
+            .args(&self.opts.worker_args)
+            .args(extra)
+            .env("QAQ_LOG", "warn")
+            .stderr(Stdio::inherit());
+        cmd
+    }
+
     /// The coordinator's gRPC address.
     pub fn grpc(&self) -> String {
         self.coordinator.ready.get("grpc").expect("grpc= in READY line").to_string()
     }
 
-    /// A client of the coordinator.
-    pub async fn client(&self) -> GenerationClient<Channel> {
-        GenerationClient::connect(format!("http://{}", self.grpc())).await.expect("connect to coordinator")
+    /// A client of the coordinator (sending the API key of the options).
+    pub async fn client(&self) -> Client {
+        self.client_with_key(self.opts.api_key.as_deref()).await
+    }
+
+    /// A client sending `key`.
+    pub async fn client_with_key(&self, key: Option<&str>) -> Client {
+        GenerationClient::with_interceptor(self.channel().await, ApiKey::new(key).expect("printable key"))
     }
 
     /// A channel to the coordinator (for health and reflection clients).
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc())).unwrap().connect().await.unwrap()
+        let scheme = if self.opts.client_tls.is_some() { "https" } else { "http" };
+        let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", self.grpc())).unwrap();
+        if let Some(tls) = &self.opts.client_tls {
+            ep = ep.tls_config(tls.clone()).unwrap();
+        }
+        ep.connect().await.expect("connect to coordinator")
     }
 
     /// ClusterStatus.
@@ -139,24 +196,34 @@ impl TestCluster {
         }
     }
 
-    /// Worker.Stats of worker `i` (0-based), straight from the worker.
-    pub async fn worker_load(&self, i: usize) -> WorkerLoad {
+    /// A client of worker `i` (0-based), straight to the worker.
+    pub async fn worker_client(&self, i: usize) -> WorkerClient<Channel> {
         let addr = self.workers[i].ready.get("grpc").expect("grpc= in worker READY line");
-        let mut c = WorkerClient::connect(format!("http://{addr}")).await.expect("connect to worker");
-        c.stats(StatsRequest {}).await.expect("Worker.Stats").into_inner().load.unwrap_or_default()
+        WorkerClient::connect(format!("http://{addr}")).await.expect("connect to worker")
     }
 
-    /// Polls worker `i` until it runs and queues nothing (at most [`POLL_LIMIT`]);
-    /// returns how long that took.
+    /// Worker.Stats of worker `i` (0-based), straight from the worker.
+    pub async fn worker_load(&self, i: usize) -> WorkerLoad {
+        load_of(&mut self.worker_client(i).await).await
+    }
+
+    /// Polls worker `i` (on one connection, every 5 ms) until it runs and
+    /// queues nothing (at most [`POLL_LIMIT`]); returns how long that took.
     pub async fn wait_worker_idle(&self, i: usize) -> Duration {
+        let mut c = self.worker_client(i).await;
+        self.wait_idle_on(&mut c).await
+    }
+
+    /// [`Self::wait_worker_idle`] on an open connection; the time counts from the call.
+    pub async fn wait_idle_on(&self, c: &mut WorkerClient<Channel>) -> Duration {
         let started = tokio::time::Instant::now();
         loop {
-            let load = self.worker_load(i).await;
+            let load = load_of(c).await;
             if load.running == 0 && load.waiting == 0 {
                 return started.elapsed();
             }
-            assert!(started.elapsed() < POLL_LIMIT, "worker {i} still busy after {POLL_LIMIT:?}: {load:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(started.elapsed() < POLL_LIMIT, "worker still busy after {POLL_LIMIT:?}: {load:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -170,6 +237,10 @@ impl TestCluster {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         text
     }
+}
+
+async fn load_of(c: &mut WorkerClient<Channel>) -> WorkerLoad {
+    c.stats(StatsRequest {}).await.expect("Worker.Stats").into_inner().load.unwrap_or_default()
 }
 
 /// Workers UP in a status.

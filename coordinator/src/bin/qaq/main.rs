@@ -3,7 +3,9 @@
 //! - `qaq up`: starts a coordinator and N workers locally (see [`up`]).
 //! - `qaq generate`: streams one generation to the terminal (see [`generate`]).
 //! - `qaq status`: prints the workers and their load (see [`status`]).
+//! - `qaq bench`: gRPC load generator, coordinator vs direct worker (see [`bench`]).
 
+mod bench;
 mod generate;
 mod status;
 mod up;
@@ -19,6 +21,12 @@ struct Cli {
     /// API key sent as `authorization: Bearer <key>`.
     #[arg(long, env = "QAQ_API_KEY", global = true, hide_env_values = true)]
     api_key: Option<String>,
+    /// PEM CA certificate: connect to the coordinator over TLS, verifying it against this CA.
+    #[arg(long, env = "QAQ_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Server name expected in the coordinator's certificate (default: the host of --addr).
+    #[arg(long, env = "QAQ_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +39,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the cluster's workers and their load.
     Status(status::StatusArgs),
+    /// Load-test a coordinator (optionally side by side with one worker directly).
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -40,11 +50,23 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(ca) = &cli.tls_ca {
+        match std::fs::read(ca) {
+            Ok(pem) => {
+                let _ = TLS.set((pem, cli.tls_domain.clone()));
+            }
+            Err(e) => {
+                eprintln!("qaq: error: --tls-ca: cannot read {}: {e}", ca.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let api_key = cli.api_key.as_deref();
     let result = match cli.command {
         Command::Up(a) => up::run(a, api_key).await,
         Command::Generate(a) => generate::run(a, api_key).await,
         Command::Status(a) => status::run(a, api_key).await,
+        Command::Bench(a) => bench::run(a, api_key).await,
     };
     match result {
         Ok(code) => code,
@@ -55,9 +77,27 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Connects to a coordinator's client API, with a readable error.
+/// `--tls-ca` (PEM) and `--tls-domain`, set once by `main`.
+static TLS: std::sync::OnceLock<(Vec<u8>, Option<String>)> = std::sync::OnceLock::new();
+
+/// Connects to a coordinator's client API (over TLS with `--tls-ca`), with a readable error.
 async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<qaq_proto::client::Client> {
-    qaq_proto::client::connect(addr, api_key).await.map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))
+    let Some((ca, domain)) = TLS.get() else {
+        return qaq_proto::client::connect(addr, api_key)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"));
+    };
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let host = domain.clone().unwrap_or_else(|| qaq_coordinator::tls::host_of(addr).to_string());
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host);
+    let channel = Endpoint::from_shared(format!("https://{rest}"))?
+        .tls_config(tls)?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {addr} over TLS: {e}"))?;
+    let key = qaq_proto::client::ApiKey::new(api_key).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    Ok(qaq_proto::v1::generation_client::GenerationClient::with_interceptor(channel, key))
 }
 
 /// `code: message` of a gRPC status.

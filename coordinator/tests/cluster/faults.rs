@@ -1,0 +1,256 @@
+//! Failover, drain and shutdown with real workers: kill -9 mid-run (every
+//! admitted request completes, greedy output unchanged), SIGTERM drain of a
+//! worker under load, SIGTERM of the coordinator, lease expiry and
+//! re-registration of a paused worker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use qaq_proto::v1::{FinishReason, GenerateRequest, KvPolicy, WorkerState};
+
+use super::harness::{Opts, SERIAL, TestCluster, up_count};
+
+/// A greedy request with the fp16 KV policy that always runs `n` tokens.
+fn dense(prompt: &str, n: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        max_new_tokens: Some(n),
+        ignore_eos: true,
+        kv_policy: Some(KvPolicy { policy: "fp16".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// What one stream produced.
+#[derive(Debug, Default)]
+struct Run {
+    tokens: Vec<u32>,
+    workers: Vec<String>,
+    finish: i32,
+    completion_tokens: u32,
+}
+
+/// Per stream: (current worker, tokens so far, finished).
+type Progress = Arc<std::sync::Mutex<Vec<(String, usize, bool)>>>;
+
+/// Streams `req`, adding every token to `streamed` and, when given, keeping
+/// stream `i`'s entry of `progress` current.
+async fn run_tracked(
+    mut c: qaq_proto::client::Client,
+    req: GenerateRequest,
+    streamed: Arc<AtomicU32>,
+    progress: Option<(Progress, usize)>,
+) -> Result<Run, tonic::Status> {
+    let mut s = c.generate(req).await?.into_inner();
+    let mut r = Run::default();
+    while let Some(m) = s.message().await? {
+        streamed.fetch_add(m.token_ids.len() as u32, Ordering::Relaxed);
+        if let Some((p, i)) = &progress {
+            let e = &mut p.lock().unwrap()[*i];
+            e.0.clone_from(&m.worker_id);
+            e.1 += m.token_ids.len();
+            e.2 = m.finish_reason != 0;
+        }
+        r.tokens.extend_from_slice(&m.token_ids);
+        if r.workers.last() != Some(&m.worker_id) && !m.worker_id.is_empty() {
+            r.workers.push(m.worker_id.clone());
+        }
+        if m.finish_reason != 0 {
+            r.finish = m.finish_reason;
+            r.completion_tokens = m.usage.map_or(0, |u| u.completion_tokens);
+        }
+    }
+    Ok(r)
+}
+
+/// Streams `req`, adding every token to `streamed`.
+async fn run(
+    c: qaq_proto::client::Client,
+    req: GenerateRequest,
+    streamed: Arc<AtomicU32>,
+) -> Result<Run, tonic::Status> {
+    run_tracked(c, req, streamed, None).await
+}
+
+/// The worker with the most unfinished streams that already have `min`
+/// tokens, once one has at least `streams` of them (at most 120 s).
+async fn busiest_streaming_worker(progress: &Progress, only: Option<&str>, streams: usize, min: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut by_worker = std::collections::HashMap::<String, usize>::new();
+        for (w, n, done) in progress.lock().unwrap().iter() {
+            if *n >= min && !*done && only.is_none_or(|o| o == w) {
+                *by_worker.entry(w.clone()).or_default() += 1;
+            }
+        }
+        if let Some((w, n)) = by_worker.into_iter().max_by_key(|(_, n)| *n)
+            && n >= streams
+        {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "no worker streams {streams} requests: {:?}", progress.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The value of a metric line `name value` in a Prometheus text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+}
+
+fn prompt(i: usize) -> String {
+    let things = ["a lighthouse", "a red fox", "the moon", "a bakery", "a river", "an old map", "a robot", "winter"];
+    format!("Write one sentence about {}.", things[i % things.len()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() {
+    const DISTINCT: usize = 8;
+    const STREAMS: usize = 64;
+    const MAX: u32 = 12;
+    let _serial = SERIAL.lock().await;
+    let cluster = TestCluster::start(3, 1500).await;
+    let client = cluster.client().await;
+
+    // The no-fault run: each distinct prompt once.
+    let none = Arc::new(AtomicU32::new(0));
+    let reference: Vec<Vec<u32>> =
+        futures::future::join_all((0..DISTINCT).map(|i| run(client.clone(), dense(&prompt(i), MAX), none.clone())))
+            .await
+            .into_iter()
+            .map(|r| r.expect("no-fault run").tokens)
+            .collect();
+    assert!(reference.iter().all(|t| t.len() == MAX as usize), "{reference:?}");
+
+    // 64 concurrent streams; kill -9 the busiest worker once they all stream.
+    let started = Instant::now();
+    let streamed = Arc::new(AtomicU32::new(0));
+    let progress: Progress = Arc::new(std::sync::Mutex::new(vec![(String::new(), 0, false); STREAMS]));
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (c, req, s, p) =
+                (client.clone(), dense(&prompt(i % DISTINCT), MAX), streamed.clone(), progress.clone());
+            tokio::spawn(run_tracked(c, req, s, Some((p, i))))
+        })
+        .collect();
+    // Mid-run: kill the worker with the most streams already producing tokens.
+    let victim_id = busiest_streaming_worker(&progress, None, 4, 2).await;
+    let victim = cluster.workers.iter().position(|w| w.name == victim_id).expect("a worker of this cluster");
+    let at = streamed.load(Ordering::Relaxed);
+    cluster.workers[victim].kill9().expect("kill -9");
+    eprintln!("kill -9 {victim_id} after {at} streamed tokens");
+
+    let mut migrated = 0;
+    let mut on_victim = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        assert_eq!(r.finish, FinishReason::Length as i32, "stream {i}: {r:?}");
+        assert_eq!(r.completion_tokens, MAX, "stream {i}: {r:?}");
+        assert_eq!(
+            r.tokens,
+            reference[i % DISTINCT],
+            "stream {i} (workers {:?}) differs from the no-fault run",
+            r.workers
+        );
+        if r.workers.len() > 1 {
+            migrated += 1;
+        }
+        if r.workers.contains(&victim_id) {
+            on_victim += 1;
+        }
+    }
+    let text = cluster.metrics().await;
+    let migrations = metric(&text, "qaq_coordinator_migrations_total");
+    let retries = metric(&text, "qaq_coordinator_retries_total");
+    eprintln!(
+        "fault run: {STREAMS} admitted, {STREAMS} completed, {migrated} streams migrated mid-stream \
+         ({on_victim} touched {victim_id}); coordinator counted {migrations} migrations, {retries} retries; {:?}",
+        started.elapsed()
+    );
+    assert!(migrated >= 1 && migrations >= 1.0, "nothing was migrated");
+    assert_eq!(metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\"}"), (DISTINCT + STREAMS) as f64);
+    for bad in ["error", "unavailable", "aborted", "deadline"] {
+        assert_eq!(metric(&text, &format!("qaq_coordinator_requests_total{{outcome=\"{bad}\"}}")), 0.0, "{bad}");
+    }
+    cluster.wait_state(|s| s.in_flight == 0, "nothing in flight").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_under_load_fails_no_request() {
+    const STREAMS: usize = 12;
+    const MAX: u32 = 32;
+    let _serial = SERIAL.lock().await;
+    // A short worker grace: what does not finish in it is migrated.
+    let opts = Opts { worker_args: vec!["--shutdown-grace-ms".into(), "150".into()], ..Opts::new(2, 1500) };
+    let mut cluster = TestCluster::start_with(opts).await;
+    let client = cluster.client().await;
+    let streamed = Arc::new(AtomicU32::new(0));
+    let progress: Progress = Arc::new(std::sync::Mutex::new(vec![(String::new(), 0, false); STREAMS]));
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (c, req, s, p) = (client.clone(), dense(&prompt(i), MAX), streamed.clone(), progress.clone());
+            tokio::spawn(run_tracked(c, req, s, Some((p, i))))
+        })
+        .collect();
+    // SIGTERM w1 while it streams several requests.
+    busiest_streaming_worker(&progress, Some("w1"), 3, 1).await;
+    cluster.workers[0].terminate().expect("SIGTERM w1");
+    let mut moved = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap_or_else(|e| panic!("stream {i} failed during the drain: {e:?}"));
+        assert_eq!((r.finish, r.completion_tokens), (FinishReason::Length as i32, MAX), "stream {i}: {r:?}");
+        moved += usize::from(r.workers.len() > 1);
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(20), cluster.workers[0].wait()).await.expect("w1 exits");
+    assert!(exit.unwrap().success(), "w1 exits 0 after its drain");
+    cluster.wait_state(|s| !s.workers.iter().any(|w| w.worker_id == "w1"), "w1 deregistered").await;
+    let text = cluster.metrics().await;
+    eprintln!("drain: {STREAMS} streams completed, {moved} moved off the draining worker");
+    assert!(moved >= 1, "a 150 ms grace cannot finish 32 tokens: some streams must have moved");
+    assert_eq!(metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\"}"), STREAMS as f64);
+    // w2 keeps serving.
+    let r = run(client.clone(), dense("Hello", 4), streamed.clone()).await.unwrap();
+    assert_eq!(r.workers, ["w2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_worker_loses_its_lease_and_re_registers() {
+    let _serial = SERIAL.lock().await;
+    let lease_ms = 1000;
+    let cluster = TestCluster::start(1, lease_ms).await;
+    let pid = cluster.workers[0].pid;
+    qaq_coordinator::process::signal(pid, libc::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    cluster.wait_state(|s| s.workers[0].state == WorkerState::Down as i32, "w1 DOWN").await;
+    assert!(stopped.elapsed() >= Duration::from_millis(lease_ms / 2), "down before its lease lapsed");
+    let text = cluster.metrics().await;
+    assert!(text.contains("qaq_coordinator_workers{state=\"down\"} 1"), "{text}");
+    qaq_coordinator::process::signal(pid, libc::SIGCONT).unwrap();
+    cluster.wait_state(|s| up_count(s) == 1, "w1 UP again after re-registering").await;
+    let mut c = cluster.client().await;
+    let (text, _) = super::collect(&mut c, super::greedy("Hello", 4)).await.unwrap();
+    assert!(!text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_sigterm_lets_streams_finish_then_exits_0() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = TestCluster::start(1, 2000).await;
+    let mut c = cluster.client().await;
+    let mut s = c.generate(dense("Tell me about the sea.", 16)).await.unwrap().into_inner();
+    s.message().await.unwrap().expect("first message");
+    cluster.coordinator.terminate().unwrap();
+    let mut last = None;
+    while let Some(m) = s.message().await.expect("the open stream finishes") {
+        last = Some(m);
+    }
+    assert_eq!(last.unwrap().finish_reason, FinishReason::Length as i32);
+    let exit = tokio::time::timeout(Duration::from_secs(15), cluster.coordinator.wait()).await.expect("exits");
+    assert!(exit.unwrap().success());
+    // Nothing is admitted any more.
+    let e = super::collect(&mut c, super::greedy("Hello", 2)).await.unwrap_err();
+    assert!(matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown), "{e:?}");
+}
