@@ -520,45 +520,7 @@ mod tests {
     use super::*;
     use crate::quant::{self, OutlierMode, Outliers, QuantSpec, Scheme};
     use crate::simd;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn f(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
-
-    fn r16(v: f32) -> f32 {
-        f16::from_f32(v).to_f32()
-    }
-
-    /// Groups exercising the edge cases: random, constant, +-0 mixes, repeated min/max,
-    /// one huge outlier, tiny ranges (subnormal steps), extremes of the f16 range.
-    fn groups(d: usize, rng: &mut Rng) -> Vec<Vec<f32>> {
-        let mut gs = Vec::new();
-        for scale in [1.0f32, 3.0, 1e-3, 1e-6, 60000.0] {
-            gs.push((0..d).map(|_| r16(rng.f() * scale)).collect());
-        }
-        gs.push(vec![0.099975586; d]);
-        gs.push(vec![-0.0; d]);
-        gs.push((0..d).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect());
-        gs.push((0..d).map(|i| if i % 2 == 0 { 1.5 } else { -2.25 }).collect());
-        gs.push((0..d).map(|i| (i % 5) as f32 - 2.0).collect());
-        let mut g: Vec<f32> = (0..d).map(|i| r16(i as f32 / 8.0)).collect();
-        g[d / 2] = 1000.0;
-        g[d - 1] = -65504.0;
-        gs.push(g);
-        gs.push((0..d).map(|i| if i == 0 { 65504.0 } else { -65504.0 }).collect());
-        gs.push((0..d).map(|_| r16(1.0 + rng.f() * 1e-3)).collect());
-        gs.push((0..d).map(|i| f16::from_bits((i % 7) as u16).to_f32()).collect());
-        gs
-    }
+    use crate::testutil::{Rng, groups};
 
     fn run(x: &[f32], bits: u8, spec: &QuantSpec, fast: bool) -> (Result<GroupMeta>, Vec<u8>, Vec<u8>, Vec<f16>) {
         let (mut c, mut oi, mut ov) = (vec![7u8], Vec::new(), Vec::new());

@@ -37,6 +37,8 @@ pub mod policy;
 pub mod quant;
 pub mod simd;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 
 #[cfg(feature = "cuda")]
 pub mod cuda {
