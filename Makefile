@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test model build build-cuda clippy unit bench
+.PHONY: demo test model build build-cuda clippy unit bench eval
 
 model:
 	@scripts/fetch-model.sh
@@ -31,6 +31,17 @@ demo: model build
 
 bench: model build
 	./target/release/qaq-worker bench --model $(MODEL) --batch 1,8 --tokens 64
+
+# The full quality evaluation (hours on 2 cores; resumable: results accumulate in
+# docs/results/results.jsonl and a rerun measures only what is missing). The
+# regression subset runs in `make test` (worker/tests/worker/eval.rs).
+EVAL_MC_LIMIT ?= 1000
+EVAL_LONG_POLICIES ?= fp16;uniform:4;uniform:3;uniform:2;kivi;qaq:sigma_s=0.003,sigma_x=0.003;qaq;qaq:sigma_s=0.03,sigma_x=0.03
+eval: model build
+	./target/release/qaq-worker eval --model $(MODEL) --tasks hellaswag,piqa --limit $(EVAL_MC_LIMIT) \
+	  --results docs/results/results.jsonl --out docs/results/mc
+	./target/release/qaq-worker eval --model $(MODEL) --tasks ppl,passkey,kv \
+	  --policies "$(EVAL_LONG_POLICIES)" --results docs/results/results.jsonl --out docs/results/long
 
 # deploy/: promtool, compose and Helm chart validation, and an end-to-end check that
 # every metric the dashboard and the alert rules use exists on a live local cluster.

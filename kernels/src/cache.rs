@@ -20,7 +20,7 @@ use crate::attention::{self, KStore};
 use crate::error::{KernelError, Result};
 use crate::host::{HostTier, InMemoryHost};
 use crate::kivi::KiviKeys;
-use crate::policy::{self, DownSource, KvPolicy, QNorm, QNormTracker, QaqParams, Windows};
+use crate::policy::{self, DownSource, KvPolicy, PrefillFeed, QNorm, QNormTracker, QaqParams, Windows};
 use crate::quant::{self, GroupMeta, Outliers, QuantSpec, RAW, Scheme, check_group_len};
 use crate::store::{BLOCK_TOKENS, Bytes, PackedStream};
 use half::f16;
@@ -373,6 +373,24 @@ impl QaqCache {
         if n_q == 1 {
             return Ok(self.attend(layer, q_rows)?.output);
         }
+        self.rows(layer, q_rows, n_q, true)
+    }
+
+    /// The side effects of [`attend_rows`](Self::attend_rows) without its output: the
+    /// attention windows and the ||Q||^2 tracker see exactly what `attend_rows` would
+    /// feed them, but attention is computed for the rows that feed a window only. An
+    /// evaluation that runs one exact prefill for several caches ("shared prefill")
+    /// calls this on every cache but the one whose output it uses.
+    pub fn observe_rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize) -> Result<()> {
+        if n_q == 1 {
+            return self.attend(layer, q_rows).map(|_| ());
+        }
+        self.rows(layer, q_rows, n_q, false).map(|_| ())
+    }
+
+    /// Multi-row attention; with `full == false`, only the window rows are attended
+    /// and the returned output is all zeros.
+    fn rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize, full: bool) -> Result<Vec<f32>> {
         self.check_layer(layer)?;
         let (d, g, nqh) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
         let qrow = nqh * d;
@@ -381,9 +399,9 @@ impl QaqCache {
         }
         quant::check_finite(q_rows, "q_rows")?;
         let row = self.cfg.row();
-        let window = match self.policy {
-            KvPolicy::Qaq(p) => p.window,
-            _ => 1,
+        let (window, agg) = match self.policy {
+            KvPolicy::Qaq(p) => (p.window, p.prefill == PrefillFeed::All && n_q > p.window),
+            _ => (1, false),
         };
         let l = &mut self.layers[layer];
         let t_total = l.len;
@@ -408,14 +426,32 @@ impl QaqCache {
                 }
             }
             let mut probs = vec![0f32; g * t_total];
+            // PrefillFeed::All: the scaled max attention of the rows before the window.
+            let mut early = if agg { vec![0f32; t_total] } else { Vec::new() };
             for r in 0..n_q {
                 let p = t_total - n_q + r;
                 let tv = p + 1;
                 let qs: Vec<f32> =
                     q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
-                let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
-                attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
                 let feed = if r + window >= n_q { tv } else { 0 };
+                if full || feed > 0 || agg {
+                    let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
+                    attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
+                }
+                if agg && feed == 0 {
+                    let w = (tv as f32 / t_total as f32).sqrt();
+                    for (tok, e) in early.iter_mut().enumerate().take(tv) {
+                        let mx = (0..g).map(|j| probs[j * tv + tok]).fold(0f32, f32::max);
+                        *e = e.max(w * mx);
+                    }
+                } else if agg && r + window == n_q {
+                    // The window's oldest observation carries the earlier rows too.
+                    for j in 0..g {
+                        for (tok, e) in early.iter().enumerate().take(tv) {
+                            probs[j * tv + tok] = probs[j * tv + tok].max(*e);
+                        }
+                    }
+                }
                 observe(hd, &qs, &probs[..g * tv], g, d, tv, feed);
             }
         }

@@ -48,6 +48,8 @@ pub mod cuda {
 pub use cache::{Attention, CacheConfig, CacheStats, Counters, QaqCache};
 pub use error::{KernelError, Result};
 pub use host::{HostTier, InMemoryHost};
-pub use policy::{BitFormula, DownSource, KiviSpec, KvPolicy, POLICY_SYNTAX, QNorm, QaqParams, UniformSpec};
+pub use policy::{
+    BitFormula, DownSource, KiviSpec, KvPolicy, POLICY_SYNTAX, PrefillFeed, QNorm, QaqParams, UniformSpec,
+};
 pub use quant::{OutlierMode, Outliers, QuantSpec, Scheme};
 pub use store::Bytes;

@@ -163,6 +163,20 @@ pub enum DownSource {
     Backup,
 }
 
+/// Which rows of a multi-row step (a prefill chunk) feed the attention windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrefillFeed {
+    /// The last `window` rows, one observation each (the reference code's
+    /// "last n prompt rows").
+    #[default]
+    Last,
+    /// As `Last`, and the oldest of those observations is raised to the
+    /// chunk's other rows' attention, each row's probability scaled by
+    /// `sqrt(T_row / T)` (the V-bound's `sqrt(T) * S` at that row's length), so
+    /// a token that any query of the chunk attended to keeps its width.
+    All,
+}
+
 /// QAQ hyperparameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct QaqParams {
@@ -186,6 +200,8 @@ pub struct QaqParams {
     pub down: DownSource,
     /// Re-quantize every `every` steps (>= 1).
     pub every: u32,
+    /// Window feeding in multi-row steps.
+    pub prefill: PrefillFeed,
 }
 
 impl Default for QaqParams {
@@ -201,6 +217,7 @@ impl Default for QaqParams {
             quant: QuantSpec::default(),
             down: DownSource::Codes,
             every: 1,
+            prefill: PrefillFeed::Last,
         }
     }
 }
@@ -284,7 +301,8 @@ pub enum KvPolicy {
 /// The accepted policy strings (shown in parse errors).
 pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
 qaq[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, outliers=total|perside, \
-formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every) | qaq-ref (reference-code variant); N in 0..=8";
+formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
+prefill=last|all) | qaq-ref (reference-code variant); N in 0..=8";
 
 impl FromStr for KvPolicy {
     type Err = KernelError;
@@ -371,6 +389,13 @@ impl FromStr for KvPolicy {
                                 "midpoint" => Scheme::Midpoint,
                                 "mean" => Scheme::MeanCentred,
                                 _ => return Err(err(format!("quant={v:?}"))),
+                            }
+                        }
+                        "prefill" => {
+                            p.prefill = match v {
+                                "last" => PrefillFeed::Last,
+                                "all" => PrefillFeed::All,
+                                _ => return Err(err(format!("prefill={v:?}"))),
                             }
                         }
                         "down" => {

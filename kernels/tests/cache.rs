@@ -404,3 +404,39 @@ fn batch_append_matches_token_by_token() {
         }
     }
 }
+
+/// A cache that only observes a prefill (`observe_rows`) ends in the same state as one
+/// that attended it (`attend_rows`): same widths after re-quantization, same bytes, and
+/// the same attention output on the next decode step.
+#[test]
+fn observing_a_prefill_equals_attending_it() {
+    for policy in ["qaq", "qaq:window=1", "qaq:window=3,sigma_x=0.05", "qaq:prefill=all", "uniform:3", "fp16"] {
+        let mut rng = Rng(11);
+        let t = 37;
+        let qrow = CFG.n_q_heads * CFG.head_dim;
+        let (mut a, mut b) = (
+            QaqCache::new(CFG, policy.parse().unwrap()).unwrap(),
+            QaqCache::new(CFG, policy.parse().unwrap()).unwrap(),
+        );
+        for layer in 0..CFG.n_layers {
+            let (k, v, q) = (rng.vec(t * row(&CFG), 2.0), rng.vec(t * row(&CFG), 1.0), rng.vec(t * qrow, 3.0));
+            a.append(layer, &k, &v).unwrap();
+            b.append(layer, &k, &v).unwrap();
+            let out = a.attend_rows(layer, &q, t).unwrap();
+            assert!(out.iter().any(|x| *x != 0.0), "{policy}");
+            b.observe_rows(layer, &q, t).unwrap();
+        }
+        a.end_step().unwrap();
+        b.end_step().unwrap();
+        for layer in 0..CFG.n_layers {
+            for h in 0..CFG.n_kv_heads {
+                assert_eq!(a.widths(layer, h), b.widths(layer, h), "{policy} layer {layer} head {h}");
+            }
+        }
+        assert_eq!(a.bytes_used(), b.bytes_used(), "{policy}");
+        let (k, v, q) = (rng.vec(row(&CFG), 2.0), rng.vec(row(&CFG), 1.0), rng.vec(qrow, 3.0));
+        a.append(0, &k, &v).unwrap();
+        b.append(0, &k, &v).unwrap();
+        assert_eq!(a.attend(0, &q).unwrap().output, b.attend(0, &q).unwrap().output, "{policy}");
+    }
+}

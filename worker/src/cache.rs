@@ -229,6 +229,18 @@ impl SeqCache {
         (before - self.inner.host_mut().bytes(), evicted)
     }
 
+    /// Byte accounting and counters of the whole cache.
+    pub fn stats(&self) -> qaq_kernels::CacheStats {
+        self.inner.stats()
+    }
+
+    /// The side effects of attending `q` (`n_q` rows) in `layer` — attention windows and
+    /// the ||Q||^2 tracker — without computing the output; see
+    /// [`QaqCache::observe_rows`]. For evaluations that share one exact prefill.
+    pub fn observe(&mut self, layer: usize, q: &[f32], n_q: usize) -> Result<(), KvError> {
+        self.inner.observe_rows(layer, q, n_q).map_err(kv_err)
+    }
+
     /// Final statistics.
     pub fn summary(&self) -> KvSummary {
         let s = self.inner.stats();

@@ -12,11 +12,13 @@
 //! - [`config`]: command-line arguments and the validated configuration.
 //! - [`metrics`]: metric names; [`prom`]: the Prometheus recorder.
 //! - [`bench`]: `qaq-worker bench`, decode throughput in-process.
+//! - [`eval`]: `qaq-worker eval`, quality of the KV policies on real data.
 
 pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod metrics;
 pub mod model;
 pub mod prom;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use qaq_worker::{bench, config, model, prom, server};
+use qaq_worker::{bench, config, eval, model, prom, server};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -20,6 +20,8 @@ enum Cmd {
     Serve(Box<config::ServeArgs>),
     /// Measure decode throughput in-process.
     Bench(bench::BenchArgs),
+    /// Evaluate KV policies on real data (accuracy, perplexity, retrieval vs compression).
+    Eval(Box<eval::EvalArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => rt.block_on(serve((*args).validate()?)),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Eval(args) => eval::run(*args),
     }
 }
 

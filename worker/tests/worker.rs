@@ -464,3 +464,6 @@ fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
     });
     let _ = stop.send(());
 }
+
+#[path = "worker/eval.rs"]
+mod eval;

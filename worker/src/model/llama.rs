@@ -206,6 +206,36 @@ impl Llama {
     /// stay within the context. Each row is computed independently of the
     /// others (see [`linear_rows`]), so results do not depend on the batch.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let (x, spans) = self.hidden(items)?;
+        let last: Vec<usize> = spans.iter().map(|&(off, len)| off + len - 1).collect();
+        let logits = self.logits(&x, &last);
+        Ok(Tensor::from_vec(logits, (spans.len(), self.cfg.vocab_size), &Device::Cpu)?)
+    }
+
+    /// Like [`forward`](Self::forward), but returns the logits of every fed
+    /// token (teacher forcing): `[total tokens, vocab]`, items in order, each
+    /// item's tokens in order.
+    pub fn forward_all(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<f32>> {
+        let (x, _) = self.hidden(items)?;
+        let rows: Vec<usize> = (0..x.len() / self.cfg.hidden_size).collect();
+        Ok(self.logits(&x, &rows))
+    }
+
+    /// Final-norm logits of the given rows of the last hidden state.
+    fn logits(&self, x: &[f32], rows: &[usize]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut sel = Vec::with_capacity(rows.len() * h);
+        for &r in rows {
+            sel.extend_from_slice(&x[r * h..][..h]);
+        }
+        let sel = self.rms_norm(&sel, &self.norm);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        head.apply(&sel, rows.len(), None)
+    }
+
+    /// The decoder stack: the last hidden state of every fed token
+    /// (`[total tokens, hidden]`) and each item's (offset, length) in it.
+    fn hidden(&self, items: &mut [BatchItem<'_>]) -> Result<(Vec<f32>, Vec<(usize, usize)>)> {
         let cfg = &self.cfg;
         let (hd, nh, nkv, h) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size);
         let mut ids = Vec::new();
@@ -264,14 +294,7 @@ impl Llama {
         for it in items.iter_mut() {
             it.kv.end_step();
         }
-        let mut last = Vec::with_capacity(spans.len() * h);
-        for &(off, len) in &spans {
-            last.extend_from_slice(&x[(off + len - 1) * h..][..h]);
-        }
-        let last = self.rms_norm(&last, &self.norm);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = head.apply(&last, spans.len(), None);
-        Ok(Tensor::from_vec(logits, (spans.len(), cfg.vocab_size), &Device::Cpu)?)
+        Ok((x, spans))
     }
 }
 

@@ -14,26 +14,38 @@ use rayon::prelude::*;
 
 /// Output columns per parallel task.
 const COLS_PER_TASK: usize = 64;
+/// Rows of `x` per register block of the AVX2 kernel.
+const MR: usize = 3;
+/// Rows of `w` per register block of the AVX2 kernel.
+const NR: usize = 4;
 
 /// `out[i * n + j] = dot(x[i*k..][..k], w[j*k..][..k])` for `m` rows of `x`
 /// and `n` rows of `w` (row-major, `[n, k]`).
+///
+/// The AVX2 path computes `MR x NR` blocks of outputs at once (the loads of a
+/// block are shared by its dot products), but every output element still
+/// accumulates its own 8 lanes over `k` in order and is finished by the same
+/// horizontal sum as [`dot_portable`]: blocking changes speed, not results.
 pub fn linear_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "linear_rows: bad shapes");
     // Transposed result, [n, m]: each task owns a contiguous range of columns.
     let mut t = vec![0f32; n * m];
     let simd = has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
         let j0 = task * COLS_PER_TASK;
+        let cols = chunk.len() / m.max(1);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2 and FMA were detected at run time just above.
+            unsafe { block_avx2(x, m, &w[j0 * k..(j0 + cols) * k], cols, k, chunk) };
+            return;
+        }
         for (jj, col) in chunk.chunks_mut(m).enumerate() {
             let wj = &w[(j0 + jj) * k..][..k];
             for (i, o) in col.iter_mut().enumerate() {
-                let xi = &x[i * k..][..k];
-                *o = if simd {
-                    // SAFETY: AVX2 and FMA were detected at run time just above.
-                    unsafe { dot_avx2(xi, wj) }
-                } else {
-                    dot_portable(xi, wj)
-                };
+                *o = dot_portable(&x[i * k..][..k], wj);
             }
         }
     });
@@ -74,6 +86,71 @@ fn hsum8(a: [f32; 8]) -> f32 {
     p[0] + p[1]
 }
 
+/// `t[jj * m + i] = dot(x_i, w_jj)` for `cols` rows of `w` (a task's columns)
+/// and all `m` rows of `x`, in `MR x NR` register blocks; edges one by one.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` holds `m * k`, `w` `cols * k` and
+/// `t` `cols * m` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(x: &[f32], m: usize, w: &[f32], cols: usize, k: usize, t: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = k / 8 * 8;
+    let mut i = 0;
+    while i + MR <= m {
+        let mut j = 0;
+        while j + NR <= cols {
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let mut p = 0;
+            while p < n8 {
+                // SAFETY: p + 8 <= n8 <= k, rows i..i+MR < m and j..j+NR < cols.
+                unsafe {
+                    let xs: [__m256; MR] = std::array::from_fn(|r| _mm256_loadu_ps(x.as_ptr().add((i + r) * k + p)));
+                    for c in 0..NR {
+                        let wv = _mm256_loadu_ps(w.as_ptr().add((j + c) * k + p));
+                        for r in 0..MR {
+                            acc[r][c] = _mm256_fmadd_ps(xs[r], wv, acc[r][c]);
+                        }
+                    }
+                }
+                p += 8;
+            }
+            for r in 0..MR {
+                for c in 0..NR {
+                    let (xr, wc) = (&x[(i + r) * k..][..k], &w[(j + c) * k..][..k]);
+                    // SAFETY: AVX2 is enabled in this function.
+                    t[(j + c) * m + i + r] = unsafe { finish(acc[r][c], &xr[n8..], &wc[n8..]) };
+                }
+            }
+            j += NR;
+        }
+        for j in j..cols {
+            for r in 0..MR {
+                // SAFETY: AVX2 and FMA are enabled in this function.
+                t[j * m + i + r] = unsafe { dot_avx2(&x[(i + r) * k..][..k], &w[j * k..][..k]) };
+            }
+        }
+        i += MR;
+    }
+    for i in i..m {
+        for j in 0..cols {
+            // SAFETY: AVX2 and FMA are enabled in this function.
+            t[j * m + i] = unsafe { dot_avx2(&x[i * k..][..k], &w[j * k..][..k]) };
+        }
+    }
+}
+
+/// The horizontal sum of 8 lanes plus the scalar tail, as in [`dot_portable`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn finish(acc: std::arch::x86_64::__m256, ta: &[f32], tb: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds exactly 8 floats.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    hsum8(lanes) + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -88,10 +165,8 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         }
         i += 8;
     }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds exactly 8 floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-    hsum8(lanes) + a[n8..].iter().zip(&b[n8..]).map(|(x, y)| x * y).sum::<f32>()
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { finish(acc, &a[n8..], &b[n8..]) }
 }
 
 #[cfg(test)]
@@ -117,6 +192,16 @@ mod tests {
         let mut one = vec![0f32; n];
         linear_rows(&x[3 * k..], 1, &w, n, k, &mut one);
         assert_eq!(one[..], all[3 * n..4 * n]);
+        // Register blocks (3 x 4) and edges give the portable reference's exact bits.
+        for i in 0..5 {
+            for j in 0..n {
+                assert_eq!(
+                    all[i * n + j].to_bits(),
+                    dot_portable(&x[i * k..][..k], &w[j * k..][..k]).to_bits(),
+                    "{i},{j}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -143,6 +143,11 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` as a continuation of earlier text: never a BOS.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)

@@ -1,0 +1,308 @@
+//! `qaq-worker eval`: quality of the KV policies on real data with the real
+//! model, in-process, through the worker's own forward pass and caches.
+//!
+//! - [`tasks`]: data loaders and prompt formats; the seeded sample.
+//! - [`run`]: the protocols (multiple choice, perplexity, retrieval).
+//! - [`store`]: per-(task, item, policy) results in a JSON-lines file, so runs
+//!   resume and grow.
+//! - [`report`]: rows per (task, policy); `eval.json`, `eval.md`, `eval.svg`.
+
+pub mod report;
+pub mod run;
+pub mod store;
+pub mod tasks;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::cache::PolicyChoice;
+use crate::config::DEFAULT_MODEL;
+use crate::model::{LoadedModel, load_model};
+use store::{Outcome, Record, Store};
+use tasks::McTask;
+
+/// The policies of a full evaluation (issue 6's list).
+pub const DEFAULT_POLICIES: &str = "fp16;uniform:8;uniform:4;uniform:3;uniform:2;uniform-k:2;uniform-v:2;kivi;\
+qaq:sigma_s=0.003,sigma_x=0.003;qaq;qaq:sigma_s=0.03,sigma_x=0.03;qaq:sigma_s=0.1,sigma_x=0.1;qaq:alpha=0;qaq:window=1";
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model: a .gguf file or an HF safetensors folder.
+    #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// The evaluation data folder (shared/data).
+    #[arg(long, env = "QAQ_EVAL_DATA", default_value = "../shared/data")]
+    pub data: PathBuf,
+    /// Tasks: hellaswag, piqa, arc_easy, arc_challenge, winogrande, mathqa,
+    /// ppl (WikiText-2 perplexity), kv (key–value retrieval, shared/data),
+    /// passkey (generated passkey retrieval).
+    #[arg(long, value_delimiter = ',', default_value = "hellaswag,piqa")]
+    pub tasks: Vec<String>,
+    /// KV policies, `;`-separated (fp16 is always added: rows are compared with it).
+    #[arg(long, default_value = DEFAULT_POLICIES)]
+    pub policies: String,
+    /// Items per multiple-choice task (default: all).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Seed of the item sample.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Perplexity: window lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
+    pub ppl_contexts: Vec<usize>,
+    /// Perplexity: windows per length (consecutive, from the start of the text).
+    #[arg(long, default_value_t = 4)]
+    pub ppl_windows: usize,
+    /// Perplexity text.
+    #[arg(long, default_value = "wikitext2/wiki.test.raw")]
+    pub ppl_text: PathBuf,
+    /// Retrieval: context lengths in tokens (kv: the files kv_pairs_*_len_N).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+    pub kv_contexts: Vec<usize>,
+    /// Retrieval: items per context length (kv: sampled over the three gold
+    /// positions; passkey: depths 5%..95% in turn).
+    #[arg(long, default_value_t = 100)]
+    pub kv_limit: usize,
+    /// Results file (resumed); measured items are not measured again.
+    #[arg(long, default_value = "target/eval/results.jsonl")]
+    pub results: PathBuf,
+    /// Folder for eval.json, eval.md and eval.svg.
+    #[arg(long, default_value = "target/eval")]
+    pub out: PathBuf,
+    /// Measure nothing: report what the results file already holds for the
+    /// selected tasks, items and policies (rows cover the items measured).
+    #[arg(long)]
+    pub report_only: bool,
+}
+
+/// Progress on stderr: a redrawn bar on a terminal, a line per 10% otherwise.
+struct Progress {
+    label: String,
+    total: usize,
+    done: usize,
+    start: Instant,
+    tty: bool,
+    last_decile: usize,
+}
+
+impl Progress {
+    fn new(label: String, total: usize) -> Self {
+        Self { label, total, done: 0, start: Instant::now(), tty: std::io::stderr().is_terminal(), last_decile: 0 }
+    }
+    fn tick(&mut self, measured: bool) {
+        self.done += 1;
+        let el = self.start.elapsed().as_secs_f64();
+        let eta = if measured || self.done > 0 { el / self.done as f64 * (self.total - self.done) as f64 } else { 0.0 };
+        let width = 30;
+        let fill = width * self.done / self.total.max(1);
+        let line = format!(
+            "{:<16} [{}{}] {}/{} {:.0}s elapsed, ETA {:.0}s",
+            self.label,
+            "#".repeat(fill),
+            " ".repeat(width - fill),
+            self.done,
+            self.total,
+            el,
+            eta
+        );
+        if self.tty {
+            eprint!("\r{line}");
+            if self.done == self.total {
+                eprintln!();
+            }
+        } else if self.done * 10 / self.total.max(1) > self.last_decile || self.done == self.total {
+            self.last_decile = self.done * 10 / self.total.max(1);
+            eprintln!("{line}");
+        }
+    }
+}
+
+fn parse_policies(s: &str) -> anyhow::Result<Vec<PolicyChoice>> {
+    let mut out = vec![PolicyChoice::parse("fp16").map_err(anyhow::Error::msg)?];
+    for p in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let c = PolicyChoice::parse(p).map_err(|e| anyhow::anyhow!("--policies: {e}"))?;
+        if !out.iter().any(|o| o.label == c.label) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `f` for the policies of `item` that have no result yet, storing what it returns.
+fn measure(
+    dry: bool,
+    store: &mut Store,
+    task: &str,
+    item: &str,
+    policies: &[PolicyChoice],
+    f: impl FnOnce(&[PolicyChoice]) -> anyhow::Result<Vec<(Outcome, store::KvBytes)>>,
+) -> anyhow::Result<bool> {
+    let todo: Vec<PolicyChoice> =
+        policies.iter().filter(|p| store.get(task, item, &p.label).is_none()).cloned().collect();
+    if todo.is_empty() || dry {
+        return Ok(false);
+    }
+    let results = f(&todo)?;
+    for (p, (outcome, kv)) in todo.iter().zip(results) {
+        store.put(Record { task: task.into(), item: item.into(), policy: p.label.clone(), outcome, kv })?;
+    }
+    Ok(true)
+}
+
+/// `qaq-worker eval`: [`evaluate`], then the outputs in `--out` and the tables on stdout.
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let model = load_model(&args.model).map_err(|e| anyhow::anyhow!("{}: {e}", args.model.display()))?;
+    let rows = evaluate(&args, &model)?;
+    let meta = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "seed": args.seed,
+        "limit": args.limit,
+        "tasks": args.tasks,
+        "policies": parse_policies(&args.policies)?.into_iter().map(|p| p.label).collect::<Vec<_>>(),
+        "ppl_windows": args.ppl_windows,
+        "kv_limit": args.kv_limit,
+        "protocol": "zero-shot MC, mean per-token log-prob (qaq-algorithm.md 8.2); exact shared fp16 prefill, \
+                     choices decoded token by token against each policy's compressed cache",
+    });
+    let header = format!(
+        "# KV-policy evaluation\n\nModel `{}`; seed {}; generated by `qaq-worker eval` (`{}`).\n\
+         Ratios count every stored byte (codes, metadata, outlier values and indices, padding); \
+         the paper-style ratio (codes + metadata + 16 bits per outlier) is labelled as such.\n",
+        args.model.display(),
+        args.seed,
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    report::write(&args.out, &rows, &meta, &header)?;
+    println!("{}", report::markdown(&rows, ""));
+    eprintln!("eval: {:.0}s; results in {}", started.elapsed().as_secs_f64(), args.out.display());
+    Ok(())
+}
+
+/// Measures what `args` asks for (reusing stored results) and returns one row
+/// per (task, policy).
+pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<report::Row>> {
+    let policies = parse_policies(&args.policies)?;
+    let labels: Vec<String> = policies.iter().map(|p| p.label.clone()).collect();
+    anyhow::ensure!(args.limit != Some(0), "--limit: must be at least 1");
+    let mut mc_tasks = Vec::new();
+    let (mut want_ppl, mut want_kv, mut want_passkey) = (false, false, false);
+    for t in &args.tasks {
+        match t.as_str() {
+            "ppl" => want_ppl = true,
+            "kv" => want_kv = true,
+            "passkey" => want_passkey = true,
+            other => mc_tasks.push(McTask::parse(other).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--tasks: unknown task {other:?}; accepted: hellaswag, piqa, arc_easy, arc_challenge, winogrande, mathqa, ppl, kv, passkey"
+                )
+            })?),
+        }
+    }
+    let mut store = Store::open(&args.results)?;
+    let mut rows = Vec::new();
+
+    for task in mc_tasks {
+        let all = task.load(&args.data)?;
+        let pick = tasks::sample(all.len(), args.limit, args.seed);
+        let mut bar = Progress::new(task.name().into(), pick.len());
+        for &i in &pick {
+            let item = &all[i];
+            let measured =
+                measure(args.report_only, &mut store, task.name(), &item.id.to_string(), &policies, |todo| {
+                    let scores = run::score_mc(model, item, todo)?;
+                    let chars: Vec<u32> = item.continuations.iter().map(|c| c.trim().chars().count() as u32).collect();
+                    Ok(scores
+                        .into_iter()
+                        .map(|s| {
+                            let o = Outcome::Mc {
+                                sum_lp: s.sum_lp,
+                                tokens: s.tokens,
+                                chars: chars.clone(),
+                                label: item.label,
+                            };
+                            (o, s.kv)
+                        })
+                        .collect())
+                })?;
+            bar.tick(measured);
+        }
+        let ids: Vec<String> = pick.iter().map(|&i| all[i].id.to_string()).collect();
+        rows.extend(report::aggregate(task.name(), &ids, &labels, |it, p| store.get(task.name(), it, p).cloned()));
+    }
+
+    if want_ppl {
+        let path = args.data.join(&args.ppl_text);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let ids = model.tokenizer.encode(&text)?;
+        for &ctx in &args.ppl_contexts {
+            check_context(model, "--ppl-contexts", ctx)?;
+            let name = format!("ppl@{ctx}");
+            let n = args.ppl_windows.min(ids.len() / ctx);
+            anyhow::ensure!(n > 0, "--ppl-contexts: the text has {} tokens, fewer than {ctx}", ids.len());
+            let mut bar = Progress::new(name.clone(), n * policies.len());
+            let mut items = Vec::new();
+            for w in 0..n {
+                let window = &ids[w * ctx..(w + 1) * ctx];
+                items.push(w.to_string());
+                for p in &policies {
+                    let measured =
+                        measure(args.report_only, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
+                            let (nll, tokens, kv) = run::perplexity(model, window, p)?;
+                            Ok(vec![(Outcome::Ppl { nll, tokens }, kv)])
+                        })?;
+                    bar.tick(measured);
+                }
+            }
+            rows.extend(report::aggregate(&name, &items, &labels, |it, p| store.get(&name, it, p).cloned()));
+        }
+    }
+
+    let retrieval = [("kv", want_kv), ("passkey", want_passkey)];
+    for (kind, _) in retrieval.into_iter().filter(|(_, on)| *on) {
+        for &ctx in &args.kv_contexts {
+            let all = if kind == "kv" {
+                tasks::load_kv(&args.data, ctx)?
+            } else {
+                let count = |s: &str| model.tokenizer.encode_continuation(s).map_or(0, |v| v.len());
+                tasks::passkey_items(ctx, args.kv_limit, args.seed, count)
+            };
+            let name = format!("{kind}@{ctx}");
+            let pick = tasks::sample(all.len(), Some(args.kv_limit), args.seed);
+            let mut bar = Progress::new(name.clone(), pick.len());
+            let (mut items, mut too_long) = (Vec::new(), 0);
+            for &i in &pick {
+                let item = &all[i];
+                let (doc, q) = run::kv_prompt(model, item)?;
+                if doc.len() + q.len() + 64 > model.model.config().context_length {
+                    too_long += 1;
+                    bar.tick(false);
+                    continue;
+                }
+                items.push(item.id.clone());
+                let measured = measure(args.report_only, &mut store, &name, &item.id, &policies, |todo| {
+                    Ok(run::retrieve(model, item, todo)?
+                        .into_iter()
+                        .map(|r| (Outcome::Retrieval { correct: r.correct, output: r.output }, r.kv))
+                        .collect())
+                })?;
+                bar.tick(measured);
+            }
+            if too_long > 0 {
+                eprintln!("{name}: {too_long} items left out: prompt longer than the model's context");
+            }
+            rows.extend(report::aggregate(&name, &items, &labels, |it, p| store.get(&name, it, p).cloned()));
+        }
+    }
+
+    Ok(rows)
+}
+
+fn check_context(model: &LoadedModel, flag: &str, ctx: usize) -> anyhow::Result<()> {
+    let max = model.model.config().context_length;
+    anyhow::ensure!((2..=max).contains(&ctx), "{flag}: {ctx} must be in [2, {max}] (the model's context)");
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The evaluation's regression subset (`make test`; `make eval` runs the full
+//! one): 40 items of HellaSwag and PIQA, one perplexity window and four
+//! passkeys of 1k tokens, fp16 against the default QAQ policy, on the real
+//! model and the real data. Bounds are wide enough for 40 items' sampling
+//! noise and tight enough to catch a broken protocol, cache or accounting.
+
+use clap::Parser;
+use qaq_worker::eval::{EvalArgs, evaluate, report::Row};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: EvalArgs,
+}
+
+fn row<'a>(rows: &'a [Row], task: &str, policy: &str) -> &'a Row {
+    rows.iter().find(|r| r.task == task && r.policy == policy).unwrap_or_else(|| panic!("no row {task} / {policy}"))
+}
+
+#[test]
+fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("qaq-eval-ci-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+    assert!(data.join("hellaswag").exists(), "{} is missing (shared/data)", data.display());
+    let results = dir.join("results.jsonl");
+    let argv = [
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--tasks",
+        "hellaswag,piqa,ppl,passkey",
+        "--limit",
+        "40",
+        "--policies",
+        "qaq",
+        "--ppl-contexts",
+        "1024",
+        "--ppl-windows",
+        "1",
+        "--kv-contexts",
+        "1024",
+        "--kv-limit",
+        "4",
+        "--results",
+        results.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ];
+    let args = Cli::parse_from(argv).args;
+    let model = &super::real().2;
+    let rows = evaluate(&args, model).unwrap();
+
+    for task in ["hellaswag", "piqa"] {
+        let (f, q) = (row(&rows, task, "fp16"), row(&rows, task, "qaq"));
+        assert_eq!((f.items, q.items), (40, 40), "{task}");
+        assert_eq!(f.real_ratio, 1.0, "{task}: fp16 stores every value raw");
+        assert_eq!((f.k_bits, f.v_bits, f.agreement), (16.0, 16.0, Some(1.0)), "{task}");
+        assert!(q.agreement.unwrap() >= 0.85, "{task}: QAQ agrees with fp16 on {:?}", q.agreement);
+        assert!(q.real_ratio >= 2.5 && q.real_ratio < 16.0, "{task}: QAQ real ratio {}", q.real_ratio);
+        assert!(q.paper_ratio > q.real_ratio, "{task}: the paper-style ratio leaves out indices and padding");
+        assert!(q.k_bits > 1.0 && q.k_bits < 8.0 && q.v_bits > 0.5 && q.v_bits < 8.0, "{task}: {q:?}");
+        assert!(q.requant_down > 0, "{task}: online QAQ re-quantizes while the choices are decoded");
+    }
+    // Published SmolLM2-135M: HellaSwag ~42 (acc_norm), PIQA ~68; 40 items are noisy.
+    let hs = row(&rows, "hellaswag", "fp16");
+    assert!((0.30..=0.80).contains(&hs.score) && (0.30..=0.80).contains(&hs.acc_norm.unwrap()), "{hs:?}");
+    let piqa = row(&rows, "piqa", "fp16");
+    assert!((0.55..=0.95).contains(&piqa.score), "{piqa:?}");
+
+    let (pf, pq) = (row(&rows, "ppl@1024", "fp16"), row(&rows, "ppl@1024", "qaq"));
+    assert!(pf.score > 5.0 && pf.score < 40.0, "WikiText-2 perplexity at 1k: {}", pf.score);
+    assert!(pq.score >= pf.score * 0.97 && pq.score.is_finite(), "{pq:?}");
+    assert!(pq.real_ratio >= 4.0, "{pq:?}");
+    let kf = row(&rows, "passkey@1024", "fp16");
+    assert!(kf.items == 4 && kf.score >= 0.5, "fp16 passkey retrieval: {kf:?}");
+
+    // A second run measures nothing new: same rows, results file unchanged.
+    let before = std::fs::read_to_string(&results).unwrap();
+    let again = evaluate(&args, model).unwrap();
+    assert_eq!(std::fs::read_to_string(&results).unwrap(), before);
+    assert_eq!(again.len(), rows.len());
+    for (a, b) in again.iter().zip(&rows) {
+        assert_eq!((&a.task, &a.policy, a.score, a.real_ratio), (&b.task, &b.policy, b.score, b.real_ratio));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
