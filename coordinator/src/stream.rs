@@ -28,6 +28,8 @@ use crate::metrics::{self as m, Outcome};
 /// After an Abort, how long the worker gets to send its own final message
 /// before the coordinator ends the stream with a synthesized one.
 pub const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// How long a worker gets to end its stream after its final message.
+const WORKER_END_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// What woke the forwarding loop.
 enum Event {
@@ -277,6 +279,7 @@ impl Forward {
     async fn next(&mut self) -> Option<Result<GenerateResponse, Status>> {
         loop {
             if self.phase == Phase::Done {
+                self.drain_finished_worker().await;
                 return None;
             }
             if let Some(status) = self.pending_failure.take() {
@@ -350,6 +353,20 @@ impl Forward {
                     return Some(Err(self.fail(GenerateError::Worker { worker_id: self.worker_id.clone(), status })));
                 }
             }
+        }
+    }
+
+    /// Reads a finished worker stream to its end (the trailers follow the
+    /// final message at once). Dropping it earlier would reset the HTTP/2
+    /// stream, and a connection that sees many resets is torn down by h2.
+    async fn drain_finished_worker(&mut self) {
+        if !self.worker_finished {
+            return;
+        }
+        if let Some(mut inbound) = self.inbound.take() {
+            let _ =
+                tokio::time::timeout(WORKER_END_TIMEOUT, async { while let Ok(Some(_)) = inbound.message().await {} })
+                    .await;
         }
     }
 
@@ -428,8 +445,8 @@ impl Forward {
         e.into()
     }
 
-    /// Records the outcome and leaves the gauges; the worker stream is
-    /// dropped here if the worker has not finished (Drop aborts it).
+    /// Records the outcome and leaves the gauges (the worker stream is read
+    /// to its end by the next poll, or dropped and aborted by Drop).
     fn end(&mut self, outcome: Outcome) {
         match self.phase {
             Phase::Waiting => metrics::gauge!(m::REQUESTS_WAITING).decrement(1.0),
@@ -441,9 +458,6 @@ impl Forward {
         metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(self.received.elapsed());
         if outcome == Outcome::Ok {
             self.duration = Some(self.received.elapsed());
-        }
-        if self.worker_finished {
-            self.inbound = None;
         }
     }
 }

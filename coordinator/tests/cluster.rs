@@ -13,7 +13,7 @@ mod security;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use harness::{SERIAL, TestCluster, up_count};
+use harness::{SERIAL, TestCluster, up_count, wait_load_on};
 use qaq_proto::v1::{
     AbortRequest, ChatMessage, FinishReason, GenerateRequest, GenerateResponse, ListModelsRequest, SamplingParams,
     WorkerState,
@@ -152,20 +152,29 @@ async fn cancellation_stops_work_on_the_worker() {
     assert!(took < Duration::from_millis(100), "worker still running the request {took:?} after the disconnect");
     cluster.wait_state(|s| s.in_flight == 0 && s.workers[0].in_flight == 0, "coordinator in-flight back to 0").await;
 
-    // Abort(request_id): the stream ends with ABORTED and the worker is idle.
-    let mut s = c.generate(long_running("abort-1")).await.unwrap().into_inner();
-    s.message().await.unwrap().expect("first message");
-    s.message().await.unwrap().expect("second message");
-    // Abort returns once the worker's engine took the request out (it waits
-    // for the engine's current step); the worker must then be idle at once.
+    // Abort(request_id) of a long prompt in the middle of its prefill, beside
+    // two decoding streams (one engine step with a 512-token prefill chunk
+    // lasts longer than 100 ms here): the worker drops it from its running
+    // count within 100 ms of the Abort being sent; the others go on.
+    let mut busy = Vec::new();
+    for id in ["busy-1", "busy-2"] {
+        let mut s = c.generate(long_running(id)).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("first message");
+        busy.push(s);
+    }
+    let long_prompt = "The keeper climbed the stairs of the lighthouse again at dusk. ".repeat(250);
+    let req = GenerateRequest { prompt: long_prompt, request_id: "abort-1".into(), ..greedy("", 16) };
+    let mut s = c.generate(req).await.unwrap().into_inner();
+    wait_load_on(&mut worker, |l| l.running == 3, "running the long prompt beside the two streams").await;
     let aborted = Instant::now();
     let found = c.abort(AbortRequest { request_id: "abort-1".into() }).await.unwrap().into_inner().found;
-    assert!(found);
     let rpc = aborted.elapsed();
-    let took = cluster.wait_idle_on(&mut worker).await;
-    eprintln!("Abort RPC {rpc:?} (includes the engine step in progress), then worker idle after {took:?}");
-    assert!(took < Duration::from_millis(100), "worker still running the request {took:?} after Abort returned");
-    assert!(rpc < Duration::from_secs(1), "Abort took {rpc:?}");
+    let load = wait_load_on(&mut worker, |l| l.running <= 2, "rid of the aborted request").await;
+    let took = aborted.elapsed();
+    eprintln!("Abort RPC answered after {rpc:?}; worker running count down after {took:?} ({load:?})");
+    assert!(found);
+    assert_eq!(load.running, 2, "the other two streams still run: {load:?}");
+    assert!(took <= Duration::from_millis(100), "worker still running the request {took:?} after Abort was sent");
     let mut last = None;
     while let Some(m) = s.message().await.unwrap() {
         last = Some(m);
@@ -173,14 +182,20 @@ async fn cancellation_stops_work_on_the_worker() {
     let last = last.expect("a final message");
     assert_eq!(last.finish_reason, FinishReason::Aborted as i32, "{last:?}");
     let usage = last.usage.expect("usage on the ABORTED message");
-    assert!(usage.completion_tokens >= 2, "{usage:?}");
+    assert_eq!(usage.completion_tokens, 0, "aborted during its prefill: {usage:?}");
+    for s in &mut busy {
+        let m = s.message().await.unwrap().expect("the other streams go on");
+        assert_eq!((m.token_ids.len(), m.finish_reason), (1, 0), "{m:?}");
+    }
+    drop(busy);
+    cluster.wait_idle_on(&mut worker).await;
     assert!(!c.abort(AbortRequest { request_id: "abort-1".into() }).await.unwrap().into_inner().found);
     // The worker still serves afterwards.
     let (text, _) = collect(&mut c, greedy("Hello", 4)).await.unwrap();
     assert!(!text.is_empty());
     let text = cluster.metrics().await;
     for line in [
-        "qaq_coordinator_requests_total{outcome=\"aborted\"} 2",
+        "qaq_coordinator_requests_total{outcome=\"aborted\"} 4",
         "qaq_coordinator_requests_total{outcome=\"ok\"} 1",
         "qaq_coordinator_requests_running 0",
         "qaq_coordinator_requests_waiting 0",

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use qaq_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::cache;
 use crate::config::WorkerConfig;
@@ -73,7 +73,9 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection)
         .add_service(WorkerServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // TCP_NODELAY on accepted sockets (`Server::tcp_nodelay` does not apply
+        // to an incoming stream): small streamed messages must not wait for ACKs.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);

@@ -22,7 +22,7 @@ use qaq_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// Model name the echo engine announces.
@@ -225,9 +225,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(WorkerServer::new(echo))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        // TCP_NODELAY on accepted sockets, as the coordinator and the real worker do.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

@@ -217,16 +217,26 @@ impl TestCluster {
     /// [`Self::wait_worker_idle`] on an open connection; the time counts from the call.
     pub async fn wait_idle_on(&self, c: &mut WorkerClient<Channel>) -> Duration {
         let started = tokio::time::Instant::now();
-        loop {
-            let load = load_of(c).await;
-            if load.running == 0 && load.waiting == 0 {
-                return started.elapsed();
-            }
-            assert!(started.elapsed() < POLL_LIMIT, "worker still busy after {POLL_LIMIT:?}: {load:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_load_on(c, |l| l.running == 0 && l.waiting == 0, "idle").await;
+        started.elapsed()
     }
+}
 
+/// Polls Worker.Stats on `c` (every 2 ms, at most [`POLL_LIMIT`]) until
+/// `f` holds for its load; returns that load.
+pub async fn wait_load_on(c: &mut WorkerClient<Channel>, f: impl Fn(&WorkerLoad) -> bool, what: &str) -> WorkerLoad {
+    let started = tokio::time::Instant::now();
+    loop {
+        let load = load_of(c).await;
+        if f(&load) {
+            return load;
+        }
+        assert!(started.elapsed() < POLL_LIMIT, "worker not {what} after {POLL_LIMIT:?}: {load:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+impl TestCluster {
     /// The coordinator's /metrics text.
     pub async fn metrics(&self) -> String {
         let addr = self.coordinator.ready.get("metrics").expect("metrics= in READY line");

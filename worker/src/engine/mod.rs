@@ -5,10 +5,12 @@
 //!
 //! - [`EngineHandle`]: the async side's handle (submit, abort, load).
 //! - `state`: the plain-struct scheduler state, unit-testable without threads.
+//! - `abort`: abort flags shared with the async side, effective mid-step.
 //! - [`memory`]: two-tier (device / host) KV budget planning.
 //! - [`sampling`]: next-token selection.
 //! - [`output`]: incremental detokenization and stop strings.
 
+mod abort;
 pub mod memory;
 pub mod output;
 pub mod sampling;
@@ -18,10 +20,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::mpsc as tmpsc;
 
 use crate::cache::PolicyChoice;
 use crate::model::LoadedModel;
+use abort::{Aborts, Ticket};
 pub use memory::Budgets;
 pub use sampling::SamplingConfig;
 use state::EngineState;
@@ -137,9 +140,7 @@ pub struct Load {
 }
 
 enum Command {
-    Submit(Box<Job>),
-    /// Abort by id; the reply says whether it was found.
-    Abort(String, Option<oneshot::Sender<bool>>),
+    Submit(Box<Job>, Ticket),
     Shutdown,
 }
 
@@ -156,6 +157,8 @@ pub enum EngineError {
 pub struct EngineHandle {
     /// Commands to the engine thread, which owns the receiving end.
     tx: mpsc::Sender<Command>,
+    /// Abort flags; the engine thread holds the tickets.
+    aborts: Arc<Aborts>,
     load: Arc<Load>,
     budgets: Budgets,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -172,26 +175,31 @@ impl EngineHandle {
             .name("qaq-engine".into())
             .spawn(move || run(EngineState::new(model, cfg, l), rx))
             .expect("spawning the engine thread");
-        Self { tx, load, budgets, thread: Some(thread) }
+        Self { tx, aborts: Arc::default(), load, budgets, thread: Some(thread) }
     }
 
     /// Queues a job.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
-        self.tx.send(Command::Submit(Box::new(job))).map_err(|_| EngineError::Stopped)
+        let ticket = self.aborts.register(&job.id);
+        self.tx.send(Command::Submit(Box::new(job), ticket)).map_err(|_| EngineError::Stopped)
     }
 
-    /// Aborts a request; resolves to whether it was running or waiting.
+    /// Aborts a request; resolves to whether it was queued, running or
+    /// preempted (and not aborted already), once its KV memory is freed.
+    /// The engine frees it at its next cache operation, in the middle of a
+    /// step if need be.
     pub async fn abort(&self, id: &str) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Command::Abort(id.to_string(), Some(tx))).is_err() {
-            return false;
+        let Some(freed) = self.aborts.abort(id) else { return false };
+        for f in freed {
+            // An error means the engine dropped the sequence: freed as well.
+            let _ = f.await;
         }
-        rx.await.unwrap_or(false)
+        true
     }
 
-    /// Aborts without waiting for the answer (used from `Drop`).
+    /// Aborts without waiting for the memory (used from `Drop`).
     pub fn abort_nowait(&self, id: &str) {
-        let _ = self.tx.send(Command::Abort(id.to_string(), None));
+        let _ = self.aborts.abort(id);
     }
 
     /// Live load counters.
@@ -227,13 +235,7 @@ fn run(mut st: EngineState, rx: mpsc::Receiver<Command>) {
         };
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
-                Command::Submit(job) => st.submit(*job),
-                Command::Abort(id, reply) => {
-                    let found = st.abort(&id);
-                    if let Some(r) = reply {
-                        let _ = r.send(found);
-                    }
-                }
+                Command::Submit(job, ticket) => st.submit(*job, ticket),
                 Command::Shutdown => {
                     st.abort_all();
                     return;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 
+use super::abort::{Abortable, Ticket};
 use super::memory::{self, SeqNeed};
 use super::output::OutputText;
 use super::sampling::Sampler;
@@ -20,6 +21,8 @@ use crate::model::{BatchItem, KvCache, LoadedModel};
 /// A sequence that has been admitted (running or preempted).
 struct Seq {
     job: Job,
+    /// Its registration for aborts; dropped with the sequence.
+    ticket: Ticket,
     /// Prompt, then every generated token (resumed ones included).
     tokens: Vec<u32>,
     kv: SeqCache,
@@ -35,7 +38,7 @@ pub(super) struct EngineState {
     model: Arc<LoadedModel>,
     cfg: EngineConfig,
     load: Arc<Load>,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<(Job, Ticket)>,
     /// In admission order (preemption takes the latest first).
     running: Vec<Seq>,
     /// Swapped out of the device tier, resumed first-in first-out.
@@ -53,7 +56,7 @@ impl EngineState {
         self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty()
     }
 
-    pub fn submit(&mut self, job: Job) {
+    pub fn submit(&mut self, job: Job, ticket: Ticket) {
         if self.waiting.len() >= self.cfg.max_waiting {
             let _ = job
                 .events
@@ -61,46 +64,39 @@ impl EngineState {
             counter!(m::REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
             return;
         }
-        self.waiting.push_back(job);
+        self.waiting.push_back((job, ticket));
     }
 
-    /// Aborts a waiting, running or preempted request; true if it was found.
-    pub fn abort(&mut self, id: &str) -> bool {
-        if let Some(i) = self.waiting.iter().position(|j| j.id == id) {
-            let job = self.waiting.remove(i).expect("index from position");
-            let _ = job.events.send(done_event(
-                String::new(),
-                vec![],
-                Finish::Aborted,
-                job.prompt.len(),
-                0,
-                KvSummary::default(),
-            ));
-            counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
-            return true;
+    /// Ends every request whose abort flag is set or whose client went away.
+    fn drop_aborted(&mut self) {
+        for i in (0..self.waiting.len()).rev() {
+            let (job, ticket) = &self.waiting[i];
+            if gone(job, ticket) {
+                let (job, _) = self.waiting.remove(i).expect("index in range");
+                abort_waiting(job);
+            }
         }
-        if let Some(i) = self.running.iter().position(|s| s.job.id == id) {
-            let seq = self.running.remove(i);
-            self.finish(seq, Finish::Aborted, String::new(), vec![]);
-            return true;
+        for i in (0..self.running.len()).rev() {
+            if gone(&self.running[i].job, &self.running[i].ticket) {
+                let seq = self.running.remove(i);
+                self.finish(seq, Finish::Aborted, String::new(), vec![]);
+            }
         }
-        if let Some(i) = self.preempted.iter().position(|s| s.job.id == id) {
-            let seq = self.preempted.remove(i).expect("index from position");
-            self.finish(seq, Finish::Aborted, String::new(), vec![]);
-            return true;
+        for i in (0..self.preempted.len()).rev() {
+            if gone(&self.preempted[i].job, &self.preempted[i].ticket) {
+                let seq = self.preempted.remove(i).expect("index in range");
+                self.finish(seq, Finish::Aborted, String::new(), vec![]);
+            }
         }
-        false
     }
 
     pub fn abort_all(&mut self) {
-        let ids: Vec<String> = self
-            .waiting
-            .iter()
-            .map(|j| j.id.clone())
-            .chain(self.running.iter().chain(&self.preempted).map(|s| s.job.id.clone()))
-            .collect();
-        for id in ids {
-            self.abort(&id);
+        for (job, _) in std::mem::take(&mut self.waiting) {
+            abort_waiting(job);
+        }
+        let seqs: Vec<Seq> = self.running.drain(..).chain(self.preempted.drain(..)).collect();
+        for seq in seqs {
+            self.finish(seq, Finish::Aborted, String::new(), vec![]);
         }
     }
 
@@ -135,11 +131,11 @@ impl EngineState {
             self.running.push(seq);
         }
         while self.running.len() < self.cfg.max_batch
-            && let Some(job) = self.waiting.front()
+            && let Some((job, ticket)) = self.waiting.front()
         {
-            if job.events.is_closed() {
-                self.waiting.pop_front();
-                counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
+            if gone(job, ticket) {
+                let (job, _) = self.waiting.pop_front().expect("front exists");
+                abort_waiting(job);
                 continue;
             }
             // The first step stores a prefill chunk at the widest setting;
@@ -152,14 +148,18 @@ impl EngineState {
             if !self.running.is_empty() && !memory::fits(used, settled.max(first_chunk), worst, budget) {
                 return;
             }
-            let job = self.waiting.pop_front().expect("front exists");
-            if let Some(seq) = self.start(job) {
+            let (job, ticket) = self.waiting.pop_front().expect("front exists");
+            if let Some(seq) = self.start(job, ticket) {
                 self.running.push(seq);
             }
         }
     }
 
-    fn start(&mut self, job: Job) -> Option<Seq> {
+    fn start(&mut self, job: Job, ticket: Ticket) -> Option<Seq> {
+        if !ticket.admit() {
+            abort_waiting(job);
+            return None;
+        }
         let kv = match SeqCache::new(&self.model.model.kv_shape(), &job.policy) {
             Ok(kv) => kv,
             Err(e) => {
@@ -184,6 +184,7 @@ impl EngineState {
             last_token_at: None,
             exported: Default::default(),
             job,
+            ticket,
         })
     }
 
@@ -200,13 +201,8 @@ impl EngineState {
     /// One engine step: admit, plan under the budget, run the batch, sample,
     /// stream, retire, keep the host tier within its budget.
     pub fn step(&mut self) {
-        // Drop sequences whose client went away before spending compute.
-        for i in (0..self.running.len()).rev() {
-            if self.running[i].job.events.is_closed() {
-                let seq = self.running.remove(i);
-                self.finish(seq, Finish::Aborted, String::new(), vec![]);
-            }
-        }
+        // Drop aborted requests before spending compute.
+        self.drop_aborted();
         self.admit();
         if self.running.is_empty() {
             return;
@@ -250,6 +246,9 @@ impl EngineState {
             .map(|(_, &n)| (n * cache::backup_bytes_per_token(&shape)) as u64)
             .sum();
         self.enforce_host_budget(growth);
+        // The batch about to run is what the load reports (and what an abort
+        // in the middle of the step subtracts from).
+        self.publish_load();
         self.run_batch(&feed);
         self.enforce_host_budget(0);
     }
@@ -258,18 +257,23 @@ impl EngineState {
         let started = Instant::now();
         let mut prompt_tokens = 0u64;
         let mut rows = Vec::with_capacity(feed.len());
+        let shape = self.model.model.kv_shape();
         let result = {
-            let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(feed.len());
+            let mut fed: Vec<(&[u32], Abortable<'_>)> = Vec::with_capacity(feed.len());
             for (i, (seq, &n)) in self.running.iter_mut().zip(feed).enumerate() {
                 if n == 0 {
                     continue;
                 }
-                let a = seq.kv.len();
-                let n_prompt = seq.job.prompt.len() + seq.job.resume.len();
+                let Seq { job, tokens, kv, ticket, .. } = seq;
+                let a = kv.len();
+                let n_prompt = job.prompt.len() + job.resume.len();
                 prompt_tokens += (a + n).min(n_prompt).saturating_sub(a) as u64;
-                rows.push((i, a + n == seq.tokens.len()));
-                items.push(BatchItem { tokens: &seq.tokens[a..a + n], kv: &mut seq.kv });
+                rows.push((i, a + n == tokens.len()));
+                let kv = Abortable { kv, ticket, shape: &shape, policy: &job.policy, load: &self.load, len: a };
+                fed.push((&tokens[a..a + n], kv));
             }
+            let mut items: Vec<BatchItem<'_>> =
+                fed.iter_mut().map(|(tokens, kv)| BatchItem { tokens, kv: kv as &mut dyn KvCache }).collect();
             self.model.model.forward(&mut items).and_then(|l| Ok(l.to_vec2::<f32>()?))
         };
         histogram!(m::STEP_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
@@ -298,6 +302,11 @@ impl EngineState {
         };
         let mut finished = Vec::new();
         for (row, &(i, complete)) in rows.iter().enumerate() {
+            if self.running[i].ticket.is_aborted() {
+                // Aborted during the step (its cache is already freed).
+                finished.push((i, (Finish::Aborted, String::new(), vec![])));
+                continue;
+            }
             if !complete {
                 continue; // still prefilling
             }
@@ -463,6 +472,18 @@ impl EngineState {
         gauge!(m::KV_FP16_EQUIVALENT_BYTES).set(fp16 as f64);
         gauge!(m::KV_USAGE_RATIO).set(dev as f64 / self.cfg.budgets.device.max(1) as f64);
     }
+}
+
+/// Whether a request was aborted or its client went away.
+fn gone(job: &Job, ticket: &Ticket) -> bool {
+    ticket.is_aborted() || job.events.is_closed()
+}
+
+/// Ends a request that never got KV memory.
+fn abort_waiting(job: Job) {
+    let _ =
+        job.events.send(done_event(String::new(), vec![], Finish::Aborted, job.prompt.len(), 0, KvSummary::default()));
+    counter!(m::REQUESTS_TOTAL, "outcome" => "aborted").increment(1);
 }
 
 fn done_event(
