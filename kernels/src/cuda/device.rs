@@ -129,17 +129,26 @@ impl Gpu {
     /// into a new device stream: byte for byte what [`crate::store::PackedStream::push`]
     /// stores with quantizer `spec`.
     pub fn quantize_f16(&self, x: &CudaSlice<u16>, d: usize, bits: &[u8], spec: &QuantSpec) -> Result<DeviceStream> {
-        check_group_len(d)?;
-        let n = bits.len();
+        let mut s = DeviceStream::for_widths(self, d, spec, bits)?;
+        self.quantize_into(x, spec, &mut s)?;
+        Ok(s)
+    }
+
+    /// Quantizes `s.len()` groups of `x` into `s` at the widths `s` was allocated for
+    /// ([`DeviceStream::for_widths`]), overwriting its contents.
+    pub fn quantize_into(&self, x: &CudaSlice<u16>, spec: &QuantSpec, s: &mut DeviceStream) -> Result<()> {
+        let (n, d) = (s.len, s.d);
         if x.len() < n * d {
             return Err(KernelError::Shape { what: "values", expected: n * d, got: x.len() });
         }
-        let (k_lo, k_hi) = layout::outlier_counts(spec, d);
-        let (code_off, out_off) = layout::offsets(bits, d, k_lo + k_hi)?;
-        let mut s = DeviceStream::alloc(self, d, spec.scheme, bits, &code_off, &out_off)?;
         if n == 0 {
-            return Ok(s);
+            return Ok(());
         }
+        let (k_lo, k_hi) = layout::outlier_counts(spec, d);
+        if k_lo + k_hi != s.k {
+            return Err(KernelError::Config("quantizer outliers differ from the stream's allocation".to_string()));
+        }
+        s.scheme = spec.scheme;
         let mut err = self.zeros::<u32>(1)?;
         let (n32, d32, lo, hi, sc) = (n as u32, d as u32, k_lo as u32, k_hi as u32, layout::scheme_code(spec.scheme));
         // SAFETY: parameters in `qaq_quantize`'s order; the stream's buffers were sized
@@ -151,8 +160,7 @@ impl Gpu {
             b.arg(&mut s.out_idx).arg(&mut s.out_val).arg(&mut err);
             fire(b, launch::groups(n)?, "qaq_quantize")?;
         }
-        self.check_err(&err)?;
-        Ok(s)
+        self.check_err(&err)
     }
 
     /// Reconstructs every group of `s` (`len * d` f32, token-major).
@@ -299,10 +307,18 @@ pub struct AttnBuffers {
     stats: CudaSlice<f32>,
 }
 
+impl std::fmt::Debug for DeviceStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceStream").field("d", &self.d).field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
 /// One packed stream on the device, in the layout of [`StreamImage`].
 pub struct DeviceStream {
     d: usize,
     len: usize,
+    /// Outliers per quantized group.
+    k: usize,
     scheme: Scheme,
     /// Widths the quantizer reads (input) ...
     bits: CudaSlice<u8>,
@@ -321,20 +337,26 @@ pub struct DeviceStream {
 }
 
 impl DeviceStream {
-    fn alloc(gpu: &Gpu, d: usize, scheme: Scheme, bits: &[u8], code_off: &[u32], out_off: &[u32]) -> Result<Self> {
+    /// Buffers for `bits.len()` groups of `d` values at widths `bits`, quantized with
+    /// `spec` by [`Gpu::quantize_into`].
+    pub fn for_widths(gpu: &Gpu, d: usize, spec: &QuantSpec, bits: &[u8]) -> Result<Self> {
+        check_group_len(d)?;
+        let (k_lo, k_hi) = layout::outlier_counts(spec, d);
+        let (code_off, out_off) = layout::offsets(bits, d, k_lo + k_hi)?;
         let n = bits.len();
         let (nc, no) = (code_off[n] as usize, out_off[n] as usize);
         Ok(DeviceStream {
             d,
             len: n,
-            scheme,
+            k: k_lo + k_hi,
+            scheme: spec.scheme,
             bits: gpu.upload(bits)?,
             bits_out: gpu.zeros(n)?,
             m: gpu.zeros(n)?,
             s: gpu.zeros(n)?,
             n_out: gpu.zeros(n)?,
-            code_off: gpu.upload(code_off)?,
-            out_off: gpu.upload(out_off)?,
+            code_off: gpu.upload(&code_off)?,
+            out_off: gpu.upload(&out_off)?,
             codes: gpu.zeros(nc)?,
             out_idx: gpu.zeros(no)?,
             out_val: gpu.zeros(no)?,
@@ -349,6 +371,7 @@ impl DeviceStream {
         Ok(DeviceStream {
             d: img.d,
             len: img.len(),
+            k: img.n_out.iter().zip(&img.bits).find(|(_, b)| **b != crate::quant::RAW).map_or(0, |(k, _)| *k as usize),
             scheme,
             bits: gpu.upload(&img.bits)?,
             bits_out: gpu.upload(&img.bits)?,
@@ -414,5 +437,21 @@ impl DeviceStream {
     fn push_args<'a>(&'a self, b: &mut LaunchArgs<'a>) {
         b.arg(&self.codes).arg(&self.code_off).arg(&self.m).arg(&self.s).arg(&self.bits_out).arg(&self.n_out);
         b.arg(&self.out_off).arg(&self.out_idx).arg(&self.out_val);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_a_missing_device_is_a_clear_error() {
+        let err = Gpu::open(10_000).unwrap_err().to_string();
+        assert!(err.contains("cuda:10000"), "{err}");
+        if !driver_available() {
+            assert!(err.contains("driver library (libcuda.so.1) could not be loaded"), "{err}");
+        } else {
+            assert!(err.contains("device(s)"), "{err}");
+        }
     }
 }
