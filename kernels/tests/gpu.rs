@@ -181,8 +181,7 @@ fn queries(rng: &mut StdRng, g: usize, d: usize) -> Vec<f32> {
 fn packed_attention_matches_the_cpu_reference() {
     let gpu = gpu();
     let mut rng = StdRng::seed_from_u64(11);
-    for (t, g, d) in [(1, 1, 64), (255, 3, 64), (256, 3, 64), (257, 8, 64), (1000, 3, 128), (4097, 3, 64), (300, 2, 24)]
-    {
+    for (t, g, d) in [(1, 1, 64), (63, 3, 64), (64, 3, 64), (65, 8, 64), (1000, 3, 128), (4097, 3, 64), (300, 2, 24)] {
         for spec in [QuantSpec::default(), QuantSpec { scheme: Scheme::MeanCentred, ..Default::default() }] {
             let kx = groups(&mut rng, t, d);
             let vx = groups(&mut rng, t, d);

@@ -13,7 +13,7 @@
 // Queries are already scaled by 1/sqrt(d). Dynamic shared memory of the split kernel:
 // (g*d + g*CHUNK + g*THREADS) floats, `launch::attention_split` computes it.
 
-#define QAQ_ATT_CHUNK 256
+#define QAQ_ATT_CHUNK 64
 #define QAQ_ATT_THREADS 256
 #define QAQ_ATT_MAX_G 8
 
@@ -37,8 +37,9 @@ __device__ __forceinline__ void qaq_attn_split(const K& keys, const V& vals, con
         float acc[QAQ_ATT_MAX_G];
 #pragma unroll
         for (u32 j = 0; j < QAQ_ATT_MAX_G; ++j) acc[j] = 0.0f;
+        const auto kg = keys.group(t0 + tt);
         for (u32 i = lane; i < d; i += 32) {
-            const float k = keys.value(t0 + tt, i);
+            const float k = kg.value(i);
 #pragma unroll
             for (u32 j = 0; j < QAQ_ATT_MAX_G; ++j)
                 if (j < g) acc[j] += q_sh[j * d + i] * k;
@@ -84,7 +85,7 @@ __device__ __forceinline__ void qaq_attn_split(const K& keys, const V& vals, con
 #pragma unroll
         for (u32 j = 0; j < QAQ_ATT_MAX_G; ++j) acc[j] = 0.0f;
         for (u32 tt = sub; tt < len; tt += n_sub) {
-            const float v = vals.value(t0 + tt, i);
+            const float v = vals.group(t0 + tt).value(i);
 #pragma unroll
             for (u32 j = 0; j < QAQ_ATT_MAX_G; ++j)
                 if (j < g) acc[j] += p_sh[j * QAQ_ATT_CHUNK + tt] * v;

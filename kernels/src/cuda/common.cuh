@@ -38,10 +38,6 @@ __device__ __forceinline__ u16 qaq_f2h(float f) {
     return h;
 }
 
-__device__ __forceinline__ bool qaq_finite(float f) {
-    return fabsf(f) <= 3.402823466e38f;
-}
-
 __device__ __forceinline__ float qaq_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(QAQ_FULL_MASK, v, o);
     return v;
@@ -59,6 +55,30 @@ __device__ __forceinline__ float qaq_offset(u32 scheme, u32 bits) {
     return -(float)(1u << (bits - 1));
 }
 
+// One group of a QaqStream: `value(i)` is what `quant::decode_scalar` reconstructs.
+struct QaqGroup {
+    const u8* codes;
+    const u8* out_idx;
+    const u16* out_val;
+    u32 bits;
+    u32 n_out;
+    float base;
+    float s;
+
+    __device__ __forceinline__ float value(u32 i) const {
+        if (bits == QAQ_RAW) return qaq_h2f((u16)(codes[2 * i] | ((u32)codes[2 * i + 1] << 8)));
+        for (u32 j = 0; j < n_out; ++j) {
+            if (out_idx[j] == i) return qaq_h2f(out_val[j]);
+        }
+        if (bits == 0) return base;
+        const u32 bit = i * bits;
+        const u32 sh = bit & 7u;
+        u32 w = codes[bit >> 3];
+        if (sh + bits > 8u) w |= (u32)codes[(bit >> 3) + 1] << 8;
+        return base + (float)((w >> sh) & ((1u << bits) - 1u)) * s;
+    }
+};
+
 // One stream of groups (one layer, KV head, K or V) in the device layout of
 // kernels/src/cuda/layout.rs: per-group metadata arrays, each group's codes at
 // `code_off[t]` in one byte buffer (LSB-first bit packing, byte aligned, raw groups as
@@ -75,36 +95,28 @@ struct QaqStream {
     const u16* out_val;
     u32 scheme;
 
-    // Reconstructed value `i` of group `t` (what `quant::decode_scalar` computes).
-    __device__ __forceinline__ float value(u32 t, u32 i) const {
-        const u32 b = bits[t];
-        const u32 off = code_off[t];
-        if (b == QAQ_RAW) {
-            return qaq_h2f((u16)(codes[off + 2 * i] | ((u32)codes[off + 2 * i + 1] << 8)));
-        }
-        const u32 no = n_out[t];
-        if (no != 0) {
-            const u32 oo = out_off[t];
-            for (u32 j = 0; j < no; ++j) {
-                if (out_idx[oo + j] == i) return qaq_h2f(out_val[oo + j]);
-            }
-        }
-        const float sf = qaq_h2f(s[t]);
-        const float base = qaq_h2f(m[t]) + qaq_offset(scheme, b) * sf;
-        if (b == 0) return base;
-        const u32 bit = i * b;
-        const u32 byte = off + (bit >> 3);
-        const u32 sh = bit & 7u;
-        u32 w = codes[byte];
-        if (sh + b > 8u) w |= (u32)codes[byte + 1] << 8;
-        const float c = (float)((w >> sh) & ((1u << b) - 1u));
-        return base + c * sf;
+    // Group `t`'s metadata, read once for all its values.
+    __device__ __forceinline__ QaqGroup group(u32 t) const {
+        QaqGroup g;
+        g.bits = bits[t];
+        g.codes = codes + code_off[t];
+        g.n_out = g.bits == QAQ_RAW ? 0 : n_out[t];
+        g.out_idx = out_idx + out_off[t];
+        g.out_val = out_val + out_off[t];
+        g.s = qaq_h2f(s[t]);
+        g.base = g.bits == QAQ_RAW ? 0.0f : qaq_h2f(m[t]) + qaq_offset(scheme, g.bits) * g.s;
+        return g;
     }
 };
 
 // A dense token-major f16 cache (`T x d`), the baseline the packed kernels race.
+struct QaqDense16Row {
+    const u16* x;
+    __device__ __forceinline__ float value(u32 i) const { return qaq_h2f(x[i]); }
+};
+
 struct QaqDense16 {
     const u16* x;
     u32 d;
-    __device__ __forceinline__ float value(u32 t, u32 i) const { return qaq_h2f(x[(size_t)t * d + i]); }
+    __device__ __forceinline__ QaqDense16Row group(u32 t) const { return QaqDense16Row{x + (size_t)t * d}; }
 };

@@ -99,9 +99,11 @@ impl Gpu {
         }
         self.stream.clone_htod(x).map_err(drv("host-to-device copy"))
     }
-    /// Copies a device buffer back.
+    /// Copies a device buffer back (after every launch queued before it).
     pub fn download<T: DeviceRepr>(&self, x: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(x).map_err(drv("device-to-host copy"))
+        let v = self.stream.clone_dtoh(x).map_err(drv("device-to-host copy"))?;
+        self.synchronize()?;
+        Ok(v)
     }
     /// A zeroed device buffer of `n` (at least one) elements.
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {

@@ -9,7 +9,7 @@ use crate::quant::MAX_GROUP;
 /// Warps (= groups) per block of `qaq_quantize` / `qaq_dequantize` (`QAQ_QUANT_WARPS`).
 pub const QUANT_WARPS: u32 = 4;
 /// Tokens per block of the split attention kernels (`QAQ_ATT_CHUNK`).
-pub const ATT_CHUNK: u32 = 256;
+pub const ATT_CHUNK: u32 = 64;
 /// Threads per block of the split attention kernels (`QAQ_ATT_THREADS`).
 pub const ATT_THREADS: u32 = 256;
 /// Most query heads per KV head the attention kernels accept (`QAQ_ATT_MAX_G`).
@@ -127,11 +127,11 @@ mod tests {
     #[test]
     fn attention_shapes_and_shared_memory() {
         let s = attention_split(16_384, 3, 64).unwrap();
-        assert_eq!(s.grid, (64, 1, 1));
+        assert_eq!(s.grid, (256, 1, 1));
         assert_eq!(s.block, (256, 1, 1));
-        assert_eq!(s.shared, 4 * (3 * 64 + 3 * 256 + 3 * 256));
-        assert_eq!(attention_split(257, 3, 64).unwrap().grid.0, 2);
-        assert_eq!(attention_chunks(65_536), 256);
+        assert_eq!(s.shared, 4 * (3 * 64 + 3 * 64 + 3 * 256));
+        assert_eq!(attention_split(65, 3, 64).unwrap().grid.0, 2);
+        assert_eq!(attention_chunks(65_536), 1024);
         assert_eq!(attention_chunks(1), 1);
         // The largest supported case stays within the default 48 KiB.
         assert!(attention_shared_bytes(ATT_MAX_G, MAX_GROUP as u32) <= DEFAULT_SHARED_LIMIT);

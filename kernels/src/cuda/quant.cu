@@ -256,5 +256,6 @@ extern "C" __global__ void qaq_dequantize(const u8* __restrict__ codes, const u3
     const u32 g = blockIdx.x * QAQ_QUANT_WARPS + w;
     if (g >= n) return;
     const QaqStream st = {codes, code_off, meta_m, meta_s, meta_bits, meta_n_out, out_off, out_idx, out_val, scheme};
-    for (u32 i = lane; i < d; i += 32) out[(size_t)g * d + i] = st.value(g, i);
+    const QaqGroup grp = st.group(g);
+    for (u32 i = lane; i < d; i += 32) out[(size_t)g * d + i] = grp.value(i);
 }
