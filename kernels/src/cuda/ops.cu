@@ -3,25 +3,25 @@
 
 #define QAQ_ROW_THREADS 256
 
-// Block-wide sum / max of `v`, every thread gets the result (`scratch`: 32 floats).
-__device__ __forceinline__ float qaq_block_sum(float v, float* scratch) {
-    v = qaq_warp_sum(v);
-    const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = (blockDim.x + 31) / 32;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < n_warps ? scratch[lane] : 0.0f;
-    return qaq_warp_sum(t);
-}
+struct QaqAdd {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct QaqMax {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
-__device__ __forceinline__ float qaq_block_max(float v, float* scratch) {
-    v = qaq_warp_max(v);
+// Block-wide reduction of `v` with `op` (identity `id`); every thread gets the result.
+// `scratch`: 32 floats of shared memory.
+template <class Op>
+__device__ __forceinline__ float qaq_block_reduce(float v, float* scratch, float id, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(QAQ_FULL_MASK, v, o));
     const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = (blockDim.x + 31) / 32;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < n_warps ? scratch[lane] : __int_as_float(0xff800000);
-    return qaq_warp_max(t);
+    float t = lane < n_warps ? scratch[lane] : id;
+    for (int o = 16; o > 0; o >>= 1) t = op(t, __shfl_xor_sync(QAQ_FULL_MASK, t, o));
+    return t;
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, one row of `n` values per block.
@@ -32,7 +32,7 @@ extern "C" __global__ void qaq_rmsnorm(const float* __restrict__ x, const float*
     float* yr = y + (size_t)blockIdx.x * n;
     float ss = 0.0f;
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = qaq_block_sum(ss, scratch);
+    ss = qaq_block_reduce(ss, scratch, 0.0f, QaqAdd());
     const float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * r * w[i];
 }
@@ -88,16 +88,28 @@ extern "C" __global__ void qaq_softmax_rows(float* __restrict__ x, u32 n, float 
     float* row = x + (size_t)blockIdx.x * n;
     float mx = __int_as_float(0xff800000);
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, row[i] * inv_temp);
-    mx = qaq_block_max(mx, scratch);
+    mx = qaq_block_reduce(mx, scratch, __int_as_float(0xff800000), QaqMax());
     float sum = 0.0f;
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
         const float e = expf(row[i] * inv_temp - mx);
         row[i] = e;
         sum += e;
     }
-    sum = qaq_block_sum(sum, scratch);
+    sum = qaq_block_reduce(sum, scratch, 0.0f, QaqAdd());
     const float inv = 1.0f / sum;
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) row[i] *= inv;
+}
+
+// Warp-wide (value, index) maximum, the lower index on ties; every lane gets it.
+__device__ __forceinline__ void qaq_warp_argmax(float& best, u32& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(QAQ_FULL_MASK, best, o);
+        const u32 oi = __shfl_xor_sync(QAQ_FULL_MASK, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
 }
 
 // out[r] = the first index of the largest value of row r (greedy sampling).
@@ -113,14 +125,7 @@ extern "C" __global__ void qaq_argmax_rows(const float* __restrict__ x, u32 n, u
             bi = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(QAQ_FULL_MASK, best, o);
-        const u32 oi = __shfl_xor_sync(QAQ_FULL_MASK, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    qaq_warp_argmax(best, bi);
     const u32 lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = (blockDim.x + 31) / 32;
     if (lane == 0) {
         s_val[warp] = best;
@@ -130,14 +135,7 @@ extern "C" __global__ void qaq_argmax_rows(const float* __restrict__ x, u32 n, u
     if (warp == 0) {
         best = lane < n_warps ? s_val[lane] : __int_as_float(0xff800000);
         bi = lane < n_warps ? s_idx[lane] : 0xffffffffu;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(QAQ_FULL_MASK, best, o);
-            const u32 oi = __shfl_xor_sync(QAQ_FULL_MASK, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        qaq_warp_argmax(best, bi);
         if (lane == 0) out[blockIdx.x] = bi;
     }
 }
