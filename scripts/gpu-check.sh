@@ -10,8 +10,8 @@
 #                                 packs them with a compressed NVRTC into
 #                                 target/gpu-check/, the one folder to carry to a GPU
 #                                 machine that has no Rust toolchain or network.
-#   scripts/gpu-check.sh          (GPU machine) runs 1 and 2 from target/gpu-check/, or
-#                                 builds them first when cargo is there.
+#   scripts/gpu-check.sh          (GPU machine) builds 1 and 2 when cargo is there, else
+#                                 runs the packed binaries from target/gpu-check/.
 #
 # NVRTC (libnvrtc.so.12) is looked for in $QAQ_NVRTC_LIB, the packed copy, the loader's
 # cache, /usr/local/cuda*/lib64, pip-installed nvidia wheels, then installed from its
@@ -69,9 +69,11 @@ find_nvrtc() {
 }
 
 start=$(date +%s)
-if [[ ! -x "$PACK/gpu-tests" || ! -x "$PACK/gpu_bench" ]]; then
-    command -v "$CARGO" >/dev/null || { echo "gpu-check: no $PACK/ binaries and no cargo: run --pack first" >&2; exit 1; }
-    build
+if command -v "$CARGO" >/dev/null; then
+    build  # fresh binaries of this checkout whenever a toolchain is there
+elif [[ ! -x "$PACK/gpu-tests" || ! -x "$PACK/gpu_bench" ]]; then
+    echo "gpu-check: no cargo and no $PACK/ binaries: run scripts/gpu-check.sh --pack where Rust is" >&2
+    exit 1
 fi
 nvrtc="$(find_nvrtc)"
 export LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
