@@ -1,11 +1,12 @@
 # qaq — the two commands of the README:
 #   make demo   fetch the model, build, start a local cluster, stream a generation
-#   make test   fetch the model, build (also with --features cuda), clippy, all tests
+#   make test   fetch the model, build (also with --features cuda), clippy, all tests,
+#               and the CUDA checks that need no GPU (NVRTC compiles every kernel)
 SHELL := /bin/bash
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test model build build-cuda clippy unit bench eval
+.PHONY: demo test model build build-cuda clippy unit bench eval cuda-check
 
 model:
 	@scripts/fetch-model.sh
@@ -20,11 +21,20 @@ build-cuda:
 
 clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --workspace --all-targets --features cuda -- -D warnings
+
+# CUDA without a GPU: every kernel source compiled to PTX by NVRTC (the library comes
+# from its PyPI wheel, installed into .nvrtc/ by the script, found through
+# LD_LIBRARY_PATH), launch shapes, the device layout, the no-driver error. These tests
+# fail, not skip, when NVRTC is missing. The device tests are scripts/gpu-check.sh's.
+cuda-check:
+	LD_LIBRARY_PATH="$$(scripts/install-nvrtc.sh)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
+		$(CARGO) test --release -p qaq-kernels --features cuda --lib -- cuda::
 
 unit: build
 	$(CARGO) test --release --workspace --no-fail-fast
 
-test: model build-cuda clippy unit deploy-check
+test: model build-cuda clippy unit cuda-check deploy-check
 
 demo: model build
 	@scripts/demo.sh

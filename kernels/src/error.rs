@@ -30,6 +30,10 @@ pub enum KernelError {
         /// Number of layers.
         n_layers: usize,
     },
+    /// The GPU path (feature `cuda`) failed: no driver or NVRTC library, a failed
+    /// compilation, allocation, copy or launch, or an error a kernel raised.
+    #[error("CUDA: {0}")]
+    Device(String),
     /// A policy string did not parse.
     #[error("invalid KV policy {input:?}: {reason}; accepted forms: {accepted}")]
     Policy {

@@ -20,7 +20,9 @@
 //! - `fused` (x86-64): fused AVX2 attention over packed K/V of one KV head (GQA
 //!   sharing, codes unpacked in registers), checked against the portable path.
 //! - [`error`] holds the error type, [`KernelError`].
-//! - `cuda` (feature `cuda`): reserved for the NVRTC kernels of a later issue.
+//! - `cuda` (feature `cuda`): CUDA C kernels (quantize/pack, dequantize, fused packed
+//!   attention, forward-pass ops) compiled by NVRTC at run time, their launch code
+//!   with cudarc, and the device layout of a packed stream.
 
 pub mod attention;
 pub mod cache;
@@ -41,9 +43,7 @@ pub mod store;
 mod testutil;
 
 #[cfg(feature = "cuda")]
-pub mod cuda {
-    //! Placeholder for the CUDA (cudarc + NVRTC) kernels; nothing here yet.
-}
+pub mod cuda;
 
 pub use cache::{Attention, CacheConfig, CacheStats, Counters, QaqCache};
 pub use error::{KernelError, Result};

@@ -235,6 +235,38 @@ impl PackedStream {
         Ok(())
     }
 
+    /// Appends a group that is already encoded (metadata, its codes, its outliers), as
+    /// it is: the inverse of reading it with [`Block::for_each`]. Used to rebuild a
+    /// stream from another layout (the CUDA device tier).
+    pub fn push_encoded(&mut self, meta: GroupMeta, codes: &[u8], out_idx: &[u8], out_val: &[f16]) -> Result<()> {
+        let no = meta.n_out as usize;
+        if meta.bits != RAW && (self.raw_only || meta.bits > quant::MAX_BITS) {
+            return Err(KernelError::Config(format!("width {} in this stream", meta.bits)));
+        }
+        if codes.len() != meta.code_bytes(self.d) {
+            return Err(KernelError::Shape {
+                what: "group codes",
+                expected: meta.code_bytes(self.d),
+                got: codes.len(),
+            });
+        }
+        if out_idx.len() != no || out_val.len() != no {
+            return Err(KernelError::Shape { what: "group outliers", expected: no, got: out_idx.len() });
+        }
+        if self.blocks.last().is_none_or(|b| b.len() >= BLOCK_TOKENS) {
+            self.blocks.push(Block::default());
+        }
+        let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        b.strip_slack();
+        b.codes.extend_from_slice(codes);
+        b.out_idx.extend_from_slice(out_idx);
+        b.out_val.extend_from_slice(out_val);
+        b.meta.push(meta);
+        b.add_slack();
+        self.len += 1;
+        Ok(())
+    }
+
     /// Metadata of group `t`.
     pub fn meta(&self, t: usize) -> Option<GroupMeta> {
         self.blocks.get(t / BLOCK_TOKENS)?.meta.get(t % BLOCK_TOKENS).copied()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cache::{PolicyChoice, QaqOverrides};
+use crate::device::Device;
 use crate::engine::{Budgets, EngineConfig};
 
 /// Default model path (fetched by `scripts/fetch-model.sh`).
@@ -16,6 +17,9 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// `qaq-worker serve` arguments.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Device: cpu, or cuda:N (GPU N; needs a build with the `cuda` feature).
+    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu")]
+    pub device: String,
     /// Model: a .gguf file or an HF safetensors folder.
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
@@ -87,6 +91,8 @@ pub struct ServeArgs {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Where the model runs.
+    pub device: Device,
     pub model: PathBuf,
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
@@ -153,6 +159,7 @@ impl ServeArgs {
             None => format!("worker-{}-{}", hostname(), std::process::id()),
         };
         Ok(WorkerConfig {
+            device: Device::parse(&self.device)?,
             model: self.model,
             listen: self.listen,
             metrics_listen,

@@ -10,6 +10,7 @@
 //! - [`registration`]: register and heartbeat with the coordinator.
 //! - [`server`]: `run(listener, ...)`, the whole worker behind a listener.
 //! - [`config`]: command-line arguments and the validated configuration.
+//! - [`device`]: `--device cpu | cuda:N` and its check against the machine.
 //! - [`metrics`]: metric names; [`prom`]: the Prometheus recorder.
 //! - [`bench`]: `qaq-worker bench`, decode throughput in-process.
 //! - [`eval`]: `qaq-worker eval`, quality of the KV policies on real data.
@@ -17,6 +18,7 @@
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod metrics;

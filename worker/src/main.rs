@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: config::WorkerConfig) -> anyhow::Result<()> {
+    cfg.device.check()?;
     let path = cfg.model.clone();
     let started = std::time::Instant::now();
     let loaded = tokio::task::spawn_blocking(move || model::load_model(&path))

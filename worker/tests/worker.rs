@@ -422,6 +422,15 @@ fn budgets_that_cannot_hold_a_sequence_are_start_up_errors() {
 }
 
 #[test]
+fn device_flag_defaults_to_cpu_and_rejects_other_forms() {
+    use qaq_worker::device::Device;
+    assert_eq!(serve_config(&[]).unwrap().device, Device::Cpu);
+    assert_eq!(serve_config(&["--device", "cuda:1"]).unwrap().device, Device::Cuda(1));
+    let err = serve_config(&["--device", "gpu0"]).unwrap_err().to_string();
+    assert!(err.contains("--device") && err.contains("cpu | cuda:N"), "{err}");
+}
+
+#[test]
 fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
     use qaq_proto::v1::{GenerateRequest, KvPolicy, SubmitRequest, worker_client::WorkerClient};
     // Room for a few hundred tokens at the widest QAQ setting.

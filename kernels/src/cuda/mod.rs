@@ -1,0 +1,24 @@
+//! The GPU path (feature `cuda`): CUDA C kernels compiled at run time by NVRTC and
+//! launched through cudarc 0.19 (driver and NVRTC loaded dynamically, so a `cuda`
+//! build compiles and runs its CPU-side tests on a machine without CUDA).
+//!
+//! - [`source`]: the embedded `.cu` sources (`common.cuh`, `quant.cu`,
+//!   `attention.cu`, `ops.cu`), their kernels, NVRTC options and compilation.
+//! - [`launch`]: grid / block / shared-memory shapes of every kernel.
+//! - [`layout`]: the device layout of a packed stream ([`StreamImage`]) and its
+//!   conversion from / to the CPU [`crate::store::PackedStream`].
+//! - [`device`]: [`Gpu`], the context wrapper (driver check before any context, module
+//!   loading, launches), and [`DeviceStream`], a stream's buffers on the device.
+//! - [`ops`]: launches of the forward-pass and sampling kernels on [`Gpu`].
+//!
+//! The device tests (every kernel against the CPU reference) are `tests/gpu.rs`, run by
+//! `scripts/gpu-check.sh` on a GPU machine; they fail, not skip, without a GPU.
+
+pub mod device;
+pub mod launch;
+pub mod layout;
+pub mod ops;
+pub mod source;
+
+pub use device::{AttnBuffers, DeviceStream, Gpu, driver_available};
+pub use layout::StreamImage;
