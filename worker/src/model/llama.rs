@@ -85,6 +85,9 @@ pub struct BatchItem<'a> {
     pub kv: &'a mut dyn KvCache,
 }
 
+/// The last hidden state of every fed token, and each item's (offset, length) in it.
+type Hidden = (Vec<f32>, Vec<(usize, usize)>);
+
 fn vec1(t: Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -235,7 +238,7 @@ impl Llama {
 
     /// The decoder stack: the last hidden state of every fed token
     /// (`[total tokens, hidden]`) and each item's (offset, length) in it.
-    fn hidden(&self, items: &mut [BatchItem<'_>]) -> Result<(Vec<f32>, Vec<(usize, usize)>)> {
+    fn hidden(&self, items: &mut [BatchItem<'_>]) -> Result<Hidden> {
         let cfg = &self.cfg;
         let (hd, nh, nkv, h) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size);
         let mut ids = Vec::new();

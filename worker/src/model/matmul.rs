@@ -94,6 +94,8 @@ fn hsum8(a: [f32; 8]) -> f32 {
 /// `t` `cols * m` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+// The register tile is indexed by (row, column) on purpose: iterators would hide it.
+#[allow(clippy::needless_range_loop)]
 unsafe fn block_avx2(x: &[f32], m: usize, w: &[f32], cols: usize, k: usize, t: &mut [f32]) {
     use std::arch::x86_64::*;
     let n8 = k / 8 * 8;
