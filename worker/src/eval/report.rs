@@ -200,23 +200,25 @@ pub fn family(policy: &str) -> &'static str {
         "QAQ (reference code)"
     } else if p.starts_with("qaq") {
         let keys: Vec<&str> = p.split_once(':').map_or(vec![], |(_, r)| r.split(',').collect());
-        if keys.iter().all(|k| k.starts_with("sigma_s=") || k.starts_with("sigma_x=")) {
-            "QAQ (σ sweep)"
-        } else {
-            "QAQ ablations"
+        let other: Vec<&&str> = keys.iter().filter(|k| !k.starts_with("sigma_s=") && !k.starts_with("sigma_x=")).collect();
+        match other.as_slice() {
+            [] => "QAQ (σ sweep)",
+            [k] if **k == "bmin=1" => "QAQ bmin=1 (σ sweep)",
+            _ => "QAQ ablations",
         }
     } else {
         "other"
     }
 }
 
-const COLORS: [(&str, &str); 8] = [
+const COLORS: [(&str, &str); 9] = [
     ("fp16", "#000000"),
     ("uniform (1% outliers)", "#1f77b4"),
     ("K-only uniform", "#ff7f0e"),
     ("V-only uniform", "#9467bd"),
     ("KIVI", "#2ca02c"),
     ("QAQ (σ sweep)", "#d62728"),
+    ("QAQ bmin=1 (σ sweep)", "#ff9896"),
     ("QAQ ablations", "#e377c2"),
     ("QAQ (reference code)", "#8c564b"),
 ];
@@ -249,6 +251,9 @@ pub fn svg(rows: &[Row]) -> String {
         let pad = ((ymax - ymin) * 0.1).max(1e-3);
         ymin -= pad;
         ymax += pad;
+        if rs[0].metric != "perplexity" {
+            (ymin, ymax) = (ymin.max(0.0), ymax.min(1.0));
+        }
         let px = |x: f64| l + (x - 1.0) / (xmax - 1.0) * (r - l);
         let py = |y: f64| b - (y - ymin) / (ymax - ymin) * (b - t);
         let _ = writeln!(
@@ -400,6 +405,8 @@ mod tests {
         assert_eq!(family("qaq:sigma_s=0.03,sigma_x=0.03"), "QAQ (σ sweep)");
         assert_eq!(family("qaq"), "QAQ (σ sweep)");
         assert_eq!(family("qaq:window=1"), "QAQ ablations");
+        assert_eq!(family("qaq:sigma_s=0.001,sigma_x=0.03,bmin=1"), "QAQ bmin=1 (σ sweep)");
+        assert_eq!(family("qaq:bmin=1,alpha=0"), "QAQ ablations");
         assert_eq!(family("uniform:4"), "uniform (1% outliers)");
         assert_eq!(family("uniform-k:2"), "K-only uniform");
         assert_eq!(family("kivi"), "KIVI");
