@@ -440,6 +440,9 @@ impl EngineState {
         }
         let kv = seq.kv.summary();
         let prompt = seq.job.prompt.len();
+        // The sequence has left `running`: publish that before the client hears the
+        // end, so a Stats call right after the last message sees it gone.
+        self.publish_load();
         let _ = seq.job.events.send(done_event(text, ids, finish, prompt, seq.generated, kv));
         let outcome = match finish {
             Finish::Aborted => "aborted",

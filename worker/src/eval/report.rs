@@ -200,7 +200,8 @@ pub fn family(policy: &str) -> &'static str {
         "QAQ (reference code)"
     } else if p.starts_with("qaq") {
         let keys: Vec<&str> = p.split_once(':').map_or(vec![], |(_, r)| r.split(',').collect());
-        let other: Vec<&&str> = keys.iter().filter(|k| !k.starts_with("sigma_s=") && !k.starts_with("sigma_x=")).collect();
+        let other: Vec<&&str> =
+            keys.iter().filter(|k| !k.starts_with("sigma_s=") && !k.starts_with("sigma_x=")).collect();
         match other.as_slice() {
             [] => "QAQ (σ sweep)",
             [k] if **k == "bmin=1" => "QAQ bmin=1 (σ sweep)",
