@@ -15,6 +15,7 @@
 //!   per policy against its compressed cache; exact match.
 
 use crate::cache::{PolicyChoice, SeqCache};
+use crate::engine::sampling::argmax;
 use crate::model::{BatchItem, KvCache, KvError, LoadedModel};
 
 use super::store::KvBytes;
@@ -83,16 +84,6 @@ pub fn log_prob(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = logits.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
     logits[target as usize] as f64 - lse
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// The scores of one policy on one multiple-choice item.
