@@ -93,10 +93,10 @@ impl Progress {
     fn new(label: String, total: usize) -> Self {
         Self { label, total, done: 0, start: Instant::now(), tty: std::io::stderr().is_terminal(), last_decile: 0 }
     }
-    fn tick(&mut self, measured: bool) {
+    fn tick(&mut self) {
         self.done += 1;
         let el = self.start.elapsed().as_secs_f64();
-        let eta = if measured || self.done > 0 { el / self.done as f64 * (self.total - self.done) as f64 } else { 0.0 };
+        let eta = el / self.done as f64 * (self.total - self.done) as f64;
         let width = 30;
         let fill = width * self.done / self.total.max(1);
         let line = format!(
@@ -140,17 +140,17 @@ fn measure(
     item: &str,
     policies: &[PolicyChoice],
     f: impl FnOnce(&[PolicyChoice]) -> anyhow::Result<Vec<(Outcome, store::KvBytes)>>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<()> {
     let todo: Vec<PolicyChoice> =
         policies.iter().filter(|p| store.get(task, item, &p.label).is_none()).cloned().collect();
     if todo.is_empty() || dry {
-        return Ok(false);
+        return Ok(());
     }
     let results = f(&todo)?;
     for (p, (outcome, kv)) in todo.iter().zip(results) {
         store.put(Record { task: task.into(), item: item.into(), policy: p.label.clone(), outcome, kv })?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// `qaq-worker eval`: [`evaluate`], then the outputs in `--out` and the tables on stdout.
@@ -212,24 +212,19 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
         let mut bar = Progress::new(task.name().into(), pick.len());
         for &i in &pick {
             let item = &all[i];
-            let measured =
-                measure(args.report_only, &mut store, task.name(), &item.id.to_string(), &policies, |todo| {
-                    let scores = run::score_mc(model, item, todo)?;
-                    let chars: Vec<u32> = item.continuations.iter().map(|c| c.trim().chars().count() as u32).collect();
-                    Ok(scores
-                        .into_iter()
-                        .map(|s| {
-                            let o = Outcome::Mc {
-                                sum_lp: s.sum_lp,
-                                tokens: s.tokens,
-                                chars: chars.clone(),
-                                label: item.label,
-                            };
-                            (o, s.kv)
-                        })
-                        .collect())
-                })?;
-            bar.tick(measured);
+            measure(args.report_only, &mut store, task.name(), &item.id.to_string(), &policies, |todo| {
+                let scores = run::score_mc(model, item, todo)?;
+                let chars: Vec<u32> = item.continuations.iter().map(|c| c.trim().chars().count() as u32).collect();
+                Ok(scores
+                    .into_iter()
+                    .map(|s| {
+                        let o =
+                            Outcome::Mc { sum_lp: s.sum_lp, tokens: s.tokens, chars: chars.clone(), label: item.label };
+                        (o, s.kv)
+                    })
+                    .collect())
+            })?;
+            bar.tick();
         }
         let ids: Vec<String> = pick.iter().map(|&i| all[i].id.to_string()).collect();
         rows.extend(report::aggregate(task.name(), &ids, &labels, |it, p| store.get(task.name(), it, p).cloned()));
@@ -250,12 +245,11 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
                 let window = &ids[w * ctx..(w + 1) * ctx];
                 items.push(w.to_string());
                 for p in &policies {
-                    let measured =
-                        measure(args.report_only, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
-                            let (nll, tokens, kv) = run::perplexity(model, window, p)?;
-                            Ok(vec![(Outcome::Ppl { nll, tokens }, kv)])
-                        })?;
-                    bar.tick(measured);
+                    measure(args.report_only, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
+                        let (nll, tokens, kv) = run::perplexity(model, window, p)?;
+                        Ok(vec![(Outcome::Ppl { nll, tokens }, kv)])
+                    })?;
+                    bar.tick();
                 }
             }
             rows.extend(report::aggregate(&name, &items, &labels, |it, p| store.get(&name, it, p).cloned()));
@@ -280,17 +274,17 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
                 let (doc, q) = run::kv_prompt(model, item)?;
                 if doc.len() + q.len() + 64 > model.model.config().context_length {
                     too_long += 1;
-                    bar.tick(false);
+                    bar.tick();
                     continue;
                 }
                 items.push(item.id.clone());
-                let measured = measure(args.report_only, &mut store, &name, &item.id, &policies, |todo| {
-                    Ok(run::retrieve(model, item, todo)?
+                measure(args.report_only, &mut store, &name, &item.id, &policies, |todo| {
+                    Ok(run::retrieve(model, item, (&doc, &q), todo)?
                         .into_iter()
                         .map(|r| (Outcome::Retrieval { correct: r.correct, output: r.output }, r.kv))
                         .collect())
                 })?;
-                bar.tick(measured);
+                bar.tick();
             }
             if too_long > 0 {
                 eprintln!("{name}: {too_long} items left out: prompt longer than the model's context");

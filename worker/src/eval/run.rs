@@ -124,21 +124,14 @@ pub fn score_mc(model: &LoadedModel, item: &McItem, policies: &[PolicyChoice]) -
     let longest = conts.iter().map(Vec::len).max().unwrap_or(0);
     for s in 0..longest.saturating_sub(1) {
         let active: Vec<usize> = (0..caches.len()).filter(|&i| conts[i % n_choices].len() > s + 1).collect();
-        let mut items: Vec<BatchItem<'_>> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| conts[i % n_choices].len() > s + 1)
-            .map(|(i, kv)| BatchItem { tokens: &conts[i % n_choices][s..s + 1], kv: kv as &mut dyn KvCache })
-            .collect();
-        let logits = model.model.forward(&mut items)?.to_vec2::<f32>()?;
+        let feed: Vec<u32> = active.iter().map(|&i| conts[i % n_choices][s]).collect();
+        let logits = decode_step(model, &mut caches, &active, &feed)?;
         for (row, &i) in logits.iter().zip(&active) {
             sums[i] += log_prob(row, conts[i % n_choices][s + 1]);
         }
     }
-    Ok(policies
-        .iter()
-        .enumerate()
-        .map(|(p, _)| {
+    Ok((0..policies.len())
+        .map(|p| {
             let range = p * n_choices..(p + 1) * n_choices;
             let mut kv = KvBytes::default();
             for c in &caches[range.clone()] {
@@ -182,8 +175,8 @@ pub fn kv_prompt(model: &LoadedModel, item: &KvItem) -> anyhow::Result<(Vec<u32>
     Ok((tok.encode(&item.document)?, tok.encode_continuation(&item.question)?))
 }
 
-/// One decode step for the sequences `active` of `caches`, feeding `feed[i]`
-/// to each; returns their logits in order.
+/// One decode step for the sequences `active` (ascending indices) of
+/// `caches`, feeding `feed[j]` to `active[j]`; returns their logits in order.
 fn decode_step(
     model: &LoadedModel,
     caches: &mut [SeqCache],
@@ -204,16 +197,21 @@ fn decode_step(
 /// exactly, for all policies; the question is then fed token by token and the
 /// answer generated greedily, each policy against its own compressed cache.
 /// Correct when the generated text starts with the gold answer.
-pub fn retrieve(model: &LoadedModel, item: &KvItem, policies: &[PolicyChoice]) -> anyhow::Result<Vec<Retrieved>> {
+/// `doc` and `question` are the item's tokens ([`kv_prompt`]).
+pub fn retrieve(
+    model: &LoadedModel,
+    item: &KvItem,
+    (doc, question): (&[u32], &[u32]),
+    policies: &[PolicyChoice],
+) -> anyhow::Result<Vec<Retrieved>> {
     let tok = &model.tokenizer;
-    let (doc, question) = kv_prompt(model, item)?;
     anyhow::ensure!(!question.is_empty(), "item {}: no question tokens", item.id);
     let max_new = tok.encode_continuation(&item.answer)?.len() + 2;
     let mut caches = policies.iter().map(|p| new_cache(model, p)).collect::<anyhow::Result<Vec<_>>>()?;
-    shared_prefill(model, &doc, caches.iter_mut().collect())?;
+    shared_prefill(model, doc, caches.iter_mut().collect())?;
     let all: Vec<usize> = (0..caches.len()).collect();
     let mut logits = Vec::new();
-    for &t in &question {
+    for &t in question {
         let feed = vec![t; all.len()];
         logits = decode_step(model, &mut caches, &all, &feed)?;
     }
