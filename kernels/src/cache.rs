@@ -131,6 +131,24 @@ struct Head {
     v: PackedStream,
     win: Windows,
     qn: QNormTracker,
+    /// Per-channel key scales `s_c` (QAQ `kscale`; empty: none or not calibrated yet).
+    kscale: Vec<f32>,
+}
+
+/// Channel scales of one head from its first key rows (`rows`: `[n][row]`, the head's
+/// channels at `off..off + d`): `max_t |k_tc|^beta`, normalised to RMS 1, and kept within
+/// `[2^-6, 2^6]` so the scaled keys stay well inside f16 range.
+fn channel_scales(rows: &[f32], row: usize, off: usize, d: usize, beta: f64) -> Vec<f32> {
+    let mut mx = vec![0f64; d];
+    for r in rows.chunks_exact(row) {
+        for (m, &x) in mx.iter_mut().zip(&r[off..off + d]) {
+            *m = m.max(x.abs() as f64);
+        }
+    }
+    let peak = mx.iter().copied().fold(0.0, f64::max).max(1e-6);
+    let raw: Vec<f64> = mx.iter().map(|&m| m.max(peak * 1e-3).powf(beta)).collect();
+    let rms = (raw.iter().map(|x| x * x).sum::<f64>() / d as f64).sqrt();
+    raw.iter().map(|&x| ((x / rms) as f32).clamp(1.0 / 64.0, 64.0)).collect()
 }
 
 #[derive(Clone, Debug)]
@@ -178,7 +196,7 @@ impl QaqCache {
         let (kspec, vspec, window) = match policy {
             KvPolicy::Qaq(p) => {
                 p.validate()?;
-                (p.quant, p.quant, p.window)
+                (p.quant, p.value_quant(), p.window)
             }
             KvPolicy::Uniform(u) => {
                 let o = if u.outliers { Outliers::PAPER } else { Outliers::NONE };
@@ -205,6 +223,7 @@ impl QaqCache {
             v: PackedStream::new(d, vspec, v_raw_only),
             win: Windows::new(window),
             qn: QNormTracker::default(),
+            kscale: Vec::new(),
         };
         let layer = Layer {
             heads: (0..cfg.n_kv_heads).map(|_| head()).collect(),
@@ -268,6 +287,27 @@ impl QaqCache {
                 got: k_rows.len().max(v_rows.len()),
             });
         }
+        let beta = match self.policy {
+            KvPolicy::Qaq(p) => p.k_scale,
+            _ => 0.0,
+        };
+        let scaled;
+        let k_rows = if beta > 0.0 {
+            quant::check_finite(k_rows, "k_rows")?;
+            let l = &mut self.layers[layer];
+            for (h, hd) in l.heads.iter_mut().enumerate() {
+                if hd.kscale.is_empty() {
+                    hd.kscale = channel_scales(k_rows, row, h * d, d, beta);
+                }
+            }
+            scaled = k_rows
+                .chunks_exact(row)
+                .flat_map(|r| r.iter().enumerate().map(|(i, &x)| x / l.heads[i / d].kscale[i % d]))
+                .collect::<Vec<f32>>();
+            &scaled[..]
+        } else {
+            k_rows
+        };
         let kh = to_f16_checked(k_rows, "k_rows")?;
         let vh = to_f16_checked(v_rows, "v_rows")?;
         let (kb, vb) = self.widths_for_new();
@@ -348,7 +388,10 @@ impl QaqCache {
             return Err(KernelError::Config("attend on an empty layer".into()));
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+        let mut qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+        for (h, hd) in l.heads.iter().enumerate() {
+            scale_queries(&mut qs[h * g * d..(h + 1) * g * d], &hd.kscale);
+        }
         let mut output = vec![0f32; nq * d];
         let mut probs = vec![0f32; nq * t];
         for (h, hd) in l.heads.iter_mut().enumerate() {
@@ -431,8 +474,9 @@ impl QaqCache {
             for r in 0..n_q {
                 let p = t_total - n_q + r;
                 let tv = p + 1;
-                let qs: Vec<f32> =
+                let mut qs: Vec<f32> =
                     q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
+                scale_queries(&mut qs, &hd.kscale);
                 let feed = if r + window >= n_q { tv } else { 0 };
                 if full || feed > 0 || agg {
                     let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
@@ -491,18 +535,18 @@ impl QaqCache {
                 QNorm::Constant(c) => Some(c),
                 QNorm::Percentile(pc) => hd.qn.percentile(pc),
             };
-            let e_k = qn2.map(|q| policy::key_step(t_total, q, p.sigma_s));
+            let e_k = qn2.map(|q| p.key_step_for(t_total, q));
             let win = &hd.win;
             let KStore::Packed(ks) = &mut hd.k else { continue };
             let k_target = |t: usize, m: &GroupMeta| match e_k {
-                _ if !win.full(t) => p.b_max,
+                _ if t < p.sinks || !win.full(t) => p.b_max,
                 Some(e) => policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max),
                 None => m.bits,
             };
             move_stream(ks, layer, h, true, &p, host, counters, k_target)?;
             let v_num = policy::value_step_numerator(t_total, p.sigma_x);
             let v_target = |t: usize, m: &GroupMeta| {
-                if !win.full(t) {
+                if t < p.sinks || !win.full(t) {
                     return p.b_max;
                 }
                 let e = policy::value_step_from(v_num, t_total, win.max(t) as f64);
@@ -532,7 +576,11 @@ impl QaqCache {
         let (mut k, mut v) = (vec![0f32; l.len * row], vec![0f32; l.len * row]);
         for (h, hd) in l.heads.iter().enumerate() {
             for t in 0..l.len {
-                hd.k.decode(t, &mut k[t * row + h * d..t * row + (h + 1) * d]);
+                let kt = &mut k[t * row + h * d..t * row + (h + 1) * d];
+                hd.k.decode(t, kt);
+                for (x, s) in kt.iter_mut().zip(&hd.kscale) {
+                    *x *= s;
+                }
                 hd.v.decode(t, &mut v[t * row + h * d..t * row + (h + 1) * d]);
             }
         }
@@ -562,6 +610,19 @@ impl QaqCache {
     /// fp16 bytes of the same K/V.
     pub fn fp16_equivalent_bytes(&self) -> usize {
         self.stats().fp16_equivalent_bytes()
+    }
+}
+
+/// Multiplies each query head of `qs` (`[g][d]`) by the key channel scales (none: as is),
+/// so that `q' . (k / s) = q . k`.
+fn scale_queries(qs: &mut [f32], kscale: &[f32]) {
+    if kscale.is_empty() {
+        return;
+    }
+    for qh in qs.chunks_exact_mut(kscale.len()) {
+        for (x, s) in qh.iter_mut().zip(kscale) {
+            *x *= s;
+        }
     }
 }
 

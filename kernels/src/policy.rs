@@ -202,6 +202,24 @@ pub struct QaqParams {
     pub every: u32,
     /// Window feeding in multi-row steps.
     pub prefill: PrefillFeed,
+    /// Outlier fraction of the values when it differs from the keys' (`quant.outliers`);
+    /// `None`: the same. Values tolerate coarse widths better than keys, and at head_dim
+    /// 64 two outliers cost 0.75 bits per value, so dropping them is a real saving.
+    pub v_alpha: Option<f64>,
+    /// A floor on the `T` of the key bound (0: none, the paper). The paper's allowed
+    /// attention-logit error variance `ln(T^3/(T-1) sigma_S^2 + 1)` is tiny on a
+    /// 50-token prompt for any sigma_S that is safe at 2k tokens, so short prompts keep
+    /// their keys at 8 bits; with `k_t`, contexts shorter than `k_t` get the bound at
+    /// `T = k_t` and longer ones the paper's.
+    pub k_t: usize,
+    /// The first `sinks` tokens (attention sinks) stay at `b_max` (0: none).
+    pub sinks: usize,
+    /// Per-channel key scaling exponent `beta` in [0, 1] (0: off). Keys are stored as
+    /// `k_c / s_c` and queries multiplied by `s_c` (so `q . k` is unchanged), with
+    /// `s_c = max_t |k_tc|^beta` over the first rows a layer receives (the prompt),
+    /// normalised to RMS 1; per-token groups then see channels of similar range instead
+    /// of a few massive channels that set every token's step.
+    pub k_scale: f64,
 }
 
 impl Default for QaqParams {
@@ -218,6 +236,10 @@ impl Default for QaqParams {
             down: DownSource::Codes,
             every: 1,
             prefill: PrefillFeed::Last,
+            v_alpha: None,
+            k_t: 0,
+            sinks: 0,
+            k_scale: 0.0,
         }
     }
 }
@@ -233,6 +255,26 @@ impl QaqParams {
             ..Default::default()
         }
     }
+    /// qaq's tuned setting (`qaq-tuned`, the worker's default), measured in
+    /// `docs/results`: the paper's method with per-channel key scaling (`kscale=1`), a
+    /// floor of 512 on the key bound's `T` (`kt=512`), `sigma_S = 0.001`,
+    /// `sigma_X = 0.03`, and values kept at 1 bit or more (`bmin=1`).
+    pub fn tuned() -> Self {
+        QaqParams { sigma_s: 0.001, sigma_x: 0.03, b_min: 1, k_scale: 1.0, k_t: 512, ..Default::default() }
+    }
+    /// The quantizer of the values (the keys use `quant`).
+    pub fn value_quant(&self) -> QuantSpec {
+        let mut q = self.quant;
+        if let Some(a) = self.v_alpha {
+            q.outliers.alpha = a;
+        }
+        q
+    }
+    /// The key step width in a context of `t_total` tokens: [`key_step`] at
+    /// `T = max(t_total, k_t)`; infinite for one token (its softmax is exactly 1).
+    pub fn key_step_for(&self, t_total: usize, qn2: f64) -> f64 {
+        if t_total <= 1 { f64::INFINITY } else { key_step(t_total.max(self.k_t), qn2, self.sigma_s) }
+    }
     /// Validates ranges.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(KernelError::Config(m));
@@ -246,7 +288,18 @@ impl QaqParams {
             return bad("sigma_s and sigma_x must be positive".into());
         }
         if !(0.0..0.5).contains(&self.quant.outliers.alpha) {
-            return bad("alpha must be in [0, 0.5)".into());
+            return bad(format!("alpha must be in [0, 0.5), got {}", self.quant.outliers.alpha));
+        }
+        if let Some(a) = self.v_alpha
+            && !(0.0..0.5).contains(&a)
+        {
+            return bad(format!("valpha must be in [0, 0.5), got {a}"));
+        }
+        if !(0.0..=1.0).contains(&self.k_scale) {
+            return bad(format!("kscale must be in [0, 1], got {}", self.k_scale));
+        }
+        if self.k_t == 1 {
+            return bad("kt must be 0 (no floor) or >= 2".into());
         }
         match self.qnorm {
             QNorm::Percentile(p) if (0.0..=1.0).contains(&p) => Ok(()),
@@ -300,9 +353,10 @@ pub enum KvPolicy {
 
 /// The accepted policy strings (shown in parse errors).
 pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
-qaq[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, outliers=total|perside, \
+qaq[:key=value,...] | qaq-tuned[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, valpha, outliers=total|perside, \
 formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
-prefill=last|all) | qaq-ref (reference-code variant); N in 0..=8";
+prefill=last|all, kt, sinks, kscale) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
+sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512; N in 0..=8";
 
 impl FromStr for KvPolicy {
     type Err = KernelError;
@@ -356,8 +410,8 @@ impl FromStr for KvPolicy {
                 KvPolicy::Kivi(k)
             }
             ("qaq-ref", None) => KvPolicy::Qaq(QaqParams::reference_code()),
-            ("qaq", r) => {
-                let mut p = QaqParams::default();
+            ("qaq" | "qaq-tuned", r) => {
+                let mut p = if head == "qaq" { QaqParams::default() } else { QaqParams::tuned() };
                 for kv in r.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
                     let Some((k, v)) = kv.split_once('=') else {
                         return Err(err(format!("expected key=value, got {kv:?}")));
@@ -370,6 +424,10 @@ impl FromStr for KvPolicy {
                         "window" => p.window = int(v)?,
                         "every" => p.every = int(v)?.try_into().map_err(|_| err("every too large".into()))?,
                         "alpha" => p.quant.outliers.alpha = num(v)?,
+                        "valpha" => p.v_alpha = Some(num(v)?),
+                        "kt" => p.k_t = int(v)?,
+                        "sinks" => p.sinks = int(v)?,
+                        "kscale" => p.k_scale = num(v)?,
                         "outliers" => {
                             p.quant.outliers.mode = match v {
                                 "total" => OutlierMode::Total,
@@ -604,6 +662,26 @@ mod tests {
         };
         assert_eq!((p.sigma_x, p.formula, p.qnorm, p.b_max), (0.5, BitFormula::Reference, QNorm::Percentile(0.95), 4));
         assert_eq!("qaq".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::default()));
+        assert_eq!("qaq-tuned".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::tuned()));
+        assert_eq!(
+            "qaq-tuned".parse::<KvPolicy>().unwrap(),
+            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512".parse::<KvPolicy>().unwrap()
+        );
+        let KvPolicy::Qaq(t) = "qaq-tuned:sinks=2".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
+        assert_eq!((t.sinks, t.k_scale), (2, 1.0));
+        let KvPolicy::Qaq(p) = "qaq:kscale=0.5,sinks=4,valpha=0,kt=512".parse::<KvPolicy>().unwrap() else {
+            panic!("not qaq")
+        };
+        assert_eq!((p.k_scale, p.sinks, p.v_alpha, p.k_t), (0.5, 4, Some(0.0), 512));
+        assert_eq!(p.value_quant().outliers.alpha, 0.0);
+        assert_eq!(p.quant.outliers.alpha, 0.01);
+        let q = 0.7;
+        assert_eq!(p.key_step_for(1000, q), key_step(1000, q, p.sigma_s), "above the floor: the paper's bound");
+        assert_eq!(p.key_step_for(100, q), key_step(512, q, p.sigma_s), "below it: the bound at T = kt");
+        assert!(p.key_step_for(1, q).is_infinite());
+        for bad in ["qaq:kscale=2", "qaq:kscale=-1", "qaq:valpha=0.6", "qaq:kt=1", "qaq:sinks=x"] {
+            assert!(bad.parse::<KvPolicy>().is_err(), "{bad}");
+        }
         for bad in ["", "uniform:9", "uniform", "qaq:bmin=5,bmax=3", "qaq:foo=1", "kivi:0:1", "int8"] {
             let e = bad.parse::<KvPolicy>().unwrap_err();
             assert!(e.to_string().contains("uniform:N"), "{bad}: {e}");

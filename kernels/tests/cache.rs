@@ -73,6 +73,8 @@ fn packed_attention_equals_dequantised_attention_for_every_policy() {
         "kivi:8:16",
         "qaq",
         "qaq-ref",
+        "qaq:kscale=1,sinks=4,valpha=0",
+        "qaq:kscale=0.5,kt=64",
     ] {
         let (mut cache, mut rng, _, _) = filled(policy, 300, 7);
         let q0 = rng.vec(CFG.n_q_heads * CFG.head_dim, 3.0);
@@ -439,4 +441,57 @@ fn observing_a_prefill_equals_attending_it() {
         b.append(0, &k, &v).unwrap();
         assert_eq!(a.attend(0, &q).unwrap().output, b.attend(0, &q).unwrap().output, "{policy}");
     }
+}
+
+/// Widths of layer 0 after a prefill whose last rows, and then `steps` decode queries,
+/// all point at token `hot`'s key (keys with a massive channel 3 in every head).
+fn attended(policy: &str, hot: usize, steps: usize) -> (QaqCache, Vec<f32>) {
+    let mut cache = QaqCache::new(CFG, policy.parse().unwrap()).unwrap();
+    let mut rng = Rng(31);
+    let (t, d, r) = (200, CFG.head_dim, row(&CFG));
+    let mut k = rng.vec(t * r, 1.0);
+    for (i, x) in k.iter_mut().enumerate() {
+        if i % d == 3 {
+            *x *= 40.0;
+        }
+    }
+    let v = rng.vec(t * r, 1.0);
+    let g = CFG.group();
+    let q: Vec<f32> =
+        (0..CFG.n_q_heads).flat_map(|j| k[hot * r + (j / g) * d..hot * r + (j / g + 1) * d].to_vec()).collect();
+    cache.append(0, &k, &v).unwrap();
+    let rows: Vec<f32> = (0..8).flat_map(|_| q.clone()).collect();
+    cache.attend_rows(0, &rows, 8).unwrap();
+    cache.end_step().unwrap();
+    for _ in 0..steps {
+        cache.attend(0, &q).unwrap();
+        cache.end_step().unwrap();
+    }
+    (cache, k)
+}
+
+#[test]
+fn key_channel_scaling_and_sinks() {
+    let base = "qaq:qnorm=1,sigma_s=0.05,sigma_x=0.02";
+    // Channel scaling: dequantized keys come back in the model's units, q . k unchanged.
+    let (scaled, k) = attended(&format!("{base},kscale=1"), 10, 5);
+    let (plain, _) = attended(base, 10, 5);
+    let (ks, _) = scaled.dequantized(0).unwrap();
+    let (kp, _) = plain.dequantized(0).unwrap();
+    assert!(rel_err(&ks, &k) < 0.5, "scaled keys in model units: {}", rel_err(&ks, &k));
+    // Same policy otherwise: per-token steps no longer set by the massive channel, so the
+    // small channels keep more precision.
+    let small =
+        |x: &[f32]| x.iter().enumerate().filter(|(i, _)| i % CFG.head_dim != 3).map(|(_, v)| *v).collect::<Vec<_>>();
+    assert!(
+        rel_err(&small(&ks), &small(&k)) < rel_err(&small(&kp), &small(&k)),
+        "scaled {} vs plain {}",
+        rel_err(&small(&ks), &small(&k)),
+        rel_err(&small(&kp), &small(&k))
+    );
+    // Sinks stay at b_max; the others are free to move down.
+    let (sunk, _) = attended(&format!("{base},sinks=3"), 10, 5);
+    let (kw, vw) = sunk.widths(0, 0).unwrap();
+    assert!(kw[..3].iter().chain(&vw[..3]).all(|&b| b == 8), "{:?} {:?}", &kw[..3], &vw[..3]);
+    assert!(kw[3..150].iter().any(|&b| b < 8));
 }

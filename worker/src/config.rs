@@ -50,9 +50,9 @@ pub struct ServeArgs {
     /// Most requests waiting for a batch slot.
     #[arg(long, env = "QAQ_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
-    /// Default KV-cache policy: qaq | fp16 | uniform:N | kivi (see the QAQ
+    /// Default KV-cache policy: qaq-tuned | qaq | fp16 | uniform:N | kivi (see the QAQ
     /// syntax in the README for every option, e.g. qaq:sigma_s=0.01,window=5).
-    #[arg(long, env = "QAQ_KV_POLICY", default_value = "qaq")]
+    #[arg(long, env = "QAQ_KV_POLICY", default_value = "qaq-tuned")]
     pub kv_policy: String,
     /// QAQ key target sigma_S (overrides the policy string).
     #[arg(long, env = "QAQ_KV_SIGMA_S")]

@@ -27,7 +27,8 @@ use tasks::McTask;
 /// The policies of a full evaluation (issue 6's list).
 pub const DEFAULT_POLICIES: &str = "fp16;uniform:8;uniform:4;uniform:3;uniform:2;uniform-k:2;uniform-v:2;kivi;\
 qaq:sigma_s=0.003,sigma_x=0.003;qaq;qaq:sigma_s=0.03,sigma_x=0.03;qaq:sigma_s=0.1,sigma_x=0.1;qaq:alpha=0;qaq:window=1;\
-qaq:sigma_s=0.001,sigma_x=0.03,bmin=1";
+qaq:sigma_s=0.001,sigma_x=0.03,bmin=1;qaq-tuned;qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1;\
+qaq-tuned:sigma_s=0.003;qaq-tuned:sinks=4;qaq-tuned:valpha=0";
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {

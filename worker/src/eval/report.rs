@@ -198,6 +198,8 @@ pub fn family(policy: &str) -> &'static str {
         "KIVI"
     } else if p.starts_with("qaq-ref") {
         "QAQ (reference code)"
+    } else if p.starts_with("qaq-tuned") || p.contains("kscale=") {
+        "QAQ + key channel scaling"
     } else if p.starts_with("qaq") {
         let keys: Vec<&str> = p.split_once(':').map_or(vec![], |(_, r)| r.split(',').collect());
         let other: Vec<&&str> =
@@ -212,7 +214,7 @@ pub fn family(policy: &str) -> &'static str {
     }
 }
 
-const COLORS: [(&str, &str); 9] = [
+const COLORS: [(&str, &str); 10] = [
     ("fp16", "#000000"),
     ("uniform (1% outliers)", "#1f77b4"),
     ("K-only uniform", "#ff7f0e"),
@@ -222,6 +224,7 @@ const COLORS: [(&str, &str); 9] = [
     ("QAQ bmin=1 (σ sweep)", "#ff9896"),
     ("QAQ ablations", "#e377c2"),
     ("QAQ (reference code)", "#8c564b"),
+    ("QAQ + key channel scaling", "#17becf"),
 ];
 
 fn color(f: &str) -> &'static str {
@@ -408,6 +411,8 @@ mod tests {
         assert_eq!(family("qaq:window=1"), "QAQ ablations");
         assert_eq!(family("qaq:sigma_s=0.001,sigma_x=0.03,bmin=1"), "QAQ bmin=1 (σ sweep)");
         assert_eq!(family("qaq:bmin=1,alpha=0"), "QAQ ablations");
+        assert_eq!(family("qaq-tuned"), "QAQ + key channel scaling");
+        assert_eq!(family("qaq:sigma_s=0.001,kscale=0.5"), "QAQ + key channel scaling");
         assert_eq!(family("uniform:4"), "uniform (1% outliers)");
         assert_eq!(family("uniform-k:2"), "K-only uniform");
         assert_eq!(family("kivi"), "KIVI");

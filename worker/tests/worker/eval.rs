@@ -33,7 +33,7 @@ fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
         "--limit",
         "40",
         "--policies",
-        "qaq",
+        "qaq-tuned",
         "--ppl-contexts",
         "1024",
         "--ppl-windows",
@@ -52,12 +52,12 @@ fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
     let rows = evaluate(&args, model).unwrap();
 
     for task in ["hellaswag", "piqa"] {
-        let (f, q) = (row(&rows, task, "fp16"), row(&rows, task, "qaq"));
+        let (f, q) = (row(&rows, task, "fp16"), row(&rows, task, "qaq-tuned"));
         assert_eq!((f.items, q.items), (40, 40), "{task}");
         assert_eq!(f.real_ratio, 1.0, "{task}: fp16 stores every value raw");
         assert_eq!((f.k_bits, f.v_bits, f.agreement), (16.0, 16.0, Some(1.0)), "{task}");
         assert!(q.agreement.unwrap() >= 0.85, "{task}: QAQ agrees with fp16 on {:?}", q.agreement);
-        assert!(q.real_ratio >= 2.5 && q.real_ratio < 16.0, "{task}: QAQ real ratio {}", q.real_ratio);
+        assert!(q.real_ratio >= 3.0 && q.real_ratio < 16.0, "{task}: QAQ real ratio {}", q.real_ratio);
         assert!(q.paper_ratio > q.real_ratio, "{task}: the paper-style ratio leaves out indices and padding");
         assert!(q.k_bits > 1.0 && q.k_bits < 8.0 && q.v_bits > 0.5 && q.v_bits < 8.0, "{task}: {q:?}");
         assert!(q.requant_down > 0, "{task}: online QAQ re-quantizes while the choices are decoded");
@@ -68,12 +68,13 @@ fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
     let piqa = row(&rows, "piqa", "fp16");
     assert!((0.55..=0.95).contains(&piqa.score), "{piqa:?}");
 
-    let (pf, pq) = (row(&rows, "ppl@1024", "fp16"), row(&rows, "ppl@1024", "qaq"));
+    let (pf, pq) = (row(&rows, "ppl@1024", "fp16"), row(&rows, "ppl@1024", "qaq-tuned"));
     assert!(pf.score > 5.0 && pf.score < 40.0, "WikiText-2 perplexity at 1k: {}", pf.score);
-    assert!(pq.score >= pf.score * 0.97 && pq.score.is_finite(), "{pq:?}");
-    assert!(pq.real_ratio >= 4.0, "{pq:?}");
-    let kf = row(&rows, "passkey@1024", "fp16");
+    assert!(pq.score >= pf.score * 0.97 && pq.score <= pf.score * 1.10, "{pq:?} vs fp16 {}", pf.score);
+    assert!(pq.real_ratio >= 3.5, "{pq:?}");
+    let (kf, kq) = (row(&rows, "passkey@1024", "fp16"), row(&rows, "passkey@1024", "qaq-tuned"));
     assert!(kf.items == 4 && kf.score >= 0.5, "fp16 passkey retrieval: {kf:?}");
+    assert!(kq.score >= kf.score - 0.25, "qaq-tuned passkey retrieval {kq:?} vs fp16 {kf:?}");
 
     // A second run measures nothing new: same rows, results file unchanged.
     let before = std::fs::read_to_string(&results).unwrap();
