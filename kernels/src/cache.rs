@@ -539,7 +539,7 @@ impl QaqCache {
             let win = &hd.win;
             let KStore::Packed(ks) = &mut hd.k else { continue };
             let k_target = |t: usize, m: &GroupMeta| match e_k {
-                _ if t < p.sinks || !win.full(t) => p.b_max,
+                _ if t < p.sinks || (p.k_window && !win.full(t)) => p.b_max,
                 Some(e) => policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max),
                 None => m.bits,
             };
@@ -732,5 +732,29 @@ fn bump(c: &mut Counters, is_key: bool, up: bool) {
         (true, false) => c.k_down += 1,
         (false, true) => c.v_up += 1,
         (false, false) => c.v_down += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channel_scales;
+
+    #[test]
+    fn channel_scales_follow_each_channels_maximum_normalised_to_rms_one() {
+        // 100 rows of one head (d = 4): channel 0 is 1.0 except 50.0 in the first row,
+        // channel 1 is 1.0, channel 2 is 2.0, channel 3 is empty.
+        let mut rows = Vec::new();
+        for t in 0..100 {
+            rows.extend_from_slice(&[if t == 0 { 50.0 } else { 1.0 }, 1.0, 2.0, 0.0]);
+        }
+        let s = channel_scales(&rows, 4, 0, 4, 1.0);
+        assert!((s[0] / s[1] - 50.0).abs() < 1e-3 && (s[2] / s[1] - 2.0).abs() < 1e-5, "{s:?}");
+        // The empty channel gets the floor (1e-3 of the peak, then at least 2^-6).
+        assert_eq!(s[3], 1.0 / 64.0, "{s:?}");
+        let r = (s[..3].iter().map(|x| x * x).sum::<f32>() / 4.0).sqrt();
+        assert!(r < 1.0 && r > 0.99, "RMS 1 before the clamp: {s:?}");
+        // beta = 0.5: square roots of the maxima.
+        let h = channel_scales(&rows, 4, 0, 4, 0.5);
+        assert!((h[0] / h[1] - 50f32.sqrt()).abs() < 1e-3, "{h:?}");
     }
 }

@@ -212,6 +212,12 @@ pub struct QaqParams {
     /// their keys at 8 bits; with `k_t`, contexts shorter than `k_t` get the bound at
     /// `T = k_t` and longer ones the paper's.
     pub k_t: usize,
+    /// A ceiling on the `T` of the key bound (0: none, the paper). The paper's bound
+    /// assumes attention spread evenly over all `T` tokens, so it loosens without limit
+    /// as the context grows (about 0.7 bits fewer per key from 2k to 8k tokens), while
+    /// real attention stays concentrated on few tokens; with `k_tmax`, contexts longer
+    /// than `k_tmax` keep the bound at `T = k_tmax`.
+    pub k_tmax: usize,
     /// The first `sinks` tokens (attention sinks) stay at `b_max` (0: none).
     pub sinks: usize,
     /// Per-channel key scaling exponent `beta` in [0, 1] (0: off). Keys are stored as
@@ -220,6 +226,14 @@ pub struct QaqParams {
     /// normalised to RMS 1; per-token groups then see channels of similar range instead
     /// of a few massive channels that set every token's step.
     pub k_scale: f64,
+    /// Whether keys wait for a full attention window before leaving `b_max` (the
+    /// reference code's rule, `true`). The key bound uses no attention (only `T` and
+    /// ||Q||^2), so with `false` a key gets its bound's width in the step it arrives;
+    /// values still wait for their window. Measured (`docs/results`, stop 12): `false`
+    /// saves 3–4% of bytes on short prompts but loses passkeys at 4k (7/10 against
+    /// 10/10): the newest tokens draw the most attention while an answer is generated,
+    /// and their keys need the precision the bound, written for spread attention, denies.
+    pub k_window: bool,
 }
 
 impl Default for QaqParams {
@@ -238,8 +252,10 @@ impl Default for QaqParams {
             prefill: PrefillFeed::Last,
             v_alpha: None,
             k_t: 0,
+            k_tmax: 0,
             sinks: 0,
             k_scale: 0.0,
+            k_window: true,
         }
     }
 }
@@ -256,11 +272,19 @@ impl QaqParams {
         }
     }
     /// qaq's tuned setting (`qaq-tuned`, the worker's default), measured in
-    /// `docs/results`: the paper's method with per-channel key scaling (`kscale=1`), a
-    /// floor of 512 on the key bound's `T` (`kt=512`), `sigma_S = 0.001`,
+    /// `docs/results`: the paper's method with per-channel key scaling (`kscale=1`), the
+    /// key bound's `T` held within [512, 1024] (`kt=512,ktmax=1024`), `sigma_S = 0.001`,
     /// `sigma_X = 0.03`, and values kept at 1 bit or more (`bmin=1`).
     pub fn tuned() -> Self {
-        QaqParams { sigma_s: 0.001, sigma_x: 0.03, b_min: 1, k_scale: 1.0, k_t: 512, ..Default::default() }
+        QaqParams {
+            sigma_s: 0.001,
+            sigma_x: 0.03,
+            b_min: 1,
+            k_scale: 1.0,
+            k_t: 512,
+            k_tmax: 1024,
+            ..Default::default()
+        }
     }
     /// The quantizer of the values (the keys use `quant`).
     pub fn value_quant(&self) -> QuantSpec {
@@ -271,9 +295,14 @@ impl QaqParams {
         q
     }
     /// The key step width in a context of `t_total` tokens: [`key_step`] at
-    /// `T = max(t_total, k_t)`; infinite for one token (its softmax is exactly 1).
+    /// `T = max(t_total, k_t)`, then at most `k_tmax` (when set); infinite for one token
+    /// (its softmax is exactly 1).
     pub fn key_step_for(&self, t_total: usize, qn2: f64) -> f64 {
-        if t_total <= 1 { f64::INFINITY } else { key_step(t_total.max(self.k_t), qn2, self.sigma_s) }
+        if t_total <= 1 {
+            return f64::INFINITY;
+        }
+        let t = t_total.max(self.k_t);
+        key_step(if self.k_tmax > 0 { t.min(self.k_tmax) } else { t }, qn2, self.sigma_s)
     }
     /// Validates ranges.
     pub fn validate(&self) -> Result<()> {
@@ -300,6 +329,9 @@ impl QaqParams {
         }
         if self.k_t == 1 {
             return bad("kt must be 0 (no floor) or >= 2".into());
+        }
+        if self.k_tmax != 0 && self.k_tmax < self.k_t.max(2) {
+            return bad(format!("ktmax must be 0 (no ceiling) or >= max(kt, 2) = {}", self.k_t.max(2)));
         }
         match self.qnorm {
             QNorm::Percentile(p) if (0.0..=1.0).contains(&p) => Ok(()),
@@ -355,8 +387,8 @@ pub enum KvPolicy {
 pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
 qaq[:key=value,...] | qaq-tuned[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, valpha, outliers=total|perside, \
 formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
-prefill=last|all, kt, sinks, kscale) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
-sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512; N in 0..=8";
+prefill=last|all, kt, ktmax, sinks, kscale, kwin=0|1) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
+sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=1024; N in 0..=8";
 
 impl FromStr for KvPolicy {
     type Err = KernelError;
@@ -426,8 +458,16 @@ impl FromStr for KvPolicy {
                         "alpha" => p.quant.outliers.alpha = num(v)?,
                         "valpha" => p.v_alpha = Some(num(v)?),
                         "kt" => p.k_t = int(v)?,
+                        "ktmax" => p.k_tmax = int(v)?,
                         "sinks" => p.sinks = int(v)?,
                         "kscale" => p.k_scale = num(v)?,
+                        "kwin" => {
+                            p.k_window = match v {
+                                "1" => true,
+                                "0" => false,
+                                _ => return Err(err(format!("kwin={v:?}: 0 or 1"))),
+                            }
+                        }
                         "outliers" => {
                             p.quant.outliers.mode = match v {
                                 "total" => OutlierMode::Total,
@@ -665,7 +705,7 @@ mod tests {
         assert_eq!("qaq-tuned".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::tuned()));
         assert_eq!(
             "qaq-tuned".parse::<KvPolicy>().unwrap(),
-            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512".parse::<KvPolicy>().unwrap()
+            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=1024".parse::<KvPolicy>().unwrap()
         );
         let KvPolicy::Qaq(t) = "qaq-tuned:sinks=2".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
         assert_eq!((t.sinks, t.k_scale), (2, 1.0));
@@ -679,7 +719,27 @@ mod tests {
         assert_eq!(p.key_step_for(1000, q), key_step(1000, q, p.sigma_s), "above the floor: the paper's bound");
         assert_eq!(p.key_step_for(100, q), key_step(512, q, p.sigma_s), "below it: the bound at T = kt");
         assert!(p.key_step_for(1, q).is_infinite());
-        for bad in ["qaq:kscale=2", "qaq:kscale=-1", "qaq:valpha=0.6", "qaq:kt=1", "qaq:sinks=x"] {
+        let KvPolicy::Qaq(c) = "qaq-tuned:ktmax=2048".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
+        assert_eq!(c.key_step_for(8192, q), key_step(2048, q, c.sigma_s), "above the ceiling: the bound at T = ktmax");
+        assert_eq!(c.key_step_for(1000, q), key_step(1000, q, c.sigma_s));
+        assert_eq!(c.key_step_for(100, q), key_step(512, q, c.sigma_s));
+        assert!(p.k_window);
+        assert_eq!(
+            "qaq-tuned:kwin=1,ktmax=0".parse::<KvPolicy>().unwrap(),
+            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512".parse::<KvPolicy>().unwrap(),
+            "stop 11's qaq-tuned (the label of its stored results)"
+        );
+        let KvPolicy::Qaq(p) = "qaq:kwin=0".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
+        assert!(!p.k_window);
+        for bad in [
+            "qaq:kscale=2",
+            "qaq:kscale=-1",
+            "qaq:valpha=0.6",
+            "qaq:kt=1",
+            "qaq:sinks=x",
+            "qaq:kwin=2",
+            "qaq-tuned:ktmax=100",
+        ] {
             assert!(bad.parse::<KvPolicy>().is_err(), "{bad}");
         }
         for bad in ["", "uniform:9", "uniform", "qaq:bmin=5,bmax=3", "qaq:foo=1", "kivi:0:1", "int8"] {

@@ -198,7 +198,9 @@ pub fn family(policy: &str) -> &'static str {
         "KIVI"
     } else if p.starts_with("qaq-ref") {
         "QAQ (reference code)"
-    } else if p.starts_with("qaq-tuned") || p.contains("kscale=") {
+    } else if p.starts_with("qaq-tuned") {
+        "qaq-tuned and variants"
+    } else if matches!(p.parse::<qaq_kernels::KvPolicy>(), Ok(qaq_kernels::KvPolicy::Qaq(q)) if q.k_scale > 0.0) {
         "QAQ + key channel scaling"
     } else if p.starts_with("qaq") {
         let keys: Vec<&str> = p.split_once(':').map_or(vec![], |(_, r)| r.split(',').collect());
@@ -214,7 +216,7 @@ pub fn family(policy: &str) -> &'static str {
     }
 }
 
-const COLORS: [(&str, &str); 10] = [
+const COLORS: [(&str, &str); 11] = [
     ("fp16", "#000000"),
     ("uniform (1% outliers)", "#1f77b4"),
     ("K-only uniform", "#ff7f0e"),
@@ -225,6 +227,7 @@ const COLORS: [(&str, &str); 10] = [
     ("QAQ ablations", "#e377c2"),
     ("QAQ (reference code)", "#8c564b"),
     ("QAQ + key channel scaling", "#17becf"),
+    ("qaq-tuned and variants", "#bcbd22"),
 ];
 
 fn color(f: &str) -> &'static str {
@@ -411,7 +414,9 @@ mod tests {
         assert_eq!(family("qaq:window=1"), "QAQ ablations");
         assert_eq!(family("qaq:sigma_s=0.001,sigma_x=0.03,bmin=1"), "QAQ bmin=1 (σ sweep)");
         assert_eq!(family("qaq:bmin=1,alpha=0"), "QAQ ablations");
-        assert_eq!(family("qaq-tuned"), "QAQ + key channel scaling");
+        assert_eq!(family("qaq-tuned"), "qaq-tuned and variants");
+        assert_eq!(family("qaq-tuned:kscale=0,ktmax=1024"), "qaq-tuned and variants");
+        assert_eq!(family("qaq:sigma_s=0.001,kscale=0"), "QAQ ablations");
         assert_eq!(family("qaq:sigma_s=0.001,kscale=0.5"), "QAQ + key channel scaling");
         assert_eq!(family("uniform:4"), "uniform (1% outliers)");
         assert_eq!(family("uniform-k:2"), "K-only uniform");
