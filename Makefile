@@ -25,11 +25,13 @@ clippy:
 
 # CUDA without a GPU: every kernel source compiled to PTX by NVRTC (the library comes
 # from its PyPI wheel, installed into .nvrtc/ by the script, found through
-# LD_LIBRARY_PATH), launch shapes, the device layout, the no-driver error. These tests
-# fail, not skip, when NVRTC is missing. The device tests are scripts/gpu-check.sh's.
+# LD_LIBRARY_PATH), launch shapes, the GEMM arguments, the device layout, the no-driver
+# errors of the kernels and of the worker's GPU forward pass. These tests fail, not
+# skip, when NVRTC is missing. The device tests are scripts/gpu-check.sh's.
 cuda-check:
 	LD_LIBRARY_PATH="$$(scripts/install-nvrtc.sh)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" \
 		$(CARGO) test --release -p qaq-kernels --features cuda --lib -- cuda::
+	$(CARGO) test --release -p qaq-worker --features cuda --lib -- device:: model::
 
 unit: build
 	$(CARGO) test --release --workspace --no-fail-fast

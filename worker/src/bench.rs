@@ -15,13 +15,16 @@ use clap::Args;
 use crate::cache::{self, PolicyChoice};
 use crate::config::DEFAULT_MODEL;
 use crate::engine::{EngineConfig, EngineHandle, Event, Job, KvSummary, SamplingConfig};
-use crate::model::{LoadedModel, load_model};
+use crate::model::LoadedModel;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Model: a .gguf file or an HF safetensors folder.
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// Device: cpu, or cuda:N (GPU N; needs a build with the `cuda` feature).
+    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = crate::device::Device::parse)]
+    pub device: crate::device::Device,
     /// Concurrent sequences, one run each (batch mode).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
@@ -76,7 +79,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|p| PolicyChoice::parse(p).map_err(|e| anyhow::anyhow!("--policies: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!policies.is_empty(), "--policies: give at least one");
-    let model = Arc::new(load_model(&args.model).map_err(|e| anyhow::anyhow!("{}: {e}", args.model.display()))?);
+    let model = Arc::new(args.device.load_model(&args.model)?);
     if args.contexts.is_empty() {
         let prompt = model.tokenizer.encode(&args.prompt)?;
         println!("| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) |");

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use qaq_worker::{bench, config, eval, model, prom, server};
+use qaq_worker::{bench, config, eval, prom, server};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -40,12 +40,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(cfg: config::WorkerConfig) -> anyhow::Result<()> {
     cfg.device.check()?;
-    let path = cfg.model.clone();
+    let (path, device) = (cfg.model.clone(), cfg.device);
     let started = std::time::Instant::now();
-    let loaded = tokio::task::spawn_blocking(move || model::load_model(&path))
-        .await?
-        .map_err(|e| anyhow::anyhow!("loading {}: {e}", cfg.model.display()))?;
-    tracing::info!(model = %loaded.name, secs = started.elapsed().as_secs_f32(), "model loaded");
+    let loaded = tokio::task::spawn_blocking(move || device.load_model(&path)).await??;
+    tracing::info!(model = %loaded.name, device = %loaded.model.device(), secs = started.elapsed().as_secs_f32(), "model loaded");
     let listener = TcpListener::bind(cfg.listen).await?;
     let grpc = listener.local_addr()?;
     let metrics = match cfg.metrics_listen {

@@ -23,6 +23,22 @@ pub fn driver_available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// Checks, without creating a context, that the driver library loads and reports GPU
+/// `ordinal`: the cheap part of [`Gpu::open`], for a worker to fail early.
+pub fn probe(ordinal: usize) -> Result<()> {
+    if !driver_available() {
+        return Err(KernelError::Device(format!(
+            "cuda:{ordinal} requested but the CUDA driver library (libcuda.so.1) could not be loaded: \
+             this machine has no NVIDIA driver, or it is not on the loader's path"
+        )));
+    }
+    let n = CudaContext::device_count().map_err(drv("counting CUDA devices"))?;
+    if ordinal >= n.max(0) as usize {
+        return Err(KernelError::Device(format!("cuda:{ordinal} requested but the driver reports {n} device(s)")));
+    }
+    Ok(())
+}
+
 pub(crate) fn drv(what: &str) -> impl Fn(DriverError) -> KernelError + '_ {
     move |e| KernelError::Device(format!("{what}: {e}"))
 }
@@ -44,16 +60,7 @@ impl std::fmt::Debug for Gpu {
 impl Gpu {
     /// Opens device `ordinal`: driver check, context, NVRTC compilation of every module.
     pub fn open(ordinal: usize) -> Result<Self> {
-        if !driver_available() {
-            return Err(KernelError::Device(format!(
-                "cuda:{ordinal} requested but the CUDA driver library (libcuda.so.1) could not be loaded: \
-                 this machine has no NVIDIA driver, or it is not on the loader's path"
-            )));
-        }
-        let n = CudaContext::device_count().map_err(drv("counting CUDA devices"))?;
-        if ordinal >= n.max(0) as usize {
-            return Err(KernelError::Device(format!("cuda:{ordinal} requested but the driver reports {n} device(s)")));
-        }
+        probe(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(drv("creating the CUDA context"))?;
         let stream = ctx.default_stream();
         let mut funcs = HashMap::new();

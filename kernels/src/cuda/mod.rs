@@ -10,15 +10,20 @@
 //! - [`device`]: [`Gpu`], the context wrapper (driver check before any context, module
 //!   loading, launches), and [`DeviceStream`], a stream's buffers on the device.
 //! - [`ops`]: launches of the forward-pass and sampling kernels on [`Gpu`].
+//! - [`blas`]: [`Blas`], the forward pass's GEMMs on cuBLAS (f16 operands, f32 output).
 //!
 //! The device tests (every kernel against the CPU reference) are `tests/gpu.rs`, run by
 //! `scripts/gpu-check.sh` on a GPU machine; they fail, not skip, without a GPU.
 
+pub mod blas;
 pub mod device;
 pub mod launch;
 pub mod layout;
 pub mod ops;
 pub mod source;
 
-pub use device::{AttnBuffers, DeviceStream, Gpu, driver_available};
+pub use blas::{Blas, cublas_available};
+/// The cudarc this crate was built with (device buffers in its API are cudarc types).
+pub use cudarc;
+pub use device::{AttnBuffers, DeviceStream, Gpu, driver_available, probe};
 pub use layout::StreamImage;

@@ -139,3 +139,21 @@ extern "C" __global__ void qaq_argmax_rows(const float* __restrict__ x, u32 n, u
         if (lane == 0) out[blockIdx.x] = bi;
     }
 }
+
+// y = f16(x) (round to nearest even) over n values: the f16 operands of the GEMMs.
+extern "C" __global__ void qaq_f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, u32 n) {
+    const u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) y[e] = qaq_f2h(x[e]);
+}
+
+// x += y over n values (the residual stream).
+extern "C" __global__ void qaq_add(float* __restrict__ x, const float* __restrict__ y, u32 n) {
+    const u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < n) x[e] += y[e];
+}
+
+// x[r][i] += b[i] for the `total / n` rows of `n` values (a linear layer's bias).
+extern "C" __global__ void qaq_add_bias(float* __restrict__ x, const float* __restrict__ b, u32 n, u32 total) {
+    const u32 e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < total) x[e] += b[e % n];
+}

@@ -131,4 +131,43 @@ impl Gpu {
             fire(b, launch::rows(rows)?, "qaq_argmax_rows")
         }
     }
+
+    /// `y = f16(x)` over `n` values (bit patterns; the f16 operands of [`super::Blas`]).
+    pub fn to_f16(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<u16>, n: usize) -> Result<()> {
+        need("f16 cast input", x.len(), n)?;
+        need("f16 cast output", y.len(), n)?;
+        let n32 = u32_of("f16 cast", n)?;
+        // SAFETY: `qaq_f32_to_f16(x, y, n)`; lengths checked above.
+        unsafe {
+            let mut b = self.kernel("qaq_f32_to_f16")?;
+            b.arg(x).arg(y).arg(&n32);
+            fire(b, launch::elementwise(n)?, "qaq_f32_to_f16")
+        }
+    }
+
+    /// `x += y` over `n` values.
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
+        need("add target", x.len(), n)?;
+        need("add operand", y.len(), n)?;
+        let n32 = u32_of("add", n)?;
+        // SAFETY: `qaq_add(x, y, n)`; lengths checked above.
+        unsafe {
+            let mut b = self.kernel("qaq_add")?;
+            b.arg(x).arg(y).arg(&n32);
+            fire(b, launch::elementwise(n)?, "qaq_add")
+        }
+    }
+
+    /// `x[r] += bias` for `rows` rows of `n` values.
+    pub fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, n: usize) -> Result<()> {
+        need("bias target", x.len(), rows * n)?;
+        need("bias", bias.len(), n)?;
+        let (n32, total) = (u32_of("bias", n)?, u32_of("bias", rows * n)?);
+        // SAFETY: `qaq_add_bias(x, b, n, total)`; lengths checked above.
+        unsafe {
+            let mut b = self.kernel("qaq_add_bias")?;
+            b.arg(x).arg(bias).arg(&n32).arg(&total);
+            fire(b, launch::elementwise(rows * n)?, "qaq_add_bias")
+        }
+    }
 }

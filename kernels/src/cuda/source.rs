@@ -34,11 +34,22 @@ pub const ATTENTION: KernelModule = KernelModule {
     kernels: &["qaq_attn_split_packed", "qaq_attn_split_f16", "qaq_attn_combine", "qaq_attn_probs"],
 };
 
-/// RMSNorm, RoPE, SiLU gating, embedding gather, softmax and argmax.
+/// RMSNorm, RoPE, SiLU gating, embedding gather, softmax and argmax, f16 casts of GEMM
+/// operands, residual and bias additions.
 pub const OPS: KernelModule = KernelModule {
     name: "qaq_ops.cu",
     source: include_str!("ops.cu"),
-    kernels: &["qaq_rmsnorm", "qaq_rope", "qaq_silu_mul", "qaq_embed_f16", "qaq_softmax_rows", "qaq_argmax_rows"],
+    kernels: &[
+        "qaq_rmsnorm",
+        "qaq_rope",
+        "qaq_silu_mul",
+        "qaq_embed_f16",
+        "qaq_softmax_rows",
+        "qaq_argmax_rows",
+        "qaq_f32_to_f16",
+        "qaq_add",
+        "qaq_add_bias",
+    ],
 };
 
 /// Every module.

@@ -20,7 +20,7 @@ use clap::Args;
 
 use crate::cache::PolicyChoice;
 use crate::config::DEFAULT_MODEL;
-use crate::model::{LoadedModel, load_model};
+use crate::model::LoadedModel;
 use store::{Outcome, Record, Store};
 use tasks::McTask;
 
@@ -35,6 +35,9 @@ pub struct EvalArgs {
     /// Model: a .gguf file or an HF safetensors folder.
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
+    /// Device: cpu, or cuda:N (GPU N; needs a build with the `cuda` feature).
+    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = crate::device::Device::parse)]
+    pub device: crate::device::Device,
     /// The evaluation data folder (shared/data).
     #[arg(long, env = "QAQ_EVAL_DATA", default_value = "../shared/data")]
     pub data: PathBuf,
@@ -78,6 +81,34 @@ pub struct EvalArgs {
     /// selected tasks, items and policies (rows cover the items measured).
     #[arg(long)]
     pub report_only: bool,
+    /// Measure only every N-th item, from the K-th on (`K/N`, positions in the sampled
+    /// order; perplexity: windows). One forward pass uses one core, so N processes with
+    /// separate `--results` files measure N times as fast; concatenate the files, then
+    /// `--report-only` reports them together.
+    #[arg(long, default_value = "0/1", value_parser = Shard::parse)]
+    pub shard: Shard,
+}
+
+/// `--shard K/N`: the items at positions `K, K + N, K + 2N, ...`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Shard {
+    /// Parses `K/N` with `0 <= K < N <= 64`.
+    pub fn parse(s: &str) -> Result<Shard, String> {
+        let bad = || format!("--shard: {s:?} is not K/N with 0 <= K < N <= 64 (e.g. 1/2)");
+        let (k, n) = s.trim().split_once('/').ok_or_else(bad)?;
+        let (k, n) = (k.parse::<usize>().map_err(|_| bad())?, n.parse::<usize>().map_err(|_| bad())?);
+        if k < n && n <= 64 { Ok(Shard { k, n }) } else { Err(bad()) }
+    }
+
+    /// Whether this process measures the item at `pos`.
+    pub fn owns(&self, pos: usize) -> bool {
+        pos % self.n == self.k
+    }
 }
 
 /// Progress on stderr: a redrawn bar on a terminal, a line per 10% otherwise.
@@ -157,7 +188,7 @@ fn measure(
 /// `qaq-worker eval`: [`evaluate`], then the outputs in `--out` and the tables on stdout.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let model = load_model(&args.model).map_err(|e| anyhow::anyhow!("{}: {e}", args.model.display()))?;
+    let model = args.device.load_model(&args.model)?;
     let rows = evaluate(&args, &model)?;
     let meta = serde_json::json!({
         "model": args.model.display().to_string(),
@@ -211,9 +242,10 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
         let all = task.load(&args.data)?;
         let pick = tasks::sample(all.len(), args.limit, args.seed);
         let mut bar = Progress::new(task.name().into(), pick.len());
-        for &i in &pick {
+        for (pos, &i) in pick.iter().enumerate() {
             let item = &all[i];
-            measure(args.report_only, &mut store, task.name(), &item.id.to_string(), &policies, |todo| {
+            let skip = args.report_only || !args.shard.owns(pos);
+            measure(skip, &mut store, task.name(), &item.id.to_string(), &policies, |todo| {
                 let scores = run::score_mc(model, item, todo)?;
                 let chars: Vec<u32> = item.continuations.iter().map(|c| c.trim().chars().count() as u32).collect();
                 Ok(scores
@@ -246,7 +278,8 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
                 let window = &ids[w * ctx..(w + 1) * ctx];
                 items.push(w.to_string());
                 for p in &policies {
-                    measure(args.report_only, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
+                    let skip = args.report_only || !args.shard.owns(w);
+                    measure(skip, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
                         let (nll, tokens, kv) = run::perplexity(model, window, p)?;
                         Ok(vec![(Outcome::Ppl { nll, tokens }, kv)])
                     })?;
@@ -270,7 +303,7 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
             let pick = tasks::sample(all.len(), Some(args.kv_limit), args.seed);
             let mut bar = Progress::new(name.clone(), pick.len());
             let (mut items, mut too_long) = (Vec::new(), 0);
-            for &i in &pick {
+            for (pos, &i) in pick.iter().enumerate() {
                 let item = &all[i];
                 let (doc, q) = run::kv_prompt(model, item)?;
                 if doc.len() + q.len() + 64 > model.model.config().context_length {
@@ -279,7 +312,8 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
                     continue;
                 }
                 items.push(item.id.clone());
-                measure(args.report_only, &mut store, &name, &item.id, &policies, |todo| {
+                let skip = args.report_only || !args.shard.owns(pos);
+                measure(skip, &mut store, &name, &item.id, &policies, |todo| {
                     Ok(run::retrieve(model, item, (&doc, &q), todo)?
                         .into_iter()
                         .map(|r| (Outcome::Retrieval { correct: r.correct, output: r.output }, r.kv))
@@ -301,4 +335,26 @@ fn check_context(model: &LoadedModel, flag: &str, ctx: usize) -> anyhow::Result<
     let max = model.model.config().context_length;
     anyhow::ensure!((2..=max).contains(&ctx), "{flag}: {ctx} must be in [2, {max}] (the model's context)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shard;
+
+    #[test]
+    fn shards_split_the_positions_without_overlap_or_gaps() {
+        let shards = [Shard::parse("0/3").unwrap(), Shard::parse(" 1/3").unwrap(), Shard::parse("2/3 ").unwrap()];
+        for pos in 0..30 {
+            assert_eq!(shards.iter().filter(|s| s.owns(pos)).count(), 1, "position {pos}");
+        }
+        assert!(Shard::parse("0/1").unwrap().owns(7));
+    }
+
+    #[test]
+    fn bad_shards_name_the_flag_and_the_form() {
+        for bad in ["", "1", "2/2", "3/2", "-1/2", "0/0", "0/65", "a/b", "1/2/3"] {
+            let e = Shard::parse(bad).unwrap_err();
+            assert!(e.starts_with("--shard:") && e.contains("K/N"), "{bad:?}: {e}");
+        }
+    }
 }

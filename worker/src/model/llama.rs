@@ -15,10 +15,10 @@ use super::matmul::linear_rows;
 use super::{LlamaConfig, ModelError, Result};
 
 /// A weight matrix `[rows, cols]`, row-major f32.
-struct Mat {
-    data: Vec<f32>,
-    rows: usize,
-    cols: usize,
+pub(super) struct Mat {
+    pub(super) data: Vec<f32>,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
 }
 
 impl Mat {
@@ -42,33 +42,36 @@ impl Mat {
     }
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Mat,
-    wk: Mat,
-    wv: Mat,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: Mat,
-    ffn_norm: Vec<f32>,
-    w_gate: Mat,
-    w_up: Mat,
-    w_down: Mat,
+pub(super) struct Layer {
+    pub(super) attn_norm: Vec<f32>,
+    pub(super) wq: Mat,
+    pub(super) wk: Mat,
+    pub(super) wv: Mat,
+    pub(super) bq: Option<Vec<f32>>,
+    pub(super) bk: Option<Vec<f32>>,
+    pub(super) bv: Option<Vec<f32>>,
+    pub(super) wo: Mat,
+    pub(super) ffn_norm: Vec<f32>,
+    pub(super) w_gate: Mat,
+    pub(super) w_up: Mat,
+    pub(super) w_down: Mat,
 }
 
-/// A loaded llama-family model.
+/// A loaded llama-family model. It runs on the CPU unless [`Llama::use_gpu`] gave it a
+/// GPU copy of its weights (feature `cuda`); then [`Llama::forward`] runs there.
 pub struct Llama {
-    cfg: LlamaConfig,
+    pub(super) cfg: LlamaConfig,
     /// `[vocab, hidden]`; also the output projection when tied.
-    embed: Mat,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
+    pub(super) embed: Mat,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: Vec<f32>,
     /// `None` when tied to `embed`.
-    lm_head: Option<Mat>,
+    pub(super) lm_head: Option<Mat>,
     /// `cos` and `sin` for every position and rotary pair, `[context, head_dim / 2]`.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<Box<super::gpu::GpuLlama>>,
 }
 
 impl std::fmt::Debug for Llama {
@@ -87,6 +90,14 @@ pub struct BatchItem<'a> {
 
 /// The last hidden state of every fed token, and each item's (offset, length) in it.
 type Hidden = (Vec<f32>, Vec<(usize, usize)>);
+
+/// A batch flattened for the dense layers: every fed token's id and position, and each
+/// item's (offset, length) among them.
+pub(super) struct Plan {
+    pub(super) ids: Vec<u32>,
+    pub(super) positions: Vec<usize>,
+    pub(super) spans: Vec<(usize, usize)>,
+}
 
 fn vec1(t: Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
@@ -156,7 +167,37 @@ impl Llama {
                 rope_sin.push(a.sin() as f32);
             }
         }
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope_cos, rope_sin })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        })
+    }
+
+    /// Uploads the weights to GPU `ordinal` (as f16) and runs every later forward pass
+    /// there; returns the device's name. The KV caches are unchanged: they stay behind
+    /// the [`KvCache`] seam on the host (see [`super::gpu`]).
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, ordinal: usize) -> Result<String> {
+        let gpu = super::gpu::GpuLlama::upload(self, ordinal)?;
+        let name = gpu.device_name();
+        self.gpu = Some(Box::new(gpu));
+        Ok(name)
+    }
+
+    /// Where the forward pass runs: `cpu` or `cuda:N`.
+    pub fn device(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return format!("cuda:{}", g.ordinal());
+        }
+        "cpu".to_string()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -209,6 +250,11 @@ impl Llama {
     /// stay within the context. Each row is computed independently of the
     /// others (see [`linear_rows`]), so results do not depend on the batch.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            let (logits, n) = g.forward(self, items, false)?;
+            return Ok(Tensor::from_vec(logits, (n, self.cfg.vocab_size), &Device::Cpu)?);
+        }
         let (x, spans) = self.hidden(items)?;
         let last: Vec<usize> = spans.iter().map(|&(off, len)| off + len - 1).collect();
         let logits = self.logits(&x, &last);
@@ -219,6 +265,10 @@ impl Llama {
     /// token (teacher forcing): `[total tokens, vocab]`, items in order, each
     /// item's tokens in order.
     pub fn forward_all(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<f32>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Ok(g.forward(self, items, true)?.0);
+        }
         let (x, _) = self.hidden(items)?;
         let rows: Vec<usize> = (0..x.len() / self.cfg.hidden_size).collect();
         Ok(self.logits(&x, &rows))
@@ -236,11 +286,10 @@ impl Llama {
         head.apply(&sel, rows.len(), None)
     }
 
-    /// The decoder stack: the last hidden state of every fed token
-    /// (`[total tokens, hidden]`) and each item's (offset, length) in it.
-    fn hidden(&self, items: &mut [BatchItem<'_>]) -> Result<Hidden> {
+    /// Checks a batch (every item feeds a token, stays within the context, uses ids of
+    /// the vocabulary) and flattens it.
+    pub(super) fn plan(&self, items: &[BatchItem<'_>]) -> Result<Plan> {
         let cfg = &self.cfg;
-        let (hd, nh, nkv, h) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size);
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(items.len());
@@ -263,6 +312,15 @@ impl Llama {
             ids.extend_from_slice(it.tokens);
             positions.extend(start..start + it.tokens.len());
         }
+        Ok(Plan { ids, positions, spans })
+    }
+
+    /// The decoder stack: the last hidden state of every fed token
+    /// (`[total tokens, hidden]`) and each item's (offset, length) in it.
+    fn hidden(&self, items: &mut [BatchItem<'_>]) -> Result<Hidden> {
+        let cfg = &self.cfg;
+        let (hd, nh, nkv, h) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size);
+        let Plan { ids, positions, spans } = self.plan(items)?;
         let n = ids.len();
         let mut x = Vec::with_capacity(n * h);
         for &t in &ids {
@@ -277,10 +335,7 @@ impl Llama {
             let v = l.wv.apply(&hn, n, l.bv.as_deref());
             self.rope(&mut q, nh, &positions);
             self.rope(&mut k, nkv, &positions);
-            for (it, &(off, len)) in items.iter_mut().zip(&spans) {
-                it.kv.append(li, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
-                it.kv.attend(li, &q[off * qw..(off + len) * qw], len, &mut attn[off * qw..(off + len) * qw])?;
-            }
+            cache_step(items, &spans, li, [&q, &k, &v], (qw, kvw), &mut attn)?;
             for (a, b) in x.iter_mut().zip(l.wo.apply(&attn, n, None)) {
                 *a += b;
             }
@@ -299,6 +354,25 @@ impl Llama {
         }
         Ok((x, spans))
     }
+}
+
+/// One layer's cache operations for every item of a batch: its new tokens' keys and
+/// values (`qkv[1]`, `qkv[2]`, rows of `kvw`) are appended to its cache, and its queries
+/// (`qkv[0]`, rows of `qw`) attend there, writing `attn`. The CPU and GPU forward passes
+/// share it: the caches live behind the [`KvCache`] seam either way.
+pub(super) fn cache_step(
+    items: &mut [BatchItem<'_>],
+    spans: &[(usize, usize)],
+    layer: usize,
+    [q, k, v]: [&[f32]; 3],
+    (qw, kvw): (usize, usize),
+    attn: &mut [f32],
+) -> Result<()> {
+    for (it, &(off, len)) in items.iter_mut().zip(spans) {
+        it.kv.append(layer, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
+        it.kv.attend(layer, &q[off * qw..(off + len) * qw], len, &mut attn[off * qw..(off + len) * qw])?;
+    }
+    Ok(())
 }
 
 /// Random HF-named weights for a config (deterministic; for tests and benches).

@@ -3,6 +3,8 @@
 //! trait it is driven through.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kv;
 pub mod llama;
 pub mod loader;
@@ -26,6 +28,8 @@ pub enum ModelError {
     Format(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("device: {0}")]
+    Device(String),
     #[error("kv cache: {0}")]
     Kv(#[from] KvError),
 }

@@ -1,0 +1,130 @@
+//! Device tests of the GPU forward pass (feature `cuda`) on the real model: the GPU pass
+//! against the CPU pass, logits and greedy generation, with the fp16 and the QAQ cache.
+//! They need a GPU and fail (never skip) without one: `scripts/gpu-check.sh` runs them.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use qaq_worker::cache::{PolicyChoice, SeqCache};
+use qaq_worker::engine::sampling::argmax;
+use qaq_worker::model::{BatchItem, KvCache, LoadedModel, load_model};
+
+fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+fn ordinal() -> usize {
+    std::env::var("QAQ_GPU_ORDINAL").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The real model twice: on the CPU and on the GPU.
+fn models() -> &'static (LoadedModel, LoadedModel) {
+    static CELL: OnceLock<(LoadedModel, LoadedModel)> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let cpu = load_model(&model_path()).unwrap();
+        let mut gpu = load_model(&model_path()).unwrap();
+        let name = gpu
+            .model
+            .use_gpu(ordinal())
+            .unwrap_or_else(|e| panic!("the GPU tests need a GPU (scripts/gpu-check.sh): {e}"));
+        eprintln!("GPU forward pass on {name}");
+        (cpu, gpu)
+    })
+}
+
+fn cache(m: &LoadedModel, policy: &str) -> SeqCache {
+    SeqCache::new(&m.model.kv_shape(), &PolicyChoice::parse(policy).unwrap()).unwrap()
+}
+
+/// Greedy tokens and, per step, the top-1 minus top-2 logit margin of the model's logits.
+fn greedy(m: &LoadedModel, policy: &str, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut kv = cache(m, policy);
+    let (mut out, mut margins) = (Vec::new(), Vec::new());
+    let mut feed = prompt.to_vec();
+    for _ in 0..n {
+        let logits = m.model.forward(&mut [BatchItem { tokens: &feed, kv: &mut kv }]).unwrap();
+        let row = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
+        let next = argmax(&row);
+        let top = row[next as usize];
+        let second =
+            row.iter().enumerate().filter(|&(i, _)| i != next as usize).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+        margins.push(top - second);
+        out.push(next);
+        feed = vec![next];
+    }
+    (out, margins)
+}
+
+fn prompt(m: &LoadedModel) -> Vec<u32> {
+    m.tokenizer.encode("The history of the Roman Empire began when").unwrap()
+}
+
+#[test]
+fn gpu_forward_pass_matches_the_cpu_logits() {
+    let (cpu, gpu) = models();
+    let ids = prompt(cpu);
+    let (mut a, mut b) = (cache(cpu, "fp16"), cache(gpu, "fp16"));
+    let la = cpu.model.forward_all(&mut [BatchItem { tokens: &ids, kv: &mut a }]).unwrap();
+    let lb = gpu.model.forward_all(&mut [BatchItem { tokens: &ids, kv: &mut b }]).unwrap();
+    assert_eq!(la.len(), lb.len());
+    assert_eq!(a.len(), b.len());
+    let vocab = cpu.model.config().vocab_size;
+    let mut worst = 0f32;
+    for (ra, rb) in la.chunks_exact(vocab).zip(lb.chunks_exact(vocab)) {
+        let range = ra.iter().fold(f32::MIN, |m, &v| m.max(v)) - ra.iter().fold(f32::MAX, |m, &v| m.min(v));
+        let diff = ra.iter().zip(rb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        worst = worst.max(diff / range);
+        assert_eq!(argmax(ra), argmax(rb), "top-1 differs (max |diff| {diff}, logit range {range})");
+    }
+    eprintln!("GPU vs CPU logits over {} prompt tokens: worst max|diff| / range = {worst:.2e}", ids.len());
+    // f16 weights and GEMM operands against the CPU's f32: about 1e-3 of the range.
+    assert!(worst < 2e-2, "GPU logits stray {worst:.2e} of the logit range from the CPU's");
+}
+
+/// Greedy generation on the GPU equals the CPU's for 64 tokens, with the fp16 cache and
+/// with the default QAQ cache. The GPU's GEMMs run on f16 operands, so the two passes
+/// are not bit-identical: a difference is accepted only at a near-tie of the CPU's
+/// logits (top-1 margin below 0.05), and reported.
+#[test]
+fn greedy_generation_on_the_gpu_equals_the_cpu_for_64_tokens() {
+    let (cpu, gpu) = models();
+    let ids = prompt(cpu);
+    for policy in ["fp16", "qaq-tuned"] {
+        let (ta, margins) = greedy(cpu, policy, &ids, 64);
+        let (tb, _) = greedy(gpu, policy, &ids, 64);
+        match ta.iter().zip(&tb).position(|(x, y)| x != y) {
+            None => eprintln!("{policy}: 64 greedy tokens equal on GPU and CPU"),
+            Some(i) => {
+                assert!(
+                    margins[i] < 0.05,
+                    "{policy}: GPU and CPU diverge at token {i} where the CPU's top-1 margin is {} \
+                     (not a near-tie)\n cpu {ta:?}\n gpu {tb:?}",
+                    margins[i]
+                );
+                eprintln!("{policy}: equal for {i} tokens, then a near-tie (margin {}) went the other way", margins[i]);
+            }
+        }
+    }
+}
+
+/// The GPU pass drives the same caches: after a QAQ generation the cache's statistics
+/// (sizes, widths) are those of the CPU run, up to the f16 rounding of the GEMMs.
+#[test]
+fn the_qaq_cache_behind_the_gpu_pass_compresses_as_on_the_cpu() {
+    let (cpu, gpu) = models();
+    let ids = prompt(cpu);
+    let (mut a, mut b) = (cache(cpu, "qaq-tuned"), cache(gpu, "qaq-tuned"));
+    for (m, kv) in [(cpu, &mut a), (gpu, &mut b)] {
+        m.model.forward(&mut [BatchItem { tokens: &ids, kv }]).unwrap();
+    }
+    let (sa, sb) = (a.summary(), b.summary());
+    assert_eq!(a.len(), b.len());
+    let rel = (sa.device_bytes as f64 - sb.device_bytes as f64).abs() / sa.device_bytes as f64;
+    eprintln!(
+        "QAQ cache after the prompt: CPU {} bytes ({:.2} / {:.2} bits), GPU {} bytes ({:.2} / {:.2} bits)",
+        sa.device_bytes, sa.avg_key_bits, sa.avg_value_bits, sb.device_bytes, sb.avg_key_bits, sb.avg_value_bits
+    );
+    assert!(rel < 0.05, "cache sizes differ by {:.1}%", rel * 100.0);
+}
