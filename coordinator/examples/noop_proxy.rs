@@ -38,7 +38,7 @@ impl Generation for Proxy {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let mut req = request.into_inner();
         req.request_id = format!("noop-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
-        let submit = SubmitRequest { request: Some(req), resume_token_ids: Vec::new() };
+        let submit = SubmitRequest { request: Some(req), ..Default::default() };
         let stream = self.worker.clone().submit(submit).await?.into_inner();
         Ok(Response::new(Box::pin(stream)))
     }

@@ -71,6 +71,8 @@ pub struct Placed {
     pub incarnation: u64,
     /// Client for that worker.
     pub worker: WorkerClient<Channel>,
+    /// Its registered address (host:port of its Worker service).
+    pub address: String,
 }
 
 /// A request admitted and placed on a worker.
@@ -400,6 +402,7 @@ impl Cluster {
             worker_id: w.worker_id.clone(),
             incarnation: w.incarnation,
             worker: WorkerClient::new(channel),
+            address: w.address.clone(),
         }))
     }
 

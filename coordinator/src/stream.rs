@@ -10,7 +10,11 @@
 //! is resubmitted to another worker with the tokens streamed so far as
 //! `resume_token_ids`, and the same client stream continues (a migration;
 //! before the first token it is a plain retry). `--max-retries` bounds this;
-//! then the client gets UNAVAILABLE with the partial usage.
+//! then the client gets UNAVAILABLE with the partial usage. When the worker
+//! ended the request itself (a drain out of grace), it is alive and has
+//! parked the request's KV cache: the resubmission names it as
+//! `kv_source_address`, and the next worker pulls the cache from there
+//! instead of prefilling prompt and tokens again.
 
 use std::time::{Duration, Instant};
 
@@ -85,6 +89,11 @@ pub struct Forward {
     worker_id: String,
     incarnation: u64,
     worker: WorkerClient<Channel>,
+    /// The current worker's address.
+    address: String,
+    /// Where the next Submit pulls the request's KV cache from: the address of
+    /// a worker that ended the request itself (and parked its cache).
+    kv_source: Option<String>,
     /// The request as submitted (resubmitted on failover).
     request: GenerateRequest,
     predicted_tokens: u64,
@@ -127,7 +136,7 @@ impl Forward {
     ) -> Self {
         metrics::gauge!(m::REQUESTS_WAITING).increment(1.0);
         let Admission { request_id, placed, abort, predicted_tokens, .. } = admission;
-        let Placed { worker_id, incarnation, worker } = placed;
+        let Placed { worker_id, incarnation, worker, address } = placed;
         let deadline = deadline_of(received, timeout);
         Self {
             cluster,
@@ -135,6 +144,8 @@ impl Forward {
             worker_id,
             incarnation,
             worker,
+            address,
+            kv_source: None,
             request,
             predicted_tokens,
             token_ids: Vec::new(),
@@ -173,7 +184,12 @@ impl Forward {
     /// One Worker.Submit of the request (resuming after the tokens streamed so far).
     async fn submit_once(&mut self) -> Result<(), Attempt> {
         let resume_token_ids = self.token_ids.clone();
-        let mut submit = tonic::Request::new(SubmitRequest { request: Some(self.request.clone()), resume_token_ids });
+        let kv_source_address = if resume_token_ids.is_empty() { None } else { self.kv_source.take() };
+        let mut submit = tonic::Request::new(SubmitRequest {
+            request: Some(self.request.clone()),
+            resume_token_ids,
+            kv_source_address: kv_source_address.unwrap_or_default(),
+        });
         if let Some((at, _)) = self.deadline {
             submit.set_timeout(at.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(1)));
         }
@@ -235,6 +251,7 @@ impl Forward {
             self.worker_id = placed.worker_id;
             self.incarnation = placed.incarnation;
             self.worker = placed.worker;
+            self.address = placed.address;
             self.worker_finished = false;
             match self.submit_once().await {
                 Ok(()) => return Ok(false),
@@ -324,6 +341,8 @@ impl Forward {
                         "worker {} aborted the request (draining or stopping)",
                         self.worker_id
                     )));
+                    // It is alive and parked the request's KV cache for the next worker.
+                    self.kv_source = Some(self.address.clone());
                     let delta = GenerateResponse { finish_reason: 0, usage: None, kv_stats: None, ..msg };
                     if !delta.token_ids.is_empty() || !delta.text.is_empty() {
                         return Some(Ok(self.on_message(delta)));

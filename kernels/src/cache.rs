@@ -16,6 +16,8 @@
 //!    full yet, stay at `b_max`.
 //! 3. [`QaqCache::end_step`]: every `every` steps, [`QaqCache::requantize`] each layer.
 
+mod snapshot;
+
 use crate::attention::{self, KStore};
 use crate::error::{KernelError, Result};
 use crate::host::{HostTier, InMemoryHost};

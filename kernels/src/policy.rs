@@ -123,6 +123,14 @@ impl Default for QNormTracker {
 }
 
 impl QNormTracker {
+    /// The histogram and the sample count (for [`crate::QaqCache::snapshot`]).
+    pub(crate) fn parts(&self) -> (&[u32], u64) {
+        (&self.bins, self.n)
+    }
+    /// The inverse of [`QNormTracker::parts`]; `None` unless `bins` has the tracker's size.
+    pub(crate) fn from_parts(bins: Vec<u32>, n: u64) -> Option<Self> {
+        (bins.len() == N_BINS).then_some(QNormTracker { bins, n })
+    }
     /// Records one sample (non-finite or non-positive samples are ignored).
     pub fn observe(&mut self, v: f64) {
         if !(v.is_finite() && v > 0.0) {
@@ -535,6 +543,14 @@ impl Windows {
     /// Windows of length `n`.
     pub fn new(n: usize) -> Self {
         Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new() }
+    }
+    /// Window length, every token's ring and observation count (for snapshots).
+    pub(crate) fn parts(&self) -> (usize, &[f32], &[u32]) {
+        (self.n, &self.vals, &self.seen)
+    }
+    /// The inverse of [`Windows::parts`]; `None` when the lengths disagree.
+    pub(crate) fn from_parts(n: usize, vals: Vec<f32>, seen: Vec<u32>) -> Option<Self> {
+        (n >= 1 && vals.len() == seen.len() * n).then_some(Windows { n, vals, seen })
     }
     /// Makes room for `t` tokens.
     pub fn grow(&mut self, t: usize) {

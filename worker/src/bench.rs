@@ -159,6 +159,7 @@ pub fn measure(
             id: format!("bench-{i}"),
             prompt: prompt.to_vec(),
             resume: vec![],
+            kv: None,
             max_new_tokens: tokens,
             sampling: SamplingConfig::default(),
             stops: vec![],

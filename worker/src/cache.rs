@@ -241,6 +241,26 @@ impl SeqCache {
         self.inner.observe_rows(layer, q, n_q).map_err(kv_err)
     }
 
+    /// The whole cache as bytes, to move the sequence to another worker
+    /// ([`QaqCache::snapshot`]: between steps only, not for the KIVI baseline).
+    pub fn snapshot(&self) -> Result<Vec<u8>, KvError> {
+        self.inner.snapshot().map_err(kv_err)
+    }
+
+    /// A cache rebuilt from [`SeqCache::snapshot`]'s bytes, under `choice` (which must
+    /// be the policy it was taken under).
+    pub fn restore(shape: &KvShape, choice: &PolicyChoice, bytes: &[u8]) -> Result<Self, KvError> {
+        let inner = QaqCache::restore(cache_config(shape), choice.policy, bytes).map_err(kv_err)?;
+        Ok(Self {
+            inner,
+            label: choice.label.clone(),
+            backups: choice.uses_host_backups(),
+            n_layers: shape.n_layers,
+            to_host_bytes: 0,
+            step_peak_bytes: 0,
+        })
+    }
+
     /// Final statistics.
     pub fn summary(&self) -> KvSummary {
         let s = self.inner.stats();

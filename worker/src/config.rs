@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests may run before being aborted.
     #[arg(long, env = "QAQ_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+    /// When the grace runs out, how long the KV caches of the aborted requests stay
+    /// parked for their next worker to pull (Worker.ExportKv), the worker waiting
+    /// that long at most before it exits; 0: none is parked, they are prefilled again.
+    #[arg(long, env = "QAQ_KV_PARK_MS", default_value_t = 30_000)]
+    pub kv_park_ms: u64,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -139,6 +144,7 @@ impl ServeArgs {
             self.prefill_chunk
         );
         anyhow::ensure!(self.max_waiting <= 1 << 20, "--max-waiting: must be at most 1048576");
+        anyhow::ensure!(self.kv_park_ms <= 600_000, "--kv-park-ms: must be in [0, 600000], got {}", self.kv_park_ms);
         let overrides = QaqOverrides {
             sigma_s: self.kv_sigma_s,
             sigma_x: self.kv_sigma_x,
@@ -172,6 +178,7 @@ impl ServeArgs {
                 prefill_chunk: self.prefill_chunk,
                 max_waiting: self.max_waiting,
                 budgets: Budgets { device: self.kv_device_budget_bytes, host: self.kv_host_budget_bytes },
+                park_ttl: Duration::from_millis(self.kv_park_ms),
             },
             kv_policy,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),

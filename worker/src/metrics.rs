@@ -45,6 +45,19 @@ pub const KV_BACKUP_EVICTIONS_TOTAL: &str = "qaq_worker_kv_backup_evictions_tota
 /// Sequences preempted (moved out of the device tier) (counter).
 pub const PREEMPTIONS_TOTAL: &str = "qaq_worker_preemptions_total";
 
+/// Requests migrated with their KV cache, labels `direction` (out: parked and pulled
+/// from here; in: restored here) and `outcome` (MIGRATION_OUTCOMES) (counter).
+pub const KV_MIGRATIONS_TOTAL: &str = "qaq_worker_kv_migrations_total";
+/// Snapshot bytes of migrated KV caches, label `direction` (out|in) (counter).
+pub const KV_MIGRATION_BYTES_TOTAL: &str = "qaq_worker_kv_migration_bytes_total";
+/// Bytes of KV caches parked for their next worker to pull (gauge).
+pub const KV_PARKED_BYTES: &str = "qaq_worker_kv_parked_bytes";
+
+/// `outcome` labels of KV_MIGRATIONS_TOTAL: `transferred` (the cache moved), `prefilled`
+/// (incoming: the pull or the restore failed, the tokens were prefilled instead),
+/// `expired` (outgoing: parked, never pulled).
+pub const MIGRATION_OUTCOMES: [&str; 3] = ["transferred", "prefilled", "expired"];
+
 /// Outcome labels of REQUESTS_TOTAL.
 pub const OUTCOMES: [&str; 4] = ["ok", "aborted", "error", "rejected"];
 
@@ -81,6 +94,15 @@ pub fn describe() {
     }
     for outcome in OUTCOMES {
         counter!(REQUESTS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    describe_counter!(KV_MIGRATIONS_TOTAL, "Requests migrated with their KV cache, by direction and outcome");
+    describe_counter!(KV_MIGRATION_BYTES_TOTAL, Unit::Bytes, "Snapshot bytes of migrated KV caches, by direction");
+    describe_gauge!(KV_PARKED_BYTES, Unit::Bytes, "Bytes of KV caches parked for their next worker");
+    for (direction, outcomes) in [("out", ["transferred", "expired"]), ("in", ["transferred", "prefilled"])] {
+        counter!(KV_MIGRATION_BYTES_TOTAL, "direction" => direction).absolute(0);
+        for outcome in outcomes {
+            counter!(KV_MIGRATIONS_TOTAL, "direction" => direction, "outcome" => outcome).absolute(0);
+        }
     }
     for c in [
         KV_BACKUP_EVICTIONS_TOTAL,

@@ -44,7 +44,7 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
 /// One registration and its heartbeats; returns when the coordinator forgets
 /// this worker, errs when it cannot be reached.
 async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool) -> anyhow::Result<()> {
-    let channel = crate::tls::coordinator_endpoint(&a.coordinator, a.coordinator_tls.as_ref())?
+    let channel = crate::tls::grpc_endpoint(&a.coordinator, a.coordinator_tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -84,7 +84,7 @@ async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool)
 
 /// Leaves the cluster (best effort).
 pub async fn deregister(a: &Announcement) {
-    let Ok(ep) = crate::tls::coordinator_endpoint(&a.coordinator, a.coordinator_tls.as_ref()) else { return };
+    let Ok(ep) = crate::tls::grpc_endpoint(&a.coordinator, a.coordinator_tls.as_ref()) else { return };
     let Ok(channel) = ep.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(2)).connect().await else {
         return;
     };

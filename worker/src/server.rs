@@ -41,6 +41,7 @@ pub async fn run(
         model.clone(),
         engine.clone(),
         draining.clone(),
+        Arc::new(cfg.tls.clone()),
     );
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -91,6 +92,28 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // What the grace did not finish is parked (its KV cache kept for the next worker,
+    // which the coordinator names when it migrates the request) and ended; the gRPC
+    // server keeps serving Worker.ExportKv until every parked cache is pulled or expired.
+    let l = engine.load();
+    if l.running() + l.waiting() > 0 {
+        match engine.park_all().await {
+            Ok(n) if n > 0 => {
+                let parked = engine.parked();
+                let until = Instant::now() + parked.ttl();
+                tracing::info!(
+                    parked = n,
+                    window_ms = parked.ttl().as_millis() as u64,
+                    "KV caches parked for migration"
+                );
+                while parked.pending() > 0 && Instant::now() < until {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "parking the KV caches failed"),
+        }
     }
     if let Some(h) = heartbeats {
         h.abort();

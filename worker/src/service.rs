@@ -1,24 +1,38 @@
 //! The worker's gRPC service (`qaq.v1.Worker`): validates and tokenizes
-//! requests, hands them to the engine and streams its events back.
+//! requests, hands them to the engine and streams its events back. A migrated
+//! request that names its previous worker (`kv_source_address`) has its KV cache
+//! pulled from there (Worker.ExportKv) and restored instead of prefilled again;
+//! this worker serves its own parked caches the same way.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
+use metrics::counter;
+use qaq_proto::v1::worker_client::WorkerClient;
 use qaq_proto::v1::worker_server::Worker;
 use qaq_proto::v1::{
-    AbortRequest, AbortResponse, DrainRequest, DrainResponse, FinishReason, GenerateResponse, KvStats, ModelInfo,
-    StatsRequest, StatsResponse, SubmitRequest, Usage, WorkerLoad,
+    AbortRequest, AbortResponse, DrainRequest, DrainResponse, ExportKvRequest, FinishReason, GenerateResponse, KvChunk,
+    KvStats, ModelInfo, StatsRequest, StatsResponse, SubmitRequest, Usage, WorkerLoad,
 };
 use qaq_proto::validate;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::cache::{self, PolicyChoice, QaqOverrides};
+use crate::cache::{self, PolicyChoice, QaqOverrides, SeqCache};
 use crate::engine::{EngineHandle, Event, Finish, Job, SamplingConfig};
-use crate::model::LoadedModel;
+use crate::metrics as m;
+use crate::model::{KvCache, LoadedModel};
+use crate::tls::TlsConfig;
+
+/// Bytes per Worker.ExportKv message.
+pub const KV_CHUNK_BYTES: usize = 1 << 20;
+/// How long pulling a migrated request's KV cache may take before the worker prefills.
+const KV_PULL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest `kv_source_address`.
+const MAX_ADDRESS_BYTES: usize = 256;
 
 /// The worker's KV settings, against which requests are resolved.
 #[derive(Debug)]
@@ -67,6 +81,31 @@ impl KvSettings {
     }
 }
 
+/// The cache `pulled` from a request's previous worker, restored, when it is of the
+/// request's policy and holds a strict prefix of its tokens (`all`: prompt, then resumed).
+fn restore_kv(model: &LoadedModel, policy: &PolicyChoice, all: &[u32], pulled: PulledKv) -> Result<SeqCache, String> {
+    if pulled.policy != policy.label {
+        return Err(format!("its policy {:?} is not the request's {:?}", pulled.policy, policy.label));
+    }
+    let n = pulled.tokens.len();
+    if n == 0 || n >= all.len() || pulled.tokens[..] != all[..n] {
+        return Err(format!("its {n} tokens are not a strict prefix of the request's {} tokens", all.len()));
+    }
+    let kv = SeqCache::restore(&model.model.kv_shape(), policy, &pulled.bytes).map_err(|e| e.to_string())?;
+    if kv.len() != n {
+        return Err(format!("it holds {} tokens, announced {n}", kv.len()));
+    }
+    Ok(kv)
+}
+
+/// A KV cache pulled from a request's previous worker.
+#[derive(Debug)]
+struct PulledKv {
+    tokens: Vec<u32>,
+    policy: String,
+    bytes: Vec<u8>,
+}
+
 /// Shared state of the service (cheap to clone).
 #[derive(Clone)]
 pub struct WorkerService {
@@ -76,6 +115,8 @@ pub struct WorkerService {
     model: Arc<LoadedModel>,
     engine: Arc<EngineHandle>,
     draining: Arc<AtomicBool>,
+    /// For dialing other workers (KV migration).
+    tls: Arc<TlsConfig>,
 }
 
 impl std::fmt::Debug for WorkerService {
@@ -92,8 +133,62 @@ impl WorkerService {
         model: Arc<LoadedModel>,
         engine: Arc<EngineHandle>,
         draining: Arc<AtomicBool>,
+        tls: Arc<TlsConfig>,
     ) -> Self {
-        Self { worker_id, max_batch, kv, model, engine, draining }
+        Self { worker_id, max_batch, kv, model, engine, draining, tls }
+    }
+
+    /// Pulls request `id`'s parked KV cache from the worker at `addr`.
+    async fn pull_kv(&self, addr: &str, id: &str) -> anyhow::Result<PulledKv> {
+        let channel = self.tls.peer_endpoint(addr)?.connect_timeout(Duration::from_secs(5)).connect().await?;
+        let mut client = WorkerClient::new(channel).max_decoding_message_size(2 * KV_CHUNK_BYTES);
+        let mut stream = client.export_kv(ExportKvRequest { request_id: id.to_string() }).await?.into_inner();
+        let first =
+            stream.message().await?.ok_or_else(|| anyhow::anyhow!("the stream ended before its first chunk"))?;
+        // A cache larger than both tiers could not run here anyway.
+        let b = self.engine.budgets();
+        let cap = b.device.saturating_add(b.host);
+        anyhow::ensure!(first.total_bytes <= cap, "{} bytes exceed the KV budgets ({cap} bytes)", first.total_bytes);
+        let total = first.total_bytes as usize;
+        let mut bytes = Vec::with_capacity(total);
+        bytes.extend_from_slice(&first.data);
+        while let Some(c) = stream.message().await? {
+            anyhow::ensure!(bytes.len() + c.data.len() <= total, "more than the announced {total} bytes");
+            bytes.extend_from_slice(&c.data);
+        }
+        anyhow::ensure!(bytes.len() == total, "{} of the announced {total} bytes arrived", bytes.len());
+        Ok(PulledKv { tokens: first.token_ids, policy: first.kv_policy, bytes })
+    }
+
+    /// A migrated job with the KV cache pulled from its previous worker at `source`, or
+    /// as it is (to be prefilled) when the pull or the restore fails.
+    async fn migrate_kv(&self, mut job: Job, source: &str) -> Job {
+        let pulled = match tokio::time::timeout(KV_PULL_TIMEOUT, self.pull_kv(source, &job.id)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("no answer within {KV_PULL_TIMEOUT:?}")),
+        };
+        let bytes = pulled.as_ref().map_or(0, |p| p.bytes.len() as u64);
+        let (model, policy) = (self.model.clone(), job.policy.clone());
+        let all: Vec<u32> = job.prompt.iter().chain(&job.resume).copied().collect();
+        // Restoring a long context's cache is CPU work: off the async threads.
+        let restored = tokio::task::spawn_blocking(move || {
+            pulled.map_err(|e| format!("pulling it failed: {e:#}")).and_then(|p| restore_kv(&model, &policy, &all, p))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the restore task failed: {e}")));
+        let outcome = restored.map(|kv| job.kv = Some(kv));
+        match outcome {
+            Ok(()) => {
+                tracing::info!(id = %job.id, from = %source, bytes, "KV cache migrated in");
+                counter!(m::KV_MIGRATIONS_TOTAL, "direction" => "in", "outcome" => "transferred").increment(1);
+                counter!(m::KV_MIGRATION_BYTES_TOTAL, "direction" => "in").increment(bytes);
+            }
+            Err(e) => {
+                tracing::warn!(id = %job.id, from = %source, error = %e, "KV cache not migrated: prefilling instead");
+                counter!(m::KV_MIGRATIONS_TOTAL, "direction" => "in", "outcome" => "prefilled").increment(1);
+            }
+        }
+        job
     }
 
     /// The model as announced to the coordinator.
@@ -211,6 +306,7 @@ impl WorkerService {
             id: r.request_id,
             prompt,
             resume: req.resume_token_ids,
+            kv: None,
             max_new_tokens: max_new,
             sampling,
             stops: r.stop,
@@ -317,17 +413,52 @@ impl Worker for WorkerService {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("worker is draining"));
         }
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        let source = std::mem::take(&mut req.kv_source_address);
+        if source.len() > MAX_ADDRESS_BYTES || source.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(Status::invalid_argument(format!(
+                "kv_source_address: must be host:port of a worker (at most {MAX_ADDRESS_BYTES} bytes, no spaces)"
+            )));
+        }
         // Tokenizing a long prompt is CPU work: keep it off the async threads.
         let this = self.clone();
-        let (job, rx) = tokio::task::spawn_blocking(move || this.prepare(req))
+        let (mut job, rx) = tokio::task::spawn_blocking(move || this.prepare(req))
             .await
             .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))??;
+        if !source.is_empty() && !job.resume.is_empty() {
+            job = self.migrate_kv(job, &source).await;
+        }
         let id = job.id.clone();
         self.engine.submit(job).map_err(|e| Status::unavailable(e.to_string()))?;
         let stream =
             EventStream { id, worker_id: self.worker_id.clone(), rx, engine: self.engine.clone(), done: false };
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ExportKvStream = Pin<Box<dyn Stream<Item = Result<KvChunk, Status>> + Send>>;
+
+    async fn export_kv(&self, request: Request<ExportKvRequest>) -> Result<Response<Self::ExportKvStream>, Status> {
+        let id = request.into_inner().request_id;
+        validate::id("request_id", &id)?;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("request_id: must be set"));
+        }
+        let p = self.engine.parked().take(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "request_id: no KV cache is parked under {id:?} (never parked, expired or taken)"
+            ))
+        })?;
+        counter!(m::KV_MIGRATIONS_TOTAL, "direction" => "out", "outcome" => "transferred").increment(1);
+        counter!(m::KV_MIGRATION_BYTES_TOTAL, "direction" => "out").increment(p.bytes.len() as u64);
+        let mut chunks: Vec<KvChunk> =
+            p.bytes.chunks(KV_CHUNK_BYTES).map(|c| KvChunk { data: c.to_vec(), ..Default::default() }).collect();
+        if chunks.is_empty() {
+            chunks.push(KvChunk::default());
+        }
+        chunks[0].total_bytes = p.bytes.len() as u64;
+        chunks[0].token_ids = p.tokens;
+        chunks[0].kv_policy = p.policy;
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks.into_iter().map(Ok)))))
     }
 
     async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {

@@ -24,6 +24,10 @@ pub struct TlsArgs {
     /// Server name expected in the coordinator's certificate (default: the host of --coordinator).
     #[arg(long, env = "QAQ_COORDINATOR_TLS_DOMAIN", requires = "coordinator_ca")]
     pub coordinator_tls_domain: Option<String>,
+    /// PEM CA certificate of the other workers: pull migrated KV caches from workers that
+    /// serve TLS (verified against this CA, server name = the host of their address).
+    #[arg(long, env = "QAQ_PEER_TLS_CA")]
+    pub peer_ca: Option<PathBuf>,
 }
 
 /// Validated TLS settings.
@@ -32,6 +36,7 @@ pub struct TlsConfig {
     server: Option<(Vec<u8>, Vec<u8>)>,
     coordinator_ca: Option<Vec<u8>>,
     coordinator_domain: Option<String>,
+    peer_ca: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -40,6 +45,7 @@ impl fmt::Debug for TlsConfig {
             .field("server", &self.server.as_ref().map(|_| "<cert and redacted key>"))
             .field("coordinator_ca", &self.coordinator_ca.is_some())
             .field("coordinator_domain", &self.coordinator_domain)
+            .field("peer_ca", &self.peer_ca.is_some())
             .finish()
     }
 }
@@ -58,7 +64,8 @@ impl TlsArgs {
             _ => None,
         };
         let coordinator_ca = self.coordinator_ca.as_deref().map(|p| read_pem("--coordinator-ca", p)).transpose()?;
-        Ok(TlsConfig { server, coordinator_ca, coordinator_domain: self.coordinator_tls_domain.clone() })
+        let peer_ca = self.peer_ca.as_deref().map(|p| read_pem("--peer-ca", p)).transpose()?;
+        Ok(TlsConfig { server, coordinator_ca, coordinator_domain: self.coordinator_tls_domain.clone(), peer_ca })
     }
 }
 
@@ -76,6 +83,17 @@ impl TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// The endpoint of another worker at `addr` (a KV migration's source): TLS verified
+    /// against `--peer-ca` when given, plaintext otherwise.
+    pub fn peer_endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
+        let tls = self.peer_ca.as_ref().map(|ca| {
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host_of(addr).to_string())
+        });
+        grpc_endpoint(addr, tls.as_ref())
+    }
+}
+
 /// The host part of `host:port`, `[v6]:port` or a URI.
 pub fn host_of(addr: &str) -> &str {
     let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
@@ -86,8 +104,9 @@ pub fn host_of(addr: &str) -> &str {
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
-/// The endpoint of the coordinator: `https://` with `tls`, else as given.
-pub fn coordinator_endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
+/// The endpoint of a gRPC server (the coordinator, another worker): `https://` with `tls`,
+/// else as given.
+pub fn grpc_endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
     let Some(tls) = tls else { return Ok(qaq_proto::client::endpoint(addr)?) };
     let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
     Ok(Endpoint::from_shared(format!("https://{rest}"))?.tls_config(tls.clone())?)
@@ -102,9 +121,9 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:50051"), "127.0.0.1");
         assert_eq!(host_of("https://coord.local:1/x"), "coord.local");
         assert_eq!(host_of("[::1]:5"), "::1");
-        let e = coordinator_endpoint("127.0.0.1:5", None).unwrap();
+        let e = grpc_endpoint("127.0.0.1:5", None).unwrap();
         assert_eq!(e.uri().scheme_str(), Some("http"));
-        let e = coordinator_endpoint("http://127.0.0.1:5", Some(&ClientTlsConfig::new())).unwrap();
+        let e = grpc_endpoint("http://127.0.0.1:5", Some(&ClientTlsConfig::new())).unwrap();
         assert_eq!(e.uri().scheme_str(), Some("https"));
     }
 

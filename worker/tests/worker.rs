@@ -190,6 +190,7 @@ fn job_with(
         id: id.into(),
         prompt,
         resume: vec![],
+        kv: None,
         max_new_tokens: max_new,
         sampling: SamplingConfig::default(),
         stops,
@@ -445,7 +446,7 @@ fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
                 kv_policy: policy,
                 ..Default::default()
             }),
-            resume_token_ids: vec![],
+            ..Default::default()
         };
         let pol = |s: &str| Some(KvPolicy { policy: s.into(), ..Default::default() });
         let e = c.submit(submit("Hello".into(), pol("bogus:3"))).await.unwrap_err();
@@ -476,3 +477,60 @@ fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
 
 #[path = "worker/eval.rs"]
 mod eval;
+
+/// KV migration at the edges, over the worker's gRPC service: ExportKv of nothing
+/// parked is NOT_FOUND, a bad id or source address is INVALID_ARGUMENT naming the
+/// field, and a migrated request whose source cannot be reached is prefilled instead
+/// and still produces exactly the unmigrated tokens (fp16: prefill and decode agree).
+#[test]
+fn kv_migration_edges_are_clear_errors_or_a_prefill() {
+    use qaq_proto::v1::{ExportKvRequest, GenerateRequest, KvPolicy, SubmitRequest, worker_client::WorkerClient};
+    let (rt, addr, stop) = serve(&["--kv-park-ms", "1000"]);
+    assert!(serve_config(&["--kv-park-ms", "600001"]).unwrap_err().to_string().contains("--kv-park-ms"));
+    rt.block_on(async {
+        let mut c = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
+        let e = c.export_kv(ExportKvRequest { request_id: "nope".into() }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("request_id"), "{e:?}");
+        for bad in ["", "a b"] {
+            let e = c.export_kv(ExportKvRequest { request_id: bad.into() }).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+            assert!(e.message().starts_with("request_id"), "{e:?}");
+        }
+        let request = |id: &str| GenerateRequest {
+            prompt: "The capital of France is".into(),
+            max_new_tokens: Some(8),
+            ignore_eos: true,
+            request_id: id.into(),
+            kv_policy: Some(KvPolicy { policy: "fp16".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let collect = |mut s: tonic::Streaming<qaq_proto::v1::GenerateResponse>| async move {
+            let mut ids = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                ids.extend(m.token_ids);
+            }
+            ids
+        };
+        let submit = SubmitRequest { request: Some(request("r-ref")), ..Default::default() };
+        let all = collect(c.submit(submit).await.unwrap().into_inner()).await;
+        assert_eq!(all.len(), 8);
+        let bad = SubmitRequest {
+            request: Some(request("r-bad")),
+            resume_token_ids: all[..3].to_vec(),
+            kv_source_address: "127.0.0.1:1 x".into(),
+        };
+        let e = c.submit(bad).await.map(|_| ()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("kv_source_address"), "{e:?}");
+        // Nobody listens on port 1: the pull fails and the tokens are prefilled.
+        let moved = SubmitRequest {
+            request: Some(request("r-moved")),
+            resume_token_ids: all[..3].to_vec(),
+            kv_source_address: "127.0.0.1:1".into(),
+        };
+        let rest = collect(c.submit(moved).await.unwrap().into_inner()).await;
+        assert_eq!(rest, all[3..], "a migrated request continues with the unmigrated tokens");
+    });
+    let _ = stop.send(());
+}

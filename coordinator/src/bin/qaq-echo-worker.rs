@@ -17,8 +17,9 @@ use futures::Stream;
 use qaq_proto::v1::registry_client::RegistryClient;
 use qaq_proto::v1::worker_server::{Worker, WorkerServer};
 use qaq_proto::v1::{
-    AbortRequest, AbortResponse, DrainRequest, DrainResponse, FinishReason, GenerateResponse, HeartbeatRequest,
-    ModelInfo, RegisterRequest, StatsRequest, StatsResponse, SubmitRequest, Usage, WorkerLoad,
+    AbortRequest, AbortResponse, DrainRequest, DrainResponse, ExportKvRequest, FinishReason, GenerateResponse,
+    HeartbeatRequest, KvChunk, ModelInfo, RegisterRequest, StatsRequest, StatsResponse, SubmitRequest, Usage,
+    WorkerLoad,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -88,12 +89,13 @@ type EchoStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + 
 #[tonic::async_trait]
 impl Worker for Echo {
     type SubmitStream = EchoStream;
+    type ExportKvStream = futures::stream::Empty<Result<KvChunk, Status>>;
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<EchoStream>, Status> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("worker is draining"));
         }
-        let SubmitRequest { request, resume_token_ids } = request.into_inner();
+        let SubmitRequest { request, resume_token_ids, .. } = request.into_inner();
         let r = request.ok_or_else(|| Status::invalid_argument("request: must be set"))?;
         let text = if r.messages.is_empty() {
             r.prompt.clone()
@@ -161,6 +163,10 @@ impl Worker for Echo {
     async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
         self.draining.store(true, Ordering::Relaxed);
         Ok(Response::new(DrainResponse { in_flight: self.running.load(Ordering::Relaxed) }))
+    }
+
+    async fn export_kv(&self, _: Request<ExportKvRequest>) -> Result<Response<Self::ExportKvStream>, Status> {
+        Err(Status::not_found("the echo worker keeps no KV caches"))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Failover, drain and shutdown with real workers: kill -9 mid-run (every
 //! admitted request completes, greedy output unchanged), SIGTERM drain of a
-//! worker under load, SIGTERM of the coordinator, lease expiry and
+//! worker under load, migration of the KV caches a drain parks (QAQ output
+//! unchanged, no second prefill), SIGTERM of the coordinator, lease expiry and
 //! re-registration of a paused worker.
 
 use std::sync::Arc;
@@ -22,6 +23,12 @@ fn dense(prompt: &str, n: u32) -> GenerateRequest {
     }
 }
 
+/// A greedy request under the worker's default KV policy (QAQ) that always runs `n`
+/// tokens.
+fn qaq(prompt: &str, n: u32) -> GenerateRequest {
+    GenerateRequest { kv_policy: None, ..dense(prompt, n) }
+}
+
 /// What one stream produced.
 #[derive(Debug, Default)]
 struct Run {
@@ -29,6 +36,7 @@ struct Run {
     workers: Vec<String>,
     finish: i32,
     completion_tokens: u32,
+    prompt_tokens: u32,
 }
 
 /// Per stream: (current worker, tokens so far, finished).
@@ -59,6 +67,7 @@ async fn run_tracked(
         if m.finish_reason != 0 {
             r.finish = m.finish_reason;
             r.completion_tokens = m.usage.map_or(0, |u| u.completion_tokens);
+            r.prompt_tokens = m.usage.map_or(0, |u| u.prompt_tokens);
         }
     }
     Ok(r)
@@ -214,6 +223,61 @@ async fn sigterm_drain_under_load_fails_no_request() {
     // w2 keeps serving.
     let r = run(client.clone(), dense("Hello", 4), streamed.clone()).await.unwrap();
     assert_eq!(r.workers, ["w2"]);
+}
+
+/// A drain out of grace parks the KV caches of its running requests; the coordinator
+/// migrates them with `kv_source_address`, and the next worker restores the caches
+/// instead of prefilling prompt and tokens again. With QAQ, whose widths depend on the
+/// cache's whole history, only an exact transfer reproduces the unmigrated greedy output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_migrates_qaq_kv_caches_and_the_output_is_unchanged() {
+    const STREAMS: usize = 4;
+    const MAX: u32 = 40;
+    let _serial = SERIAL.lock().await;
+    let opts = Opts { worker_args: vec!["--shutdown-grace-ms".into(), "50".into()], ..Opts::new(2, 1500) };
+    let mut cluster = TestCluster::start_with(opts).await;
+    let client = cluster.client().await;
+    let streamed = Arc::new(AtomicU32::new(0));
+    // The unmigrated outputs, one request at a time.
+    let mut want = Vec::new();
+    for i in 0..STREAMS {
+        want.push(run(client.clone(), qaq(&prompt(i), MAX), streamed.clone()).await.unwrap().tokens);
+    }
+    let before = cluster.worker_metrics(1).await;
+    let prefilled_before = metric(&before, "qaq_worker_prompt_tokens_total");
+    let progress: Progress = Arc::new(std::sync::Mutex::new(vec![(String::new(), 0, false); STREAMS]));
+    let tasks: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (c, req, s, p) = (client.clone(), qaq(&prompt(i), MAX), streamed.clone(), progress.clone());
+            tokio::spawn(run_tracked(c, req, s, Some((p, i))))
+        })
+        .collect();
+    busiest_streaming_worker(&progress, Some("w1"), 1, 4).await;
+    cluster.workers[0].terminate().expect("SIGTERM w1");
+    let (mut moved, mut fresh_prompts) = (Vec::new(), 0u32);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap().unwrap_or_else(|e| panic!("stream {i} failed during the drain: {e:?}"));
+        assert_eq!((r.finish, r.completion_tokens), (FinishReason::Length as i32, MAX), "stream {i}: {r:?}");
+        assert_eq!(r.tokens, want[i], "stream {i} (workers {:?}): output changed", r.workers);
+        match r.workers.as_slice() {
+            [w] if w == "w2" => fresh_prompts += r.prompt_tokens,
+            [_, _] => moved.push(i),
+            other => assert_eq!(other, ["w1"], "stream {i}"),
+        }
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(40), cluster.workers[0].wait()).await.expect("w1 exits");
+    assert!(exit.unwrap().success(), "w1 exits 0 after its drain");
+    let text = cluster.worker_metrics(1).await;
+    eprintln!("drain: streams {moved:?} moved with their KV caches");
+    assert!(!moved.is_empty(), "a 50 ms grace cannot finish {MAX} tokens: some streams must have moved");
+    let series = |o: &str| format!("qaq_worker_kv_migrations_total{{direction=\"in\",outcome=\"{o}\"}}");
+    assert_eq!(metric(&text, &series("transferred")), moved.len() as f64, "{text}");
+    assert_eq!(metric(&text, &series("prefilled")), 0.0);
+    assert!(metric(&text, "qaq_worker_kv_migration_bytes_total{direction=\"in\"}") > 0.0);
+    // w2 prefilled the prompts of the streams it started, and of each moved stream only
+    // the one token its restored cache had not seen yet (not its prompt and tokens again).
+    let prefilled = metric(&text, "qaq_worker_prompt_tokens_total") - prefilled_before;
+    assert_eq!(prefilled, (fresh_prompts as usize + moved.len()) as f64, "prompt tokens prefilled on w2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

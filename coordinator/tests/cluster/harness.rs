@@ -239,14 +239,23 @@ pub async fn wait_load_on(c: &mut WorkerClient<Channel>, f: impl Fn(&WorkerLoad)
 impl TestCluster {
     /// The coordinator's /metrics text.
     pub async fn metrics(&self) -> String {
-        let addr = self.coordinator.ready.get("metrics").expect("metrics= in READY line");
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await.unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).await.unwrap();
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        text
+        scrape(self.coordinator.ready.get("metrics").expect("metrics= in READY line")).await
     }
+
+    /// Worker `i`'s /metrics text.
+    pub async fn worker_metrics(&self, i: usize) -> String {
+        scrape(self.workers[i].ready.get("metrics").expect("metrics= in the worker's READY line")).await
+    }
+}
+
+/// The /metrics text served at `addr`.
+async fn scrape(addr: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
 }
 
 async fn load_of(c: &mut WorkerClient<Channel>) -> WorkerLoad {

@@ -13,6 +13,7 @@
 mod abort;
 pub mod memory;
 pub mod output;
+pub mod park;
 pub mod sampling;
 mod state;
 
@@ -26,6 +27,7 @@ use crate::cache::PolicyChoice;
 use crate::model::LoadedModel;
 use abort::{Aborts, Ticket};
 pub use memory::Budgets;
+use park::ParkedKv;
 pub use sampling::SamplingConfig;
 use state::EngineState;
 
@@ -40,10 +42,15 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// KV memory budgets.
     pub budgets: Budgets,
+    /// How long a parked KV cache waits for its next worker ([`EngineHandle::park_all`];
+    /// zero: nothing is parked, migrated requests are prefilled again).
+    pub park_ttl: std::time::Duration,
 }
 
 /// Default device-tier budget (bytes).
 pub const DEFAULT_DEVICE_BUDGET: u64 = 1 << 30;
+/// Default time a parked KV cache waits for its next worker.
+pub const DEFAULT_PARK_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Default host-tier budget (bytes).
 pub const DEFAULT_HOST_BUDGET: u64 = 4 << 30;
 
@@ -54,6 +61,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             max_waiting: 256,
             budgets: Budgets { device: DEFAULT_DEVICE_BUDGET, host: DEFAULT_HOST_BUDGET },
+            park_ttl: DEFAULT_PARK_TTL,
         }
     }
 }
@@ -105,6 +113,9 @@ pub struct Job {
     pub prompt: Vec<u32>,
     /// Tokens generated earlier elsewhere (migration), fed after the prompt.
     pub resume: Vec<u32>,
+    /// A cache restored from the request's previous worker (migration), holding the
+    /// first tokens of `prompt` + `resume`: they are not prefilled again.
+    pub kv: Option<crate::cache::SeqCache>,
     /// Most tokens to generate, `resume` included.
     pub max_new_tokens: u32,
     pub sampling: SamplingConfig,
@@ -141,6 +152,8 @@ pub struct Load {
 
 enum Command {
     Submit(Box<Job>, Ticket),
+    /// Park every sequence's cache and end the sequences; reply with how many parked.
+    Park(tokio::sync::oneshot::Sender<usize>),
     Shutdown,
 }
 
@@ -161,6 +174,7 @@ pub struct EngineHandle {
     aborts: Arc<Aborts>,
     load: Arc<Load>,
     budgets: Budgets,
+    parked: Arc<ParkedKv>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -171,11 +185,27 @@ impl EngineHandle {
         let load = Arc::new(Load::default());
         let l = load.clone();
         let budgets = cfg.budgets;
+        let parked = Arc::new(ParkedKv::new(cfg.park_ttl));
+        let p = parked.clone();
         let thread = std::thread::Builder::new()
             .name("qaq-engine".into())
-            .spawn(move || run(EngineState::new(model, cfg, l), rx))
+            .spawn(move || run(EngineState::new(model, cfg, l), rx, p))
             .expect("spawning the engine thread");
-        Self { tx, aborts: Arc::default(), load, budgets, thread: Some(thread) }
+        Self { tx, aborts: Arc::default(), load, budgets, parked, thread: Some(thread) }
+    }
+
+    /// Ends every request, parking the KV cache of each one that had started (for its
+    /// next worker to pull through Worker.ExportKv; a drain out of grace). Returns how
+    /// many were parked.
+    pub async fn park_all(&self) -> Result<usize, EngineError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Command::Park(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// The parked KV caches.
+    pub fn parked(&self) -> &Arc<ParkedKv> {
+        &self.parked
     }
 
     /// Queues a job.
@@ -222,7 +252,7 @@ impl Drop for EngineHandle {
     }
 }
 
-fn run(mut st: EngineState, rx: mpsc::Receiver<Command>) {
+fn run(mut st: EngineState, rx: mpsc::Receiver<Command>, parked: Arc<ParkedKv>) {
     loop {
         // Block only when idle; otherwise take what has arrived and step.
         let first = if st.is_idle() {
@@ -236,6 +266,9 @@ fn run(mut st: EngineState, rx: mpsc::Receiver<Command>) {
         for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match cmd {
                 Command::Submit(job, ticket) => st.submit(*job, ticket),
+                Command::Park(reply) => {
+                    let _ = reply.send(st.park_all(&parked));
+                }
                 Command::Shutdown => {
                     st.abort_all();
                     return;

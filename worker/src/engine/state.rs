@@ -90,6 +90,35 @@ impl EngineState {
         }
     }
 
+    /// Ends every request; the caches of those that have generated tokens are parked in
+    /// `parked` first (unless its TTL is zero), under the request id with the tokens
+    /// they hold.
+    /// Returns how many were parked.
+    pub fn park_all(&mut self, parked: &super::park::ParkedKv) -> usize {
+        for (job, _) in std::mem::take(&mut self.waiting) {
+            abort_waiting(job);
+        }
+        let seqs: Vec<Seq> = self.running.drain(..).chain(self.preempted.drain(..)).collect();
+        let mut n = 0;
+        for seq in seqs {
+            // Only a request that has streamed tokens is migrated with them (before its
+            // first token it is simply retried), so only its cache is worth parking.
+            if !parked.ttl().is_zero() && seq.generated > 0 && seq.kv.len() > 0 && !gone(&seq.job, &seq.ticket) {
+                match seq.kv.snapshot() {
+                    Ok(bytes) => {
+                        let tokens = seq.tokens[..seq.kv.len()].to_vec();
+                        tracing::info!(id = %seq.job.id, tokens = tokens.len(), bytes = bytes.len(), "KV cache parked");
+                        parked.put(seq.job.id.clone(), tokens, seq.job.policy.label.clone(), bytes);
+                        n += 1;
+                    }
+                    Err(e) => tracing::warn!(id = %seq.job.id, error = %e, "KV cache not parked"),
+                }
+            }
+            self.finish(seq, Finish::Aborted, String::new(), vec![]);
+        }
+        n
+    }
+
     pub fn abort_all(&mut self) {
         for (job, _) in std::mem::take(&mut self.waiting) {
             abort_waiting(job);
@@ -155,12 +184,15 @@ impl EngineState {
         }
     }
 
-    fn start(&mut self, job: Job, ticket: Ticket) -> Option<Seq> {
+    fn start(&mut self, mut job: Job, ticket: Ticket) -> Option<Seq> {
         if !ticket.admit() {
             abort_waiting(job);
             return None;
         }
-        let kv = match SeqCache::new(&self.model.model.kv_shape(), &job.policy) {
+        // A restored cache must leave at least one token to feed (the service checks).
+        let n_tokens = job.prompt.len() + job.resume.len();
+        let restored = job.kv.take().filter(|kv| kv.len() < n_tokens).map(Ok);
+        let kv = match restored.unwrap_or_else(|| SeqCache::new(&self.model.model.kv_shape(), &job.policy)) {
             Ok(kv) => kv,
             Err(e) => {
                 let _ = job.events.send(Event::Failed(format!("kv cache: {e}")));

@@ -80,7 +80,7 @@ impl Target {
             Self::Coordinator(c) => c.clone().generate(req).await?.into_inner(),
             Self::Worker(w) => {
                 let req = GenerateRequest { request_id: uuid::Uuid::new_v4().to_string(), ..req };
-                w.clone().submit(SubmitRequest { request: Some(req), resume_token_ids: Vec::new() }).await?.into_inner()
+                w.clone().submit(SubmitRequest { request: Some(req), ..Default::default() }).await?.into_inner()
             }
         };
         while s.message().await?.is_some() {}
