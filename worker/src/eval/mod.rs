@@ -180,7 +180,8 @@ fn measure(
     }
     let results = f(&todo)?;
     for (p, (outcome, kv)) in todo.iter().zip(results) {
-        store.put(Record { task: task.into(), item: item.into(), policy: p.label.clone(), outcome, kv })?;
+        let params = store::params_of(p);
+        store.put(Record { task: task.into(), item: item.into(), policy: p.label.clone(), params, outcome, kv })?;
     }
     Ok(())
 }
@@ -235,7 +236,7 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
             })?),
         }
     }
-    let mut store = Store::open(&args.results)?;
+    let mut store = Store::open(&args.results, &policies)?;
     let mut rows = Vec::new();
 
     for task in mc_tasks {

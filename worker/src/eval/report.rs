@@ -365,6 +365,7 @@ mod tests {
             task: "t".into(),
             item: String::new(),
             policy: String::new(),
+            params: String::new(),
             outcome: Outcome::Mc { tokens: vec![1; sum_lp.len()], chars: vec![1; sum_lp.len()], sum_lp, label },
             kv: KvBytes {
                 real,

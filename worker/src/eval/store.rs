@@ -1,6 +1,12 @@
 //! Per-(task, item, policy) results, appended to a JSON-lines file as they
 //! are measured, so an interrupted evaluation resumes where it stopped and a
 //! larger `--limit` only measures the new items.
+//!
+//! A result is stored under its policy's label (`qaq-tuned`, `uniform:4`) together with
+//! the parameters that label parsed to when it was measured ([`Record::params`]). A
+//! preset whose parameters change later does not silently re-mean its stored rows: a
+//! stored result counts for a label only if its parameters are the label's current ones
+//! (results written before the parameters were recorded count as they are).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::SeqCache;
+use crate::cache::{PolicyChoice, SeqCache};
 
 /// What a cache really stored (summable over caches). Widths count raw fp16
 /// groups as 16 bits.
@@ -92,8 +98,18 @@ pub struct Record {
     pub task: String,
     pub item: String,
     pub policy: String,
+    /// The parameters `policy` parsed to when this was measured ([`params_of`]); empty
+    /// in results written before they were recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub params: String,
     pub outcome: Outcome,
     pub kv: KvBytes,
+}
+
+/// The parameters of a policy as stored with its results (the parsed policy's `Debug`
+/// form: every field, so any change of a preset's meaning shows).
+pub fn params_of(p: &PolicyChoice) -> String {
+    format!("{:?}", p.policy)
 }
 
 /// The results file, loaded, and appended to.
@@ -104,9 +120,13 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if missing) `path`; a line that does not parse (an
-    /// interrupted write) is ignored with a warning.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    /// Opens (creating if missing) `path` for measuring `policies`; a line that does
+    /// not parse (an interrupted write) is ignored with a warning, and so is a result
+    /// of one of `policies`' labels measured under other parameters (it is measured
+    /// again).
+    pub fn open(path: &Path, policies: &[PolicyChoice]) -> anyhow::Result<Self> {
+        let current: HashMap<&str, String> = policies.iter().map(|p| (p.label.as_str(), params_of(p))).collect();
+        let mut stale: HashMap<String, usize> = HashMap::new();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         }
@@ -115,12 +135,22 @@ impl Store {
             let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 match serde_json::from_str::<Record>(line) {
+                    Ok(r) if !r.params.is_empty() && current.get(r.policy.as_str()).is_some_and(|c| *c != r.params) => {
+                        *stale.entry(r.policy).or_default() += 1;
+                    }
                     Ok(r) => {
                         map.insert((r.task.clone(), r.item.clone(), r.policy.clone()), r);
                     }
                     Err(e) => tracing::warn!("{}:{}: skipped unreadable result ({e})", path.display(), i + 1),
                 }
             }
+        }
+        for (label, n) in stale {
+            tracing::warn!(
+                "{}: {n} results of {label:?} were measured under other parameters than {label:?} has now; \
+                 ignored (relabel them to keep them)",
+                path.display()
+            );
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -163,29 +193,61 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("qaq-eval-store-{}", std::process::id()));
         let path = dir.join("r.jsonl");
         let _ = std::fs::remove_file(&path);
+        let qaq = PolicyChoice::parse("qaq").unwrap();
         let rec = Record {
             task: "piqa".into(),
             item: "7".into(),
             policy: "qaq".into(),
+            params: params_of(&qaq),
             outcome: Outcome::Mc { sum_lp: vec![-1.5, -2.0], tokens: vec![3, 4], chars: vec![10, 12], label: 0 },
             kv: KvBytes { real: 10, fp16: 40, ..Default::default() },
         };
         {
-            let mut s = Store::open(&path).unwrap();
+            let mut s = Store::open(&path, std::slice::from_ref(&qaq)).unwrap();
             assert!(s.get("piqa", "7", "qaq").is_none());
             s.put(rec.clone()).unwrap();
         }
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"task\": trunc").unwrap();
-        let mut s = Store::open(&path).unwrap();
+        let mut s = Store::open(&path, std::slice::from_ref(&qaq)).unwrap();
         assert_eq!(s.get("piqa", "7", "qaq"), Some(&rec));
         let other = Record { item: "8".into(), ..rec.clone() };
         s.put(other.clone()).unwrap();
         drop(s);
-        let s = Store::open(&path).unwrap();
+        let s = Store::open(&path, &[]).unwrap();
         assert_eq!(s.get("piqa", "8", "qaq"), Some(&other));
         let pols = vec!["qaq".to_string(), "fp16".to_string()];
         assert_eq!(s.missing("piqa", "7", &pols), vec![&pols[1]]);
         assert_eq!(rec.kv.ratio(), 4.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn results_of_a_label_whose_parameters_changed_are_measured_again() {
+        let dir = std::env::temp_dir().join(format!("qaq-eval-store-params-{}", std::process::id()));
+        let path = dir.join("r.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let old = PolicyChoice::parse("qaq:sigma_s=0.01").unwrap();
+        let rec = |item: &str, params: String| Record {
+            task: "piqa".into(),
+            item: item.into(),
+            policy: "preset".into(),
+            params,
+            outcome: Outcome::Ppl { nll: 1.0, tokens: 1 },
+            kv: KvBytes::default(),
+        };
+        {
+            let mut s = Store::open(&path, &[]).unwrap();
+            s.put(rec("1", params_of(&old))).unwrap();
+            s.put(rec("2", String::new())).unwrap();
+        }
+        // "preset" now means other parameters: its measured row no longer counts, the
+        // legacy row without parameters still does.
+        let now = PolicyChoice { label: "preset".into(), ..PolicyChoice::parse("qaq:sigma_s=0.02").unwrap() };
+        let s = Store::open(&path, std::slice::from_ref(&now)).unwrap();
+        assert!(s.get("piqa", "1", "preset").is_none());
+        assert!(s.get("piqa", "2", "preset").is_some());
+        let same = PolicyChoice { label: "preset".into(), ..old };
+        assert!(Store::open(&path, &[same]).unwrap().get("piqa", "1", "preset").is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
