@@ -173,6 +173,12 @@ impl GpuLlama {
     /// and their number of rows.
     pub(super) fn forward(&self, cpu: &Llama, items: &mut [BatchItem<'_>], all: bool) -> Result<(Vec<f32>, usize)> {
         let Plan { ids, positions, spans } = cpu.plan(items)?;
+        // The engine thread is not the one that created the context; cuBLAS needs it
+        // current on the calling thread.
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .map_err(|e| ModelError::Device(format!("binding the CUDA context: {e}")))?;
         let x = self.hidden(cpu, items, &ids, &positions, &spans)?;
         let rows: Vec<usize> =
             if all { (0..ids.len()).collect() } else { spans.iter().map(|&(off, len)| off + len - 1).collect() };
@@ -231,14 +237,18 @@ impl GpuLlama {
     fn logits(&self, cpu: &Llama, x: &CudaSlice<f32>, rows: &[usize]) -> Result<Vec<f32>> {
         let h = cpu.cfg.hidden_size;
         let m = rows.len();
-        let mut sel = self.zeros::<f32>(m * h)?;
-        let stream = self.gpu.stream();
-        for (i, &r) in rows.iter().enumerate() {
-            stream
-                .memcpy_dtod(&x.slice(r * h..(r + 1) * h), &mut sel.slice_mut(i * h..(i + 1) * h))
-                .map_err(|e| ModelError::Device(format!("selecting hidden rows: {e}")))?;
+        // Every row in order (teacher forcing): no gather.
+        let all = rows.iter().enumerate().all(|(i, &r)| i == r) && x.len() == m * h;
+        let mut sel = self.zeros::<f32>(if all { 1 } else { m * h })?;
+        if !all {
+            let stream = self.gpu.stream();
+            for (i, &r) in rows.iter().enumerate() {
+                stream
+                    .memcpy_dtod(&x.slice(r * h..(r + 1) * h), &mut sel.slice_mut(i * h..(i + 1) * h))
+                    .map_err(|e| ModelError::Device(format!("selecting hidden rows: {e}")))?;
+            }
         }
-        let hn = self.half(&self.rms_norm(cpu, &sel, &self.norm, m)?, m * h)?;
+        let hn = self.half(&self.rms_norm(cpu, if all { x } else { &sel }, &self.norm, m)?, m * h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = self.linear(head, &hn, m, None)?;
         self.gpu.download(&logits).map_err(dev).map(|mut v| {
