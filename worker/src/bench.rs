@@ -5,6 +5,10 @@
 //!   sequence prefilled with real text, then decoded: decode tokens/s, real
 //!   device bytes per cached token, and how many sequences of 4k tokens fit
 //!   in a device budget.
+//! - Migration mode (`--contexts` with `--migration`): for each policy and context,
+//!   the prefill of real text against moving its KV cache instead (snapshot, then
+//!   restore: what a worker does on each side of Worker.ExportKv, without the
+//!   network), side by side, and the snapshot's bytes per token (the transfer).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -49,6 +53,9 @@ pub struct BenchArgs {
     /// Sequence length for the "sequences that fit" column.
     #[arg(long, default_value_t = 4096)]
     pub fit_tokens: usize,
+    /// Context mode: measure KV migration (snapshot + restore) against the prefill.
+    #[arg(long)]
+    pub migration: bool,
 }
 
 /// One measured run.
@@ -102,6 +109,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
     let ids = model.tokenizer.encode(&text)?;
     let ctx_max = model.model.config().context_length;
+    if args.migration {
+        return migration_table(&model, &policies, &args.contexts, &ids);
+    }
     println!(
         "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB |",
         args.fit_tokens,
@@ -130,6 +140,57 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 r.fp16_bytes_per_token / r.bytes_per_token,
                 r.avg_key_bits,
                 r.avg_value_bits
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Migration mode: per policy and context, the prefill of `ids` against snapshot +
+/// restore of the cache it built; the restored cache is checked to continue exactly.
+fn migration_table(
+    model: &LoadedModel,
+    policies: &[PolicyChoice],
+    contexts: &[usize],
+    ids: &[u32],
+) -> anyhow::Result<()> {
+    use crate::cache::SeqCache;
+    use crate::model::BatchItem;
+    let shape = model.model.kv_shape();
+    println!(
+        "| policy | context | prefill s | snapshot bytes/token | snapshot ms | restore ms | prefill / (snapshot + restore) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for p in policies {
+        for &c in contexts {
+            anyhow::ensure!(
+                (2..model.model.config().context_length).contains(&c) && c <= ids.len(),
+                "--contexts: {c} must be in [2, {}) and within the text",
+                model.model.config().context_length
+            );
+            let mut kv = SeqCache::new(&shape, p).map_err(|e| anyhow::anyhow!("{}: {e}", p.label))?;
+            let t0 = Instant::now();
+            for chunk in ids[..c - 1].chunks(512) {
+                model.model.forward(&mut [BatchItem { tokens: chunk, kv: &mut kv }])?;
+            }
+            let prefill = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let bytes = kv.snapshot()?;
+            let snap = t1.elapsed().as_secs_f64();
+            let t2 = Instant::now();
+            let mut moved = SeqCache::restore(&shape, p, &bytes)?;
+            let restore = t2.elapsed().as_secs_f64();
+            let next = [ids[c - 1]];
+            let a = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut kv }])?.to_vec2::<f32>()?;
+            let b = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut moved }])?.to_vec2::<f32>()?;
+            anyhow::ensure!(a == b, "{}: the restored cache does not continue exactly", p.label);
+            println!(
+                "| {} | {c} | {prefill:.2} | {:.0} | {:.1} | {:.1} | {:.0}x |",
+                p.label,
+                bytes.len() as f64 / (c - 1) as f64,
+                snap * 1e3,
+                restore * 1e3,
+                prefill / (snap + restore)
             );
         }
     }
