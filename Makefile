@@ -48,7 +48,7 @@ bench: model build
 # docs/results/results.jsonl and a rerun measures only what is missing). The
 # regression subset runs in `make test` (worker/tests/worker/eval.rs).
 EVAL_MC_LIMIT ?= 1000
-EVAL_LONG_POLICIES ?= fp16;uniform:4;uniform:3;uniform:2;kivi;qaq;qaq:sigma_s=0.0003,sigma_x=0.03,bmin=1;qaq:sigma_s=0.001,sigma_x=0.03,bmin=1;qaq:sigma_s=0.003,sigma_x=0.03,bmin=1;qaq-tuned;qaq-tuned:kwin=1;qaq-tuned:kwin=1,ktmax=0;qaq-tuned:ktmax=512;qaq-tuned:kwin=0,kscale=0,ktmax=1024;qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1;qaq-tuned:sigma_s=0.003
+EVAL_LONG_POLICIES ?= fp16;uniform:4;uniform:3;uniform:2;kivi;qaq;qaq:sigma_s=0.0003,sigma_x=0.03,bmin=1;qaq:sigma_s=0.001,sigma_x=0.03,bmin=1;qaq:sigma_s=0.003,sigma_x=0.03,bmin=1;qaq-tuned;qaq-tuned:ktmax=1024;qaq-tuned:ktmax=0;qaq-tuned:kwin=1,ktmax=0;qaq-tuned:ktmax=512;qaq-tuned:kwin=0,kscale=0,ktmax=1024;qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1;qaq-tuned:sigma_s=0.003
 eval: model build
 	./target/release/qaq-worker eval --model $(MODEL) --tasks hellaswag,piqa --limit $(EVAL_MC_LIMIT) \
 	  --results docs/results/results.jsonl --out docs/results/mc

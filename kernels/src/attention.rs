@@ -313,4 +313,44 @@ mod tests {
         }
         assert!((probs[..n].iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
+
+    /// The model's shape at long context: head dim 64, 4,096 tokens, every width mix the
+    /// policies produce, with and without outliers.
+    #[test]
+    fn packed_equals_dense_at_head_dim_64_and_4k_tokens() {
+        use crate::quant::{Outliers, Scheme};
+        let (d, n, g) = (64, 4096, 3);
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5
+        };
+        for alpha in [0.0, 0.01] {
+            for widths in [[2u8, 3, 2, 3], [4, 4, 4, 4], [5, 6, 7, 8], [3, 4, 5, RAW]] {
+                let spec = QuantSpec { scheme: Scheme::Midpoint, outliers: Outliers { alpha, ..Outliers::PAPER } };
+                let (mut ks, mut vs) = (PackedStream::new(d, spec, false), PackedStream::new(d, spec, false));
+                for t in 0..n {
+                    // One channel with a large offset, as real keys have.
+                    let row: Vec<f32> = (0..d)
+                        .map(|i| half::f16::from_f32(rnd() * 4.0 + if i == 3 { 20.0 } else { 0.0 }).to_f32())
+                        .collect();
+                    ks.push(&row, widths[t % 4]).unwrap();
+                    vs.push(&row, [1u8, 2, 1, RAW][t % 4]).unwrap();
+                }
+                let qs: Vec<f32> = (0..g * d).map(|_| rnd()).collect();
+                let kst = KStore::Packed(ks);
+                let (mut out, mut probs) = (vec![0f32; g * d], vec![0f32; g * n]);
+                attend_packed(&kst, &vs, &qs, g, &mut out, &mut probs);
+                let (mut kd, mut vd) = (vec![0f32; n * d], vec![0f32; n * d]);
+                for t in 0..n {
+                    assert!(kst.decode(t, &mut kd[t * d..(t + 1) * d]) && vs.decode(t, &mut vd[t * d..(t + 1) * d]));
+                }
+                let (mut o2, mut p2) = (vec![0f32; g * d], vec![0f32; g * n]);
+                attend_dense_f32(&kd, &vd, d, &qs, g, &mut o2, &mut p2);
+                let dp = probs.iter().zip(&p2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let dout = out.iter().zip(&o2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(dp < 1e-5 && dout < 1e-3, "alpha {alpha}, widths {widths:?}: probs {dp}, output {dout}");
+            }
+        }
+    }
 }
