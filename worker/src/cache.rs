@@ -152,14 +152,19 @@ fn kv_err(e: qaq_kernels::KernelError) -> KvError {
 
 impl SeqCache {
     pub fn new(shape: &KvShape, choice: &PolicyChoice) -> Result<Self, KvError> {
-        Ok(Self {
-            inner: QaqCache::new(cache_config(shape), choice.policy).map_err(kv_err)?,
+        let inner = QaqCache::new(cache_config(shape), choice.policy).map_err(kv_err)?;
+        Ok(Self::wrap(inner, shape, choice))
+    }
+
+    fn wrap(inner: QaqCache, shape: &KvShape, choice: &PolicyChoice) -> Self {
+        Self {
+            inner,
             label: choice.label.clone(),
             backups: choice.uses_host_backups(),
             n_layers: shape.n_layers,
             to_host_bytes: 0,
             step_peak_bytes: 0,
-        })
+        }
     }
 
     /// Bytes of fp16 backups held in the host tier.
@@ -251,14 +256,7 @@ impl SeqCache {
     /// be the policy it was taken under).
     pub fn restore(shape: &KvShape, choice: &PolicyChoice, bytes: &[u8]) -> Result<Self, KvError> {
         let inner = QaqCache::restore(cache_config(shape), choice.policy, bytes).map_err(kv_err)?;
-        Ok(Self {
-            inner,
-            label: choice.label.clone(),
-            backups: choice.uses_host_backups(),
-            n_layers: shape.n_layers,
-            to_host_bytes: 0,
-            step_peak_bytes: 0,
-        })
+        Ok(Self::wrap(inner, shape, choice))
     }
 
     /// Final statistics.

@@ -267,10 +267,10 @@ fn run(mut st: EngineState, rx: mpsc::Receiver<Command>, parked: Arc<ParkedKv>) 
             match cmd {
                 Command::Submit(job, ticket) => st.submit(*job, ticket),
                 Command::Park(reply) => {
-                    let _ = reply.send(st.park_all(&parked));
+                    let _ = reply.send(st.end_all(Some(&parked)));
                 }
                 Command::Shutdown => {
-                    st.abort_all();
+                    st.end_all(None);
                     return;
                 }
             }

@@ -90,20 +90,24 @@ impl EngineState {
         }
     }
 
-    /// Ends every request; the caches of those that have generated tokens are parked in
-    /// `parked` first (unless its TTL is zero), under the request id with the tokens
-    /// they hold.
-    /// Returns how many were parked.
-    pub fn park_all(&mut self, parked: &super::park::ParkedKv) -> usize {
+    /// Ends every request; with `parked` (and a non-zero TTL), the caches of those that
+    /// have generated tokens are parked there first, under the request id with the tokens
+    /// they hold. Returns how many were parked.
+    pub fn end_all(&mut self, parked: Option<&super::park::ParkedKv>) -> usize {
         for (job, _) in std::mem::take(&mut self.waiting) {
             abort_waiting(job);
         }
+        let parked = parked.filter(|p| !p.ttl().is_zero());
         let seqs: Vec<Seq> = self.running.drain(..).chain(self.preempted.drain(..)).collect();
         let mut n = 0;
         for seq in seqs {
             // Only a request that has streamed tokens is migrated with them (before its
             // first token it is simply retried), so only its cache is worth parking.
-            if !parked.ttl().is_zero() && seq.generated > 0 && seq.kv.len() > 0 && !gone(&seq.job, &seq.ticket) {
+            if let Some(parked) = parked
+                && seq.generated > 0
+                && seq.kv.len() > 0
+                && !gone(&seq.job, &seq.ticket)
+            {
                 match seq.kv.snapshot() {
                     Ok(bytes) => {
                         let tokens = seq.tokens[..seq.kv.len()].to_vec();
@@ -117,16 +121,6 @@ impl EngineState {
             self.finish(seq, Finish::Aborted, String::new(), vec![]);
         }
         n
-    }
-
-    pub fn abort_all(&mut self) {
-        for (job, _) in std::mem::take(&mut self.waiting) {
-            abort_waiting(job);
-        }
-        let seqs: Vec<Seq> = self.running.drain(..).chain(self.preempted.drain(..)).collect();
-        for seq in seqs {
-            self.finish(seq, Finish::Aborted, String::new(), vec![]);
-        }
     }
 
     fn device_used(&self) -> u64 {
