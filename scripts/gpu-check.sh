@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The CUDA checks that need a GPU, as one prepared script (under 8 minutes):
 #   1. the device tests (kernels/tests/gpu.rs: every kernel against the CPU reference
-#      on random data), which fail, not skip, without a GPU;
+#      on random data, and a cache's device KV tier against the same cache attending on
+#      the CPU through 300 decode steps of re-quantization), which fail, not skip,
+#      without a GPU;
 #   2. the kernel benchmark (kernels/examples/gpu_bench.rs): quantize / dequantize GB/s
 #      vs a device-to-device copy, fused packed attention vs f16 attention at
 #      T = 4k, 16k, 64k;
 #   3. the GPU forward pass on the real model (worker/tests/gpu.rs: logits and 64 greedy
-#      tokens against the CPU pass, fp16 and QAQ caches), which needs cuBLAS
+#      tokens against the CPU pass, fp16 and QAQ caches, decode attention on the caches'
+#      device tier), which needs cuBLAS
 #      (libcublas.so.12) and models/ (scripts/fetch-model.sh);
 #   4. decode tokens/s on the GPU, fp16 cache vs QAQ cache, at 2k and 8k context (the
 #      default model's context is 8,192 tokens, so 32k needs a longer-context model).

@@ -16,6 +16,7 @@
 //!    full yet, stay at `b_max`.
 //! 3. [`QaqCache::end_step`]: every `every` steps, [`QaqCache::requantize`] each layer.
 
+pub mod mirror;
 mod snapshot;
 
 use crate::attention::{self, KStore};
@@ -135,6 +136,9 @@ struct Head {
     qn: QNormTracker,
     /// Per-channel key scales `s_c` (QAQ `kscale`; empty: none or not calibrated yet).
     kscale: Vec<f32>,
+    /// Tokens whose key / value group was re-encoded since the last
+    /// [`QaqCache::take_rewrites`] (recorded only after [`QaqCache::track_rewrites`]).
+    rewritten: [Vec<u32>; 2],
 }
 
 /// Channel scales of one head from its first key rows (`rows`: `[n][row]`, the head's
@@ -171,6 +175,8 @@ pub struct QaqCache {
     host: Box<dyn HostTier>,
     counters: Counters,
     step: u64,
+    /// Whether re-encoded groups are recorded for a mirror ([`QaqCache::track_rewrites`]).
+    track: bool,
 }
 
 impl std::fmt::Debug for QaqCache {
@@ -226,6 +232,7 @@ impl QaqCache {
             win: Windows::new(window),
             qn: QNormTracker::default(),
             kscale: Vec::new(),
+            rewritten: [Vec::new(), Vec::new()],
         };
         let layer = Layer {
             heads: (0..cfg.n_kv_heads).map(|_| head()).collect(),
@@ -235,7 +242,15 @@ impl QaqCache {
             staged_v: Vec::new(),
             v_quantized: 0,
         };
-        Ok(QaqCache { cfg, policy, layers: vec![layer; cfg.n_layers], host, counters: Counters::default(), step: 0 })
+        Ok(QaqCache {
+            cfg,
+            policy,
+            layers: vec![layer; cfg.n_layers],
+            host,
+            counters: Counters::default(),
+            step: 0,
+            track: false,
+        })
     }
 
     /// Shape.
@@ -378,22 +393,10 @@ impl QaqCache {
     /// packed cache of `layer`, with `1/sqrt(D)` scaling. Feeds the windows and the
     /// ||Q||^2 tracker.
     pub fn attend(&mut self, layer: usize, q: &[f32]) -> Result<Attention> {
-        self.check_layer(layer)?;
+        let qs = self.decode_queries(layer, q)?;
         let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
-        if q.len() != nq * d {
-            return Err(KernelError::Shape { what: "q", expected: nq * d, got: q.len() });
-        }
-        quant::check_finite(q, "q")?;
         let l = &mut self.layers[layer];
         let t = l.len;
-        if t == 0 {
-            return Err(KernelError::Config("attend on an empty layer".into()));
-        }
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
-        for (h, hd) in l.heads.iter().enumerate() {
-            scale_queries(&mut qs[h * g * d..(h + 1) * g * d], &hd.kscale);
-        }
         let mut output = vec![0f32; nq * d];
         let mut probs = vec![0f32; nq * t];
         for (h, hd) in l.heads.iter_mut().enumerate() {
@@ -409,6 +412,78 @@ impl QaqCache {
             observe(hd, qh, &probs[h * g * t..(h + 1) * g * t], g, d, t, t);
         }
         Ok(Attention { output, probs })
+    }
+
+    /// A decode query (`n_q_heads * head_dim`) checked and prepared for attention over
+    /// `layer`'s packed keys: scaled by `1/sqrt(D)` and by the key channel scales, in
+    /// KV-head order (the `g` query heads of KV head `h` at `h * g * D`). What
+    /// [`QaqCache::attend`] attends with, and what a device mirror of the cache
+    /// ([`mirror`]) is given instead.
+    pub fn decode_queries(&self, layer: usize, q: &[f32]) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
+        if q.len() != nq * d {
+            return Err(KernelError::Shape { what: "q", expected: nq * d, got: q.len() });
+        }
+        quant::check_finite(q, "q")?;
+        let l = &self.layers[layer];
+        if l.len == 0 {
+            return Err(KernelError::Config("attend on an empty layer".into()));
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+        for (h, hd) in l.heads.iter().enumerate() {
+            scale_queries(&mut qs[h * g * d..(h + 1) * g * d], &hd.kscale);
+        }
+        Ok(qs)
+    }
+
+    /// The side effects of [`QaqCache::attend`] for KV head `head` of `layer` when the
+    /// attention ran elsewhere (a device mirror): `qs` are the head's `g` prepared queries
+    /// ([`QaqCache::decode_queries`]), `window` the per-token maximum over them of the
+    /// attention probabilities (one value per cached token).
+    pub fn observe_window(&mut self, layer: usize, head: usize, qs: &[f32], window: &[f32]) -> Result<()> {
+        self.check_layer(layer)?;
+        let (d, g) = (self.cfg.head_dim, self.cfg.group());
+        let l = &mut self.layers[layer];
+        let t = l.len;
+        if window.len() != t || qs.len() != g * d {
+            return Err(KernelError::Shape { what: "window", expected: t, got: window.len() });
+        }
+        let Some(hd) = l.heads.get_mut(head) else {
+            return Err(KernelError::Config(format!("KV head {head} out of range")));
+        };
+        quant::check_finite(window, "window")?;
+        observe_queries(hd, qs, g, d);
+        for (tok, &p) in window.iter().enumerate() {
+            hd.win.push(tok, p);
+        }
+        Ok(())
+    }
+
+    /// Starts recording which groups re-quantization re-encodes, for a mirror that copies
+    /// only what changed ([`QaqCache::take_rewrites`]). Appended tokens need no record: a
+    /// mirror knows how many it holds.
+    pub fn track_rewrites(&mut self) {
+        self.track = true;
+    }
+
+    /// The tokens whose key and value groups of `(layer, kv_head)` were re-encoded since
+    /// the last call (in order of re-encoding, possibly repeated), or `None` for a bad
+    /// index.
+    pub fn take_rewrites(&mut self, layer: usize, kv_head: usize) -> Option<[Vec<u32>; 2]> {
+        let hd = self.layers.get_mut(layer)?.heads.get_mut(kv_head)?;
+        Some(std::mem::take(&mut hd.rewritten))
+    }
+
+    /// The packed key and value streams of `(layer, kv_head)`; `None` for a bad index
+    /// or KIVI keys (not a packed stream).
+    pub fn streams(&self, layer: usize, kv_head: usize) -> Option<(&PackedStream, &PackedStream)> {
+        let hd = self.layers.get(layer)?.heads.get(kv_head)?;
+        match &hd.k {
+            KStore::Packed(k) => Some((k, &hd.v)),
+            KStore::Kivi(_) => None,
+        }
     }
 
     /// Attention for the last `n_q` positions of `layer` (`q_rows`:
@@ -530,6 +605,7 @@ impl QaqCache {
         let KvPolicy::Qaq(p) = self.policy else { return Ok(()) };
         let host = self.host.as_ref();
         let counters = &mut self.counters;
+        let track = self.track;
         let l = &mut self.layers[layer];
         let t_total = l.len;
         for (h, hd) in l.heads.iter_mut().enumerate() {
@@ -539,13 +615,15 @@ impl QaqCache {
             };
             let e_k = qn2.map(|q| p.key_step_for(t_total, q));
             let win = &hd.win;
+            let [rk, rv] = &mut hd.rewritten;
+            let (rk, rv) = if track { (Some(rk), Some(rv)) } else { (None, None) };
             let KStore::Packed(ks) = &mut hd.k else { continue };
             let k_target = |t: usize, m: &GroupMeta| match e_k {
                 _ if t < p.sinks || (p.k_window && !win.full(t)) => p.b_max,
                 Some(e) => policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max),
                 None => m.bits,
             };
-            move_stream(ks, layer, h, true, &p, host, counters, k_target)?;
+            move_stream(ks, layer, h, true, &p, host, counters, rk, k_target)?;
             let v_num = policy::value_step_numerator(t_total, p.sigma_x);
             let v_target = |t: usize, m: &GroupMeta| {
                 if t < p.sinks || !win.full(t) {
@@ -554,7 +632,7 @@ impl QaqCache {
                 let e = policy::value_step_from(v_num, t_total, win.max(t) as f64);
                 policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max)
             };
-            move_stream(&mut hd.v, layer, h, false, &p, host, counters, v_target)?;
+            move_stream(&mut hd.v, layer, h, false, &p, host, counters, rv, v_target)?;
         }
         Ok(())
     }
@@ -630,13 +708,17 @@ fn scale_queries(qs: &mut [f32], kscale: &[f32]) {
 
 /// Feeds windows (the last `feed` tokens' worth: tokens `0..feed`) and the ||Q||^2 tracker.
 fn observe(hd: &mut Head, qs: &[f32], probs: &[f32], g: usize, d: usize, t: usize, feed: usize) {
-    for j in 0..g {
-        let q = &qs[j * d..(j + 1) * d];
-        hd.qn.observe(q.iter().map(|x| (x * x) as f64).sum());
-    }
+    observe_queries(hd, qs, g, d);
     for tok in 0..feed.min(t) {
         let mx = (0..g).map(|j| probs[j * t + tok]).fold(0f32, f32::max);
         hd.win.push(tok, mx);
+    }
+}
+
+/// Feeds the `g` queries' ||q||^2 to the tracker.
+fn observe_queries(hd: &mut Head, qs: &[f32], g: usize, d: usize) {
+    for q in qs.chunks_exact(d).take(g) {
+        hd.qn.observe(q.iter().map(|x| (x * x) as f64).sum());
     }
 }
 
@@ -663,6 +745,7 @@ fn move_stream(
     p: &QaqParams,
     host: &dyn HostTier,
     c: &mut Counters,
+    mut rewritten: Option<&mut Vec<u32>>,
     target: impl Fn(usize, &GroupMeta) -> u8,
 ) -> Result<()> {
     let d = s.d();
@@ -724,6 +807,12 @@ fn move_stream(
             bump(c, is_key, up);
             quant::encode_group(&tmp, want, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
         })?;
+        if let Some(r) = rewritten.as_deref_mut() {
+            // Selected groups that now have their target width were re-encoded (an
+            // upward move without a backup kept its group).
+            let meta = &s.blocks()[bi].meta;
+            r.extend((0..meta.len()).filter(|&i| sel[i] && meta[i].bits == wants[i]).map(|i| (t0 + i) as u32));
+        }
     }
     Ok(())
 }

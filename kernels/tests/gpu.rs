@@ -314,3 +314,59 @@ fn embedding_softmax_and_argmax_match_scalar_references() {
     attention::softmax_rows(&mut logits, rows, n);
     close(&gpu.download(&dl).unwrap(), &logits, 1e-5, "softmax");
 }
+
+/// A sequence's cache with its device tier against the same cache attending on the CPU:
+/// a 300-token prefill, then 300 decode steps with re-quantization after each (groups
+/// re-encoded, arenas rebuilt as they fill). Every step's attention output agrees, and the
+/// widths QAQ chose from the device's windows are the CPU's (bar rounding at a boundary).
+#[test]
+fn device_kv_tier_attends_like_the_cpu_cache_through_requantization() {
+    use qaq_kernels::cuda::DeviceKv;
+    use qaq_kernels::{CacheConfig, KvPolicy, QaqCache};
+    use std::str::FromStr;
+    let gpu = gpu();
+    let cfg = CacheConfig { n_layers: 2, n_kv_heads: 3, n_q_heads: 9, head_dim: 64 };
+    let (row, qrow) = (3 * 64, 9 * 64);
+    for label in ["qaq-tuned", "qaq", "uniform:4", "fp16"] {
+        let policy = KvPolicy::from_str(label).unwrap();
+        let (mut cpu, mut dev) = (QaqCache::new(cfg, policy).unwrap(), QaqCache::new(cfg, policy).unwrap());
+        let mut tier = DeviceKv::new(&mut dev).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut out_d = gpu.zeros::<f32>(qrow).unwrap();
+        let mut rnd = |n: usize| -> Vec<f32> {
+            groups(&mut rng, n * row / 64, 64).iter().map(|v| v.to_f32() * 0.5).collect::<Vec<f32>>()
+        };
+        for step in 0..301 {
+            let n = if step == 0 { 300 } else { 1 };
+            for layer in 0..2 {
+                let (k, v) = (rnd(n), rnd(n));
+                let q: Vec<f32> = rnd(3 * n).into_iter().map(|x| x.clamp(-8.0, 8.0)).collect();
+                cpu.append(layer, &k, &v).unwrap();
+                dev.append(layer, &k, &v).unwrap();
+                if n > 1 {
+                    cpu.attend_rows(layer, &q, n).unwrap();
+                    dev.attend_rows(layer, &q, n).unwrap();
+                    continue;
+                }
+                let want = cpu.attend(layer, &q).unwrap().output;
+                tier.attend(gpu, &mut dev, layer, &q, &mut out_d.slice_mut(..)).unwrap();
+                close(&gpu.download(&out_d).unwrap(), &want, 2e-4, &format!("{label} step {step} layer {layer}"));
+            }
+            cpu.end_step().unwrap();
+            dev.end_step().unwrap();
+        }
+        let (mut same, mut all) = (0usize, 0usize);
+        for layer in 0..2 {
+            for h in 0..3 {
+                let (a, b) = (cpu.widths(layer, h).unwrap(), dev.widths(layer, h).unwrap());
+                for (x, y) in a.0.iter().chain(&a.1).zip(b.0.iter().chain(&b.1)) {
+                    same += usize::from(x == y);
+                    all += 1;
+                }
+            }
+        }
+        assert!(same as f64 >= 0.999 * all as f64, "{label}: {same} of {all} widths agree");
+        assert_eq!(cpu.counters().k_down + cpu.counters().v_down > 0, label.starts_with("qaq"), "{label}");
+        assert!(tier.bytes() >= dev.bytes_used() / 2 && tier.uploaded_bytes() > 0, "{label}: {tier:?}");
+    }
+}

@@ -138,6 +138,20 @@ pub struct SeqCache {
     /// Device bytes at the end of the last step, before re-quantization (the
     /// step's peak).
     pub step_peak_bytes: usize,
+    /// On a GPU worker: the device tier, made at the first decode step on the GPU.
+    #[cfg(feature = "cuda")]
+    device: DeviceTier,
+}
+
+/// A sequence's device tier (GPU workers): not made yet, refused (the KIVI baseline's
+/// per-channel keys: attention stays on the host), or the mirror of its packed groups.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Default)]
+enum DeviceTier {
+    #[default]
+    None,
+    Refused,
+    Mirror(qaq_kernels::cuda::DeviceKv),
 }
 
 impl std::fmt::Debug for SeqCache {
@@ -164,7 +178,30 @@ impl SeqCache {
             n_layers: shape.n_layers,
             to_host_bytes: 0,
             step_peak_bytes: 0,
+            #[cfg(feature = "cuda")]
+            device: DeviceTier::None,
         }
+    }
+
+    /// On a GPU worker, once the cache attends there: its device tier's bytes and the
+    /// bytes copied up to it so far. `None`: the cache has no device tier.
+    #[cfg(feature = "cuda")]
+    pub fn device_tier(&self) -> Option<(usize, u64)> {
+        match &self.device {
+            DeviceTier::Mirror(m) => Some((m.bytes(), m.uploaded_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Bytes of the cache's device tier: on a GPU worker whose cache has one, its
+    /// allocations (free room and garbage of its arenas included); otherwise the packed
+    /// groups as stored (on a CPU worker, the cache's memory is its device tier).
+    pub fn device_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let DeviceTier::Mirror(m) = &self.device {
+            return m.bytes();
+        }
+        self.inner.bytes_used()
     }
 
     /// Bytes of fp16 backups held in the host tier.
@@ -267,7 +304,7 @@ impl SeqCache {
             policy: self.label.clone(),
             avg_key_bits: s.k.avg_bits(),
             avg_value_bits: s.v.avg_bits(),
-            device_bytes: s.bytes_used() as u64,
+            device_bytes: self.device_bytes() as u64,
             fp16_equivalent_bytes: s.fp16_equivalent_bytes() as u64,
             requantizations_up: c.k_up + c.v_up,
             requantizations_down: c.k_down + c.v_down,
@@ -297,15 +334,37 @@ impl KvCache for SeqCache {
         Ok(())
     }
 
+    #[cfg(feature = "cuda")]
+    fn attend_on_gpu(
+        &mut self,
+        gpu: &qaq_kernels::cuda::Gpu,
+        layer: usize,
+        q: &[f32],
+        out: &mut qaq_kernels::cuda::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<bool, KvError> {
+        if let DeviceTier::None = self.device {
+            self.device = match qaq_kernels::cuda::DeviceKv::new(&mut self.inner) {
+                Ok(m) => DeviceTier::Mirror(m),
+                Err(e) => {
+                    tracing::debug!(policy = %self.label, reason = %e, "no device KV tier; attention stays on the host");
+                    DeviceTier::Refused
+                }
+            };
+        }
+        let DeviceTier::Mirror(m) = &mut self.device else { return Ok(false) };
+        m.attend(gpu, &mut self.inner, layer, q, out).map_err(kv_err)?;
+        Ok(true)
+    }
+
     fn end_step(&mut self) {
-        self.step_peak_bytes = self.inner.bytes_used();
+        self.step_peak_bytes = self.device_bytes();
         if let Err(e) = self.inner.end_step() {
             tracing::warn!(error = %e, "re-quantization failed; the cache keeps its widths");
         }
     }
 
     fn bytes_used(&self) -> usize {
-        self.inner.bytes_used()
+        self.device_bytes()
     }
 }
 

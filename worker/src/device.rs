@@ -57,8 +57,8 @@ impl Device {
     }
 
     /// Loads the model at `path` and puts its forward pass on this device. On a GPU the
-    /// weights are uploaded as f16 and the dense layers run there; the KV caches stay
-    /// behind the cache seam on the host (see `model::gpu`).
+    /// weights are uploaded as f16 and the dense layers run there; decode attention runs
+    /// over each cache's device tier (see `model::gpu`).
     pub fn load_model(&self, path: &Path) -> anyhow::Result<LoadedModel> {
         self.check()?;
         let mut m = model::load_model(path).map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;

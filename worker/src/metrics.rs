@@ -19,6 +19,9 @@ pub const INTER_TOKEN_LATENCY_SECONDS: &str = "qaq_worker_inter_token_latency_se
 pub const STEP_DURATION_SECONDS: &str = "qaq_worker_step_duration_seconds";
 /// Sequences in each engine step (histogram).
 pub const BATCH_SIZE: &str = "qaq_worker_batch_size";
+/// GPU workers: the GPU's memory, label `state` (used|total), as the driver reports it
+/// (used: by every process on the device) (gauge).
+pub const GPU_MEMORY_BYTES: &str = "qaq_worker_gpu_memory_bytes";
 /// Bytes the KV caches hold in the device tier (gauge).
 pub const KV_DEVICE_BYTES: &str = "qaq_worker_kv_device_bytes";
 /// Bytes the same tokens would take in an fp16 cache (gauge).
@@ -123,5 +126,6 @@ pub fn describe() {
     describe_histogram!(STEP_DURATION_SECONDS, Unit::Seconds, "Duration of one engine step");
     describe_histogram!(BATCH_SIZE, "Sequences per engine step");
     describe_gauge!(KV_DEVICE_BYTES, Unit::Bytes, "Bytes held by KV caches in the device tier");
+    describe_gauge!(GPU_MEMORY_BYTES, Unit::Bytes, "GPU memory used (all processes) and total, from the driver");
     describe_gauge!(KV_FP16_EQUIVALENT_BYTES, Unit::Bytes, "Bytes the cached tokens would take in fp16");
 }

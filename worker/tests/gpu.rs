@@ -109,22 +109,46 @@ fn greedy_generation_on_the_gpu_equals_the_cpu_for_64_tokens() {
     }
 }
 
-/// The GPU pass drives the same caches: after a QAQ generation the cache's statistics
-/// (sizes, widths) are those of the CPU run, up to the f16 rounding of the GEMMs.
+/// The GPU pass drives the same caches: after a QAQ prompt and 16 decode steps the host
+/// cache's statistics (sizes, widths) are those of the CPU run, up to the f16 rounding of
+/// the GEMMs; the decode steps attended on the device tier, whose bytes are reported as
+/// the cache's device bytes. The KIVI baseline has no device tier and attends on the host.
 #[test]
 fn the_qaq_cache_behind_the_gpu_pass_compresses_as_on_the_cpu() {
     let (cpu, gpu) = models();
     let ids = prompt(cpu);
-    let (mut a, mut b) = (cache(cpu, "qaq-tuned"), cache(gpu, "qaq-tuned"));
-    for (m, kv) in [(cpu, &mut a), (gpu, &mut b)] {
-        m.model.forward(&mut [BatchItem { tokens: &ids, kv }]).unwrap();
+    for policy in ["qaq-tuned", "fp16", "kivi"] {
+        let (mut a, mut b) = (cache(cpu, policy), cache(gpu, policy));
+        for (m, kv) in [(cpu, &mut a), (gpu, &mut b)] {
+            let mut feed = ids.clone();
+            for _ in 0..17 {
+                let logits = m.model.forward(&mut [BatchItem { tokens: &feed, kv: &mut *kv }]).unwrap();
+                feed = vec![argmax(&logits.get(0).unwrap().to_vec1::<f32>().unwrap())];
+            }
+        }
+        let (sa, sb) = (a.stats(), b.stats());
+        assert_eq!(a.len(), b.len());
+        let rel = (sa.bytes_used() as f64 - sb.bytes_used() as f64).abs() / sa.bytes_used() as f64;
+        eprintln!(
+            "{policy} cache after the prompt and 16 steps: CPU {} bytes ({:.2} / {:.2} bits), GPU host copy {} \
+             bytes ({:.2} / {:.2} bits), GPU device tier {:?} (bytes, uploaded)",
+            sa.bytes_used(),
+            sa.k.avg_bits(),
+            sa.v.avg_bits(),
+            sb.bytes_used(),
+            sb.k.avg_bits(),
+            sb.v.avg_bits(),
+            b.device_tier()
+        );
+        assert!(rel < 0.05, "{policy}: cache sizes differ by {:.1}%", rel * 100.0);
+        match (policy, b.device_tier()) {
+            ("kivi", None) => assert_eq!(b.summary().device_bytes as usize, sb.bytes_used()),
+            ("kivi", t) => panic!("kivi got a device tier {t:?}"),
+            (_, None) => panic!("{policy}: the decode steps did not attend on the device"),
+            (_, Some((bytes, up))) => {
+                assert!(up as usize >= sb.bytes_used() / 2, "{policy}: uploaded {up} of {}", sb.bytes_used());
+                assert_eq!(b.summary().device_bytes as usize, bytes);
+            }
+        }
     }
-    let (sa, sb) = (a.summary(), b.summary());
-    assert_eq!(a.len(), b.len());
-    let rel = (sa.device_bytes as f64 - sb.device_bytes as f64).abs() / sa.device_bytes as f64;
-    eprintln!(
-        "QAQ cache after the prompt: CPU {} bytes ({:.2} / {:.2} bits), GPU {} bytes ({:.2} / {:.2} bits)",
-        sa.device_bytes, sa.avg_key_bits, sa.avg_value_bits, sb.device_bytes, sb.avg_key_bits, sb.avg_value_bits
-    );
-    assert!(rel < 0.05, "cache sizes differ by {:.1}%", rel * 100.0);
 }

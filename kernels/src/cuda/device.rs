@@ -11,7 +11,7 @@ use super::source::{self, MODULES};
 use crate::error::{KernelError, Result};
 use crate::quant::{QuantSpec, Scheme, check_group_len};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, LaunchArgs, PushKernelArg,
     ValidAsZeroBits,
 };
 use std::collections::HashMap;
@@ -130,6 +130,7 @@ impl Gpu {
             e if e & 1 != 0 => Err(KernelError::NonFinite { what: "group" }),
             e if e & 2 != 0 => Err(KernelError::NonFinite { what: "group range" }),
             e if e & 4 != 0 => Err(KernelError::Config("width outside 0..=8 (or raw)".to_string())),
+            e if e & 8 != 0 => Err(KernelError::Config("a mirror record's slot is outside its layer".to_string())),
             e => Err(KernelError::Device(format!("kernel reported error bits {e:#x}"))),
         }
     }
@@ -179,10 +180,11 @@ impl Gpu {
             return Ok(out);
         }
         let (n, d, sc) = (s.len as u32, s.d as u32, layout::scheme_code(s.scheme));
+        let args = s.args();
         // SAFETY: parameters in `qaq_dequantize`'s order; `out` holds n * d values.
         unsafe {
             let mut b = self.kernel("qaq_dequantize")?;
-            s.push_args(&mut b);
+            args.push(&mut b);
             b.arg(&sc).arg(&n).arg(&d).arg(&mut out);
             fire(b, launch::groups(s.len)?, "qaq_dequantize")?;
         }
@@ -195,6 +197,7 @@ impl Gpu {
         let c = launch::attention_chunks(t);
         Ok(AttnBuffers {
             t,
+            cap: t,
             g,
             d,
             out: self.zeros(g * d)?,
@@ -205,6 +208,24 @@ impl Gpu {
             part_acc: self.zeros(c * g * d)?,
             stats: self.zeros(2 * g)?,
         })
+    }
+
+    /// `buf` made ready for attention over `t` tokens, `g` heads of `d`: reused when it
+    /// has the room, else allocated with room for twice `t`.
+    pub fn fit_attn_buffers<'b>(
+        &self,
+        buf: &'b mut Option<AttnBuffers>,
+        t: usize,
+        g: usize,
+        d: usize,
+    ) -> Result<&'b mut AttnBuffers> {
+        launch::attention_split(t, g, d)?;
+        if !buf.as_ref().is_some_and(|b| b.g == g && b.d == d && b.cap >= t) {
+            *buf = Some(self.attn_buffers(2 * t, g, d)?);
+        }
+        let b = buf.as_mut().expect("just filled");
+        b.t = t;
+        Ok(b)
     }
 
     /// Decode-step attention of `g` query heads (`q`: `g * d`, scaled by 1/sqrt(d))
@@ -224,7 +245,7 @@ impl Gpu {
                 k.len, k.d, v.len, v.d
             )));
         }
-        self.attend_with(buf, q, Kv::Packed(k, v, layout::scheme_code(k.scheme)))
+        self.attend_with(buf, &q.slice(..), Kv::Packed(k.args(), v.args(), layout::scheme_code(k.scheme)))
     }
 
     /// [`Gpu::attend_packed`] over a dense f16 cache (`k`, `v`: `T x d` f16 bits), the
@@ -240,10 +261,13 @@ impl Gpu {
         if k.len() < n || v.len() < n {
             return Err(KernelError::Shape { what: "f16 cache", expected: n, got: k.len().min(v.len()) });
         }
-        self.attend_with(buf, q, Kv::F16(k, v))
+        self.attend_with(buf, &q.slice(..), Kv::F16(k, v))
     }
 
-    fn attend_with(&self, buf: &mut AttnBuffers, q: &CudaSlice<f32>, kv: Kv<'_>) -> Result<()> {
+    /// Attention of `buf.g` query heads (`q`, already scaled) over `kv`: the three
+    /// launches behind [`Gpu::attend_packed`], [`Gpu::attend_f16`] and the cache mirror's
+    /// attention ([`super::kv::DeviceKv`]).
+    pub(crate) fn attend_with(&self, buf: &mut AttnBuffers, q: &CudaView<'_, f32>, kv: Kv<'_>) -> Result<()> {
         let (t, g, d) = (buf.t, buf.g, buf.d);
         if q.len() < g * d {
             return Err(KernelError::Shape { what: "queries", expected: g * d, got: q.len() });
@@ -260,8 +284,8 @@ impl Gpu {
             let mut b = self.kernel(name)?;
             match &kv {
                 Kv::Packed(k, v, sc) => {
-                    k.push_args(&mut b);
-                    v.push_args(&mut b);
+                    k.push(&mut b);
+                    v.push(&mut b);
                     b.arg(sc);
                 }
                 Kv::F16(k, v) => _ = b.arg(*k).arg(*v),
@@ -283,10 +307,34 @@ impl Gpu {
     }
 }
 
-/// The K/V source of one attention launch.
-enum Kv<'a> {
-    Packed(&'a DeviceStream, &'a DeviceStream, u32),
+/// The K/V source of one attention launch (built on the stack for one launch, so the
+/// size of the packed variant's views does not matter).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Kv<'a> {
+    /// Packed keys and values, and their scheme's code.
+    Packed(StreamArgs<'a>, StreamArgs<'a>, u32),
     F16(&'a CudaSlice<u16>, &'a CudaSlice<u16>),
+}
+
+/// The nine buffers of one packed stream as a kernel reads them (`QaqStream` order):
+/// a [`DeviceStream`]'s, or one stream of a cache mirror's layer.
+pub(crate) struct StreamArgs<'a> {
+    pub codes: CudaView<'a, u8>,
+    pub code_off: CudaView<'a, u32>,
+    pub m: CudaView<'a, u16>,
+    pub s: CudaView<'a, u16>,
+    pub bits: CudaView<'a, u8>,
+    pub n_out: CudaView<'a, u8>,
+    pub out_off: CudaView<'a, u32>,
+    pub out_idx: CudaView<'a, u8>,
+    pub out_val: CudaView<'a, u16>,
+}
+
+impl<'a> StreamArgs<'a> {
+    fn push<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        b.arg(&self.codes).arg(&self.code_off).arg(&self.m).arg(&self.s).arg(&self.bits).arg(&self.n_out);
+        b.arg(&self.out_off).arg(&self.out_idx).arg(&self.out_val);
+    }
 }
 
 /// Launches a kernel whose arguments `b` holds.
@@ -302,6 +350,8 @@ pub(crate) unsafe fn fire(mut b: LaunchArgs<'_>, shape: Shape, name: &str) -> Re
 /// Attention outputs and scratch for one (T, g, d), reusable across steps.
 pub struct AttnBuffers {
     t: usize,
+    /// Tokens the buffers have room for (`t <= cap`).
+    cap: usize,
     g: usize,
     d: usize,
     /// `g * d` outputs.
@@ -314,6 +364,13 @@ pub struct AttnBuffers {
     part_l: CudaSlice<f32>,
     part_acc: CudaSlice<f32>,
     stats: CudaSlice<f32>,
+}
+
+impl AttnBuffers {
+    /// Tokens of the last attention (`probs` holds `g` rows of this many).
+    pub fn t(&self) -> usize {
+        self.t
+    }
 }
 
 impl std::fmt::Debug for DeviceStream {
@@ -442,11 +499,20 @@ impl DeviceStream {
         n * crate::quant::META_BYTES + 8 * (n + 1) + self.n_codes + 3 * self.n_outliers
     }
 
-    /// Pushes the nine buffers every stream-reading kernel takes, in `QaqStream` order.
-    fn push_args<'a>(&'a self, b: &mut LaunchArgs<'a>) {
-        b.arg(&self.codes).arg(&self.code_off).arg(&self.m).arg(&self.s).arg(&self.bits_out).arg(&self.n_out);
-        b.arg(&self.out_off).arg(&self.out_idx).arg(&self.out_val);
+    fn args(&self) -> StreamArgs<'_> {
+        StreamArgs {
+            codes: self.codes.slice(..),
+            code_off: self.code_off.slice(..),
+            m: self.m.slice(..),
+            s: self.s.slice(..),
+            bits: self.bits_out.slice(..),
+            n_out: self.n_out.slice(..),
+            out_off: self.out_off.slice(..),
+            out_idx: self.out_idx.slice(..),
+            out_val: self.out_val.slice(..),
+        }
     }
+
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@
 //!   conversion from / to the CPU [`crate::store::PackedStream`].
 //! - [`device`]: [`Gpu`], the context wrapper (driver check before any context, module
 //!   loading, launches), and [`DeviceStream`], a stream's buffers on the device.
+//! - [`kv`]: [`DeviceKv`], the device tier of a sequence's QAQ cache (its packed groups
+//!   mirrored in device memory, decode attention over them).
 //! - [`ops`]: launches of the forward-pass and sampling kernels on [`Gpu`].
 //! - [`blas`]: [`Blas`], the forward pass's GEMMs on cuBLAS (f16 operands, f32 output).
 //!
@@ -17,6 +19,7 @@
 
 pub mod blas;
 pub mod device;
+pub mod kv;
 pub mod launch;
 pub mod layout;
 pub mod ops;
@@ -26,4 +29,5 @@ pub use blas::{Blas, cublas_available};
 /// The cudarc this crate was built with (device buffers in its API are cudarc types).
 pub use cudarc;
 pub use device::{AttnBuffers, DeviceStream, Gpu, driver_available, probe};
+pub use kv::DeviceKv;
 pub use layout::StreamImage;

@@ -259,3 +259,26 @@ extern "C" __global__ void qaq_dequantize(const u8* __restrict__ codes, const u3
     const QaqGroup grp = st.group(g);
     for (u32 i = lane; i < d; i += 32) out[(size_t)g * d + i] = grp.value(i);
 }
+
+// Writes the metadata of mirrored groups (`cache::mirror::Update::records`): record `i`
+// is 5 words (slot, m | s << 16, bits | n_out << 8, code offset, outlier offset). One
+// thread per record; a slot past `slots` raises QAQ_ERR_INDEX and writes nothing.
+extern "C" __global__ void qaq_kv_scatter(const u32* __restrict__ rec, u32 n, u32 slots, u16* __restrict__ meta_m,
+                                          u16* __restrict__ meta_s, u8* __restrict__ meta_bits,
+                                          u8* __restrict__ meta_n_out, u32* __restrict__ code_off,
+                                          u32* __restrict__ out_off, u32* __restrict__ err) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const u32* r = rec + 5 * (size_t)i;
+    const u32 slot = r[0];
+    if (slot >= slots) {
+        atomicOr(err, QAQ_ERR_INDEX);
+        return;
+    }
+    meta_m[slot] = (u16)(r[1] & 0xffffu);
+    meta_s[slot] = (u16)(r[1] >> 16);
+    meta_bits[slot] = (u8)(r[2] & 0xffu);
+    meta_n_out[slot] = (u8)((r[2] >> 8) & 0xffu);
+    code_off[slot] = r[3];
+    out_off[slot] = r[4];
+}

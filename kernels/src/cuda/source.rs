@@ -20,11 +20,11 @@ pub struct KernelModule {
     pub kernels: &'static [&'static str],
 }
 
-/// Quantize + pack, dequantize.
+/// Quantize + pack, dequantize, the metadata writes of a cache mirror.
 pub const QUANT: KernelModule = KernelModule {
     name: "qaq_quant.cu",
     source: include_str!("quant.cu"),
-    kernels: &["qaq_quantize", "qaq_dequantize"],
+    kernels: &["qaq_quantize", "qaq_dequantize", "qaq_kv_scatter"],
 };
 
 /// Decode-step attention over packed (or dense f16) K/V of one KV head.

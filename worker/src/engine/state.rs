@@ -500,6 +500,10 @@ impl EngineState {
         gauge!(m::KV_HOST_BACKUP_BYTES).set(host as f64);
         gauge!(m::KV_FP16_EQUIVALENT_BYTES).set(fp16 as f64);
         gauge!(m::KV_USAGE_RATIO).set(dev as f64 / self.cfg.budgets.device.max(1) as f64);
+        if let Some((used, total)) = self.model.model.gpu_memory() {
+            gauge!(m::GPU_MEMORY_BYTES, "state" => "used").set(used as f64);
+            gauge!(m::GPU_MEMORY_BYTES, "state" => "total").set(total as f64);
+        }
     }
 }
 

@@ -3,23 +3,23 @@
 //! RoPE, SiLU gating, the embedding gather, residual and bias additions as the NVRTC
 //! kernels of `qaq-kernels`; the residual stream stays on the device in f32.
 //!
-//! The KV caches are the CPU path's, behind the same [`KvCache`] seam: every layer's new
-//! Q/K/V rows are copied to the host, each sequence's cache appends and attends there
-//! ([`super::llama::cache_step`]: QAQ, its policies, host backups and metrics exactly as
-//! on a CPU worker), and the attention output is copied back. That keeps one cache
-//! implementation and makes the GPU pass comparable with the CPU pass token for token;
-//! the device-resident packed cache (the `qaq_attn_*` kernels over a device stream) is
-//! the next step and not wired here.
+//! The KV caches: each sequence's [`KvCache`] appends on the host (QAQ decides widths,
+//! encodes and keeps the fp16 backups there, as on a CPU worker). A decode row (one new
+//! token) then attends on the device when its cache has a device tier
+//! ([`KvCache::attend_on_gpu`]: the packed groups mirrored in device memory, see
+//! `qaq_kernels::cuda::kv`), and its output stays there. Prefill rows, and caches without
+//! a device tier (the KIVI baseline), attend on the host and their output is copied up.
 //!
 //! Same contract as [`Llama::forward`]: the batch is checked by the same
 //! [`Llama::plan`], so errors read the same on both devices.
 
 use half::f16;
 use qaq_kernels::KernelError;
-use qaq_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use qaq_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use std::sync::Mutex;
 use qaq_kernels::cuda::{Blas, Gpu};
 
-use super::llama::{Layer, Mat, Plan, cache_step};
+use super::llama::{Layer, Mat, Plan};
 use super::{BatchItem, Llama, ModelError, Result};
 
 fn dev(e: KernelError) -> ModelError {
@@ -65,6 +65,9 @@ pub struct GpuLlama {
     /// Device bytes of the weights (what [`GpuLlama::upload`] allocated).
     weight_bytes: usize,
     name: String,
+    /// Page-locked host buffers the layers' Q, K and V rows are copied into
+    /// (asynchronously, then one wait per layer), grown to the largest batch seen.
+    staging: Mutex<Vec<PinnedHostSlice<f32>>>,
 }
 
 impl std::fmt::Debug for GpuLlama {
@@ -117,7 +120,17 @@ impl GpuLlama {
             });
         }
         gpu.synchronize().map_err(dev)?;
-        Ok(GpuLlama { gpu, blas, embed, layers: dev_layers, norm, lm_head, weight_bytes: bytes, name })
+        Ok(GpuLlama {
+            gpu,
+            blas,
+            embed,
+            layers: dev_layers,
+            norm,
+            lm_head,
+            weight_bytes: bytes,
+            name,
+            staging: Mutex::new(Vec::new()),
+        })
     }
 
     /// The GPU's ordinal.
@@ -127,6 +140,11 @@ impl GpuLlama {
     /// The GPU's name, as the driver reports it.
     pub fn device_name(&self) -> String {
         self.name.clone()
+    }
+    /// The device's memory in use and its total, from the driver.
+    pub fn memory(&self) -> Option<(usize, usize)> {
+        let (free, total) = self.gpu.context().mem_get_info().ok()?;
+        Some((total.saturating_sub(free), total))
     }
     /// Device bytes holding the weights.
     pub fn weight_bytes(&self) -> usize {
@@ -212,11 +230,23 @@ impl GpuLlama {
             let v = self.linear(&l.wv, &hn, n, l.bv.as_ref())?;
             g.rope(&mut q, &pos_d, nh, hd, cfg.rope_theta).map_err(dev)?;
             g.rope(&mut k, &pos_d, nkv, hd, cfg.rope_theta).map_err(dev)?;
-            // The caches are on the host: this layer's rows go there and back.
-            let (qh, kh, vh) =
-                (g.download(&q).map_err(dev)?, g.download(&k).map_err(dev)?, g.download(&v).map_err(dev)?);
-            cache_step(items, spans, li, [&qh[..n * qw], &kh[..n * kvw], &vh[..n * kvw]], (qw, kvw), &mut attn)?;
-            let a = self.half(&g.upload(&attn).map_err(dev)?, n * qw)?;
+            // Appends happen on the host (widths, encoding, backups); attention on the
+            // device where the cache has a device tier.
+            let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+            let [qh, kh, vh] = self.rows_to_host(&mut staging, [(&q, n * qw), (&k, n * kvw), (&v, n * kvw)])?;
+            let mut attn_d = self.zeros::<f32>(n * qw)?;
+            for (it, &(off, len)) in items.iter_mut().zip(spans) {
+                it.kv.append(li, &kh[off * kvw..(off + len) * kvw], &vh[off * kvw..(off + len) * kvw])?;
+                let (qr, rows) = (&qh[off * qw..(off + len) * qw], off * qw..(off + len) * qw);
+                if len == 1 && it.kv.attend_on_gpu(g, li, qr, &mut attn_d.slice_mut(rows.clone()))? {
+                    continue;
+                }
+                it.kv.attend(li, qr, len, &mut attn[rows.clone()])?;
+                g.stream()
+                    .memcpy_htod(&attn[rows.clone()], &mut attn_d.slice_mut(rows))
+                    .map_err(|e| ModelError::Device(format!("uploading attention rows: {e}")))?;
+            }
+            let a = self.half(&attn_d, n * qw)?;
             let o = self.linear(&l.wo, &a, n, None)?;
             g.add(&mut x, &o, n * h).map_err(dev)?;
             let hn = self.half(&self.rms_norm(cpu, &x, &l.ffn_norm, n)?, n * h)?;
@@ -231,6 +261,40 @@ impl GpuLlama {
             it.kv.end_step();
         }
         Ok(x)
+    }
+
+    /// Copies the first `n` values of each device buffer into the page-locked staging
+    /// buffers (grown when too small), asynchronously, then waits once.
+    fn rows_to_host<'s>(
+        &self,
+        staging: &'s mut Vec<PinnedHostSlice<f32>>,
+        src: [(&CudaSlice<f32>, usize); 3],
+    ) -> Result<[&'s [f32]; 3]> {
+        let derr = |what: &'static str| move |e| ModelError::Device(format!("{what}: {e}"));
+        staging.truncate(3);
+        for (i, &(_, n)) in src.iter().enumerate() {
+            if staging.get(i).is_some_and(|p| p.len() >= n) {
+                continue;
+            }
+            // SAFETY: the memory is zeroed below before anything reads it.
+            let mut p = unsafe { self.gpu.context().alloc_pinned_with_flags::<f32>(2 * n.max(1), 0) }
+                .map_err(derr("allocating page-locked staging"))?;
+            p.as_mut_slice().map_err(derr("page-locked staging"))?.fill(0.0);
+            if i < staging.len() {
+                staging[i] = p;
+            } else {
+                staging.push(p);
+            }
+        }
+        for (p, &(d, n)) in staging.iter_mut().zip(&src) {
+            self.gpu.stream().memcpy_dtoh(&d.slice(..n), p).map_err(derr("device-to-host copy"))?;
+        }
+        self.gpu.synchronize().map_err(dev)?;
+        let mut out: [&[f32]; 3] = [&[]; 3];
+        for ((o, p), &(_, n)) in out.iter_mut().zip(staging.iter()).zip(&src) {
+            *o = &p.as_slice().map_err(derr("page-locked staging"))?[..n];
+        }
+        Ok(out)
     }
 
     /// Final-norm logits of the given rows of the last hidden state.

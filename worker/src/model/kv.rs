@@ -61,6 +61,20 @@ pub trait KvCache: Send {
     fn attend(&mut self, layer: usize, q: &[f32], n_q: usize, out: &mut [f32]) -> Result<(), KvError>;
     /// Called once after all layers of a forward step.
     fn end_step(&mut self) {}
+    /// Decode attention of one query row (`q`: `[n_heads * head_dim]`, post-RoPE,
+    /// unscaled) over `layer` on the GPU, the output row written to `out` on the device:
+    /// what [`attend`](KvCache::attend) does for `n_q == 1`, for a cache with a device
+    /// tier. `Ok(false)`: this cache has none, the caller attends on the host.
+    #[cfg(feature = "cuda")]
+    fn attend_on_gpu(
+        &mut self,
+        _gpu: &qaq_kernels::cuda::Gpu,
+        _layer: usize,
+        _q: &[f32],
+        _out: &mut qaq_kernels::cuda::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<bool, KvError> {
+        Ok(false)
+    }
     /// Bytes the cache holds (device tier).
     fn bytes_used(&self) -> usize;
 }

@@ -181,14 +181,25 @@ impl Llama {
     }
 
     /// Uploads the weights to GPU `ordinal` (as f16) and runs every later forward pass
-    /// there; returns the device's name. The KV caches are unchanged: they stay behind
-    /// the [`KvCache`] seam on the host (see [`super::gpu`]).
+    /// there; returns the device's name. The KV caches keep their host copy behind the
+    /// [`KvCache`] seam and attend on the device through their device tier (see
+    /// [`super::gpu`]).
     #[cfg(feature = "cuda")]
     pub fn use_gpu(&mut self, ordinal: usize) -> Result<String> {
         let gpu = super::gpu::GpuLlama::upload(self, ordinal)?;
         let name = gpu.device_name();
         self.gpu = Some(Box::new(gpu));
         Ok(name)
+    }
+
+    /// On a GPU: the device's memory in use (by every process) and its total, as the
+    /// driver reports them. `None` on the CPU or when the driver cannot say.
+    pub fn gpu_memory(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.memory();
+        }
+        None
     }
 
     /// Where the forward pass runs: `cpu` or `cuda:N`.
@@ -358,9 +369,9 @@ impl Llama {
 
 /// One layer's cache operations for every item of a batch: its new tokens' keys and
 /// values (`qkv[1]`, `qkv[2]`, rows of `kvw`) are appended to its cache, and its queries
-/// (`qkv[0]`, rows of `qw`) attend there, writing `attn`. The CPU and GPU forward passes
-/// share it: the caches live behind the [`KvCache`] seam either way.
-pub(super) fn cache_step(
+/// (`qkv[0]`, rows of `qw`) attend there, writing `attn`. (The GPU pass does the same
+/// per item, attending on the device where a cache can: see [`super::gpu`].)
+fn cache_step(
     items: &mut [BatchItem<'_>],
     spans: &[(usize, usize)],
     layer: usize,
