@@ -193,6 +193,16 @@ impl SeqCache {
         }
     }
 
+    /// Frees the cache's device tier (a preempted sequence on a GPU worker gives its
+    /// device memory back; its next decode step on the GPU copies the cache up again).
+    /// The host cache is untouched. No-op on a CPU worker.
+    pub fn release_device(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let DeviceTier::Mirror(_) = self.device {
+            self.device = DeviceTier::None;
+        }
+    }
+
     /// Bytes of the cache's device tier: on a GPU worker whose cache has one, its
     /// allocations (free room and garbage of its arenas included); otherwise the packed
     /// groups as stored (on a CPU worker, the cache's memory is its device tier).

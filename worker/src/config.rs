@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// that long at most before it exits; 0: none is parked, they are prefilled again.
     #[arg(long, env = "QAQ_KV_PARK_MS", default_value_t = 30_000)]
     pub kv_park_ms: u64,
+    /// The node this worker runs on (default: the host name). A parked KV cache moves
+    /// over NCCL, device to device, only between GPU workers naming the same node; in
+    /// Kubernetes pass the pod's `spec.nodeName`.
+    #[arg(long, env = "QAQ_NODE")]
+    pub node: Option<String>,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
 }
@@ -109,6 +114,8 @@ pub struct WorkerConfig {
     /// Default KV policy (flags applied).
     pub kv_policy: PolicyChoice,
     pub shutdown_grace: Duration,
+    /// The node this worker runs on (`--node`).
+    pub node: String,
     /// TLS of the gRPC server and towards the coordinator.
     pub tls: crate::tls::TlsConfig,
 }
@@ -156,6 +163,8 @@ impl ServeArgs {
         };
         let kv_policy = PolicyChoice::parse(&self.kv_policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
         let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let node = self.node.unwrap_or_else(hostname);
+        crate::nccl::check_node("--node", &node).map_err(|e| anyhow::anyhow!(e))?;
         let worker_id = match self.worker_id {
             Some(id) => {
                 qaq_proto::validate::id("--worker-id", &id).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -182,6 +191,7 @@ impl ServeArgs {
             },
             kv_policy,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            node,
             tls: self.tls.validate()?,
         })
     }
@@ -213,7 +223,7 @@ impl WorkerConfig {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect())
         .unwrap_or_else(|_| "localhost".into())

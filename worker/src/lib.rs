@@ -6,7 +6,8 @@
 //!   budgets with preemption), sampling, detokenization with stop strings.
 //! - [`cache`]: the per-sequence QAQ cache behind the model's KV seam, and
 //!   KV policy resolution.
-//! - [`service`]: the `qaq.v1.Worker` gRPC service.
+//! - [`service`]: the `qaq.v1.Worker` gRPC service; [`nccl`]: its KV migration
+//!   between GPU workers of one node over NCCL.
 //! - [`registration`]: register and heartbeat with the coordinator.
 //! - [`server`]: `run(listener, ...)`, the whole worker behind a listener.
 //! - [`config`]: command-line arguments and the validated configuration.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod nccl;
 pub mod prom;
 pub mod registration;
 pub mod server;

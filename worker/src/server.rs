@@ -37,7 +37,7 @@ pub async fn run(
     let service = WorkerService::new(
         cfg.worker_id.clone(),
         cfg.engine.max_batch,
-        Arc::new(KvSettings::new(cfg.kv_policy.clone())),
+        Arc::new(KvSettings::new(cfg.kv_policy.clone()).on_node(cfg.node.clone())),
         model.clone(),
         engine.clone(),
         draining.clone(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use metrics::counter;
 use qaq_proto::v1::worker_client::WorkerClient;
 use qaq_proto::v1::worker_server::Worker;
@@ -25,6 +25,7 @@ use crate::cache::{self, PolicyChoice, QaqOverrides, SeqCache};
 use crate::engine::{EngineHandle, Event, Finish, Job, SamplingConfig};
 use crate::metrics as m;
 use crate::model::{KvCache, LoadedModel};
+use crate::nccl;
 use crate::tls::TlsConfig;
 
 /// Bytes per Worker.ExportKv message.
@@ -41,11 +42,19 @@ pub struct KvSettings {
     pub default: PolicyChoice,
     /// Worst-case device bytes per token, by policy label (measured once each).
     worst: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The node this worker runs on (NCCL migration between workers of one node).
+    pub node: String,
 }
 
 impl KvSettings {
+    /// Settings with default policy `default`, on the node named by the host name.
     pub fn new(default: PolicyChoice) -> Self {
-        Self { default, worst: Default::default() }
+        Self { default, worst: Default::default(), node: crate::config::hostname() }
+    }
+
+    /// The same settings on node `node`.
+    pub fn on_node(self, node: String) -> Self {
+        Self { node, ..self }
     }
 
     /// The request's policy: its override (string and QAQ fields) or the default.
@@ -142,7 +151,8 @@ impl WorkerService {
     async fn pull_kv(&self, addr: &str, id: &str) -> anyhow::Result<PulledKv> {
         let channel = self.tls.peer_endpoint(addr)?.connect_timeout(Duration::from_secs(5)).connect().await?;
         let mut client = WorkerClient::new(channel).max_decoding_message_size(2 * KV_CHUNK_BYTES);
-        let mut stream = client.export_kv(ExportKvRequest { request_id: id.to_string() }).await?.into_inner();
+        let nccl = nccl::offer(&self.model, &self.kv.node);
+        let mut stream = client.export_kv(ExportKvRequest { request_id: id.to_string(), nccl }).await?.into_inner();
         let first =
             stream.message().await?.ok_or_else(|| anyhow::anyhow!("the stream ended before its first chunk"))?;
         // A cache larger than both tiers could not run here anyway.
@@ -150,6 +160,16 @@ impl WorkerService {
         let cap = b.device.saturating_add(b.host);
         anyhow::ensure!(first.total_bytes <= cap, "{} bytes exceed the KV budgets ({cap} bytes)", first.total_bytes);
         let total = first.total_bytes as usize;
+        if !first.nccl_id.is_empty() {
+            // Device to device: the exporter's stream ends once its send completed.
+            anyhow::ensure!(first.data.is_empty(), "an NCCL answer carries no data chunks");
+            let bytes = nccl::recv(&self.model, first.nccl_id, total).await?;
+            while let Some(c) = stream.message().await? {
+                anyhow::ensure!(c.data.is_empty(), "data chunks after an NCCL transfer");
+            }
+            tracing::info!(id, bytes = total, "KV cache received over NCCL");
+            return Ok(PulledKv { tokens: first.token_ids, policy: first.kv_policy, bytes });
+        }
         let mut bytes = Vec::with_capacity(total);
         bytes.extend_from_slice(&first.data);
         while let Some(c) = stream.message().await? {
@@ -438,10 +458,13 @@ impl Worker for WorkerService {
     type ExportKvStream = Pin<Box<dyn Stream<Item = Result<KvChunk, Status>> + Send>>;
 
     async fn export_kv(&self, request: Request<ExportKvRequest>) -> Result<Response<Self::ExportKvStream>, Status> {
-        let id = request.into_inner().request_id;
+        let ExportKvRequest { request_id: id, nccl: offer } = request.into_inner();
         validate::id("request_id", &id)?;
         if id.is_empty() {
             return Err(Status::invalid_argument("request_id: must be set"));
+        }
+        if let Some(o) = &offer {
+            nccl::check_node("nccl.node", &o.node).map_err(Status::invalid_argument)?;
         }
         let p = self.engine.parked().take(&id).ok_or_else(|| {
             Status::not_found(format!(
@@ -450,6 +473,36 @@ impl Worker for WorkerService {
         })?;
         counter!(m::KV_MIGRATIONS_TOTAL, "direction" => "out", "outcome" => "transferred").increment(1);
         counter!(m::KV_MIGRATION_BYTES_TOTAL, "direction" => "out").increment(p.bytes.len() as u64);
+        if nccl::accepts(offer.as_ref(), &self.kv.node, nccl::usable(&self.model)) {
+            match nccl::new_id() {
+                Ok(nccl_id) => {
+                    let first = KvChunk {
+                        data: Vec::new(),
+                        total_bytes: p.bytes.len() as u64,
+                        token_ids: p.tokens,
+                        kv_policy: p.policy,
+                        nccl_id: nccl_id.clone(),
+                    };
+                    let model = self.model.clone();
+                    let sent = async move {
+                        let r = tokio::time::timeout(KV_PULL_TIMEOUT, nccl::send(&model, nccl_id, p.bytes)).await;
+                        match r.unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!("the puller did not join within {KV_PULL_TIMEOUT:?}"))
+                        }) {
+                            Ok(()) => None,
+                            Err(e) => {
+                                tracing::warn!(id = %id, error = %format!("{e:#}"), "NCCL send of a parked KV cache failed");
+                                Some(Err(Status::internal(format!("NCCL send failed: {e:#}"))))
+                            }
+                        }
+                    };
+                    let s = futures::stream::once(async move { Ok(first) })
+                        .chain(futures::stream::once(sent).filter_map(|x| async move { x }));
+                    return Ok(Response::new(Box::pin(s)));
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "no NCCL id: sending the KV cache over gRPC"),
+            }
+        }
         let mut chunks: Vec<KvChunk> =
             p.bytes.chunks(KV_CHUNK_BYTES).map(|c| KvChunk { data: c.to_vec(), ..Default::default() }).collect();
         if chunks.is_empty() {

@@ -487,16 +487,28 @@ fn kv_migration_edges_are_clear_errors_or_a_prefill() {
     use qaq_proto::v1::{ExportKvRequest, GenerateRequest, KvPolicy, SubmitRequest, worker_client::WorkerClient};
     let (rt, addr, stop) = serve(&["--kv-park-ms", "1000"]);
     assert!(serve_config(&["--kv-park-ms", "600001"]).unwrap_err().to_string().contains("--kv-park-ms"));
+    assert!(serve_config(&["--node", "a b"]).unwrap_err().to_string().starts_with("--node: must be"));
+    assert_eq!(serve_config(&["--node", "gpu-node-3"]).unwrap().node, "gpu-node-3");
     rt.block_on(async {
         let mut c = WorkerClient::connect(format!("http://{addr}")).await.unwrap();
-        let e = c.export_kv(ExportKvRequest { request_id: "nope".into() }).await.unwrap_err();
+        let e = c.export_kv(ExportKvRequest { request_id: "nope".into(), ..Default::default() }).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
         assert!(e.message().contains("request_id"), "{e:?}");
         for bad in ["", "a b"] {
-            let e = c.export_kv(ExportKvRequest { request_id: bad.into() }).await.unwrap_err();
+            let e = c.export_kv(ExportKvRequest { request_id: bad.into(), ..Default::default() }).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
             assert!(e.message().starts_with("request_id"), "{e:?}");
         }
+        // An NCCL offer is checked before anything is looked up.
+        let offer = |node: &str| Some(qaq_proto::v1::NcclOffer { node: node.into() });
+        for bad in ["", "two words"] {
+            let r = ExportKvRequest { request_id: "nope".into(), nccl: offer(bad) };
+            let e = c.export_kv(r).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+            assert!(e.message().starts_with("nccl.node"), "{e:?}");
+        }
+        let r = ExportKvRequest { request_id: "nope".into(), nccl: offer("node-a") };
+        assert_eq!(c.export_kv(r).await.unwrap_err().code(), tonic::Code::NotFound);
         let request = |id: &str| GenerateRequest {
             prompt: "The capital of France is".into(),
             max_new_tokens: Some(8),

@@ -250,11 +250,7 @@ fn group_size(s: &PackedStream, t: usize, d: usize) -> Result<(u32, u8)> {
 }
 
 /// Calls `f(t, meta, codes, out_idx, out_val)` for the groups `tokens` (ascending) of `s`.
-fn visit(
-    s: &PackedStream,
-    tokens: &[u32],
-    mut f: impl FnMut(usize, &GroupMeta, &[u8], &[u8], &[half::f16]),
-) {
+fn visit(s: &PackedStream, tokens: &[u32], mut f: impl FnMut(usize, &GroupMeta, &[u8], &[u8], &[half::f16])) {
     let d = s.d();
     let mut next = tokens.iter().peekable();
     while let Some(&&t) = next.peek() {

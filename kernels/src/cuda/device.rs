@@ -512,7 +512,6 @@ impl DeviceStream {
             out_val: self.out_val.slice(..),
         }
     }
-
 }
 
 #[cfg(test)]

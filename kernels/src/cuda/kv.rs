@@ -134,10 +134,7 @@ impl DeviceKv {
 
     /// Brings layer `layer`'s device copy up to date with `cache`.
     pub fn sync(&mut self, gpu: &Gpu, cache: &mut QaqCache, layer: usize) -> Result<()> {
-        let book = self
-            .books
-            .get_mut(layer)
-            .ok_or(KernelError::Layer { layer, n_layers: cache.config().n_layers })?;
+        let book = self.books.get_mut(layer).ok_or(KernelError::Layer { layer, n_layers: cache.config().n_layers })?;
         let mut rewritten = Vec::with_capacity(2 * self.n_kv);
         for h in 0..self.n_kv {
             let [k, v] = cache.take_rewrites(layer, h).ok_or(KernelError::Layer { layer, n_layers: 0 })?;

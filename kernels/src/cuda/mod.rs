@@ -11,6 +11,8 @@
 //!   loading, launches), and [`DeviceStream`], a stream's buffers on the device.
 //! - [`kv`]: [`DeviceKv`], the device tier of a sequence's QAQ cache (its packed groups
 //!   mirrored in device memory, decode attention over them).
+//! - [`nccl`]: bytes from one GPU process to another over NCCL (KV migration between
+//!   GPU workers on one node).
 //! - [`ops`]: launches of the forward-pass and sampling kernels on [`Gpu`].
 //! - [`blas`]: [`Blas`], the forward pass's GEMMs on cuBLAS (f16 operands, f32 output).
 //!
@@ -22,6 +24,7 @@ pub mod device;
 pub mod kv;
 pub mod launch;
 pub mod layout;
+pub mod nccl;
 pub mod ops;
 pub mod source;
 

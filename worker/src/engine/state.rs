@@ -216,11 +216,12 @@ impl EngineState {
 
     /// Moves running sequence `i` to the host tier.
     fn preempt(&mut self, i: usize) {
-        let seq = self.running.remove(i);
+        let mut seq = self.running.remove(i);
         counter!(m::PREEMPTIONS_TOTAL).increment(1);
         self.load.preemptions.fetch_add(1, Ordering::Relaxed);
         counter!(m::KV_HOST_TRANSFER_BYTES_TOTAL, "direction" => "to_host").increment(seq.kv.bytes_used() as u64);
         tracing::debug!(id = %seq.job.id, bytes = seq.kv.bytes_used(), "preempted");
+        seq.kv.release_device();
         self.preempted.push_front(seq);
     }
 

@@ -16,8 +16,8 @@
 use half::f16;
 use qaq_kernels::KernelError;
 use qaq_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
-use std::sync::Mutex;
 use qaq_kernels::cuda::{Blas, Gpu};
+use std::sync::Mutex;
 
 use super::llama::{Layer, Mat, Plan};
 use super::{BatchItem, Llama, ModelError, Result};
@@ -140,6 +140,10 @@ impl GpuLlama {
     /// The GPU's name, as the driver reports it.
     pub fn device_name(&self) -> String {
         self.name.clone()
+    }
+    /// The CUDA context.
+    pub fn context(&self) -> &std::sync::Arc<qaq_kernels::cuda::cudarc::driver::CudaContext> {
+        self.gpu.context()
     }
     /// The device's memory in use and its total, from the driver.
     pub fn memory(&self) -> Option<(usize, usize)> {

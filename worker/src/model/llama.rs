@@ -202,6 +202,12 @@ impl Llama {
         None
     }
 
+    /// On a GPU: its CUDA context (for transfers off the engine thread, e.g. NCCL).
+    #[cfg(feature = "cuda")]
+    pub fn cuda_context(&self) -> Option<std::sync::Arc<qaq_kernels::cuda::cudarc::driver::CudaContext>> {
+        self.gpu.as_ref().map(|g| g.context().clone())
+    }
+
     /// Where the forward pass runs: `cpu` or `cuda:N`.
     pub fn device(&self) -> String {
         #[cfg(feature = "cuda")]
