@@ -135,15 +135,17 @@ impl DeviceKv {
     /// Brings layer `layer`'s device copy up to date with `cache`.
     pub fn sync(&mut self, gpu: &Gpu, cache: &mut QaqCache, layer: usize) -> Result<()> {
         let book = self.books.get_mut(layer).ok_or(KernelError::Layer { layer, n_layers: cache.config().n_layers })?;
+        // The layer is in range: only a cache of another shape lacks a head here.
+        let missing = || KernelError::Config(format!("layer {layer}: the cache has fewer KV heads than its tier"));
         let mut rewritten = Vec::with_capacity(2 * self.n_kv);
         for h in 0..self.n_kv {
-            let [k, v] = cache.take_rewrites(layer, h).ok_or(KernelError::Layer { layer, n_layers: 0 })?;
+            let [k, v] = cache.take_rewrites(layer, h).ok_or_else(missing)?;
             rewritten.push(k);
             rewritten.push(v);
         }
         let mut streams: Vec<&PackedStream> = Vec::with_capacity(2 * self.n_kv);
         for h in 0..self.n_kv {
-            let (k, v) = cache.streams(layer, h).ok_or(KernelError::Layer { layer, n_layers: 0 })?;
+            let (k, v) = cache.streams(layer, h).ok_or_else(missing)?;
             streams.push(k);
             streams.push(v);
         }
