@@ -1,12 +1,13 @@
 # qaq — the two commands of the README:
 #   make demo   fetch the model, build, start a local cluster, stream a generation
-#   make test   fetch the model, build (also with --features cuda), clippy, all tests,
-#               and the CUDA checks that need no GPU (NVRTC compiles every kernel)
+#   make test   fetch the model, build (also with --features cuda), clippy, the module
+#               structure check, all tests, and the CUDA checks that need no GPU (NVRTC
+#               compiles every kernel)
 SHELL := /bin/bash
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test model build build-cuda clippy unit bench eval cuda-check
+.PHONY: demo test model build build-cuda clippy structure unit bench eval cuda-check
 
 model:
 	@scripts/fetch-model.sh
@@ -23,6 +24,10 @@ clippy:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --release --workspace --all-targets --features cuda -- -D warnings
 
+# No import cycles among the modules of any crate (ARCHITECTURE.md).
+structure:
+	python3 scripts/check-cycles.py
+
 # CUDA without a GPU: every kernel source compiled to PTX by NVRTC (the library comes
 # from its PyPI wheel, installed into .nvrtc/ by the script, found through
 # LD_LIBRARY_PATH), launch shapes, the GEMM arguments, the device layout, the no-driver
@@ -36,7 +41,7 @@ cuda-check:
 unit: build
 	$(CARGO) test --release --workspace --no-fail-fast
 
-test: model build-cuda clippy unit cuda-check deploy-check
+test: model build-cuda clippy structure unit cuda-check deploy-check
 
 demo: model build
 	@scripts/demo.sh

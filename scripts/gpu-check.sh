@@ -9,7 +9,8 @@
 #      T = 4k, 16k, 64k;
 #   3. the GPU forward pass on the real model (worker/tests/gpu.rs: logits and 64 greedy
 #      tokens against the CPU pass, fp16 and QAQ caches, decode attention on the caches'
-#      device tier), which needs cuBLAS
+#      device tier, and through the engine: every decode row device-attended), which
+#      needs cuBLAS
 #      (libcublas.so.12) and models/ (scripts/fetch-model.sh);
 #   4. decode tokens/s on the GPU, fp16 cache vs QAQ cache, at 2k and 8k context (the
 #      default model's context is 8,192 tokens, so 32k needs a longer-context model).
@@ -45,7 +46,7 @@ for l in sys.stdin:
 
 build() {
     "$CARGO" build "${FEAT[@]}" --example gpu_bench >&2
-    "$CARGO" build --release -p qaq-worker --features cuda >&2
+    "$CARGO" build --release -p qaq-worker-cli --features cuda >&2
     local tests wtests
     tests=$(test_binary gpu "${FEAT[@]}" --test gpu)
     wtests=$(test_binary gpu --release -p qaq-worker --features cuda --test gpu)

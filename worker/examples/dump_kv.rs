@@ -8,7 +8,7 @@
 
 use std::io::Write;
 
-use qaq_worker::model::{BatchItem, DenseKv, KvCache, KvError, KvShape, load_model};
+use qaq_worker::model::{BatchItem, DenseKv, DeviceTier, KvCache, KvError, KvShape, load_model};
 
 /// A dense cache that also records every query row it is asked to attend with.
 struct Recording {
@@ -31,6 +31,9 @@ impl KvCache for Recording {
     fn attend(&mut self, layer: usize, q: &[f32], n_q: usize, out: &mut [f32]) -> Result<(), KvError> {
         self.queries[layer].extend_from_slice(q);
         self.inner.attend(layer, q, n_q, out)
+    }
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier> {
+        None
     }
     fn bytes_used(&self) -> usize {
         self.inner.bytes_used()

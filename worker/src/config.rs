@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cache::{PolicyChoice, QaqOverrides};
 use crate::device::Device;
 use crate::engine::{Budgets, EngineConfig};
+use crate::error::ServeError;
+use crate::kv::{PolicyChoice, QaqOverrides};
 
 /// Default model path (fetched by `scripts/fetch-model.sh`).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -135,23 +136,23 @@ pub const MIN_SEQUENCE_TOKENS: u64 = 256;
 
 impl ServeArgs {
     /// Checks every argument and builds the configuration.
-    pub fn validate(self) -> anyhow::Result<WorkerConfig> {
+    pub fn validate(self) -> Result<WorkerConfig, ServeError> {
         let metrics_listen = match self.metrics_listen.trim() {
             "" => None,
-            s => Some(s.parse().map_err(|e| anyhow::anyhow!("--metrics-listen: {s:?} is not host:port ({e})"))?),
+            s => Some(
+                s.parse().map_err(|e| ServeError::Config(format!("--metrics-listen: {s:?} is not host:port ({e})")))?,
+            ),
         };
-        anyhow::ensure!(
-            (1..=1024).contains(&self.max_batch),
-            "--max-batch: must be in [1, 1024], got {}",
-            self.max_batch
-        );
-        anyhow::ensure!(
-            (1..=65536).contains(&self.prefill_chunk),
-            "--prefill-chunk: must be in [1, 65536], got {}",
-            self.prefill_chunk
-        );
-        anyhow::ensure!(self.max_waiting <= 1 << 20, "--max-waiting: must be at most 1048576");
-        anyhow::ensure!(self.kv_park_ms <= 600_000, "--kv-park-ms: must be in [0, 600000], got {}", self.kv_park_ms);
+        ensure((1..=1024).contains(&self.max_batch), || {
+            format!("--max-batch: must be in [1, 1024], got {}", self.max_batch)
+        })?;
+        ensure((1..=65536).contains(&self.prefill_chunk), || {
+            format!("--prefill-chunk: must be in [1, 65536], got {}", self.prefill_chunk)
+        })?;
+        ensure(self.max_waiting <= 1 << 20, || "--max-waiting: must be at most 1048576".to_string())?;
+        ensure(self.kv_park_ms <= 600_000, || {
+            format!("--kv-park-ms: must be in [0, 600000], got {}", self.kv_park_ms)
+        })?;
         let overrides = QaqOverrides {
             sigma_s: self.kv_sigma_s,
             sigma_x: self.kv_sigma_x,
@@ -161,14 +162,15 @@ impl ServeArgs {
             max_bits: self.kv_max_bits,
             every: self.kv_requantize_every,
         };
-        let kv_policy = PolicyChoice::parse(&self.kv_policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
-        let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let kv_policy =
+            PolicyChoice::parse(&self.kv_policy).map_err(|e| ServeError::Config(format!("--kv-policy: {e}")))?;
+        let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(ServeError::Config)?;
         let node = self.node.unwrap_or_else(hostname);
-        crate::nccl::check_node("--node", &node).map_err(|e| anyhow::anyhow!(e))?;
+        crate::nccl::check_node("--node", &node).map_err(ServeError::Config)?;
         let worker_id = match self.worker_id {
             Some(id) => {
-                qaq_proto::validate::id("--worker-id", &id).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-                anyhow::ensure!(!id.is_empty(), "--worker-id: must not be empty");
+                qaq_proto::validate::id("--worker-id", &id).map_err(|s| ServeError::Config(s.message().to_string()))?;
+                ensure(!id.is_empty(), || "--worker-id: must not be empty".to_string())?;
                 id
             }
             None => format!("worker-{}-{}", hostname(), std::process::id()),
@@ -192,7 +194,7 @@ impl ServeArgs {
             kv_policy,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             node,
-            tls: self.tls.validate()?,
+            tls: self.tls.validate().map_err(|e| ServeError::Config(e.to_string()))?,
         })
     }
 }
@@ -201,26 +203,31 @@ impl WorkerConfig {
     /// Checks the budgets against the model: each tier must hold at least one
     /// sequence of [`MIN_SEQUENCE_TOKENS`] tokens at the worst case (new tokens
     /// at the policy's widest setting; fp16 backups for QAQ).
-    pub fn check_budgets(&self, worst_bytes_per_token: usize, backup_bytes_per_token: usize) -> anyhow::Result<()> {
+    pub fn check_budgets(&self, worst_bytes_per_token: usize, backup_bytes_per_token: usize) -> Result<(), ServeError> {
         let b = self.engine.budgets;
         let dev_min = MIN_SEQUENCE_TOKENS * worst_bytes_per_token as u64;
-        anyhow::ensure!(
-            b.device >= dev_min,
-            "--kv-device-budget-bytes: {} is smaller than one sequence of {MIN_SEQUENCE_TOKENS} tokens under {:?} \
-             ({dev_min} bytes); allowed: [{dev_min}, 2^64)",
-            b.device,
-            self.kv_policy.label
-        );
+        ensure(b.device >= dev_min, || {
+            format!(
+                "--kv-device-budget-bytes: {} is smaller than one sequence of {MIN_SEQUENCE_TOKENS} tokens under {:?} \
+                 ({dev_min} bytes); allowed: [{dev_min}, 2^64)",
+                b.device, self.kv_policy.label
+            )
+        })?;
         let host_min =
             if self.kv_policy.uses_host_backups() { MIN_SEQUENCE_TOKENS * backup_bytes_per_token as u64 } else { 1 };
-        anyhow::ensure!(
-            b.host >= host_min,
-            "--kv-host-budget-bytes: {} is smaller than the fp16 backups of one sequence of {MIN_SEQUENCE_TOKENS} tokens \
-             ({host_min} bytes); allowed: [{host_min}, 2^64)",
-            b.host
-        );
-        Ok(())
+        ensure(b.host >= host_min, || {
+            format!(
+                "--kv-host-budget-bytes: {} is smaller than the fp16 backups of one sequence of {MIN_SEQUENCE_TOKENS} \
+                 tokens ({host_min} bytes); allowed: [{host_min}, 2^64)",
+                b.host
+            )
+        })
     }
+}
+
+/// `Ok` when `ok`, else the configuration error `msg()` (which names the flag).
+fn ensure(ok: bool, msg: impl FnOnce() -> String) -> Result<(), ServeError> {
+    if ok { Ok(()) } else { Err(ServeError::Config(msg())) }
 }
 
 pub(crate) fn hostname() -> String {

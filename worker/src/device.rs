@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::error::ServeError;
 use crate::model::{self, LoadedModel};
 
 /// The accepted forms, for error messages.
@@ -30,7 +31,7 @@ impl std::fmt::Display for Device {
 
 impl Device {
     /// Parses `cpu` or `cuda:N`; the error names the flag and the accepted forms.
-    pub fn parse(s: &str) -> anyhow::Result<Device> {
+    pub fn parse(s: &str) -> Result<Device, ServeError> {
         let t = s.trim();
         if t == "cpu" {
             return Ok(Device::Cpu);
@@ -43,13 +44,13 @@ impl Device {
         {
             return Ok(Device::Cuda(n));
         }
-        anyhow::bail!("--device: {s:?} is not a device; accepted forms: {DEVICE_SYNTAX}")
+        Err(ServeError::Device(format!("--device: {s:?} is not a device; accepted forms: {DEVICE_SYNTAX}")))
     }
 
     /// Checks that this worker can run on the device, before anything is loaded. The CPU
     /// always can. `cuda:N` needs a build with the `cuda` feature, a CUDA driver and GPU
     /// `N`; the kernels are compiled and the weights uploaded by [`Device::load_model`].
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<(), ServeError> {
         match *self {
             Device::Cpu => Ok(()),
             Device::Cuda(n) => check_cuda(n),
@@ -59,9 +60,10 @@ impl Device {
     /// Loads the model at `path` and puts its forward pass on this device. On a GPU the
     /// weights are uploaded as f16 and the dense layers run there; decode attention runs
     /// over each cache's device tier (see `model::gpu`).
-    pub fn load_model(&self, path: &Path) -> anyhow::Result<LoadedModel> {
+    pub fn load_model(&self, path: &Path) -> Result<LoadedModel, ServeError> {
         self.check()?;
-        let mut m = model::load_model(path).map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+        let mut m =
+            model::load_model(path).map_err(|source| ServeError::Model { path: path.display().to_string(), source })?;
         if let Device::Cuda(n) = *self {
             place_cuda(n, &mut m)?;
         }
@@ -70,27 +72,27 @@ impl Device {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn check_cuda(n: usize) -> anyhow::Result<()> {
-    anyhow::bail!(
+fn check_cuda(n: usize) -> Result<(), ServeError> {
+    Err(ServeError::Device(format!(
         "--device cuda:{n}: this qaq-worker was built without the `cuda` feature; \
          rebuild with `cargo build --release --features cuda`, or use --device cpu"
-    )
+    )))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn place_cuda(n: usize, _: &mut LoadedModel) -> anyhow::Result<()> {
+fn place_cuda(n: usize, _: &mut LoadedModel) -> Result<(), ServeError> {
     check_cuda(n)
 }
 
 #[cfg(feature = "cuda")]
-fn check_cuda(n: usize) -> anyhow::Result<()> {
-    qaq_kernels::cuda::probe(n).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))
+fn check_cuda(n: usize) -> Result<(), ServeError> {
+    qaq_kernels::cuda::probe(n).map_err(|e| ServeError::Device(format!("--device cuda:{n}: {e}")))
 }
 
 #[cfg(feature = "cuda")]
-fn place_cuda(n: usize, m: &mut LoadedModel) -> anyhow::Result<()> {
+fn place_cuda(n: usize, m: &mut LoadedModel) -> Result<(), ServeError> {
     let started = std::time::Instant::now();
-    let name = m.model.use_gpu(n).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))?;
+    let name = m.model.use_gpu(n).map_err(|e| ServeError::Device(format!("--device cuda:{n}: {e}")))?;
     tracing::info!(device = %format!("cuda:{n}"), gpu = %name, secs = started.elapsed().as_secs_f32(), "weights on the GPU");
     Ok(())
 }

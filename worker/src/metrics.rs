@@ -49,17 +49,48 @@ pub const KV_BACKUP_EVICTIONS_TOTAL: &str = "qaq_worker_kv_backup_evictions_tota
 pub const PREEMPTIONS_TOTAL: &str = "qaq_worker_preemptions_total";
 
 /// Requests migrated with their KV cache, labels `direction` (out: parked and pulled
-/// from here; in: restored here) and `outcome` (MIGRATION_OUTCOMES) (counter).
+/// from here; in: restored here) and `outcome` ([`MigrationOutcome`]) (counter).
 pub const KV_MIGRATIONS_TOTAL: &str = "qaq_worker_kv_migrations_total";
 /// Snapshot bytes of migrated KV caches, label `direction` (out|in) (counter).
 pub const KV_MIGRATION_BYTES_TOTAL: &str = "qaq_worker_kv_migration_bytes_total";
 /// Bytes of KV caches parked for their next worker to pull (gauge).
 pub const KV_PARKED_BYTES: &str = "qaq_worker_kv_parked_bytes";
 
-/// `outcome` labels of KV_MIGRATIONS_TOTAL: `transferred` (the cache moved), `prefilled`
-/// (incoming: the pull or the restore failed, the tokens were prefilled instead),
-/// `expired` (outgoing: parked, never pulled).
-pub const MIGRATION_OUTCOMES: [&str; 3] = ["transferred", "prefilled", "expired"];
+/// The `outcome` label of [`KV_MIGRATIONS_TOTAL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    /// The cache moved (either direction).
+    Transferred,
+    /// Incoming: the pull or the restore failed; the tokens were prefilled instead.
+    Prefilled,
+    /// Outgoing: parked, never pulled.
+    Expired,
+}
+
+impl MigrationOutcome {
+    /// The outcomes each direction can have (`out`: parked here; `in`: restored here).
+    pub const BY_DIRECTION: [(&'static str, [Self; 2]); 2] =
+        [("out", [Self::Transferred, Self::Expired]), ("in", [Self::Transferred, Self::Prefilled])];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Transferred => "transferred",
+            Self::Prefilled => "prefilled",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Counts `n` migrations of `direction` (`in` or `out`) with this outcome.
+    pub fn count_n(self, direction: &'static str, n: u64) {
+        metrics::counter!(KV_MIGRATIONS_TOTAL, "direction" => direction, "outcome" => self.label()).increment(n);
+    }
+
+    /// Counts one migration.
+    pub fn count(self, direction: &'static str) {
+        self.count_n(direction, 1);
+    }
+}
 
 /// Outcome labels of REQUESTS_TOTAL.
 pub const OUTCOMES: [&str; 4] = ["ok", "aborted", "error", "rejected"];
@@ -101,10 +132,10 @@ pub fn describe() {
     describe_counter!(KV_MIGRATIONS_TOTAL, "Requests migrated with their KV cache, by direction and outcome");
     describe_counter!(KV_MIGRATION_BYTES_TOTAL, Unit::Bytes, "Snapshot bytes of migrated KV caches, by direction");
     describe_gauge!(KV_PARKED_BYTES, Unit::Bytes, "Bytes of KV caches parked for their next worker");
-    for (direction, outcomes) in [("out", ["transferred", "expired"]), ("in", ["transferred", "prefilled"])] {
+    for (direction, outcomes) in MigrationOutcome::BY_DIRECTION {
         counter!(KV_MIGRATION_BYTES_TOTAL, "direction" => direction).absolute(0);
         for outcome in outcomes {
-            counter!(KV_MIGRATIONS_TOTAL, "direction" => direction, "outcome" => outcome).absolute(0);
+            counter!(KV_MIGRATIONS_TOTAL, "direction" => direction, "outcome" => outcome.label()).absolute(0);
         }
     }
     for c in [

@@ -10,7 +10,12 @@
 
 use qaq_proto::v1::NcclOffer;
 
+use crate::error::MigrationError;
 use crate::model::LoadedModel;
+
+fn nccl(e: impl std::fmt::Display) -> MigrationError {
+    MigrationError::Nccl(e.to_string())
+}
 
 /// Longest `--node` / `NcclOffer.node` (a DNS name).
 pub const MAX_NODE_BYTES: usize = 253;
@@ -46,44 +51,44 @@ pub fn offer(model: &LoadedModel, node: &str) -> Option<NcclOffer> {
 }
 
 /// Exporter: a new communicator id to hand to the puller.
-pub fn new_id() -> anyhow::Result<Vec<u8>> {
+pub fn new_id() -> Result<Vec<u8>, MigrationError> {
     #[cfg(feature = "cuda")]
-    return qaq_kernels::cuda::nccl::new_id().map_err(Into::into);
+    return qaq_kernels::cuda::nccl::new_id().map_err(nccl);
     #[cfg(not(feature = "cuda"))]
-    anyhow::bail!("this worker was built without the `cuda` feature")
+    Err(nccl("this worker was built without the `cuda` feature"))
 }
 
 /// Exporter: sends `bytes` as rank 0 of communicator `id`, on a blocking thread.
-pub async fn send(model: &LoadedModel, id: Vec<u8>, bytes: Vec<u8>) -> anyhow::Result<()> {
+pub async fn send(model: &LoadedModel, id: Vec<u8>, bytes: Vec<u8>) -> Result<(), MigrationError> {
     #[cfg(feature = "cuda")]
     {
-        let ctx = model.model.cuda_context().ok_or_else(|| anyhow::anyhow!("the model is not on a GPU"))?;
+        let ctx = model.model.cuda_context().ok_or_else(|| nccl("the model is not on a GPU"))?;
         tokio::task::spawn_blocking(move || qaq_kernels::cuda::nccl::send_bytes(&ctx, &id, &bytes))
             .await
-            .map_err(|e| anyhow::anyhow!("the NCCL send task failed: {e}"))??;
-        Ok(())
+            .map_err(|e| nccl(format!("the send task failed: {e}")))?
+            .map_err(nccl)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (model, id, bytes);
-        anyhow::bail!("this worker was built without the `cuda` feature")
+        Err(nccl("this worker was built without the `cuda` feature"))
     }
 }
 
 /// Puller: receives `n` bytes as rank 1 of communicator `id`, on a blocking thread.
-pub async fn recv(model: &LoadedModel, id: Vec<u8>, n: usize) -> anyhow::Result<Vec<u8>> {
+pub async fn recv(model: &LoadedModel, id: Vec<u8>, n: usize) -> Result<Vec<u8>, MigrationError> {
     #[cfg(feature = "cuda")]
     {
-        let ctx = model.model.cuda_context().ok_or_else(|| anyhow::anyhow!("the model is not on a GPU"))?;
-        let bytes = tokio::task::spawn_blocking(move || qaq_kernels::cuda::nccl::recv_bytes(&ctx, &id, n))
+        let ctx = model.model.cuda_context().ok_or_else(|| nccl("the model is not on a GPU"))?;
+        tokio::task::spawn_blocking(move || qaq_kernels::cuda::nccl::recv_bytes(&ctx, &id, n))
             .await
-            .map_err(|e| anyhow::anyhow!("the NCCL receive task failed: {e}"))??;
-        Ok(bytes)
+            .map_err(|e| nccl(format!("the receive task failed: {e}")))?
+            .map_err(nccl)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (model, id, n);
-        anyhow::bail!("this worker was built without the `cuda` feature")
+        Err(nccl("this worker was built without the `cuda` feature"))
     }
 }
 

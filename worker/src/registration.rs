@@ -12,6 +12,17 @@ use qaq_proto::v1::{DeregisterRequest, HeartbeatRequest, ModelInfo, RegisterRequ
 use crate::engine::EngineHandle;
 use crate::service::WorkerService;
 
+/// Why a registration session ended (logged; the worker retries).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("coordinator address: {0}")]
+    Address(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Rpc(#[from] tonic::Status),
+}
+
 /// What the worker announces.
 #[derive(Clone, Debug)]
 pub struct Announcement {
@@ -43,8 +54,9 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
 
 /// One registration and its heartbeats; returns when the coordinator forgets
 /// this worker, errs when it cannot be reached.
-async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool) -> anyhow::Result<()> {
-    let channel = crate::tls::grpc_endpoint(&a.coordinator, a.coordinator_tls.as_ref())?
+async fn session(a: &Announcement, engine: &EngineHandle, draining: &AtomicBool) -> Result<(), SessionError> {
+    let channel = crate::tls::grpc_endpoint(&a.coordinator, a.coordinator_tls.as_ref())
+        .map_err(|e| SessionError::Address(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()

@@ -11,9 +11,10 @@ use qaq_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::cache;
 use crate::config::WorkerConfig;
 use crate::engine::EngineHandle;
+use crate::error::ServeError;
+use crate::kv;
 use crate::model::LoadedModel;
 use crate::registration::{self, Announcement};
 use crate::service::{KvSettings, WorkerService};
@@ -26,12 +27,12 @@ pub async fn run(
     model: Arc<LoadedModel>,
     cfg: WorkerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
     let shape = model.model.kv_shape();
-    let worst =
-        cache::worst_bytes_per_token(&shape, &cfg.kv_policy.policy).map_err(|e| anyhow::anyhow!("--kv-policy: {e}"))?;
-    cfg.check_budgets(worst, cache::backup_bytes_per_token(&shape))?;
+    let worst = kv::worst_bytes_per_token(&shape, &cfg.kv_policy.policy)
+        .map_err(|e| ServeError::Config(format!("--kv-policy: {e}")))?;
+    cfg.check_budgets(worst, kv::backup_bytes_per_token(&shape))?;
     let engine = Arc::new(EngineHandle::start(model.clone(), cfg.engine.clone()));
     let draining = Arc::new(AtomicBool::new(false));
     let service = WorkerService::new(

@@ -1,12 +1,14 @@
 //! Device tests of the GPU forward pass (feature `cuda`) on the real model: the GPU pass
-//! against the CPU pass, logits and greedy generation, with the fp16 and the QAQ cache.
+//! against the CPU pass, logits and greedy generation, with the fp16 and the QAQ cache,
+//! directly and through the engine (as a serving worker runs it).
 //! They need a GPU and fail (never skip) without one: `scripts/gpu-check.sh` runs them.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use qaq_worker::cache::{PolicyChoice, SeqCache};
 use qaq_worker::engine::sampling::argmax;
+use qaq_worker::engine::{EngineConfig, EngineHandle, Event, Job, SamplingConfig};
+use qaq_worker::kv::{PolicyChoice, SeqCache};
 use qaq_worker::model::{BatchItem, KvCache, LoadedModel, load_model};
 
 fn model_path() -> PathBuf {
@@ -45,7 +47,7 @@ fn greedy(m: &LoadedModel, policy: &str, prompt: &[u32], n: usize) -> (Vec<u32>,
     let mut feed = prompt.to_vec();
     for _ in 0..n {
         let logits = m.model.forward(&mut [BatchItem { tokens: &feed, kv: &mut kv }]).unwrap();
-        let row = logits.get(0).unwrap().to_vec1::<f32>().unwrap();
+        let row = logits.row(0).to_vec();
         let next = argmax(&row);
         let top = row[next as usize];
         let second =
@@ -123,7 +125,7 @@ fn the_qaq_cache_behind_the_gpu_pass_compresses_as_on_the_cpu() {
             let mut feed = ids.clone();
             for _ in 0..17 {
                 let logits = m.model.forward(&mut [BatchItem { tokens: &feed, kv: &mut *kv }]).unwrap();
-                feed = vec![argmax(&logits.get(0).unwrap().to_vec1::<f32>().unwrap())];
+                feed = vec![argmax(logits.row(0))];
             }
         }
         let (sa, sb) = (a.stats(), b.stats());
@@ -138,10 +140,10 @@ fn the_qaq_cache_behind_the_gpu_pass_compresses_as_on_the_cpu() {
             sb.bytes_used(),
             sb.k.avg_bits(),
             sb.v.avg_bits(),
-            b.device_tier()
+            b.device_tier_bytes()
         );
         assert!(rel < 0.05, "{policy}: cache sizes differ by {:.1}%", rel * 100.0);
-        match (policy, b.device_tier()) {
+        match (policy, b.device_tier_bytes()) {
             ("kivi", None) => assert_eq!(b.summary().device_bytes as usize, sb.bytes_used()),
             ("kivi", t) => panic!("kivi got a device tier {t:?}"),
             (_, None) => panic!("{policy}: the decode steps did not attend on the device"),
@@ -150,5 +152,50 @@ fn the_qaq_cache_behind_the_gpu_pass_compresses_as_on_the_cpu() {
                 assert_eq!(b.summary().device_bytes as usize, bytes);
             }
         }
+    }
+}
+
+/// Serving runs the GPU pass through the engine, whose caches sit behind its abort
+/// wrapper: every decode row of every layer must attend in the device tier (the prefill
+/// attends on the host), for the fp16 and the default QAQ cache alike.
+#[test]
+fn through_the_engine_every_decode_row_attends_on_the_device() {
+    let (cpu, _) = models();
+    let mut gpu = load_model(&model_path()).unwrap();
+    gpu.model.use_gpu(ordinal()).unwrap();
+    let n_layers = gpu.model.config().n_layers as u64;
+    let ids = prompt(cpu);
+    let engine = EngineHandle::start(std::sync::Arc::new(gpu), EngineConfig::default());
+    for policy in ["fp16", "qaq-tuned"] {
+        let choice = PolicyChoice::parse(policy).unwrap();
+        let worst = qaq_worker::kv::worst_bytes_per_token(&cpu.model.kv_shape(), &choice.policy).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(Job {
+                id: format!("gpu-{policy}"),
+                prompt: ids.clone(),
+                resume: vec![],
+                kv: None,
+                max_new_tokens: 24,
+                sampling: SamplingConfig::default(),
+                stops: vec![],
+                ignore_eos: true,
+                policy: choice,
+                worst_bytes_per_token: worst,
+                events: tx,
+                received: std::time::Instant::now(),
+            })
+            .unwrap();
+        let done = loop {
+            match rx.blocking_recv().expect("the engine answers") {
+                Event::Done { completion_tokens, kv, .. } => break (completion_tokens, kv),
+                Event::Failed(e) => panic!("{policy}: {e}"),
+                Event::Delta { .. } => {}
+            }
+        };
+        let (n, kv) = done;
+        assert_eq!(n, 24);
+        eprintln!("{policy}: {} device-attended decode rows over {n} tokens", kv.device_attended_rows);
+        assert_eq!(kv.device_attended_rows, (n as u64 - 1) * n_layers, "{policy}: decode rows attended on the host");
     }
 }

@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::llama as reference;
-use qaq_worker::cache::PolicyChoice;
 use qaq_worker::engine::{Budgets, EngineConfig, EngineHandle, Event, Finish, Job, KvSummary, SamplingConfig};
+use qaq_worker::kv::PolicyChoice;
 use qaq_worker::model::loader::load_weights;
 use qaq_worker::model::{BatchItem, DenseKv, KvCache, Llama, LlamaConfig, LoadedModel, TextTokenizer};
 
@@ -57,7 +57,7 @@ fn greedy_ours(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut feed = prompt.to_vec();
     for _ in 0..n {
         let logits = m.forward(&mut [BatchItem { tokens: &feed, kv: &mut kv }]).unwrap();
-        let next = qaq_worker::engine::sampling::argmax(&logits.get(0).unwrap().to_vec1::<f32>().unwrap());
+        let next = qaq_worker::engine::sampling::argmax(logits.row(0));
         out.push(next);
         feed = vec![next];
     }
@@ -84,7 +84,7 @@ fn greedy_reference(m: &reference::Llama, rc: &reference::Config, prompt: &[u32]
 #[test]
 fn tiny_random_model_matches_candle_llama_logits() {
     let cfg = LlamaConfig::tiny();
-    let w = qaq_worker::model::llama::random_weights(&cfg, 11);
+    let w = qaq_worker::model::weights::random_weights(&cfg, 11);
     let ours = Llama::from_weights(cfg.clone(), w.clone()).unwrap();
     let (theirs, rc) = reference_model(&cfg, &w);
     let prompt = [1u32, 5, 9, 42, 7, 3];
@@ -94,7 +94,8 @@ fn tiny_random_model_matches_candle_llama_logits() {
     let mut feed = prompt.to_vec();
     let mut pos = 0;
     for step in 0..4 {
-        let a = ours.forward(&mut [BatchItem { tokens: &feed, kv: &mut kv }]).unwrap().get(0).unwrap();
+        let a = ours.forward(&mut [BatchItem { tokens: &feed, kv: &mut kv }]).unwrap();
+        let a = Tensor::new(a.row(0), &Device::Cpu).unwrap();
         let input = Tensor::new(feed.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let b = theirs.forward(&input, pos, &mut cache).unwrap().squeeze(0).unwrap();
         pos += feed.len();
@@ -108,7 +109,7 @@ fn tiny_random_model_matches_candle_llama_logits() {
 #[test]
 fn hf_safetensors_folder_loads_like_the_same_weights_in_memory() {
     let cfg = LlamaConfig { tie_embeddings: true, ..LlamaConfig::tiny() };
-    let mut w = qaq_worker::model::llama::random_weights(&cfg, 5);
+    let mut w = qaq_worker::model::weights::random_weights(&cfg, 5);
     w.remove("lm_head.weight");
     let dir = std::env::temp_dir().join(format!("qaq-hf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -184,7 +185,7 @@ fn job_with(
     stops: Vec<String>,
     policy: PolicyChoice,
 ) -> (Job, tokio::sync::mpsc::UnboundedReceiver<Event>) {
-    let worst = qaq_worker::cache::worst_bytes_per_token(&real().2.model.kv_shape(), &policy.policy).unwrap();
+    let worst = qaq_worker::kv::worst_bytes_per_token(&real().2.model.kv_shape(), &policy.policy).unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
         id: id.into(),
@@ -338,7 +339,7 @@ fn a_preempted_sequence_resumes_with_exactly_the_tokens_of_an_undisturbed_run() 
     free.submit(jb).unwrap();
     let (_, alone_b, _, kv_b) = collect_kv(rb);
     // A budget that holds either sequence but not both at their full length.
-    let worst = qaq_worker::cache::worst_bytes_per_token(&loaded.model.kv_shape(), &qaq().policy).unwrap() as u64;
+    let worst = qaq_worker::kv::worst_bytes_per_token(&loaded.model.kv_shape(), &qaq().policy).unwrap() as u64;
     let budget = kv_a.device_bytes.max(kv_b.device_bytes) * 3 / 2 + 2 * worst;
     let tight = engine_with(budget, u64::MAX);
     let (ja, ra) = job_with("a", pa, n, vec![], qaq());
@@ -358,7 +359,7 @@ fn a_preempted_sequence_resumes_with_exactly_the_tokens_of_an_undisturbed_run() 
 #[test]
 fn a_full_host_tier_evicts_backups_and_generation_goes_on() {
     let loaded = real().2.clone();
-    let per_token = qaq_worker::cache::backup_bytes_per_token(&loaded.model.kv_shape()) as u64;
+    let per_token = qaq_worker::kv::backup_bytes_per_token(&loaded.model.kv_shape()) as u64;
     let host_budget = 64 * per_token;
     let engine = engine_with(u64::MAX, host_budget);
     let (j, rx) =
@@ -385,7 +386,7 @@ fn serve_config(args: &[&str]) -> anyhow::Result<qaq_worker::config::WorkerConfi
     }
     let mut argv = vec!["qaq-worker", "--metrics-listen", ""];
     argv.extend_from_slice(args);
-    <Cli as clap::Parser>::try_parse_from(argv)?.serve.validate()
+    Ok(<Cli as clap::Parser>::try_parse_from(argv)?.serve.validate()?)
 }
 
 /// Serves the real model in-process on a loopback port; returns its address
@@ -474,9 +475,6 @@ fn grpc_requests_choose_their_kv_policy_and_oversized_prompts_are_refused() {
     });
     let _ = stop.send(());
 }
-
-#[path = "worker/eval.rs"]
-mod eval;
 
 /// KV migration at the edges, over the worker's gRPC service: ExportKv of nothing
 /// parked is NOT_FOUND, a bad id or source address is INVALID_ARGUMENT naming the

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::oneshot;
 
 use super::Load;
-use crate::cache::{PolicyChoice, SeqCache};
-use crate::model::{KvCache, KvError, KvShape};
+use crate::kv::{PolicyChoice, SeqCache};
+use crate::model::{DeviceTier, KvCache, KvError, KvShape};
 
 /// Requests known to the engine (queued, waiting, running or preempted).
 #[derive(Debug, Default)]
@@ -182,6 +182,13 @@ impl KvCache for Abortable<'_> {
         }
     }
 
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier> {
+        if self.freed() {
+            return None;
+        }
+        self.kv.device_tier()
+    }
+
     fn bytes_used(&self) -> usize {
         self.kv.bytes_used()
     }
@@ -190,6 +197,8 @@ impl KvCache for Abortable<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::decoder::{Attended, BatchItem, cache_step};
+    use crate::model::{DenseKv, DeviceTier};
 
     #[test]
     fn an_abort_waits_only_for_sequences_holding_memory() {
@@ -210,5 +219,51 @@ mod tests {
         assert!(waits[0].try_recv().is_ok());
         drop(queued);
         assert!(aborts.lock().is_empty(), "released tickets are forgotten");
+    }
+
+    /// The device capability of a cache reaches a GPU backend through the engine's
+    /// wrapper: decode rows of a live sequence go to its device tier, prefill rows and
+    /// caches without one (the dense reference, an aborted sequence) to the host.
+    #[test]
+    fn decode_rows_reach_the_device_tier_through_the_abortable_wrapper() {
+        const SHAPE: KvShape = KvShape { n_layers: 1, n_heads: 2, n_kv_heads: 1, head_dim: 8 };
+        let (qw, kvw) = (SHAPE.q_width(), SHAPE.kv_width());
+        let policy = PolicyChoice::parse("qaq").unwrap();
+        let aborts = Arc::new(Aborts::default());
+        let mut ticket = aborts.register("a");
+        assert!(ticket.admit());
+        let load = Load::default();
+        load.running.store(1, Ordering::Relaxed);
+        let mut seq = SeqCache::new(&SHAPE, &policy).unwrap();
+        let mut dense = DenseKv::new(SHAPE);
+        let rows = |n: usize, w: usize| (0..n * w).map(|i| (i as f32 * 0.3).sin()).collect::<Vec<f32>>();
+        let mut calls = Vec::new();
+        let mut run = |seq: &mut SeqCache, ticket: &mut Ticket, dense: &mut DenseKv, n: usize| {
+            let len = seq.len();
+            let mut wrapped = Abortable { kv: seq, ticket, shape: &SHAPE, policy: &policy, load: &load, len };
+            let mut items = [
+                BatchItem { tokens: &[0; 4][..n], kv: &mut wrapped as &mut dyn KvCache },
+                BatchItem { tokens: &[0; 4][..n], kv: dense as &mut dyn KvCache },
+            ];
+            let (q, kv) = (rows(2 * n, qw), rows(2 * n, kvw));
+            let mut out = vec![0f32; 2 * n * qw];
+            let mut device = |_: &mut dyn DeviceTier, item: usize, q: &[f32]| {
+                calls.push((item, q.len()));
+                Ok(true)
+            };
+            let spans = [(0, n), (n, n)];
+            let at = cache_step(&mut items, &spans, 0, [&q, &kv, &kv], (qw, kvw), &mut out, Some(&mut device));
+            items.iter_mut().for_each(|it| it.kv.end_step());
+            at.unwrap()
+        };
+        // A prefill chunk attends on the host, whatever the cache.
+        assert_eq!(run(&mut seq, &mut ticket, &mut dense, 3), vec![Attended::Host, Attended::Host]);
+        // A decode row of the live sequence goes to its device tier; the dense cache has none.
+        assert_eq!(run(&mut seq, &mut ticket, &mut dense, 1), vec![Attended::Device, Attended::Host]);
+        // Once aborted, the wrapper frees the cache and offers no tier.
+        assert!(aborts.abort("a").is_some());
+        assert_eq!(run(&mut seq, &mut ticket, &mut dense, 1), vec![Attended::Host, Attended::Host]);
+        assert_eq!(calls, vec![(0, qw)], "one device call: item 0's decode row");
+        assert_eq!(seq.len(), 0, "the aborted sequence's cache was freed");
     }
 }

@@ -4,7 +4,10 @@
 //! (prefill); requests join and leave between steps.
 //!
 //! - [`EngineHandle`]: the async side's handle (submit, abort, load).
-//! - `state`: the plain-struct scheduler state, unit-testable without threads.
+//! - [`StepModel`]: what the engine needs of a model (the worker's [`LoadedModel`]).
+//! - `state`: the scheduler, a plain state machine over a [`StepModel`] (admission,
+//!   budget reservation, preemption and resume, parking, aborts, host-tier eviction),
+//!   unit-tested with a scripted fake model and no threads.
 //! - `abort`: abort flags shared with the async side, effective mid-step.
 //! - [`memory`]: two-tier (device / host) KV budget planning.
 //! - [`sampling`]: next-token selection.
@@ -12,10 +15,13 @@
 
 mod abort;
 pub mod memory;
+mod model;
 pub mod output;
 pub mod park;
 pub mod sampling;
 mod state;
+#[cfg(test)]
+mod state_tests;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -23,10 +29,11 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
-use crate::cache::PolicyChoice;
-use crate::model::LoadedModel;
+pub use crate::kv::KvSummary;
+use crate::kv::{PolicyChoice, SeqCache};
 use abort::{Aborts, Ticket};
 pub use memory::Budgets;
+pub use model::StepModel;
 use park::ParkedKv;
 pub use sampling::SamplingConfig;
 use state::EngineState;
@@ -76,18 +83,6 @@ pub enum Finish {
     Context,
 }
 
-/// KV statistics of a finished sequence.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KvSummary {
-    pub policy: String,
-    pub avg_key_bits: f64,
-    pub avg_value_bits: f64,
-    pub device_bytes: u64,
-    pub fp16_equivalent_bytes: u64,
-    pub requantizations_up: u64,
-    pub requantizations_down: u64,
-}
-
 /// What the engine reports about a request, in order.
 #[derive(Debug, PartialEq)]
 pub enum Event {
@@ -103,7 +98,27 @@ pub enum Event {
         kv: KvSummary,
     },
     /// The sequence failed inside the engine.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why the engine failed a request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// More requests are waiting than `--max-waiting` allows.
+    #[error("worker queue full ({0} waiting requests)")]
+    QueueFull(usize),
+    /// A sequence alone outgrew the device budget.
+    #[error("the device KV budget (--kv-device-budget-bytes {budget}) cannot hold this sequence ({bytes} bytes)")]
+    OutOfBudget { budget: u64, bytes: usize },
+    /// Its KV cache could not be made.
+    #[error("kv cache: {0}")]
+    KvCache(String),
+    /// The forward pass of its batch failed.
+    #[error("forward pass failed: {0}")]
+    Forward(String),
+    /// Its resumed tokens could not be detokenized.
+    #[error("detokenization: {0}")]
+    Text(String),
 }
 
 /// A request ready for the engine (validated and tokenized).
@@ -115,7 +130,7 @@ pub struct Job {
     pub resume: Vec<u32>,
     /// A cache restored from the request's previous worker (migration), holding the
     /// first tokens of `prompt` + `resume`: they are not prefilled again.
-    pub kv: Option<crate::cache::SeqCache>,
+    pub kv: Option<SeqCache>,
     /// Most tokens to generate, `resume` included.
     pub max_new_tokens: u32,
     pub sampling: SamplingConfig,
@@ -179,8 +194,8 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread for a loaded model.
-    pub fn start(model: Arc<LoadedModel>, cfg: EngineConfig) -> Self {
+    /// Starts the engine thread for a model (the worker's: a [`crate::model::LoadedModel`]).
+    pub fn start<M: StepModel>(model: Arc<M>, cfg: EngineConfig) -> Self {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(Load::default());
         let l = load.clone();
@@ -252,7 +267,7 @@ impl Drop for EngineHandle {
     }
 }
 
-fn run(mut st: EngineState, rx: mpsc::Receiver<Command>, parked: Arc<ParkedKv>) {
+fn run<M: StepModel>(mut st: EngineState<M>, rx: mpsc::Receiver<Command>, parked: Arc<ParkedKv>) {
     loop {
         // Block only when idle; otherwise take what has arrived and step.
         let first = if st.is_idle() {

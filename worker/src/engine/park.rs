@@ -1,5 +1,5 @@
 //! Parked KV caches. When a drain runs out of grace, the engine snapshots every
-//! sequence it still holds ([`crate::cache::SeqCache::snapshot`]) and parks it here
+//! sequence it still holds ([`crate::kv::SeqCache::snapshot`]) and parks it here
 //! under its request id; the request's next worker pulls it through Worker.ExportKv and
 //! continues without prefilling prompt and generated tokens again. An entry is taken at
 //! most once and expires after the park window.
@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge};
+use metrics::gauge;
 
 use crate::metrics as m;
 
@@ -45,7 +45,7 @@ impl ParkedKv {
         map.retain(|_, p| p.at.elapsed() < ttl);
         let expired = before - map.len();
         if expired > 0 {
-            counter!(m::KV_MIGRATIONS_TOTAL, "direction" => "out", "outcome" => "expired").increment(expired as u64);
+            m::MigrationOutcome::Expired.count_n("out", expired as u64);
             publish(&map);
         }
         map

@@ -1,6 +1,9 @@
-//! Scheduler state of the engine thread: the waiting queue, the running
-//! batch, preempted sequences, one engine step under the KV budgets, and
-//! finishing sequences.
+//! The scheduler of the engine thread, a plain state machine over a [`StepModel`]: the
+//! waiting queue, the running batch, preempted sequences, one engine step under the KV
+//! budgets, and finishing sequences. It owns no thread and no channel of its own: the
+//! engine thread (or a unit test) calls [`EngineState::submit`], [`EngineState::step`]
+//! and [`EngineState::end_all`], and every outcome is an [`Event`] on the request's own
+//! channel, the shared [`Load`] counters, or the sequence's KV memory.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,10 +16,10 @@ use super::abort::{Abortable, Ticket};
 use super::memory::{self, SeqNeed};
 use super::output::OutputText;
 use super::sampling::Sampler;
-use super::{EngineConfig, Event, Finish, Job, KvSummary, Load};
-use crate::cache::{self, SeqCache};
+use super::{EngineConfig, Event, Failure, Finish, Job, KvSummary, Load, StepModel};
+use crate::kv::{self, SeqCache};
 use crate::metrics as m;
-use crate::model::{BatchItem, KvCache, LoadedModel};
+use crate::model::{BatchItem, KvCache};
 
 /// A sequence that has been admitted (running or preempted).
 struct Seq {
@@ -34,19 +37,20 @@ struct Seq {
     exported: qaq_kernels::Counters,
 }
 
-pub(super) struct EngineState {
-    model: Arc<LoadedModel>,
+pub(super) struct EngineState<M: StepModel> {
+    model: Arc<M>,
     cfg: EngineConfig,
     load: Arc<Load>,
     waiting: VecDeque<(Job, Ticket)>,
     /// In admission order (preemption takes the latest first).
     running: Vec<Seq>,
-    /// Swapped out of the device tier, resumed first-in first-out.
+    /// Swapped out of the device tier, resumed from the front: a step preempts its latest
+    /// admitted first and each goes to the front, so the front is the earliest admitted.
     preempted: VecDeque<Seq>,
 }
 
-impl EngineState {
-    pub fn new(model: Arc<LoadedModel>, cfg: EngineConfig, load: Arc<Load>) -> Self {
+impl<M: StepModel> EngineState<M> {
+    pub fn new(model: Arc<M>, cfg: EngineConfig, load: Arc<Load>) -> Self {
         gauge!(m::KV_DEVICE_BUDGET_BYTES).set(cfg.budgets.device as f64);
         gauge!(m::KV_HOST_BUDGET_BYTES).set(cfg.budgets.host as f64);
         Self { model, cfg, load, waiting: VecDeque::new(), running: Vec::new(), preempted: VecDeque::new() }
@@ -58,9 +62,7 @@ impl EngineState {
 
     pub fn submit(&mut self, job: Job, ticket: Ticket) {
         if self.waiting.len() >= self.cfg.max_waiting {
-            let _ = job
-                .events
-                .send(Event::Failed(format!("worker queue full ({} waiting requests)", self.cfg.max_waiting)));
+            let _ = job.events.send(Event::Failed(Failure::QueueFull(self.cfg.max_waiting)));
             counter!(m::REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
             return;
         }
@@ -139,14 +141,22 @@ impl EngineState {
         (tokens > 0).then(|| self.device_used() as f64 / tokens as f64)
     }
 
-    /// Resumes preempted sequences, then admits new ones, while they fit.
+    /// Device bytes the running sequences hold plus what their next step may add (one
+    /// token each, at the worst case): what the step planner reserves, so a sequence
+    /// admitted within the rest is not preempted again by the same step.
+    fn reserved(&self) -> u64 {
+        self.device_used() + self.running.iter().map(|s| s.job.worst_bytes_per_token as u64).sum::<u64>()
+    }
+
+    /// Resumes preempted sequences (in admission order), then admits new ones, while
+    /// they fit beside the running ones' next step.
     fn admit(&mut self) {
         let budget = self.cfg.budgets.device;
         while self.running.len() < self.cfg.max_batch
             && let Some(seq) = self.preempted.front()
         {
             let bytes = seq.kv.bytes_used() as u64;
-            if !memory::fits(self.device_used(), bytes, seq.job.worst_bytes_per_token as u64, budget) {
+            if !memory::fits(self.reserved(), bytes, seq.job.worst_bytes_per_token as u64, budget) {
                 return;
             }
             let seq = self.preempted.pop_front().expect("front exists");
@@ -167,8 +177,7 @@ impl EngineState {
             let n = (job.prompt.len() + job.resume.len()) as u64;
             let first_chunk = n.min(self.cfg.prefill_chunk as u64) * worst;
             let settled = self.avg_bytes_per_token().map_or(n * worst, |a| (a * n as f64) as u64);
-            let used = self.device_used();
-            if !self.running.is_empty() && !memory::fits(used, settled.max(first_chunk), worst, budget) {
+            if !self.running.is_empty() && !memory::fits(self.reserved(), settled.max(first_chunk), worst, budget) {
                 return;
             }
             let (job, ticket) = self.waiting.pop_front().expect("front exists");
@@ -186,10 +195,10 @@ impl EngineState {
         // A restored cache must leave at least one token to feed (the service checks).
         let n_tokens = job.prompt.len() + job.resume.len();
         let restored = job.kv.take().filter(|kv| kv.len() < n_tokens).map(Ok);
-        let kv = match restored.unwrap_or_else(|| SeqCache::new(&self.model.model.kv_shape(), &job.policy)) {
+        let kv = match restored.unwrap_or_else(|| SeqCache::new(&self.model.kv_shape(), &job.policy)) {
             Ok(kv) => kv,
             Err(e) => {
-                let _ = job.events.send(Event::Failed(format!("kv cache: {e}")));
+                let _ = job.events.send(Event::Failed(Failure::KvCache(e.to_string())));
                 counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
                 return None;
             }
@@ -197,8 +206,8 @@ impl EngineState {
         let mut tokens = job.prompt.clone();
         tokens.extend_from_slice(&job.resume);
         let mut output = OutputText::new(job.stops.clone());
-        if let Err(e) = output.prime(&self.model.tokenizer, &job.resume) {
-            let _ = job.events.send(Event::Failed(e.to_string()));
+        if let Err(e) = output.prime(self.model.text(), &job.resume) {
+            let _ = job.events.send(Event::Failed(Failure::Text(e.to_string())));
             return None;
         }
         Some(Seq {
@@ -254,23 +263,19 @@ impl EngineState {
             && !memory::fits(needs[0].bytes, 0, needs[0].worst_per_token, self.cfg.budgets.device)
         {
             let seq = self.running.remove(0);
-            let msg = format!(
-                "the device KV budget (--kv-device-budget-bytes {}) cannot hold this sequence ({} bytes)",
-                self.cfg.budgets.device,
-                seq.kv.bytes_used()
-            );
-            let _ = seq.job.events.send(Event::Failed(msg));
+            let failure = Failure::OutOfBudget { budget: self.cfg.budgets.device, bytes: seq.kv.bytes_used() };
+            let _ = seq.job.events.send(Event::Failed(failure));
             counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
             return;
         }
         // Room in the host tier for the backups this step writes.
-        let shape = self.model.model.kv_shape();
+        let shape = self.model.kv_shape();
         let growth: u64 = self
             .running
             .iter()
             .zip(&feed)
             .filter(|(s, _)| s.job.policy.uses_host_backups())
-            .map(|(_, &n)| (n * cache::backup_bytes_per_token(&shape)) as u64)
+            .map(|(_, &n)| (n * kv::backup_bytes_per_token(&shape)) as u64)
             .sum();
         self.enforce_host_budget(growth);
         // The batch about to run is what the load reports (and what an abort
@@ -284,7 +289,7 @@ impl EngineState {
         let started = Instant::now();
         let mut prompt_tokens = 0u64;
         let mut rows = Vec::with_capacity(feed.len());
-        let shape = self.model.model.kv_shape();
+        let shape = self.model.kv_shape();
         let result = {
             let mut fed: Vec<(&[u32], Abortable<'_>)> = Vec::with_capacity(feed.len());
             for (i, (seq, &n)) in self.running.iter_mut().zip(feed).enumerate() {
@@ -301,7 +306,7 @@ impl EngineState {
             }
             let mut items: Vec<BatchItem<'_>> =
                 fed.iter_mut().map(|(tokens, kv)| BatchItem { tokens, kv: kv as &mut dyn KvCache }).collect();
-            self.model.model.forward(&mut items).and_then(|l| Ok(l.to_vec2::<f32>()?))
+            self.model.step(&mut items)
         };
         histogram!(m::STEP_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         // The step's peak: fed caches before re-quantization, the others as they are.
@@ -321,7 +326,7 @@ impl EngineState {
                 tracing::error!(error = %e, "forward pass failed; failing the batch");
                 for &(i, _) in rows.iter().rev() {
                     let seq = self.running.remove(i);
-                    let _ = seq.job.events.send(Event::Failed(format!("forward pass failed: {e}")));
+                    let _ = seq.job.events.send(Event::Failed(Failure::Forward(e.to_string())));
                     counter!(m::REQUESTS_TOTAL, "outcome" => "error").increment(1);
                 }
                 return;
@@ -338,7 +343,7 @@ impl EngineState {
                 continue; // still prefilling
             }
             let seq = &mut self.running[i];
-            let mut l = logits[row].clone();
+            let mut l = logits.row(row).to_vec();
             let tok = seq.sampler.sample(&mut l, &seq.tokens);
             if let Some(f) = self.advance(i, tok) {
                 finished.push((i, f));
@@ -405,7 +410,7 @@ impl EngineState {
                 break;
             }
             tracing::debug!(id = %seq.job.id, "host tier full: dropping a swapped-out cache (it will prefill again)");
-            match SeqCache::new(&self.model.model.kv_shape(), &seq.job.policy) {
+            match SeqCache::new(&self.model.kv_shape(), &seq.job.policy) {
                 Ok(kv) => seq.kv = kv,
                 Err(_) => break,
             }
@@ -415,7 +420,7 @@ impl EngineState {
     /// Records a sampled token; returns the finish (with the final text and
     /// ids to send) if the sequence ends.
     fn advance(&mut self, i: usize, tok: u32) -> Option<(Finish, String, Vec<u32>)> {
-        let ctx = self.model.model.config().context_length;
+        let ctx = self.model.context_length();
         let seq = &mut self.running[i];
         let now = Instant::now();
         match seq.last_token_at {
@@ -427,10 +432,10 @@ impl EngineState {
         seq.tokens.push(tok);
         counter!(m::GENERATED_TOKENS_TOTAL).increment(1);
         self.load.generated_total.fetch_add(1, Ordering::Relaxed);
-        if !seq.job.ignore_eos && self.model.tokenizer.eos_ids().contains(&tok) {
+        if !seq.job.ignore_eos && self.model.eos_ids().contains(&tok) {
             return Some((Finish::Eos, String::new(), vec![tok]));
         }
-        let delta = match seq.output.push(&self.model.tokenizer, tok) {
+        let delta = match seq.output.push(self.model.text(), tok) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "detokenization failed");
@@ -501,7 +506,7 @@ impl EngineState {
         gauge!(m::KV_HOST_BACKUP_BYTES).set(host as f64);
         gauge!(m::KV_FP16_EQUIVALENT_BYTES).set(fp16 as f64);
         gauge!(m::KV_USAGE_RATIO).set(dev as f64 / self.cfg.budgets.device.max(1) as f64);
-        if let Some((used, total)) = self.model.model.gpu_memory() {
+        if let Some((used, total)) = self.model.device_memory() {
             gauge!(m::GPU_MEMORY_BYTES, "state" => "used").set(used as f64);
             gauge!(m::GPU_MEMORY_BYTES, "state" => "total").set(total as f64);
         }

@@ -1,49 +1,42 @@
-//! The llama forward pass on an NVIDIA GPU (feature `cuda`): weights uploaded once as f16,
-//! the dense layers as cuBLAS GEMMs ([`Blas`]: f16 operands, f32 accumulation), RMSNorm,
-//! RoPE, SiLU gating, the embedding gather, residual and bias additions as the NVRTC
-//! kernels of `qaq-kernels`; the residual stream stays on the device in f32.
+//! The GPU backend (feature `cuda`): the weights uploaded once (matrices as f16, norms
+//! and biases as f32) and the decoder stack ([`super::decoder::run`]) on the device:
+//! dense layers as cuBLAS GEMMs (f16 operands, f32 accumulation); RMSNorm, RoPE, SiLU
+//! gating, the embedding gather, residual and bias additions as the NVRTC kernels of
+//! `qaq-kernels`; the residual stream stays on the device in f32.
 //!
-//! The KV caches: each sequence's [`KvCache`] appends on the host (QAQ decides widths,
-//! encodes and keeps the fp16 backups there, as on a CPU worker). A decode row (one new
-//! token) then attends on the device when its cache has a device tier
-//! ([`KvCache::attend_on_gpu`]: the packed groups mirrored in device memory, see
-//! `qaq_kernels::cuda::kv`), and its output stays there. Prefill rows, and caches without
-//! a device tier (the KIVI baseline), attend on the host and their output is copied up.
-//!
-//! Same contract as [`Llama::forward`]: the batch is checked by the same
-//! [`Llama::plan`], so errors read the same on both devices.
+//! The KV caches: each sequence's [`KvCache`](super::KvCache) appends on the host (QAQ
+//! decides widths, encodes and keeps the fp16 backups there, as on a CPU worker). A decode
+//! row (one new token) then attends on the device when its cache has a device tier
+//! ([`KvCache::device_tier`](super::KvCache::device_tier): the packed groups mirrored in
+//! device memory, see `qaq_kernels::cuda::kv`), and its output stays there. Prefill rows,
+//! and caches without a device tier (the KIVI baseline), attend on the host and their
+//! output is copied up. The Q, K and V rows come down through page-locked buffers, one
+//! wait per layer.
+
+use std::sync::{Arc, Mutex};
 
 use half::f16;
 use qaq_kernels::KernelError;
-use qaq_kernels::cuda::cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use qaq_kernels::cuda::cudarc::driver::{CudaContext, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use qaq_kernels::cuda::{Blas, Gpu};
-use std::sync::Mutex;
 
-use super::llama::{Layer, Mat, Plan};
-use super::{BatchItem, Llama, ModelError, Result};
+use super::backend::Backend;
+use super::decoder::{self, Attended, BatchItem, Ops, Plan};
+use super::kv::{DeviceCall, DeviceTier};
+use super::weights::{HostWeights, Mat, Weights};
+use super::{LlamaConfig, ModelError, Result};
 
 fn dev(e: KernelError) -> ModelError {
     ModelError::Device(e.to_string())
 }
 
-/// One layer's weights on the device.
-struct GpuLayer {
-    attn_norm: CudaSlice<f32>,
-    ffn_norm: CudaSlice<f32>,
-    wq: DevMat,
-    wk: DevMat,
-    wv: DevMat,
-    wo: DevMat,
-    w_gate: DevMat,
-    w_up: DevMat,
-    w_down: DevMat,
-    bq: Option<CudaSlice<f32>>,
-    bk: Option<CudaSlice<f32>>,
-    bv: Option<CudaSlice<f32>>,
+fn drv(what: &'static str) -> impl Fn(qaq_kernels::cuda::cudarc::driver::DriverError) -> ModelError {
+    move |e| ModelError::Device(format!("{what}: {e}"))
 }
 
 /// A weight matrix `[rows, cols]` on the device, f16 bit patterns, row-major.
-struct DevMat {
+#[derive(Debug)]
+pub struct DevMat {
     data: CudaSlice<u16>,
     rows: usize,
     cols: usize,
@@ -55,14 +48,12 @@ pub fn f16_bits(x: &[f32]) -> Vec<u16> {
 }
 
 /// A model's weights on one GPU and the handles that run them.
-pub struct GpuLlama {
+pub struct GpuBackend {
+    cfg: LlamaConfig,
     gpu: Gpu,
     blas: Blas,
-    embed: DevMat,
-    layers: Vec<GpuLayer>,
-    norm: CudaSlice<f32>,
-    lm_head: Option<DevMat>,
-    /// Device bytes of the weights (what [`GpuLlama::upload`] allocated).
+    weights: Weights<DevMat, CudaSlice<f32>>,
+    /// Device bytes of the weights (what [`GpuBackend::upload`] allocated).
     weight_bytes: usize,
     name: String,
     /// Page-locked host buffers the layers' Q, K and V rows are copied into
@@ -70,86 +61,47 @@ pub struct GpuLlama {
     staging: Mutex<Vec<PinnedHostSlice<f32>>>,
 }
 
-impl std::fmt::Debug for GpuLlama {
+impl std::fmt::Debug for GpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuLlama").field("gpu", &self.gpu).field("weight_bytes", &self.weight_bytes).finish()
+        f.debug_struct("GpuBackend").field("gpu", &self.gpu).field("weight_bytes", &self.weight_bytes).finish()
     }
 }
 
-impl GpuLlama {
+impl GpuBackend {
     /// Opens GPU `ordinal` (driver check, kernels compiled by NVRTC, cuBLAS handle) and
-    /// uploads `model`'s weights: matrices as f16, norms and biases as f32.
-    pub fn upload(model: &Llama, ordinal: usize) -> Result<Self> {
+    /// uploads the weights: matrices as f16, norms and biases as f32.
+    pub fn upload(cfg: &LlamaConfig, host: &HostWeights, ordinal: usize) -> Result<Self> {
         let gpu = Gpu::open(ordinal).map_err(dev)?;
         let blas = Blas::new(&gpu).map_err(dev)?;
         let name = gpu.name().unwrap_or_else(|_| "unknown GPU".to_string());
-        let mut bytes = 0usize;
-        let mut mat = |m: &Mat| -> Result<DevMat> {
-            bytes += m.data.len() * 2;
-            Ok(DevMat { data: gpu.upload(&f16_bits(&m.data)).map_err(dev)?, rows: m.rows, cols: m.cols })
-        };
-        let embed = mat(&model.embed)?;
-        let lm_head = model.lm_head.as_ref().map(&mut mat).transpose()?;
-        let mut layers = Vec::with_capacity(model.layers.len());
-        for l in &model.layers {
-            let Layer { wq, wk, wv, wo, w_gate, w_up, w_down, .. } = l;
-            let (wq, wk, wv, wo) = (mat(wq)?, mat(wk)?, mat(wv)?, mat(wo)?);
-            let (w_gate, w_up, w_down) = (mat(w_gate)?, mat(w_up)?, mat(w_down)?);
-            layers.push((l, [wq, wk, wv, wo, w_gate, w_up, w_down]));
-        }
-        let mut vec32 = |v: &[f32]| -> Result<CudaSlice<f32>> {
-            bytes += v.len() * 4;
-            gpu.upload(v).map_err(dev)
-        };
-        let norm = vec32(&model.norm)?;
-        let mut dev_layers = Vec::with_capacity(layers.len());
-        for (l, [wq, wk, wv, wo, w_gate, w_up, w_down]) in layers {
-            dev_layers.push(GpuLayer {
-                attn_norm: vec32(&l.attn_norm)?,
-                ffn_norm: vec32(&l.ffn_norm)?,
-                bq: l.bq.as_deref().map(&mut vec32).transpose()?,
-                bk: l.bk.as_deref().map(&mut vec32).transpose()?,
-                bv: l.bv.as_deref().map(&mut vec32).transpose()?,
-                wq,
-                wk,
-                wv,
-                wo,
-                w_gate,
-                w_up,
-                w_down,
-            });
-        }
+        let bytes = std::cell::Cell::new(0usize);
+        let weights = host.map(
+            |m: &Mat| -> Result<DevMat> {
+                bytes.set(bytes.get() + m.data.len() * 2);
+                Ok(DevMat { data: gpu.upload(&f16_bits(&m.data)).map_err(dev)?, rows: m.rows, cols: m.cols })
+            },
+            |v: &Vec<f32>| -> Result<CudaSlice<f32>> {
+                bytes.set(bytes.get() + v.len() * 4);
+                gpu.upload(v).map_err(dev)
+            },
+        )?;
         gpu.synchronize().map_err(dev)?;
-        Ok(GpuLlama {
+        Ok(GpuBackend {
+            cfg: cfg.clone(),
             gpu,
             blas,
-            embed,
-            layers: dev_layers,
-            norm,
-            lm_head,
-            weight_bytes: bytes,
+            weights,
+            weight_bytes: bytes.get(),
             name,
             staging: Mutex::new(Vec::new()),
         })
     }
 
-    /// The GPU's ordinal.
-    pub fn ordinal(&self) -> usize {
-        self.gpu.ordinal()
-    }
     /// The GPU's name, as the driver reports it.
     pub fn device_name(&self) -> String {
         self.name.clone()
     }
-    /// The CUDA context.
-    pub fn context(&self) -> &std::sync::Arc<qaq_kernels::cuda::cudarc::driver::CudaContext> {
-        self.gpu.context()
-    }
-    /// The device's memory in use and its total, from the driver.
-    pub fn memory(&self) -> Option<(usize, usize)> {
-        let (free, total) = self.gpu.context().mem_get_info().ok()?;
-        Some((total.saturating_sub(free), total))
-    }
+
     /// Device bytes holding the weights.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -159,114 +111,6 @@ impl GpuLlama {
         self.gpu.zeros(n).map_err(dev)
     }
 
-    /// `x [n, cols]` (f32) through `w` (+ bias): `[n, rows]` f32.
-    fn linear(
-        &self,
-        w: &DevMat,
-        x16: &CudaSlice<u16>,
-        n: usize,
-        bias: Option<&CudaSlice<f32>>,
-    ) -> Result<CudaSlice<f32>> {
-        let mut y = self.zeros::<f32>(n * w.rows)?;
-        self.blas.linear(&w.data, w.rows, w.cols, x16, n, &mut y).map_err(dev)?;
-        if let Some(b) = bias {
-            self.gpu.add_bias(&mut y, b, n, w.rows).map_err(dev)?;
-        }
-        Ok(y)
-    }
-
-    /// The f16 copy of `n` values (a GEMM operand).
-    fn half(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
-        let mut y = self.zeros::<u16>(n)?;
-        self.gpu.to_f16(x, &mut y, n).map_err(dev)?;
-        Ok(y)
-    }
-
-    /// RMSNorm of `rows` rows of `x` with weight `w`.
-    fn rms_norm(&self, cpu: &Llama, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rows: usize) -> Result<CudaSlice<f32>> {
-        let h = cpu.cfg.hidden_size;
-        let mut y = self.zeros::<f32>(rows * h)?;
-        self.gpu.rmsnorm(x, w, &mut y, rows, h, cpu.cfg.rms_eps as f32).map_err(dev)?;
-        Ok(y)
-    }
-
-    /// [`Llama::forward`] (`all == false`: the logits of each item's last token) or
-    /// [`Llama::forward_all`] (`all`: of every fed token) on the GPU: the logits, row-major,
-    /// and their number of rows.
-    pub(super) fn forward(&self, cpu: &Llama, items: &mut [BatchItem<'_>], all: bool) -> Result<(Vec<f32>, usize)> {
-        let Plan { ids, positions, spans } = cpu.plan(items)?;
-        // The engine thread is not the one that created the context; cuBLAS needs it
-        // current on the calling thread.
-        self.gpu
-            .context()
-            .bind_to_thread()
-            .map_err(|e| ModelError::Device(format!("binding the CUDA context: {e}")))?;
-        let x = self.hidden(cpu, items, &ids, &positions, &spans)?;
-        let rows: Vec<usize> =
-            if all { (0..ids.len()).collect() } else { spans.iter().map(|&(off, len)| off + len - 1).collect() };
-        let logits = self.logits(cpu, &x, &rows)?;
-        Ok((logits, rows.len()))
-    }
-
-    fn hidden(
-        &self,
-        cpu: &Llama,
-        items: &mut [BatchItem<'_>],
-        ids: &[u32],
-        positions: &[usize],
-        spans: &[(usize, usize)],
-    ) -> Result<CudaSlice<f32>> {
-        let cfg = &cpu.cfg;
-        let (hd, nh, nkv, h, inter) =
-            (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_size, cfg.intermediate_size);
-        let (n, qw, kvw) = (ids.len(), nh * hd, nkv * hd);
-        let g = &self.gpu;
-        let ids_d = g.upload(ids).map_err(dev)?;
-        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        let pos_d = g.upload(&pos).map_err(dev)?;
-        let mut x = self.zeros::<f32>(n * h)?;
-        g.embed_f16(&self.embed.data, &ids_d, cfg.vocab_size, h, &mut x).map_err(dev)?;
-        let mut attn = vec![0f32; n * qw];
-        for (li, l) in self.layers.iter().enumerate() {
-            let hn = self.half(&self.rms_norm(cpu, &x, &l.attn_norm, n)?, n * h)?;
-            let mut q = self.linear(&l.wq, &hn, n, l.bq.as_ref())?;
-            let mut k = self.linear(&l.wk, &hn, n, l.bk.as_ref())?;
-            let v = self.linear(&l.wv, &hn, n, l.bv.as_ref())?;
-            g.rope(&mut q, &pos_d, nh, hd, cfg.rope_theta).map_err(dev)?;
-            g.rope(&mut k, &pos_d, nkv, hd, cfg.rope_theta).map_err(dev)?;
-            // Appends happen on the host (widths, encoding, backups); attention on the
-            // device where the cache has a device tier.
-            let mut staging = self.staging.lock().unwrap_or_else(|p| p.into_inner());
-            let [qh, kh, vh] = self.rows_to_host(&mut staging, [(&q, n * qw), (&k, n * kvw), (&v, n * kvw)])?;
-            let mut attn_d = self.zeros::<f32>(n * qw)?;
-            for (it, &(off, len)) in items.iter_mut().zip(spans) {
-                it.kv.append(li, &kh[off * kvw..(off + len) * kvw], &vh[off * kvw..(off + len) * kvw])?;
-                let (qr, rows) = (&qh[off * qw..(off + len) * qw], off * qw..(off + len) * qw);
-                if len == 1 && it.kv.attend_on_gpu(g, li, qr, &mut attn_d.slice_mut(rows.clone()))? {
-                    continue;
-                }
-                it.kv.attend(li, qr, len, &mut attn[rows.clone()])?;
-                g.stream()
-                    .memcpy_htod(&attn[rows.clone()], &mut attn_d.slice_mut(rows))
-                    .map_err(|e| ModelError::Device(format!("uploading attention rows: {e}")))?;
-            }
-            let a = self.half(&attn_d, n * qw)?;
-            let o = self.linear(&l.wo, &a, n, None)?;
-            g.add(&mut x, &o, n * h).map_err(dev)?;
-            let hn = self.half(&self.rms_norm(cpu, &x, &l.ffn_norm, n)?, n * h)?;
-            let gate = self.linear(&l.w_gate, &hn, n, None)?;
-            let up = self.linear(&l.w_up, &hn, n, None)?;
-            let mut act = self.zeros::<f32>(n * inter)?;
-            g.silu_mul(&gate, &up, &mut act, n * inter).map_err(dev)?;
-            let down = self.linear(&l.w_down, &self.half(&act, n * inter)?, n, None)?;
-            g.add(&mut x, &down, n * h).map_err(dev)?;
-        }
-        for it in items.iter_mut() {
-            it.kv.end_step();
-        }
-        Ok(x)
-    }
-
     /// Copies the first `n` values of each device buffer into the page-locked staging
     /// buffers (grown when too small), asynchronously, then waits once.
     fn rows_to_host<'s>(
@@ -274,7 +118,6 @@ impl GpuLlama {
         staging: &'s mut Vec<PinnedHostSlice<f32>>,
         src: [(&CudaSlice<f32>, usize); 3],
     ) -> Result<[&'s [f32]; 3]> {
-        let derr = |what: &'static str| move |e| ModelError::Device(format!("{what}: {e}"));
         staging.truncate(3);
         for (i, &(_, n)) in src.iter().enumerate() {
             if staging.get(i).is_some_and(|p| p.len() >= n) {
@@ -282,8 +125,8 @@ impl GpuLlama {
             }
             // SAFETY: the memory is zeroed below before anything reads it.
             let mut p = unsafe { self.gpu.context().alloc_pinned_with_flags::<f32>(2 * n.max(1), 0) }
-                .map_err(derr("allocating page-locked staging"))?;
-            p.as_mut_slice().map_err(derr("page-locked staging"))?.fill(0.0);
+                .map_err(drv("allocating page-locked staging"))?;
+            p.as_mut_slice().map_err(drv("page-locked staging"))?.fill(0.0);
             if i < staging.len() {
                 staging[i] = p;
             } else {
@@ -291,44 +134,184 @@ impl GpuLlama {
             }
         }
         for (p, &(d, n)) in staging.iter_mut().zip(&src) {
-            self.gpu.stream().memcpy_dtoh(&d.slice(..n), p).map_err(derr("device-to-host copy"))?;
+            self.gpu.stream().memcpy_dtoh(&d.slice(..n), p).map_err(drv("device-to-host copy"))?;
         }
         self.gpu.synchronize().map_err(dev)?;
         let mut out: [&[f32]; 3] = [&[]; 3];
         for ((o, p), &(_, n)) in out.iter_mut().zip(staging.iter()).zip(&src) {
-            *o = &p.as_slice().map_err(derr("page-locked staging"))?[..n];
+            *o = &p.as_slice().map_err(drv("page-locked staging"))?[..n];
         }
         Ok(out)
     }
+}
 
-    /// Final-norm logits of the given rows of the last hidden state.
-    fn logits(&self, cpu: &Llama, x: &CudaSlice<f32>, rows: &[usize]) -> Result<Vec<f32>> {
-        let h = cpu.cfg.hidden_size;
+impl Backend for GpuBackend {
+    fn device(&self) -> String {
+        format!("cuda:{}", self.gpu.ordinal())
+    }
+
+    fn memory(&self) -> Option<(usize, usize)> {
+        let (free, total) = self.gpu.context().mem_get_info().ok()?;
+        Some((total.saturating_sub(free), total))
+    }
+
+    fn host_weights(&self) -> Option<&HostWeights> {
+        None
+    }
+
+    fn forward(&self, plan: &Plan, items: &mut [BatchItem<'_>], rows: &[usize]) -> Result<Vec<f32>> {
+        // The engine thread is not the one that created the context; cuBLAS needs it
+        // current on the calling thread.
+        self.gpu.context().bind_to_thread().map_err(drv("binding the CUDA context"))?;
+        let pos: Vec<u32> = plan.positions.iter().map(|&p| p as u32).collect();
+        let pass = GpuPass {
+            b: self,
+            plan,
+            ids: self.gpu.upload(&plan.ids).map_err(dev)?,
+            pos: self.gpu.upload(&pos).map_err(dev)?,
+        };
+        decoder::run(&pass, &self.cfg, &self.weights, items, rows)
+    }
+
+    fn cuda_context(&self) -> Option<Arc<CudaContext>> {
+        Some(self.gpu.context().clone())
+    }
+}
+
+/// One forward pass on the GPU: the plan, and its token ids and positions on the device.
+struct GpuPass<'a> {
+    b: &'a GpuBackend,
+    plan: &'a Plan,
+    ids: CudaSlice<u32>,
+    pos: CudaSlice<u32>,
+}
+
+impl GpuPass<'_> {
+    fn n(&self) -> usize {
+        self.plan.ids.len()
+    }
+}
+
+impl Ops for GpuPass<'_> {
+    type Mat = DevMat;
+    type Vec = CudaSlice<f32>;
+    type Buf = CudaSlice<f32>;
+    type In = CudaSlice<u16>;
+
+    fn embed(&self, table: &DevMat) -> Result<CudaSlice<f32>> {
+        let mut x = self.b.zeros::<f32>(self.n() * table.cols)?;
+        self.b.gpu.embed_f16(&table.data, &self.ids, table.rows, table.cols, &mut x).map_err(dev)?;
+        Ok(x)
+    }
+
+    fn rms_norm(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let (rows, h) = (self.n(), w.len());
+        let mut y = self.b.zeros::<f32>(rows * h)?;
+        self.b.gpu.rmsnorm(x, w, &mut y, rows, h, self.b.cfg.rms_eps as f32).map_err(dev)?;
+        Ok(y)
+    }
+
+    fn operand(&self, x: CudaSlice<f32>) -> Result<CudaSlice<u16>> {
+        let mut y = self.b.zeros::<u16>(x.len())?;
+        self.b.gpu.to_f16(&x, &mut y, x.len()).map_err(dev)?;
+        Ok(y)
+    }
+
+    fn linear(&self, w: &DevMat, x: &CudaSlice<u16>, bias: Option<&CudaSlice<f32>>) -> Result<CudaSlice<f32>> {
+        let n = x.len() / w.cols;
+        let mut y = self.b.zeros::<f32>(n * w.rows)?;
+        self.b.blas.linear(&w.data, w.rows, w.cols, x, n, &mut y).map_err(dev)?;
+        if let Some(b) = bias {
+            self.b.gpu.add_bias(&mut y, b, n, w.rows).map_err(dev)?;
+        }
+        Ok(y)
+    }
+
+    fn rope(&self, x: &mut CudaSlice<f32>, heads: usize) -> Result<()> {
+        let cfg = &self.b.cfg;
+        self.b.gpu.rope(x, &self.pos, heads, cfg.head_dim, cfg.rope_theta).map_err(dev)
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        let n = x.len();
+        self.b.gpu.add(x, y, n).map_err(dev)
+    }
+
+    fn silu_mul(&self, gate: CudaSlice<f32>, up: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        let n = gate.len();
+        let mut act = self.b.zeros::<f32>(n)?;
+        self.b.gpu.silu_mul(&gate, up, &mut act, n).map_err(dev)?;
+        Ok(act)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        items: &mut [BatchItem<'_>],
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        let cfg = &self.b.cfg;
+        let (n, qw, kvw) = (self.n(), cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let spans = &self.plan.spans;
+        // Appends happen on the host (widths, encoding, backups); decode rows attend on
+        // the device where the cache has a device tier.
+        let mut staging = self.b.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let [qh, kh, vh] = self.b.rows_to_host(&mut staging, [(q, n * qw), (k, n * kvw), (v, n * kvw)])?;
+        let mut out_d = self.b.zeros::<f32>(n * qw)?;
+        let mut out_h = vec![0f32; n * qw];
+        let gpu = &self.b.gpu;
+        let mut on_device = |tier: &mut dyn DeviceTier, i: usize, qr: &[f32]| -> Result<bool> {
+            let off = spans[i].0;
+            let mut call = DeviceCall { gpu, out: out_d.slice_mut(off * qw..(off + 1) * qw) };
+            Ok(tier.attend_on_device(&mut call, layer, qr)?)
+        };
+        let at = decoder::cache_step(items, spans, layer, [qh, kh, vh], (qw, kvw), &mut out_h, Some(&mut on_device))?;
+        for (&(off, len), a) in spans.iter().zip(at) {
+            if a == Attended::Host {
+                let rows = off * qw..(off + len) * qw;
+                gpu.stream()
+                    .memcpy_htod(&out_h[rows.clone()], &mut out_d.slice_mut(rows))
+                    .map_err(drv("uploading attention rows"))?;
+            }
+        }
+        Ok(out_d)
+    }
+
+    fn logits(&self, x: &CudaSlice<f32>, norm: &CudaSlice<f32>, head: &DevMat, rows: &[usize]) -> Result<Vec<f32>> {
+        let h = self.b.cfg.hidden_size;
         let m = rows.len();
         // Every row in order (teacher forcing): no gather.
         let all = rows.iter().enumerate().all(|(i, &r)| i == r) && x.len() == m * h;
-        let mut sel = self.zeros::<f32>(if all { 1 } else { m * h })?;
-        if !all {
-            let stream = self.gpu.stream();
+        let sel = if all {
+            None
+        } else {
+            let mut sel = self.b.zeros::<f32>(m * h)?;
             for (i, &r) in rows.iter().enumerate() {
-                stream
+                self.b
+                    .gpu
+                    .stream()
                     .memcpy_dtod(&x.slice(r * h..(r + 1) * h), &mut sel.slice_mut(i * h..(i + 1) * h))
-                    .map_err(|e| ModelError::Device(format!("selecting hidden rows: {e}")))?;
+                    .map_err(drv("selecting hidden rows"))?;
             }
-        }
-        let hn = self.half(&self.rms_norm(cpu, if all { x } else { &sel }, &self.norm, m)?, m * h)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = self.linear(head, &hn, m, None)?;
-        self.gpu.download(&logits).map_err(dev).map(|mut v| {
-            v.truncate(m * head.rows);
-            v
-        })
+            Some(sel)
+        };
+        let sel = sel.as_ref().unwrap_or(x);
+        let mut hn = self.b.zeros::<f32>(m * h)?;
+        self.b.gpu.rmsnorm(sel, norm, &mut hn, m, h, self.b.cfg.rms_eps as f32).map_err(dev)?;
+        let logits = self.linear(head, &self.operand(hn)?, None)?;
+        let mut v = self.b.gpu.download(&logits).map_err(dev)?;
+        v.truncate(m * head.rows);
+        Ok(v)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Llama;
+    use crate::model::weights::random_weights;
 
     #[test]
     fn f16_bits_round_to_nearest_even_like_the_kernels() {
@@ -341,7 +324,7 @@ mod tests {
     #[test]
     fn a_gpu_model_needs_a_gpu_and_says_so() {
         let cfg = super::super::LlamaConfig::tiny();
-        let mut m = Llama::from_weights(cfg.clone(), super::super::llama::random_weights(&cfg, 3)).unwrap();
+        let mut m = Llama::from_weights(cfg.clone(), random_weights(&cfg, 3)).unwrap();
         match m.use_gpu(0) {
             Ok(_) => assert_eq!(m.device(), "cuda:0"),
             Err(e) if !qaq_kernels::cuda::driver_available() => {

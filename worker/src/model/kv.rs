@@ -61,22 +61,47 @@ pub trait KvCache: Send {
     fn attend(&mut self, layer: usize, q: &[f32], n_q: usize, out: &mut [f32]) -> Result<(), KvError>;
     /// Called once after all layers of a forward step.
     fn end_step(&mut self) {}
-    /// Decode attention of one query row (`q`: `[n_heads * head_dim]`, post-RoPE,
-    /// unscaled) over `layer` on the GPU, the output row written to `out` on the device:
-    /// what [`attend`](KvCache::attend) does for `n_q == 1`, for a cache with a device
-    /// tier. `Ok(false)`: this cache has none, the caller attends on the host.
-    #[cfg(feature = "cuda")]
-    fn attend_on_gpu(
-        &mut self,
-        _gpu: &qaq_kernels::cuda::Gpu,
-        _layer: usize,
-        _q: &[f32],
-        _out: &mut qaq_kernels::cuda::cudarc::driver::CudaViewMut<'_, f32>,
-    ) -> Result<bool, KvError> {
-        Ok(false)
-    }
+    /// The cache's device tier, where a GPU backend attends decode rows
+    /// ([`super::decoder::cache_step`]); `None`: the cache has none (the CPU reference, the
+    /// KIVI baseline, an aborted sequence) and its rows attend on the host. Deliberately
+    /// without a default: a cache wrapper must say what it forwards.
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier>;
     /// Bytes the cache holds (device tier).
     fn bytes_used(&self) -> usize;
+}
+
+/// A cache's device tier: its packed groups mirrored in the memory of the GPU the forward
+/// pass runs on.
+pub trait DeviceTier {
+    /// Attends one decode query row of `layer` (`[n_heads * head_dim]`, post-RoPE, unscaled)
+    /// on the device: what [`KvCache::attend`] does for one row, with the output row written
+    /// where `call` says. `Ok(false)`: the tier declines this cache (e.g. its keys are not
+    /// packed groups) and the caller attends on the host.
+    fn attend_on_device(&mut self, call: &mut DeviceCall<'_>, layer: usize, q: &[f32]) -> Result<bool, KvError>;
+}
+
+/// What a GPU backend hands a [`DeviceTier`] for one row: the GPU and the output row in its
+/// memory.
+#[cfg(feature = "cuda")]
+pub struct DeviceCall<'a> {
+    pub gpu: &'a qaq_kernels::cuda::Gpu,
+    pub out: qaq_kernels::cuda::cudarc::driver::CudaViewMut<'a, f32>,
+}
+
+/// What a GPU backend hands a [`DeviceTier`] for one row; a build without the `cuda`
+/// feature has no GPU backend, so no value of this type exists.
+#[cfg(not(feature = "cuda"))]
+pub struct DeviceCall<'a> {
+    never: std::convert::Infallible,
+    _row: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+#[cfg(not(feature = "cuda"))]
+impl DeviceCall<'_> {
+    /// Proof that no call reaches a device in this build.
+    pub fn unreachable(&self) -> ! {
+        match self.never {}
+    }
 }
 
 /// Full-precision (f32) cache: the reference implementation of [`KvCache`].
@@ -125,6 +150,10 @@ impl KvCache for DenseKv {
     fn attend(&mut self, layer: usize, q: &[f32], n_q: usize, out: &mut [f32]) -> Result<(), KvError> {
         self.check_layer(layer)?;
         dense_attention(&self.shape, &self.keys[layer], &self.values[layer], q, n_q, out)
+    }
+
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier> {
+        None
     }
 
     fn bytes_used(&self) -> usize {

@@ -1,8 +1,21 @@
-//! The model: configuration, weight loading (GGUF, HF safetensors), the
-//! tokenizer and chat template, the llama-family forward pass and the KV-cache
-//! trait it is driven through.
+//! The model: configuration, weight loading (GGUF, HF safetensors), the tokenizer and
+//! chat template, the llama-family forward pass and the KV-cache seam it is driven
+//! through.
+//!
+//! - [`llama`]: [`Llama`], a model on its backend; `forward` / `forward_all`.
+//! - [`backend`]: the [`Backend`] seam (where the weights live and the stack runs);
+//!   [`cpu`] is the CPU backend, `gpu` (feature `cuda`) the GPU one.
+//! - [`decoder`]: the decoder stack written once over a backend's [`decoder::Ops`],
+//!   batch planning and one layer's cache step.
+//! - [`weights`]: the weights, generic over where they live; HF-name loading.
+//! - [`kv`]: the [`KvCache`] seam (and a cache's [`kv::DeviceTier`]), [`DenseKv`].
+//! - [`config`], [`loader`], [`tokenizer`]: hyper-parameters, GGUF / safetensors
+//!   loading, tokenizer and chat template.
 
+pub mod backend;
 pub mod config;
+pub mod cpu;
+pub mod decoder;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod kv;
@@ -10,10 +23,13 @@ pub mod llama;
 pub mod loader;
 pub mod matmul;
 pub mod tokenizer;
+pub mod weights;
 
+pub use backend::Backend;
 pub use config::LlamaConfig;
-pub use kv::{DenseKv, KvCache, KvError, KvShape};
-pub use llama::{BatchItem, Llama};
+pub use decoder::BatchItem;
+pub use kv::{DenseKv, DeviceCall, DeviceTier, KvCache, KvError, KvShape};
+pub use llama::{Llama, Logits};
 pub use loader::{LoadedModel, load_model};
 pub use tokenizer::TextTokenizer;
 

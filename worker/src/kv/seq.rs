@@ -1,130 +1,27 @@
-//! The worker's per-sequence KV cache: a [`QaqCache`] from `qaq-kernels`
-//! behind the model's [`KvCache`] seam, plus what the engine's two-tier
-//! memory accounting needs from it (device and host bytes, backup eviction,
-//! transfer and re-quantization counters, final statistics), and the
-//! resolution of a request's KV policy.
+//! [`SeqCache`], the worker's per-sequence KV cache: a cache of `qaq-kernels` behind the
+//! model's [`KvCache`] seam, its device tier on a GPU worker ([`super::tier`]), and what the
+//! engine's two-tier memory accounting needs from it (device and host bytes, backup
+//! eviction, transfer and re-quantization counters, final statistics: [`KvSummary`]).
 
-use std::str::FromStr;
+use qaq_kernels::{Counters, QaqCache};
 
-use qaq_kernels::{CacheConfig, Counters, KvPolicy, QaqCache};
+use super::policy::{PolicyChoice, cache_config};
+use super::tier::Tier;
+use crate::model::{DeviceCall, DeviceTier, KvCache, KvError, KvShape};
 
-use crate::engine::KvSummary;
-use crate::model::{KvCache, KvError, KvShape};
-
-/// A KV policy with the label it is reported under.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PolicyChoice {
-    pub policy: KvPolicy,
-    /// The `--kv-policy` string it came from (with overrides applied).
-    pub label: String,
-}
-
-impl PolicyChoice {
-    /// Parses a `--kv-policy` string; the error lists the accepted forms.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        KvPolicy::from_str(s).map(|policy| Self { policy, label: s.trim().to_string() }).map_err(|e| e.to_string())
-    }
-
-    /// Whether the policy keeps fp16 backups in the host tier (QAQ does).
-    pub fn uses_host_backups(&self) -> bool {
-        matches!(self.policy, KvPolicy::Qaq(_))
-    }
-}
-
-/// Overrides of the QAQ hyper-parameters (flags or a request's `kv_policy`).
+/// KV statistics of a finished sequence.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct QaqOverrides {
-    pub sigma_s: Option<f64>,
-    pub sigma_x: Option<f64>,
-    pub outlier_ratio: Option<f64>,
-    pub window: Option<usize>,
-    pub min_bits: Option<u8>,
-    pub max_bits: Option<u8>,
-    pub every: Option<u32>,
-}
-
-impl QaqOverrides {
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    /// Applies the overrides; `what` prefixes error messages (a flag or field family).
-    pub fn apply(&self, choice: PolicyChoice, what: &str) -> Result<PolicyChoice, String> {
-        if self.is_empty() {
-            return Ok(choice);
-        }
-        let KvPolicy::Qaq(mut p) = choice.policy else {
-            return Err(format!(
-                "{what}: sigma/outlier/window/bits settings apply to the qaq policy only, not {:?}",
-                choice.label
-            ));
-        };
-        let mut label = choice.label;
-        let mut note = |k: &str, v: String| {
-            label.push_str(if label.contains(':') { "," } else { ":" });
-            label.push_str(&format!("{k}={v}"));
-        };
-        if let Some(v) = self.sigma_s {
-            p.sigma_s = v;
-            note("sigma_s", v.to_string());
-        }
-        if let Some(v) = self.sigma_x {
-            p.sigma_x = v;
-            note("sigma_x", v.to_string());
-        }
-        if let Some(v) = self.outlier_ratio {
-            p.quant.outliers.alpha = v;
-            note("alpha", v.to_string());
-        }
-        if let Some(v) = self.window {
-            p.window = v;
-            note("window", v.to_string());
-        }
-        if let Some(v) = self.min_bits {
-            p.b_min = v;
-            note("bmin", v.to_string());
-        }
-        if let Some(v) = self.max_bits {
-            p.b_max = v;
-            note("bmax", v.to_string());
-        }
-        if let Some(v) = self.every {
-            p.every = v;
-            note("every", v.to_string());
-        }
-        p.validate().map_err(|e| format!("{what}: {e}"))?;
-        Ok(PolicyChoice { policy: KvPolicy::Qaq(p), label })
-    }
-}
-
-/// Cache configuration of a model shape.
-pub fn cache_config(shape: &KvShape) -> CacheConfig {
-    CacheConfig {
-        n_layers: shape.n_layers,
-        n_kv_heads: shape.n_kv_heads,
-        n_q_heads: shape.n_heads,
-        head_dim: shape.head_dim,
-    }
-}
-
-/// Device-tier bytes per token right after append (new tokens are stored at
-/// the policy's widest setting), measured on the real implementation: the
-/// worst case the budget planner reserves for tokens fed in a step.
-pub fn worst_bytes_per_token(shape: &KvShape, policy: &KvPolicy) -> Result<usize, String> {
-    const PROBE: usize = 64;
-    let mut c = QaqCache::new(cache_config(shape), *policy).map_err(|e| e.to_string())?;
-    let row = shape.kv_width();
-    // Deterministic, varied values (ranges and outliers like real keys).
-    let rows: Vec<f32> = (0..PROBE * row).map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0).sin() * 3.0).collect();
-    for layer in 0..shape.n_layers {
-        c.append(layer, &rows, &rows).map_err(|e| e.to_string())?;
-    }
-    Ok(c.bytes_used().div_ceil(PROBE))
-}
-
-/// Backup bytes per token in the host tier (fp16 K and V rows, all layers).
-pub fn backup_bytes_per_token(shape: &KvShape) -> usize {
-    2 * 2 * shape.n_layers * shape.kv_width()
+pub struct KvSummary {
+    pub policy: String,
+    pub avg_key_bits: f64,
+    pub avg_value_bits: f64,
+    pub device_bytes: u64,
+    pub fp16_equivalent_bytes: u64,
+    pub requantizations_up: u64,
+    pub requantizations_down: u64,
+    /// Decode rows (one per layer and decode step) attended on the GPU in the cache's
+    /// device tier; 0 on a CPU worker.
+    pub device_attended_rows: u64,
 }
 
 /// One sequence's cache.
@@ -138,20 +35,10 @@ pub struct SeqCache {
     /// Device bytes at the end of the last step, before re-quantization (the
     /// step's peak).
     pub step_peak_bytes: usize,
-    /// On a GPU worker: the device tier, made at the first decode step on the GPU.
-    #[cfg(feature = "cuda")]
-    device: DeviceTier,
-}
-
-/// A sequence's device tier (GPU workers): not made yet, refused (the KIVI baseline's
-/// per-channel keys: attention stays on the host), or the mirror of its packed groups.
-#[cfg(feature = "cuda")]
-#[derive(Debug, Default)]
-enum DeviceTier {
-    #[default]
-    None,
-    Refused,
-    Mirror(qaq_kernels::cuda::DeviceKv),
+    /// On a GPU worker: the device tier, made at the first decode row on the GPU.
+    tier: Tier,
+    /// Decode rows attended in the device tier so far.
+    device_rows: u64,
 }
 
 impl std::fmt::Debug for SeqCache {
@@ -178,40 +65,29 @@ impl SeqCache {
             n_layers: shape.n_layers,
             to_host_bytes: 0,
             step_peak_bytes: 0,
-            #[cfg(feature = "cuda")]
-            device: DeviceTier::None,
+            tier: Tier::None,
+            device_rows: 0,
         }
     }
 
     /// On a GPU worker, once the cache attends there: its device tier's bytes and the
     /// bytes copied up to it so far. `None`: the cache has no device tier.
-    #[cfg(feature = "cuda")]
-    pub fn device_tier(&self) -> Option<(usize, u64)> {
-        match &self.device {
-            DeviceTier::Mirror(m) => Some((m.bytes(), m.uploaded_bytes())),
-            _ => None,
-        }
+    pub fn device_tier_bytes(&self) -> Option<(usize, u64)> {
+        Some((self.tier.bytes()?, self.tier.uploaded_bytes()?))
     }
 
     /// Frees the cache's device tier (a preempted sequence on a GPU worker gives its
     /// device memory back; its next decode step on the GPU copies the cache up again).
     /// The host cache is untouched. No-op on a CPU worker.
     pub fn release_device(&mut self) {
-        #[cfg(feature = "cuda")]
-        if let DeviceTier::Mirror(_) = self.device {
-            self.device = DeviceTier::None;
-        }
+        self.tier.release();
     }
 
     /// Bytes of the cache's device tier: on a GPU worker whose cache has one, its
     /// allocations (free room and garbage of its arenas included); otherwise the packed
     /// groups as stored (on a CPU worker, the cache's memory is its device tier).
     pub fn device_bytes(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        if let DeviceTier::Mirror(m) = &self.device {
-            return m.bytes();
-        }
-        self.inner.bytes_used()
+        self.tier.bytes().unwrap_or_else(|| self.inner.bytes_used())
     }
 
     /// Bytes of fp16 backups held in the host tier.
@@ -318,6 +194,7 @@ impl SeqCache {
             fp16_equivalent_bytes: s.fp16_equivalent_bytes() as u64,
             requantizations_up: c.k_up + c.v_up,
             requantizations_down: c.k_down + c.v_down,
+            device_attended_rows: self.device_rows,
         }
     }
 }
@@ -344,26 +221,8 @@ impl KvCache for SeqCache {
         Ok(())
     }
 
-    #[cfg(feature = "cuda")]
-    fn attend_on_gpu(
-        &mut self,
-        gpu: &qaq_kernels::cuda::Gpu,
-        layer: usize,
-        q: &[f32],
-        out: &mut qaq_kernels::cuda::cudarc::driver::CudaViewMut<'_, f32>,
-    ) -> Result<bool, KvError> {
-        if let DeviceTier::None = self.device {
-            self.device = match qaq_kernels::cuda::DeviceKv::new(&mut self.inner) {
-                Ok(m) => DeviceTier::Mirror(m),
-                Err(e) => {
-                    tracing::debug!(policy = %self.label, reason = %e, "no device KV tier; attention stays on the host");
-                    DeviceTier::Refused
-                }
-            };
-        }
-        let DeviceTier::Mirror(m) = &mut self.device else { return Ok(false) };
-        m.attend(gpu, &mut self.inner, layer, q, out).map_err(kv_err)?;
-        Ok(true)
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier> {
+        Some(self)
     }
 
     fn end_step(&mut self) {
@@ -378,41 +237,19 @@ impl KvCache for SeqCache {
     }
 }
 
+impl DeviceTier for SeqCache {
+    fn attend_on_device(&mut self, call: &mut DeviceCall<'_>, layer: usize, q: &[f32]) -> Result<bool, KvError> {
+        let done = self.tier.attend(call, &mut self.inner, &self.label, layer, q)?;
+        self.device_rows += u64::from(done);
+        Ok(done)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SHAPE: KvShape = KvShape { n_layers: 2, n_heads: 4, n_kv_heads: 2, head_dim: 64 };
-
-    #[test]
-    fn parses_policies_and_applies_overrides() {
-        assert!(PolicyChoice::parse("qaq").unwrap().uses_host_backups());
-        assert!(!PolicyChoice::parse("fp16").unwrap().uses_host_backups());
-        let e = PolicyChoice::parse("bogus").unwrap_err();
-        assert!(e.contains("uniform:N"), "{e}");
-        let o = QaqOverrides { sigma_x: Some(0.5), max_bits: Some(4), ..Default::default() };
-        let c = o.apply(PolicyChoice::parse("qaq").unwrap(), "kv_policy").unwrap();
-        assert_eq!(c.label, "qaq:sigma_x=0.5,bmax=4");
-        let KvPolicy::Qaq(p) = c.policy else { panic!() };
-        assert_eq!((p.sigma_x, p.b_max), (0.5, 4));
-        let e = o.apply(PolicyChoice::parse("fp16").unwrap(), "kv_policy").unwrap_err();
-        assert!(e.contains("qaq policy only"), "{e}");
-        let bad = QaqOverrides { min_bits: Some(6), max_bits: Some(2), ..Default::default() };
-        assert!(bad.apply(PolicyChoice::parse("qaq").unwrap(), "kv_policy").is_err());
-    }
-
-    #[test]
-    fn worst_case_bytes_per_token_order_the_policies() {
-        let fp16 = worst_bytes_per_token(&SHAPE, &PolicyChoice::parse("fp16").unwrap().policy).unwrap();
-        let u4 = worst_bytes_per_token(&SHAPE, &PolicyChoice::parse("uniform:4").unwrap().policy).unwrap();
-        let qaq = worst_bytes_per_token(&SHAPE, &PolicyChoice::parse("qaq").unwrap().policy).unwrap();
-        // fp16: 2 layers x 2 heads x 64 values x 2 (K, V) x 2 bytes.
-        assert!(fp16 >= 1024, "{fp16}");
-        assert!(u4 < fp16 / 2, "{u4} vs {fp16}");
-        // New QAQ tokens sit at b_max = 8 bits until re-quantized.
-        assert!(qaq > u4 && qaq < fp16, "{qaq}");
-        assert_eq!(backup_bytes_per_token(&SHAPE), 1024);
-    }
 
     #[test]
     fn evicting_backups_frees_host_bytes_least_important_first() {
@@ -425,7 +262,7 @@ mod tests {
         }
         assert_eq!(c.to_host_bytes, 2 * 2 * 2 * 8 * row as u64);
         let before = c.host_bytes();
-        assert_eq!(before, 8 * backup_bytes_per_token(&SHAPE));
+        assert_eq!(before, 8 * super::super::policy::backup_bytes_per_token(&SHAPE));
         let (freed, n) = c.evict_backups(100);
         assert!(freed >= 100 && n >= 1, "{freed} {n}");
         assert_eq!(c.host_bytes(), before - freed);

@@ -18,9 +18,9 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::cache::PolicyChoice;
-use crate::config::DEFAULT_MODEL;
-use crate::model::LoadedModel;
+use qaq_worker::config::DEFAULT_MODEL;
+use qaq_worker::kv::PolicyChoice;
+use qaq_worker::model::LoadedModel;
 use store::{Outcome, Record, Store};
 use tasks::McTask;
 
@@ -36,8 +36,8 @@ pub struct EvalArgs {
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Device: cpu, or cuda:N (GPU N; needs a build with the `cuda` feature).
-    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = crate::device::Device::parse)]
-    pub device: crate::device::Device,
+    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = qaq_worker::device::Device::parse)]
+    pub device: qaq_worker::device::Device,
     /// The evaluation data folder (shared/data).
     #[arg(long, env = "QAQ_EVAL_DATA", default_value = "../shared/data")]
     pub data: PathBuf,

@@ -4,8 +4,23 @@
 //! model and the real data. Bounds are wide enough for 40 items' sampling
 //! noise and tight enough to catch a broken protocol, cache or accounting.
 
+use std::path::{Path, PathBuf};
+
 use clap::Parser;
-use qaq_worker::eval::{EvalArgs, evaluate, report::Row};
+use qaq_worker::model::{LoadedModel, load_model};
+use qaq_worker_cli::eval::{EvalArgs, evaluate, report::Row};
+
+/// The repository's root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The default model (`make test` fetches it).
+fn real() -> LoadedModel {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
+    load_model(&p).unwrap()
+}
 
 #[derive(Parser)]
 struct Cli {
@@ -21,7 +36,7 @@ fn row<'a>(rows: &'a [Row], task: &str, policy: &str) -> &'a Row {
 fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
     let dir = std::env::temp_dir().join(format!("qaq-eval-ci-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+    let data = root().join("../shared/data");
     assert!(data.join("hellaswag").exists(), "{} is missing (shared/data)", data.display());
     let results = dir.join("results.jsonl");
     let argv = [
@@ -48,7 +63,7 @@ fn eval_subset_stays_within_its_accuracy_and_compression_bounds_and_resumes() {
         dir.to_str().unwrap(),
     ];
     let args = Cli::parse_from(argv).args;
-    let model = &super::real().2;
+    let model = &real();
     let rows = evaluate(&args, model).unwrap();
 
     for task in ["hellaswag", "piqa"] {

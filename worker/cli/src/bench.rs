@@ -16,10 +16,10 @@ use std::time::Instant;
 
 use clap::Args;
 
-use crate::cache::{self, PolicyChoice};
-use crate::config::DEFAULT_MODEL;
-use crate::engine::{EngineConfig, EngineHandle, Event, Job, KvSummary, SamplingConfig};
-use crate::model::LoadedModel;
+use qaq_worker::config::DEFAULT_MODEL;
+use qaq_worker::engine::{EngineConfig, EngineHandle, Event, Job, KvSummary, SamplingConfig};
+use qaq_worker::kv::{self, PolicyChoice};
+use qaq_worker::model::LoadedModel;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -27,8 +27,8 @@ pub struct BenchArgs {
     #[arg(long, env = "QAQ_MODEL", default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Device: cpu, or cuda:N (GPU N; needs a build with the `cuda` feature).
-    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = crate::device::Device::parse)]
-    pub device: crate::device::Device,
+    #[arg(long, env = "QAQ_DEVICE", default_value = "cpu", value_parser = qaq_worker::device::Device::parse)]
+    pub device: qaq_worker::device::Device,
     /// Concurrent sequences, one run each (batch mode).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
@@ -154,8 +154,8 @@ fn migration_table(
     contexts: &[usize],
     ids: &[u32],
 ) -> anyhow::Result<()> {
-    use crate::cache::SeqCache;
-    use crate::model::BatchItem;
+    use qaq_worker::kv::SeqCache;
+    use qaq_worker::model::BatchItem;
     let shape = model.model.kv_shape();
     println!(
         "| policy | context | prefill s | snapshot bytes/token | snapshot ms | restore ms | prefill / (snapshot + restore) |"
@@ -181,8 +181,8 @@ fn migration_table(
             let mut moved = SeqCache::restore(&shape, p, &bytes)?;
             let restore = t2.elapsed().as_secs_f64();
             let next = [ids[c - 1]];
-            let a = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut kv }])?.to_vec2::<f32>()?;
-            let b = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut moved }])?.to_vec2::<f32>()?;
+            let a = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut kv }])?;
+            let b = model.model.forward(&mut [BatchItem { tokens: &next, kv: &mut moved }])?;
             anyhow::ensure!(a == b, "{}: the restored cache does not continue exactly", p.label);
             println!(
                 "| {} | {c} | {prefill:.2} | {:.0} | {:.1} | {:.1} | {:.0}x |",
@@ -205,10 +205,10 @@ pub fn measure(
     batch: usize,
     tokens: u32,
 ) -> anyhow::Result<BenchRow> {
-    let worst = cache::worst_bytes_per_token(&model.model.kv_shape(), &policy.policy).map_err(anyhow::Error::msg)?;
+    let worst = kv::worst_bytes_per_token(&model.model.kv_shape(), &policy.policy).map_err(anyhow::Error::msg)?;
     let cfg = EngineConfig {
         max_batch: batch,
-        budgets: crate::engine::Budgets { device: u64::MAX, host: u64::MAX },
+        budgets: qaq_worker::engine::Budgets { device: u64::MAX, host: u64::MAX },
         ..Default::default()
     };
     let engine = EngineHandle::start(model.clone(), cfg);

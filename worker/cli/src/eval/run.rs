@@ -14,9 +14,9 @@
 //!   prefill of the document, then the question and a greedy answer decoded
 //!   per policy against its compressed cache; exact match.
 
-use crate::cache::{PolicyChoice, SeqCache};
-use crate::engine::sampling::argmax;
-use crate::model::{BatchItem, KvCache, KvError, LoadedModel};
+use qaq_worker::engine::sampling::argmax;
+use qaq_worker::kv::{PolicyChoice, SeqCache};
+use qaq_worker::model::{BatchItem, DeviceTier, KvCache, KvError, LoadedModel};
 
 use super::store::KvBytes;
 use super::tasks::{KvItem, McItem};
@@ -51,6 +51,10 @@ impl KvCache for SharedPrefill<'_> {
         self.lead.end_step();
         self.followers.iter_mut().for_each(|f| f.end_step());
     }
+    fn device_tier(&mut self) -> Option<&mut dyn DeviceTier> {
+        // Several caches answer for one: attention stays on the host.
+        None
+    }
     fn bytes_used(&self) -> usize {
         self.lead.bytes_used()
     }
@@ -73,7 +77,7 @@ fn shared_prefill(model: &LoadedModel, ids: &[u32], followers: Vec<&mut SeqCache
     let mut last = Vec::new();
     for chunk in ids.chunks(PREFILL_CHUNK) {
         let logits = model.model.forward(&mut [BatchItem { tokens: chunk, kv: &mut kv }])?;
-        last = logits.flatten_all()?.to_vec1::<f32>()?;
+        last = logits.row(0).to_vec();
     }
     anyhow::ensure!(!last.is_empty(), "empty prompt");
     Ok(last)
@@ -190,7 +194,7 @@ fn decode_step(
         .zip(feed)
         .map(|((_, kv), t)| BatchItem { tokens: std::slice::from_ref(t), kv: kv as &mut dyn KvCache })
         .collect();
-    Ok(model.model.forward(&mut items)?.to_vec2::<f32>()?)
+    Ok(model.model.forward(&mut items)?.iter().map(<[f32]>::to_vec).collect())
 }
 
 /// Answers to `item` under every policy: the document is prefilled once,

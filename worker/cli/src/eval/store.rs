@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{PolicyChoice, SeqCache};
+use qaq_worker::kv::{PolicyChoice, SeqCache};
 
 /// What a cache really stored (summable over caches). Widths count raw fp16
 /// groups as 16 bits.

@@ -4,7 +4,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use qaq_worker::{bench, config, eval, prom, server};
+use qaq_worker::{config, prom, server};
+use qaq_worker_cli::{bench, eval};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -58,7 +59,7 @@ async fn serve(cfg: config::WorkerConfig) -> anyhow::Result<()> {
     let shown = if metrics.is_empty() { "-" } else { &metrics };
     println!("QAQ_WORKER_READY grpc={grpc} metrics={shown}");
     std::io::stdout().flush()?;
-    server::run(listener, metrics, Arc::new(loaded), cfg, shutdown_signal()).await
+    Ok(server::run(listener, metrics, Arc::new(loaded), cfg, shutdown_signal()).await?)
 }
 
 async fn shutdown_signal() {
