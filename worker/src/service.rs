@@ -431,7 +431,7 @@ impl Worker for WorkerService {
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Self::SubmitStream>, Status> {
         if self.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("worker is draining"));
+            return Err(qaq_proto::status::draining("worker is draining"));
         }
         let mut req = request.into_inner();
         let source = std::mem::take(&mut req.kv_source_address);
