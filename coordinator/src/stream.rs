@@ -516,6 +516,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
     use qaq_proto::v1::worker_server::{Worker, WorkerServer};
     use qaq_proto::v1::{
         AbortRequest, AbortResponse, DrainRequest, DrainResponse, ExportKvRequest, KvChunk, ModelInfo, RegisterRequest,
@@ -614,5 +615,20 @@ mod tests {
         let e = forward.start().await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
         assert_eq!(state_of_w1(&cluster), WorkerState::Down);
+    }
+
+    /// A worker stream that ends without its final message is a worker
+    /// failure: failed over (here: no retries left), the worker marked down.
+    #[tokio::test]
+    async fn a_stream_ending_without_its_final_message_is_failed_over() {
+        let (cluster, mut forward) = one_fake_worker(FakeWorker { refusal: None }).await;
+        forward.start().await.unwrap();
+        let items: Vec<_> = forward.into_stream().collect().await;
+        let [Err(e)] = items.as_slice() else { panic!("{items:?}") };
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("gave up after 0 retries"), "{}", e.message());
+        assert!(e.message().contains("ended the stream early"), "{}", e.message());
+        assert_eq!(state_of_w1(&cluster), WorkerState::Down);
+        assert_eq!(cluster.status().in_flight, 0);
     }
 }
