@@ -15,6 +15,10 @@ pub enum ConfigError {
     /// A flag's value is out of range; the message names the flag.
     #[error("{0}")]
     Invalid(String),
+    /// A TLS file (`--tls-cert`, `--tls-key`, `--worker-tls-ca`) is unusable;
+    /// the message names the flag.
+    #[error(transparent)]
+    Tls(#[from] qaq_proto::tls::PemError),
 }
 
 /// Errors of the client API (`qaq.v1.Generation`).

@@ -7,6 +7,8 @@
 //! - [`validate`]: field-range validation shared by coordinator and worker.
 //! - [`status`]: machine-readable error reasons (`qaq.v1.ErrorDetail`) in
 //!   `tonic::Status` details: build them, read them back.
+//! - [`tls`]: TLS plumbing shared by coordinator, worker and CLI (PEM files,
+//!   server identity, the CA clients verify servers against, `https://` endpoints).
 //! - `metrics_http` (feature `metrics-http`): the Prometheus `/metrics`
 //!   endpoint both servers expose.
 //!
@@ -23,6 +25,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qaq_
 
 pub mod client;
 pub mod status;
+pub mod tls;
 pub mod validate;
 
 #[cfg(feature = "metrics-http")]
