@@ -284,7 +284,8 @@ impl Forward {
     async fn fail_over(&mut self, status: Status) -> Option<Result<GenerateResponse, Status>> {
         match self.resubmit(status).await {
             Ok(false) => None,
-            Ok(true) => Some(Ok(self.finish_complete())),
+            // The worker failed after streaming the last token, before its final message.
+            Ok(true) => Some(Ok(self.synthesized_final(FinishReason::Length))),
             Err(s) => Some(Err(s)),
         }
     }
@@ -329,7 +330,7 @@ impl Forward {
                         self.abort_grace = Some(tokio::time::Instant::now() + ABORT_GRACE);
                     }
                 }
-                Event::GraceOver => return Some(Ok(self.finish_aborted())),
+                Event::GraceOver => return Some(Ok(self.synthesized_final(FinishReason::Aborted))),
                 Event::Deadline => return Some(Err(self.deadline_error())),
                 Event::Message(Ok(Some(msg))) => {
                     let worker_abort = msg.finish_reason == FinishReason::Aborted as i32 && self.abort_grace.is_none();
@@ -353,7 +354,7 @@ impl Forward {
                 Event::Message(Ok(None)) => {
                     self.worker_finished = true;
                     if self.abort_grace.is_some() {
-                        return Some(Ok(self.finish_aborted()));
+                        return Some(Ok(self.synthesized_final(FinishReason::Aborted)));
                     }
                     let status = Status::unavailable(format!("worker {} ended the stream early", self.worker_id));
                     match self.fail_over(status).await {
@@ -363,7 +364,7 @@ impl Forward {
                 }
                 Event::Message(Err(_)) if self.abort_grace.is_some() => {
                     self.worker_finished = true;
-                    return Some(Ok(self.finish_aborted()));
+                    return Some(Ok(self.synthesized_final(FinishReason::Aborted)));
                 }
                 Event::Message(Err(status)) if retryable(&status) => match self.fail_over(status).await {
                     None => continue,
@@ -435,25 +436,14 @@ impl Forward {
         msg
     }
 
-    /// The final message of a request whose worker died after streaming its
-    /// last token but before its final message.
-    fn finish_complete(&mut self) -> GenerateResponse {
-        self.end(Outcome::Ok);
+    /// The final message the worker did not send, ending the request with
+    /// `reason`: `Aborted` (an aborted request whose worker sent none in time)
+    /// or `Length` (a worker that died after streaming the last token).
+    fn synthesized_final(&mut self, reason: FinishReason) -> GenerateResponse {
+        self.end(if reason == FinishReason::Aborted { Outcome::Aborted } else { Outcome::Ok });
         GenerateResponse {
             request_id: self.request_id.clone(),
-            finish_reason: FinishReason::Length as i32,
-            usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
-            worker_id: self.worker_id.clone(),
-            ..Default::default()
-        }
-    }
-
-    /// The final message of an aborted request whose worker did not send one.
-    fn finish_aborted(&mut self) -> GenerateResponse {
-        self.end(Outcome::Aborted);
-        GenerateResponse {
-            request_id: self.request_id.clone(),
-            finish_reason: FinishReason::Aborted as i32,
+            finish_reason: reason as i32,
             usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
             worker_id: self.worker_id.clone(),
             ..Default::default()
