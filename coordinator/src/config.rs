@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use qaq_proto::tls::{ClientTls, ServerTls, read_pem};
 
 use crate::auth::{ApiKeys, Secret};
 use crate::error::ConfigError;
 use crate::placement::Policy;
-use crate::tls::{ServerTls, WorkerTls};
 
 /// Command line of `qaq-coordinator`.
 #[derive(Debug, Clone, Parser)]
@@ -92,8 +92,8 @@ pub struct Config {
     pub registration_secret: Option<Secret>,
     /// TLS of the coordinator's gRPC server.
     pub tls: Option<ServerTls>,
-    /// TLS towards workers.
-    pub worker_tls: Option<WorkerTls>,
+    /// TLS towards workers: the CA they are verified against.
+    pub worker_tls: Option<ClientTls>,
 }
 
 impl Default for Config {
@@ -173,11 +173,16 @@ impl TryFrom<&Args> for Config {
             (None, None) => None,
         };
         c.tls = match (&a.tls_cert, &a.tls_key) {
-            (Some(cert), Some(key)) => Some(ServerTls::load(cert, key)?),
+            (Some(cert), Some(key)) => {
+                Some(ServerTls::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?))
+            }
             _ => None,
         };
-        c.worker_tls =
-            a.worker_tls_ca.as_deref().map(|ca| WorkerTls::load(ca, a.worker_tls_domain.clone())).transpose()?;
+        c.worker_tls = a
+            .worker_tls_ca
+            .as_deref()
+            .map(|ca| ClientTls::load("worker-tls-ca", ca, a.worker_tls_domain.clone()))
+            .transpose()?;
         Ok(c)
     }
 }
@@ -240,6 +245,17 @@ mod tests {
         assert!(e.to_string().contains("registration-secret"), "{e}");
         let e = Config::try_from(&args(&["--max-retries", "99"])).unwrap_err();
         assert!(e.to_string().contains("max-retries"), "{e}");
+    }
+
+    #[test]
+    fn rejects_missing_and_non_pem_tls_files() {
+        let e = Config::try_from(&args(&["--tls-cert", "/nonexistent/c.pem", "--tls-key", "/nonexistent/k.pem"]))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("tls-cert"), "{e}");
+        let e = Config::try_from(&args(&["--worker-tls-ca", "/proc/self/cmdline"])).unwrap_err();
+        assert!(e.to_string().contains("not a PEM"), "{e}");
+        let c = Config { tls: Some(ServerTls::from_pem(b"c".to_vec(), b"PRIVATE".to_vec())), ..Config::default() };
+        assert!(!format!("{c:?}").contains("PRIVATE"));
     }
 
     #[test]

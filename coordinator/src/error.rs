@@ -15,6 +15,10 @@ pub enum ConfigError {
     /// A flag's value is out of range; the message names the flag.
     #[error("{0}")]
     Invalid(String),
+    /// A TLS file (`--tls-cert`, `--tls-key`, `--worker-tls-ca`) is unusable;
+    /// the message names the flag.
+    #[error(transparent)]
+    Tls(#[from] qaq_proto::tls::PemError),
 }
 
 /// Errors of the client API (`qaq.v1.Generation`).
@@ -56,9 +60,6 @@ pub enum GenerateError {
         /// Tokens streamed before the deadline.
         tokens: u32,
     },
-    /// The worker's stream ended without a final message.
-    #[error("worker {0} ended the stream without a final message")]
-    Truncated(String),
     /// The admission queue is full; retry after the hint.
     #[error("admission queue full ({depth} requests waiting); retry after {} ms", .retry_after.as_millis())]
     QueueFull {
@@ -104,7 +105,6 @@ impl GenerateError {
             Self::Invalid(_) | Self::ModelNotFound { .. } | Self::DuplicateRequestId(_) => Outcome::Invalid,
             Self::NoLiveWorker { .. } => Outcome::Unavailable,
             Self::Deadline { .. } => Outcome::Deadline,
-            Self::Truncated(_) => Outcome::Error,
             Self::QueueFull { .. } | Self::ShuttingDown => Outcome::Rejected,
             Self::QueuedTooLong { .. } => Outcome::Deadline,
             Self::AbortedWhileQueued => Outcome::Aborted,
@@ -130,7 +130,6 @@ impl GenerateError {
             Self::DuplicateRequestId(_) => Code::AlreadyExists,
             Self::Worker { status, .. } => status.code(),
             Self::Deadline { .. } => Code::DeadlineExceeded,
-            Self::Truncated(_) => Code::Unavailable,
             Self::QueueFull { .. } => Code::ResourceExhausted,
             Self::QueuedTooLong { .. } => Code::DeadlineExceeded,
             Self::AbortedWhileQueued => Code::Cancelled,
@@ -236,7 +235,6 @@ mod tests {
                 Code::InvalidArgument,
                 Outcome::Invalid,
             ),
-            (GenerateError::Truncated("w".into()), Code::Unavailable, Outcome::Error),
             (
                 GenerateError::QueueFull { depth: 3, retry_after: Duration::from_millis(250) },
                 Code::ResourceExhausted,

@@ -10,7 +10,8 @@
 //! Modules:
 //! - [`config`]: clap [`config::Args`] (`QAQ_*` env) -> validated [`config::Config`].
 //! - [`error`]: typed errors and their one mapping to `tonic::Status`.
-//! - [`auth`]: API keys and the registration secret; [`tls`]: rustls settings.
+//! - [`auth`]: API keys and the registration secret (TLS settings are
+//!   `qaq_proto::tls`, loaded by [`config`]).
 //! - [`registry`]: the worker registry and leases (plain struct, time injected).
 //! - [`placement`]: pure placement policies over a registry snapshot.
 //! - [`admission`]: the bounded admission queue and the retry-after hint.
@@ -41,7 +42,6 @@ pub mod registry;
 pub mod requests;
 pub mod service;
 pub mod stream;
-pub mod tls;
 pub mod workers;
 
 use std::future::Future;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use qaq_proto::v1::worker_client::WorkerClient;
-use qaq_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, SubmitRequest, Usage};
+use qaq_proto::v1::{ErrorReason, FinishReason, GenerateRequest, GenerateResponse, SubmitRequest, Usage};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
@@ -76,10 +76,11 @@ pub fn retryable(s: &Status) -> bool {
 }
 
 /// Whether the error says the connection to the worker is gone (as opposed
-/// to a worker that answered, e.g. "draining").
+/// to a worker that answered it is draining: `qaq.v1.ErrorDetail` reason
+/// DRAINING, see `qaq_proto::status`).
 fn connection_lost(s: &Status) -> bool {
     matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-        && !s.message().contains("draining")
+        && qaq_proto::status::reason(s) != ErrorReason::Draining
 }
 
 /// Forwards one request's stream; see the module docs.
@@ -283,7 +284,8 @@ impl Forward {
     async fn fail_over(&mut self, status: Status) -> Option<Result<GenerateResponse, Status>> {
         match self.resubmit(status).await {
             Ok(false) => None,
-            Ok(true) => Some(Ok(self.finish_complete())),
+            // The worker failed after streaming the last token, before its final message.
+            Ok(true) => Some(Ok(self.synthesized_final(FinishReason::Length))),
             Err(s) => Some(Err(s)),
         }
     }
@@ -328,7 +330,7 @@ impl Forward {
                         self.abort_grace = Some(tokio::time::Instant::now() + ABORT_GRACE);
                     }
                 }
-                Event::GraceOver => return Some(Ok(self.finish_aborted())),
+                Event::GraceOver => return Some(Ok(self.synthesized_final(FinishReason::Aborted))),
                 Event::Deadline => return Some(Err(self.deadline_error())),
                 Event::Message(Ok(Some(msg))) => {
                     let worker_abort = msg.finish_reason == FinishReason::Aborted as i32 && self.abort_grace.is_none();
@@ -336,8 +338,9 @@ impl Forward {
                         return Some(Ok(self.on_message(msg)));
                     }
                     // The worker ended the request on its own (drain out of
-                    // grace): forward what it produced, then fail over.
-                    self.pending_failure = Some(Status::unavailable(format!(
+                    // grace): forward what it produced, then fail over. It is
+                    // alive: not a lost connection.
+                    self.pending_failure = Some(qaq_proto::status::draining(format!(
                         "worker {} aborted the request (draining or stopping)",
                         self.worker_id
                     )));
@@ -351,7 +354,7 @@ impl Forward {
                 Event::Message(Ok(None)) => {
                     self.worker_finished = true;
                     if self.abort_grace.is_some() {
-                        return Some(Ok(self.finish_aborted()));
+                        return Some(Ok(self.synthesized_final(FinishReason::Aborted)));
                     }
                     let status = Status::unavailable(format!("worker {} ended the stream early", self.worker_id));
                     match self.fail_over(status).await {
@@ -361,7 +364,7 @@ impl Forward {
                 }
                 Event::Message(Err(_)) if self.abort_grace.is_some() => {
                     self.worker_finished = true;
-                    return Some(Ok(self.finish_aborted()));
+                    return Some(Ok(self.synthesized_final(FinishReason::Aborted)));
                 }
                 Event::Message(Err(status)) if retryable(&status) => match self.fail_over(status).await {
                     None => continue,
@@ -433,25 +436,14 @@ impl Forward {
         msg
     }
 
-    /// The final message of a request whose worker died after streaming its
-    /// last token but before its final message.
-    fn finish_complete(&mut self) -> GenerateResponse {
-        self.end(Outcome::Ok);
+    /// The final message the worker did not send, ending the request with
+    /// `reason`: `Aborted` (an aborted request whose worker sent none in time)
+    /// or `Length` (a worker that died after streaming the last token).
+    fn synthesized_final(&mut self, reason: FinishReason) -> GenerateResponse {
+        self.end(if reason == FinishReason::Aborted { Outcome::Aborted } else { Outcome::Ok });
         GenerateResponse {
             request_id: self.request_id.clone(),
-            finish_reason: FinishReason::Length as i32,
-            usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
-            worker_id: self.worker_id.clone(),
-            ..Default::default()
-        }
-    }
-
-    /// The final message of an aborted request whose worker did not send one.
-    fn finish_aborted(&mut self) -> GenerateResponse {
-        self.end(Outcome::Aborted);
-        GenerateResponse {
-            request_id: self.request_id.clone(),
-            finish_reason: FinishReason::Aborted as i32,
+            finish_reason: reason as i32,
             usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
             worker_id: self.worker_id.clone(),
             ..Default::default()
@@ -509,5 +501,124 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use qaq_proto::v1::worker_server::{Worker, WorkerServer};
+    use qaq_proto::v1::{
+        AbortRequest, AbortResponse, DrainRequest, DrainResponse, ExportKvRequest, KvChunk, ModelInfo, RegisterRequest,
+        StatsRequest, StatsResponse, WorkerState,
+    };
+    use tonic::{Code, Request, Response};
+
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn only_the_draining_detail_tells_a_live_worker_from_a_lost_one() {
+        assert!(!connection_lost(&qaq_proto::status::draining("worker is draining")));
+        // The text alone is not the reason.
+        assert!(connection_lost(&Status::unavailable("worker is draining")));
+        assert!(connection_lost(&Status::unavailable("connection refused")));
+        assert!(connection_lost(&Status::unknown("h2 protocol error")));
+        assert!(!connection_lost(&Status::internal("boom")));
+        // Both are failed over.
+        assert!(retryable(&qaq_proto::status::draining("worker is draining")));
+        assert!(retryable(&Status::unavailable("connection refused")));
+    }
+
+    /// A worker that refuses every Submit with the status `refusal` makes, or,
+    /// without one, accepts it and ends the stream without a final message.
+    struct FakeWorker {
+        refusal: Option<fn() -> Status>,
+    }
+
+    type Empty<T> = futures::stream::Empty<Result<T, Status>>;
+
+    #[tonic::async_trait]
+    impl Worker for FakeWorker {
+        type SubmitStream = Empty<GenerateResponse>;
+        type ExportKvStream = Empty<KvChunk>;
+
+        async fn submit(&self, _: Request<SubmitRequest>) -> Result<Response<Self::SubmitStream>, Status> {
+            match self.refusal {
+                Some(refusal) => Err(refusal()),
+                None => Ok(Response::new(futures::stream::empty())),
+            }
+        }
+        async fn abort(&self, _: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
+            Ok(Response::new(AbortResponse { found: false }))
+        }
+        async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn drain(&self, _: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+        async fn export_kv(&self, _: Request<ExportKvRequest>) -> Result<Response<Self::ExportKvStream>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+    }
+
+    /// A cluster without retries whose one worker, `w1`, is `fake` served on a
+    /// local port, and a request admitted onto it.
+    async fn one_fake_worker(fake: FakeWorker) -> (Cluster, Forward) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder().add_service(WorkerServer::new(fake)).serve_with_incoming(incoming),
+        );
+        let cluster = Cluster::new(Config { max_retries: 0, ..Config::default() });
+        let model = ModelInfo { name: "smol".into(), context_length: 8192, vocab_size: 49152, ..Default::default() };
+        let worker = RegisterRequest { worker_id: "w1".into(), address, model: Some(model), ..Default::default() };
+        cluster.register(&worker).unwrap();
+        let mut request = GenerateRequest { prompt: "hi".into(), max_new_tokens: Some(4), ..Default::default() };
+        let admission = cluster.admit(&mut request, None, None).await.unwrap();
+        let forward = Forward::new(cluster.clone(), admission, request, Instant::now(), None);
+        (cluster, forward)
+    }
+
+    fn state_of_w1(cluster: &Cluster) -> WorkerState {
+        WorkerState::try_from(cluster.status().workers[0].state).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_draining_refusal_fails_over_without_marking_the_worker_down() {
+        let (cluster, mut forward) =
+            one_fake_worker(FakeWorker { refusal: Some(|| qaq_proto::status::draining("worker is draining")) }).await;
+        let e = forward.start().await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("gave up after 0 retries"), "{}", e.message());
+        assert_eq!(state_of_w1(&cluster), WorkerState::Up);
+        drop(forward);
+        assert_eq!(cluster.status().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_plain_unavailable_marks_the_worker_down() {
+        let (cluster, mut forward) =
+            one_fake_worker(FakeWorker { refusal: Some(|| Status::unavailable("worker is draining")) }).await;
+        let e = forward.start().await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert_eq!(state_of_w1(&cluster), WorkerState::Down);
+    }
+
+    /// A worker stream that ends without its final message is a worker
+    /// failure: failed over (here: no retries left), the worker marked down.
+    #[tokio::test]
+    async fn a_stream_ending_without_its_final_message_is_failed_over() {
+        let (cluster, mut forward) = one_fake_worker(FakeWorker { refusal: None }).await;
+        forward.start().await.unwrap();
+        let items: Vec<_> = forward.into_stream().collect().await;
+        let [Err(e)] = items.as_slice() else { panic!("{items:?}") };
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("gave up after 0 retries"), "{}", e.message());
+        assert!(e.message().contains("ended the stream early"), "{}", e.message());
+        assert_eq!(state_of_w1(&cluster), WorkerState::Down);
+        assert_eq!(cluster.status().in_flight, 0);
     }
 }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use qaq_proto::tls::ClientTls;
 use qaq_proto::v1::AbortRequest;
 use qaq_proto::v1::worker_client::WorkerClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::GenerateError;
 
@@ -33,7 +34,7 @@ pub fn channel_for(
     worker_id: &str,
     incarnation: u64,
     address: &str,
-    tls: Option<&crate::tls::WorkerTls>,
+    tls: Option<&ClientTls>,
 ) -> Result<Channel, GenerateError> {
     if let Some((inc, c)) = channels.get(worker_id)
         && *inc == incarnation
@@ -44,12 +45,9 @@ pub fn channel_for(
         worker_id: worker_id.to_string(),
         status: tonic::Status::unavailable(format!("bad worker address {address:?}: {e}")),
     };
-    let mut endpoint =
-        Endpoint::from_shared(crate::tls::worker_uri(address, tls.is_some())).map_err(|e| bad(e.to_string()))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.client_config(address)).map_err(|e| bad(e.to_string()))?;
-    }
-    let channel = endpoint
+    let tls = tls.map(|t| t.client_config(address));
+    let channel = qaq_proto::tls::endpoint(address, tls.as_ref())
+        .map_err(|e| bad(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

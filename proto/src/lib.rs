@@ -5,6 +5,10 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 //! - [`client`]: a thin client SDK (address normalisation, API-key metadata).
 //! - [`validate`]: field-range validation shared by coordinator and worker.
+//! - [`status`]: machine-readable error reasons (`qaq.v1.ErrorDetail`) in
+//!   `tonic::Status` details: build them, read them back.
+//! - [`tls`]: TLS plumbing shared by coordinator, worker and CLI (PEM files,
+//!   server identity, the CA clients verify servers against, `https://` endpoints).
 //! - `metrics_http` (feature `metrics-http`): the Prometheus `/metrics`
 //!   endpoint both servers expose.
 //!
@@ -20,6 +24,8 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("qaq_v1_descriptor");
 
 pub mod client;
+pub mod status;
+pub mod tls;
 pub mod validate;
 
 #[cfg(feature = "metrics-http")]

@@ -74,7 +74,10 @@ impl From<WorkerError> for Status {
             WorkerError::InvalidArgument { .. } => Status::invalid_argument(msg),
             WorkerError::NotFound { .. } => Status::not_found(msg),
             WorkerError::ResourceExhausted { .. } => Status::resource_exhausted(msg),
-            WorkerError::Draining | WorkerError::EngineStopped => Status::unavailable(msg),
+            // A draining worker is alive: the detail tells the coordinator not to mark it
+            // down (qaq.v1.ErrorDetail, reason DRAINING).
+            WorkerError::Draining => qaq_proto::status::draining(msg),
+            WorkerError::EngineStopped => Status::unavailable(msg),
             WorkerError::Engine(Failure::QueueFull(_) | Failure::OutOfBudget { .. }) => Status::resource_exhausted(msg),
             WorkerError::Engine(_) | WorkerError::Internal(_) => Status::internal(msg),
         }

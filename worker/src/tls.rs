@@ -1,13 +1,17 @@
 //! TLS of the worker (rustls, through tonic): `--tls-cert`/`--tls-key` serve
 //! the Worker gRPC service over TLS; `--coordinator-ca` makes the worker dial
 //! the coordinator's Registry over TLS, verifying it against that CA. Keys
-//! are read once at startup and never printed (`Debug` is redacted).
+//! are read once at startup and never printed (`Debug` is redacted). The
+//! plumbing (PEM files, identities, CAs, endpoints) is `qaq_proto::tls`,
+//! shared with the coordinator.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+pub use qaq_proto::tls::host_of;
+use qaq_proto::tls::{ClientTls, PemError, ServerTls, read_pem};
+use tonic::transport::{ClientTlsConfig, Endpoint, ServerTlsConfig};
 
 /// TLS flags of `qaq-worker serve` (flattened into `ServeArgs`).
 #[derive(Args, Debug, Clone, Default)]
@@ -33,83 +37,59 @@ pub struct TlsArgs {
 /// Validated TLS settings.
 #[derive(Clone, Default)]
 pub struct TlsConfig {
-    server: Option<(Vec<u8>, Vec<u8>)>,
-    coordinator_ca: Option<Vec<u8>>,
-    coordinator_domain: Option<String>,
-    peer_ca: Option<Vec<u8>>,
+    server: Option<ServerTls>,
+    coordinator: Option<ClientTls>,
+    peer: Option<ClientTls>,
 }
 
 impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
             .field("server", &self.server.as_ref().map(|_| "<cert and redacted key>"))
-            .field("coordinator_ca", &self.coordinator_ca.is_some())
-            .field("coordinator_domain", &self.coordinator_domain)
-            .field("peer_ca", &self.peer_ca.is_some())
+            .field("coordinator_ca", &self.coordinator.is_some())
+            .field("coordinator_domain", &self.coordinator.as_ref().and_then(ClientTls::domain))
+            .field("peer_ca", &self.peer.is_some())
             .finish()
     }
 }
 
-fn read_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag}: cannot read {}: {e}", path.display()))?;
-    anyhow::ensure!(bytes.windows(11).any(|w| w == b"-----BEGIN "), "{flag}: {} is not a PEM file", path.display());
-    Ok(bytes)
-}
-
 impl TlsArgs {
     /// Reads and checks the PEM files.
-    pub fn validate(&self) -> anyhow::Result<TlsConfig> {
+    pub fn validate(&self) -> Result<TlsConfig, PemError> {
         let server = match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => Some((read_pem("--tls-cert", c)?, read_pem("--tls-key", k)?)),
+            (Some(c), Some(k)) => Some(ServerTls::from_pem(read_pem("--tls-cert", c)?, read_pem("--tls-key", k)?)),
             _ => None,
         };
-        let coordinator_ca = self.coordinator_ca.as_deref().map(|p| read_pem("--coordinator-ca", p)).transpose()?;
-        let peer_ca = self.peer_ca.as_deref().map(|p| read_pem("--peer-ca", p)).transpose()?;
-        Ok(TlsConfig { server, coordinator_ca, coordinator_domain: self.coordinator_tls_domain.clone(), peer_ca })
+        let domain = self.coordinator_tls_domain.clone();
+        let coordinator =
+            self.coordinator_ca.as_deref().map(|p| ClientTls::load("--coordinator-ca", p, domain)).transpose()?;
+        let peer = self.peer_ca.as_deref().map(|p| ClientTls::load("--peer-ca", p, None)).transpose()?;
+        Ok(TlsConfig { server, coordinator, peer })
     }
 }
 
 impl TlsConfig {
     /// The gRPC server's TLS settings, if it serves TLS.
     pub fn server_config(&self) -> Option<ServerTlsConfig> {
-        self.server.as_ref().map(|(c, k)| ServerTlsConfig::new().identity(Identity::from_pem(c, k)))
+        self.server.as_ref().map(ServerTls::server_config)
     }
 
     /// TLS settings for dialing the coordinator at `addr`, if enabled.
     pub fn coordinator_client(&self, addr: &str) -> Option<ClientTlsConfig> {
-        let ca = self.coordinator_ca.as_ref()?;
-        let host = self.coordinator_domain.clone().unwrap_or_else(|| host_of(addr).to_string());
-        Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host))
+        self.coordinator.as_ref().map(|c| c.client_config(addr))
     }
-}
 
-impl TlsConfig {
     /// The endpoint of another worker at `addr` (a KV migration's source): TLS verified
     /// against `--peer-ca` when given, plaintext otherwise.
-    pub fn peer_endpoint(&self, addr: &str) -> anyhow::Result<Endpoint> {
-        let tls = self.peer_ca.as_ref().map(|ca| {
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host_of(addr).to_string())
-        });
-        grpc_endpoint(addr, tls.as_ref())
+    pub fn peer_endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+        grpc_endpoint(addr, self.peer.as_ref().map(|p| p.client_config(addr)).as_ref())
     }
-}
-
-/// The host part of `host:port`, `[v6]:port` or a URI.
-pub fn host_of(addr: &str) -> &str {
-    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    if let Some(v6) = authority.strip_prefix('[') {
-        return v6.split(']').next().unwrap_or(v6);
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
 
 /// The endpoint of a gRPC server (the coordinator, another worker): `https://` with `tls`,
 /// else as given.
-pub fn grpc_endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Endpoint> {
-    let Some(tls) = tls else { return Ok(qaq_proto::client::endpoint(addr)?) };
-    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
-    Ok(Endpoint::from_shared(format!("https://{rest}"))?.tls_config(tls.clone())?)
+pub fn grpc_endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, tonic::transport::Error> {
+    qaq_proto::tls::endpoint(addr, tls)
 }
 
 #[cfg(test)]
@@ -132,7 +112,8 @@ mod tests {
         assert!(TlsArgs::default().validate().unwrap().server_config().is_none());
         let bad = TlsArgs { coordinator_ca: Some("/nonexistent/ca.pem".into()), ..Default::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("--coordinator-ca"));
-        let cfg = TlsConfig { server: Some((b"c".to_vec(), b"SECRETKEY".to_vec())), ..Default::default() };
+        let cfg =
+            TlsConfig { server: Some(ServerTls::from_pem(b"c".to_vec(), b"SECRETKEY".to_vec())), ..Default::default() };
         assert!(!format!("{cfg:?}").contains("SECRETKEY"));
         assert!(cfg.coordinator_client("a:1").is_none());
     }

@@ -93,7 +93,7 @@ impl Worker for Echo {
 
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<EchoStream>, Status> {
         if self.draining.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("worker is draining"));
+            return Err(qaq_proto::status::draining("worker is draining"));
         }
         let SubmitRequest { request, resume_token_ids, .. } = request.into_inner();
         let r = request.ok_or_else(|| Status::invalid_argument("request: must be set"))?;

@@ -11,6 +11,7 @@ mod status;
 mod up;
 
 use clap::{Parser, Subcommand};
+use qaq_proto::tls::ClientTls;
 
 /// Default coordinator address of every subcommand.
 const DEFAULT_ADDR: &str = "127.0.0.1:50051";
@@ -53,7 +54,7 @@ async fn main() -> std::process::ExitCode {
     if let Some(ca) = &cli.tls_ca {
         match std::fs::read(ca) {
             Ok(pem) => {
-                let _ = TLS.set((pem, cli.tls_domain.clone()));
+                let _ = TLS.set(ClientTls::from_pem(pem, cli.tls_domain.clone()));
             }
             Err(e) => {
                 eprintln!("qaq: error: --tls-ca: cannot read {}: {e}", ca.display());
@@ -78,21 +79,16 @@ async fn main() -> std::process::ExitCode {
 }
 
 /// `--tls-ca` (PEM) and `--tls-domain`, set once by `main`.
-static TLS: std::sync::OnceLock<(Vec<u8>, Option<String>)> = std::sync::OnceLock::new();
+static TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
 
 /// Connects to a coordinator's client API (over TLS with `--tls-ca`), with a readable error.
 async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<qaq_proto::client::Client> {
-    let Some((ca, domain)) = TLS.get() else {
+    let Some(tls) = TLS.get() else {
         return qaq_proto::client::connect(addr, api_key)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"));
     };
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-    let host = domain.clone().unwrap_or_else(|| qaq_coordinator::tls::host_of(addr).to_string());
-    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(host);
-    let channel = Endpoint::from_shared(format!("https://{rest}"))?
-        .tls_config(tls)?
+    let channel = qaq_proto::tls::endpoint(addr, Some(&tls.client_config(addr)))?
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to {addr} over TLS: {e}"))?;
