@@ -20,11 +20,13 @@
 //!   online ||Q||^2 percentile, attention windows, [`KvPolicy`] and its string syntax.
 //! - [`attention`]: attention over packed K/V, plus dense f32/f16 references.
 //! - [`host`]: the host tier ([`HostTier`]) holding fp16 backups.
-//! - [`cache`]: [`QaqCache`], the online cache of one sequence (append, attend,
-//!   requantize, end_step, stats).
+//! - [`cache`]: the online cache of one sequence behind one trait, [`PolicyCache`]
+//!   (append, attend, end_step, stats, snapshots), one type per policy
+//!   ([`Fp16Cache`], [`UniformCache`], [`KiviCache`], [`QaqCache`]), made by
+//!   [`cache::new_cache`] / [`cache::restore`]; the books of a device mirror.
 //! - `cuda` (feature `cuda`): CUDA C kernels (quantize/pack, dequantize, fused packed
 //!   attention, forward-pass ops) compiled by NVRTC at run time, their launch code
-//!   with cudarc, and the device layout of a packed stream.
+//!   with cudarc, the device layout of a packed stream, and a cache's device tier.
 
 pub mod attention;
 mod base;
@@ -42,7 +44,9 @@ mod testutil;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use cache::{Attention, CacheConfig, CacheStats, Counters, QaqCache};
+pub use cache::{
+    Attention, CacheConfig, CacheStats, Counters, Fp16Cache, KiviCache, PolicyCache, QaqCache, UniformCache,
+};
 pub use error::{KernelError, Result};
 pub use host::{HostTier, InMemoryHost};
 pub use policy::{
