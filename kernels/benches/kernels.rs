@@ -197,7 +197,7 @@ fn bench_requantize(_c: &mut Criterion) {
         return;
     }
     let cfg = qaq_kernels::CacheConfig { n_layers: 30, n_kv_heads: 3, n_q_heads: 9, head_dim: D };
-    let mut cache = qaq_kernels::QaqCache::new(cfg, "qaq".parse().unwrap()).unwrap();
+    let mut cache = qaq_kernels::cache::new_cache(cfg, "qaq".parse().unwrap()).unwrap();
     let mut r = Rng(11);
     let row = cfg.n_kv_heads * D;
     let t0 = 4096;

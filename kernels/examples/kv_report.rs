@@ -15,7 +15,8 @@
 //! 8) attend causally over the quantized cache; their outputs are compared with exact
 //! fp32 attention (relative L2 error over all layers, heads and rows).
 
-use qaq_kernels::{CacheConfig, KvPolicy, QaqCache};
+use qaq_kernels::cache::new_cache;
+use qaq_kernels::{CacheConfig, KvPolicy};
 use std::process::ExitCode;
 
 fn read_u32(b: &[u8], off: usize) -> Option<u32> {
@@ -81,7 +82,7 @@ fn exact(d: &Dump, layer: usize, n: usize) -> Vec<f32> {
 
 fn run(d: &Dump, policy: &str, n_last: usize, reference: &[Vec<f32>]) -> Result<(), String> {
     let pol: KvPolicy = policy.parse().map_err(|e| format!("{e}"))?;
-    let mut cache = QaqCache::new(d.cfg, pol).map_err(|e| e.to_string())?;
+    let mut cache = new_cache(d.cfg, pol).map_err(|e| e.to_string())?;
     let c = &d.cfg;
     let (row, qrow) = (c.n_kv_heads * c.head_dim, c.n_q_heads * c.head_dim);
     let window = match pol {

@@ -1,6 +1,8 @@
 //! Attention of the query heads of one KV head over stored keys and values, computed
 //! group by group from the packed codes (never materialising an fp32 cache), plus the
-//! dense f32 / f16 references used by tests and benchmarks.
+//! dense f32 / f16 references used by tests and benchmarks. The kernels are in
+//! [`crate::simd`] (portable and fused x86 versions); this module is their API over the
+//! key stores.
 //!
 //! For a quantized group `x_hat = base + c * s` (outliers: exact value at code 0), so
 //! `q . x_hat = base * sum(q) + s * (q . c) + sum_outliers q_i (v_i - base)`, and the value
@@ -8,7 +10,6 @@
 //! Queries passed in are already scaled by `1/sqrt(D)`.
 
 use crate::kivi::KiviKeys;
-use crate::quant::{GroupMeta, RAW};
 use crate::simd;
 use crate::store::{Bytes, PackedStream};
 
@@ -49,133 +50,38 @@ impl KStore {
     }
 }
 
-/// Scores `scores[j * T + t] = q_j . k_hat_t` for the `g` queries in `qs` (`g * d`).
+/// Scores `scores[j * T + t] = q_j . k_hat_t` for the `g` queries in `qs` (`g * d`),
+/// portable path.
 pub fn scores(k: &KStore, qs: &[f32], g: usize, scores: &mut [f32]) {
     match k {
         KStore::Kivi(kk) => kk.scores(qs, g, scores),
-        KStore::Packed(s) => packed_scores(s, qs, g, scores),
+        KStore::Packed(s) => simd::portable::packed_scores(s.view(), qs, g, scores),
     }
 }
 
-fn packed_scores(s: &PackedStream, qs: &[f32], g: usize, scores: &mut [f32]) {
-    let d = s.d();
-    let t_total = s.len();
-    let scheme = s.spec().scheme;
-    let sumq: Vec<f32> = (0..g).map(|j| qs[j * d..(j + 1) * d].iter().sum()).collect();
-    let mut tmp = vec![0f32; d];
-    let mut t = 0usize;
-    for b in s.blocks() {
-        b.for_each(d, |_, gr| {
-            let m: GroupMeta = gr.meta;
-            if m.bits == RAW {
-                simd::f16_bytes_to_f32(gr.codes, &mut tmp);
-                for j in 0..g {
-                    scores[j * t_total + t] = simd::dot(&qs[j * d..(j + 1) * d], &tmp);
-                }
-            } else {
-                let base = m.base(scheme);
-                let sc = simd::h2f(m.s);
-                if m.bits > 0 {
-                    simd::unpack_f32(gr.codes, m.bits, &mut tmp);
-                }
-                for j in 0..g {
-                    let q = &qs[j * d..(j + 1) * d];
-                    let mut v = base * sumq[j];
-                    if m.bits > 0 {
-                        v += sc * simd::dot(q, &tmp);
-                    }
-                    for (&i, &ov) in gr.out_idx.iter().zip(gr.out_val) {
-                        v += q[i as usize] * (simd::h2f(ov) - base);
-                    }
-                    scores[j * t_total + t] = v;
-                }
-            }
-            t += 1;
-        });
-    }
-}
-
-/// In-place softmax of each of the `g` rows of length `t` in `x`.
+/// In-place softmax of each of the `g` rows of length `t` in `x` (portable path).
 pub fn softmax_rows(x: &mut [f32], g: usize, t: usize) {
-    for row in x.chunks_exact_mut(t.max(1)).take(g) {
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - mx).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
-    }
+    simd::portable::softmax_rows(x, g, t)
 }
 
-/// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads.
+/// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads (portable
+/// path).
 pub fn weighted_values(v: &PackedStream, probs: &[f32], g: usize, out: &mut [f32]) {
-    let d = v.d();
-    let t_total = v.len();
-    let scheme = v.spec().scheme;
-    out[..g * d].fill(0.0);
-    let mut cst = vec![0f32; g];
-    let mut tmp = vec![0f32; d];
-    let mut t = 0usize;
-    for b in v.blocks() {
-        b.for_each(d, |_, gr| {
-            let m = gr.meta;
-            if m.bits == RAW {
-                simd::f16_bytes_to_f32(gr.codes, &mut tmp);
-                for j in 0..g {
-                    simd::axpy(&mut out[j * d..(j + 1) * d], probs[j * t_total + t], &tmp);
-                }
-            } else {
-                let base = m.base(scheme);
-                let sc = simd::h2f(m.s);
-                if m.bits > 0 {
-                    simd::unpack_f32(gr.codes, m.bits, &mut tmp);
-                }
-                for j in 0..g {
-                    let p = probs[j * t_total + t];
-                    let acc = &mut out[j * d..(j + 1) * d];
-                    if m.bits > 0 {
-                        simd::axpy(acc, p * sc, &tmp);
-                    }
-                    cst[j] += p * base;
-                    for (&i, &ov) in gr.out_idx.iter().zip(gr.out_val) {
-                        acc[i as usize] += p * (simd::h2f(ov) - base);
-                    }
-                }
-            }
-            t += 1;
-        });
-    }
-    for j in 0..g {
-        for o in &mut out[j * d..(j + 1) * d] {
-            *o += cst[j];
-        }
-    }
+    simd::portable::weighted_values(v.view(), probs, g, out)
 }
 
 /// Full attention of `g` query heads over packed K/V: writes `out` (`g * d`) and
-/// `probs` (`g * T`). Uses the fused AVX2 kernels when the CPU has them, else
-/// [`attend_packed_reference`].
+/// `probs` (`g * T`). Uses the fused AVX2 kernels when the CPU has them (see
+/// [`crate::simd`]), else [`attend_packed_reference`].
 pub fn attend_packed(k: &KStore, v: &PackedStream, qs: &[f32], g: usize, out: &mut [f32], probs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd::fast_path() && v.d().is_multiple_of(8) {
-        let t = v.len();
-        assert!(qs.len() >= g * v.d() && out.len() >= g * v.d() && probs.len() >= g * t);
-        // SAFETY: the features were detected at run time; lengths checked above.
-        unsafe {
-            match k {
-                KStore::Packed(s) => crate::fused::packed_scores(s, qs, g, probs),
-                KStore::Kivi(kk) => kk.scores(qs, g, probs),
-            }
-            crate::fused::softmax_rows(probs, g, t);
-            crate::fused::weighted_values(v, probs, g, out);
+    let keys = match k {
+        KStore::Packed(s) => Some(s.view()),
+        KStore::Kivi(kk) => {
+            kk.scores(qs, g, probs);
+            None
         }
-        return;
-    }
-    attend_packed_reference(k, v, qs, g, out, probs)
+    };
+    simd::attend_packed(keys, v.view(), qs, g, out, probs)
 }
 
 /// The portable path of [`attend_packed`] (also the reference its SIMD path is tested
@@ -227,7 +133,7 @@ pub fn attend_dense_f16(k: &[u8], v: &[u8], d: usize, qs: &[f32], g: usize, out:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QuantSpec;
+    use crate::quant::{QuantSpec, RAW};
 
     /// The fused SIMD path (taken by `attend_packed` on AVX2 machines) against the
     /// portable reference: every width, raw groups, outliers, both schemes, GQA group

@@ -3,8 +3,8 @@
 //! in fp16 until `R + G` of them have accumulated, then the oldest `G` are quantized.
 //! (KIVI's values are per-token, stored in a [`crate::store::PackedStream`].)
 
+use crate::base::{check_finite, code_bytes, f16_down, f16_up};
 use crate::error::Result;
-use crate::quant::{self, check_finite};
 use crate::simd;
 use crate::store::{Bytes, SLACK};
 use half::f16;
@@ -54,7 +54,7 @@ impl KiviKeys {
         self.bits
     }
     fn row_bytes(&self) -> usize {
-        quant::code_bytes(self.bits, self.d)
+        code_bytes(self.bits, self.d)
     }
 
     /// Appends one key row (f16-representable values).
@@ -82,9 +82,9 @@ impl KiviKeys {
                 lo = lo.min(rows[r * d + c]);
                 hi = hi.max(rows[r * d + c]);
             }
-            let mh = quant::f16_down(lo);
+            let mh = f16_down(lo);
             m.push(mh);
-            s.push(quant::f16_up((hi - mh.to_f32()) / levels));
+            s.push(f16_up((hi - mh.to_f32()) / levels));
         }
         let mut codes = Vec::with_capacity(g * self.row_bytes() + SLACK);
         let mut cr = vec![0u8; d];

@@ -3,36 +3,35 @@
 //! mixed-width storage, attention over the packed cache, and like-for-like baselines.
 //! No I/O, no async. Algorithm spec: `shared/qaq-algorithm.md`.
 //!
-//! Modules:
-//! - [`policy`]: the QAQ bit-width formulas (paper and reference-code variants), the
-//!   online ||Q||^2 percentile, attention windows, [`KvPolicy`] and its string syntax.
-//! - [`quant`]: per-group quantizer (paper midpoint / reference mean-centred), outliers.
+//! Modules, each depending only on those listed before it (no import cycles):
+//! - [`error`]: the error type, [`KernelError`].
+//! - `base`: the packed-group format (widths, [`QuantSpec`], group metadata, f16
+//!   conversions, one page of groups), re-exported by [`quant`] and [`store`].
+//! - [`simd`]: the one SIMD layer: every inner loop with its portable reference
+//!   ([`simd::scalar`]) and its x86-64 AVX2 / AVX-512 versions, chosen at one dispatch
+//!   point ([`simd::level`]; `QAQ_KERNELS_SCALAR`, `QAQ_KERNELS_NO_AVX512`): primitives,
+//!   the group encoders and decoders, fused attention over packed K/V, and
+//!   [`simd::linear_rows`] (the worker's row-independent f32 matmul).
+//! - [`quant`]: the per-group quantizer's API (paper midpoint / reference mean-centred,
+//!   outliers).
 //! - [`store`]: paged, bit-packed storage of groups and exact byte accounting.
 //! - [`kivi`]: KIVI-style per-channel key storage.
+//! - [`policy`]: the QAQ bit-width formulas (paper and reference-code variants), the
+//!   online ||Q||^2 percentile, attention windows, [`KvPolicy`] and its string syntax.
 //! - [`attention`]: attention over packed K/V, plus dense f32/f16 references.
 //! - [`host`]: the host tier ([`HostTier`]) holding fp16 backups.
-//! - [`cache`]: [`QaqCache`], the online cache of one sequence (append, attend,
-//!   requantize, end_step, stats).
-//! - [`simd`]: inner loops with run-time AVX2/FMA/F16C/BMI2 selection and scalar
-//!   reference versions.
-//! - `fastq` (x86-64): hand-written AVX2 group encoder / decoder, bit-exact with
-//!   the scalar reference in [`quant`].
-//! - `fused` (x86-64): fused AVX2 attention over packed K/V of one KV head (GQA
-//!   sharing, codes unpacked in registers), checked against the portable path.
-//! - [`error`] holds the error type, [`KernelError`].
+//! - [`cache`]: the online cache of one sequence behind one trait, [`PolicyCache`]
+//!   (append, attend, end_step, stats, snapshots), one type per policy
+//!   ([`Fp16Cache`], [`UniformCache`], [`KiviCache`], [`QaqCache`]), made by
+//!   [`cache::new_cache`] / [`cache::restore`]; the books of a device mirror.
 //! - `cuda` (feature `cuda`): CUDA C kernels (quantize/pack, dequantize, fused packed
 //!   attention, forward-pass ops) compiled by NVRTC at run time, their launch code
-//!   with cudarc, and the device layout of a packed stream.
+//!   with cudarc, the device layout of a packed stream, and a cache's device tier.
 
 pub mod attention;
+mod base;
 pub mod cache;
 pub mod error;
-#[cfg(target_arch = "x86_64")]
-mod fastq;
-#[cfg(target_arch = "x86_64")]
-mod fastq512;
-#[cfg(target_arch = "x86_64")]
-mod fused;
 pub mod host;
 pub mod kivi;
 pub mod policy;
@@ -45,7 +44,9 @@ mod testutil;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use cache::{Attention, CacheConfig, CacheStats, Counters, QaqCache};
+pub use cache::{
+    Attention, CacheConfig, CacheStats, Counters, Fp16Cache, KiviCache, PolicyCache, QaqCache, UniformCache,
+};
 pub use error::{KernelError, Result};
 pub use host::{HostTier, InMemoryHost};
 pub use policy::{

@@ -123,7 +123,7 @@ impl Default for QNormTracker {
 }
 
 impl QNormTracker {
-    /// The histogram and the sample count (for [`crate::QaqCache::snapshot`]).
+    /// The histogram and the sample count (for [`crate::PolicyCache::snapshot`]).
     pub(crate) fn parts(&self) -> (&[u32], u64) {
         (&self.bins, self.n)
     }

@@ -1,5 +1,6 @@
 //! Unit tests of `quant` (kept beside it, in their own file for size).
 use super::*;
+use crate::error::KernelError;
 use proptest::prelude::*;
 
 fn roundtrip(x: &[f32], bits: u8, spec: &QuantSpec) -> (GroupMeta, Vec<f32>, Vec<u8>) {

@@ -9,14 +9,15 @@
 //! [`SLACK`] zero bytes after their codes so SIMD unpacking can read 8 bytes at a time;
 //! those bytes are real memory and are counted as padding in [`Bytes`].
 
+pub use crate::base::{Block, GroupRef, SLACK, Sink};
+
+use crate::base::StreamView;
 use crate::error::{KernelError, Result};
 use crate::quant::{self, GroupMeta, META_BYTES, OUTLIER_BYTES, QuantSpec, RAW};
 use half::f16;
 
 /// Groups per block.
 pub const BLOCK_TOKENS: usize = 64;
-/// Zero bytes kept after the codes of a block that holds quantized groups.
-pub const SLACK: usize = 8;
 
 /// Byte accounting of a stream (or a sum of streams).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -74,72 +75,6 @@ impl Bytes {
     }
 }
 
-/// One page of groups.
-#[derive(Clone, Debug, Default)]
-pub struct Block {
-    pub(crate) meta: Vec<GroupMeta>,
-    pub(crate) codes: Vec<u8>,
-    pub(crate) out_idx: Vec<u8>,
-    pub(crate) out_val: Vec<f16>,
-    has_slack: bool,
-}
-
-/// A view of one stored group.
-#[derive(Clone, Copy, Debug)]
-pub struct GroupRef<'a> {
-    /// Metadata.
-    pub meta: GroupMeta,
-    /// Codes, starting at this group (may run on into the next groups and the slack).
-    pub codes: &'a [u8],
-    /// Outlier indices.
-    pub out_idx: &'a [u8],
-    /// Outlier values.
-    pub out_val: &'a [f16],
-}
-
-impl Block {
-    /// Number of groups.
-    pub fn len(&self) -> usize {
-        self.meta.len()
-    }
-    /// Whether empty.
-    pub fn is_empty(&self) -> bool {
-        self.meta.is_empty()
-    }
-    /// Visits every group in order.
-    #[inline]
-    pub fn for_each<'a>(&'a self, d: usize, mut f: impl FnMut(usize, GroupRef<'a>)) {
-        let (mut co, mut oo) = (0usize, 0usize);
-        for (i, m) in self.meta.iter().enumerate() {
-            let no = m.n_out as usize;
-            f(
-                i,
-                GroupRef {
-                    meta: *m,
-                    codes: &self.codes[co..],
-                    out_idx: &self.out_idx[oo..oo + no],
-                    out_val: &self.out_val[oo..oo + no],
-                },
-            );
-            co += m.code_bytes(d);
-            oo += no;
-        }
-    }
-
-    fn strip_slack(&mut self) {
-        if self.has_slack {
-            self.codes.truncate(self.codes.len() - SLACK);
-            self.has_slack = false;
-        }
-    }
-    fn add_slack(&mut self) {
-        if !self.has_slack && self.meta.iter().any(|m| m.bits != RAW) {
-            self.codes.extend_from_slice(&[0; SLACK]);
-            self.has_slack = true;
-        }
-    }
-}
-
 /// The groups of one stream.
 #[derive(Clone, Debug)]
 pub struct PackedStream {
@@ -177,6 +112,10 @@ impl PackedStream {
     /// The blocks, in order.
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
+    }
+    /// The stream as the attention kernels read it.
+    pub(crate) fn view(&self) -> StreamView<'_> {
+        StreamView { blocks: &self.blocks, d: self.d, len: self.len, scheme: self.spec.scheme }
     }
 
     /// Appends one group (f16-representable values) at width `bits`.
@@ -395,17 +334,6 @@ impl PackedStream {
         debug_assert_eq!(a.outlier_values + a.outlier_indices, OUTLIER_BYTES * (a.outlier_indices));
         a
     }
-}
-
-/// Where [`PackedStream::rewrite_block`] callbacks write a new encoding.
-#[derive(Debug)]
-pub struct Sink<'a> {
-    /// Code bytes.
-    pub codes: &'a mut Vec<u8>,
-    /// Outlier indices.
-    pub out_idx: &'a mut Vec<u8>,
-    /// Outlier values.
-    pub out_val: &'a mut Vec<f16>,
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Test helpers shared by the SIMD encoder tests (`fastq`, `fastq512`).
+//! Test helpers shared by the SIMD encoder tests (`simd::tests`).
 
 use half::f16;
 

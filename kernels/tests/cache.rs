@@ -1,8 +1,9 @@
-//! Integration tests of `QaqCache` under every policy.
+//! Integration tests of the caches ([`PolicyCache`]) under every policy.
 
 use half::f16;
 use qaq_kernels::attention::attend_dense_f32;
-use qaq_kernels::{CacheConfig, KernelError, KvPolicy, QNorm, QaqCache, QaqParams};
+use qaq_kernels::cache::new_cache;
+use qaq_kernels::{CacheConfig, KernelError, KvPolicy, PolicyCache, QNorm, QaqCache, QaqParams};
 
 const CFG: CacheConfig = CacheConfig { n_layers: 2, n_kv_heads: 2, n_q_heads: 6, head_dim: 16 };
 
@@ -47,8 +48,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt() / n
 }
 
-fn filled(policy: &str, t: usize, seed: u64) -> (QaqCache, Rng, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let mut cache = QaqCache::new(CFG, policy.parse().unwrap()).unwrap();
+/// A cache under any policy.
+type Cache = Box<dyn PolicyCache>;
+
+fn filled(policy: &str, t: usize, seed: u64) -> (Cache, Rng, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut cache = new_cache(CFG, policy.parse().unwrap()).unwrap();
     let mut rng = Rng(seed);
     let (mut ks, mut vs) = (Vec::new(), Vec::new());
     for layer in 0..CFG.n_layers {
@@ -136,7 +140,7 @@ fn qaq_params() -> QaqParams {
 #[test]
 fn prefill_sets_first_widths_and_keeps_last_window_at_bmax() {
     let p = qaq_params();
-    let mut cache = QaqCache::new(CFG, KvPolicy::Qaq(p)).unwrap();
+    let mut cache = QaqCache::new(CFG, p).unwrap();
     let mut rng = Rng(11);
     let t = 200;
     let qrow = CFG.n_q_heads * CFG.head_dim;
@@ -167,7 +171,7 @@ fn prefill_sets_first_widths_and_keeps_last_window_at_bmax() {
 #[test]
 fn requantize_up_restores_bound_from_backup_and_eviction_blocks() {
     let p = QaqParams { window: 2, ..qaq_params() };
-    let mut cache = QaqCache::new(CFG, KvPolicy::Qaq(p)).unwrap();
+    let mut cache = QaqCache::new(CFG, p).unwrap();
     let mut rng = Rng(21);
     let t = 64;
     let k = rng.vec(t * row(&CFG), 1.0);
@@ -232,7 +236,7 @@ fn requantize_up_restores_bound_from_backup_and_eviction_blocks() {
 #[test]
 fn cadence_every_k_steps_and_down_from_backup() {
     let p = QaqParams { every: 3, window: 1, down: qaq_kernels::DownSource::Backup, ..qaq_params() };
-    let mut cache = QaqCache::new(CFG, KvPolicy::Qaq(p)).unwrap();
+    let mut cache = QaqCache::new(CFG, p).unwrap();
     let mut rng = Rng(5);
     let qrow = CFG.n_q_heads * CFG.head_dim;
     for layer in 0..2 {
@@ -255,7 +259,7 @@ fn cadence_every_k_steps_and_down_from_backup() {
 
 #[test]
 fn single_token_and_constant_rows() {
-    let mut cache = QaqCache::new(CFG, "qaq".parse().unwrap()).unwrap();
+    let mut cache = new_cache(CFG, "qaq".parse().unwrap()).unwrap();
     let k = vec![0.25f32; row(&CFG)];
     let v: Vec<f32> = vec![1.5f32; row(&CFG)];
     cache.append(0, &k, &v).unwrap();
@@ -270,7 +274,7 @@ fn single_token_and_constant_rows() {
 
 #[test]
 fn bad_inputs_are_errors_not_panics() {
-    let mut cache = QaqCache::new(CFG, "qaq".parse().unwrap()).unwrap();
+    let mut cache = new_cache(CFG, "qaq".parse().unwrap()).unwrap();
     let mut k = vec![0.5f32; row(&CFG)];
     let v = vec![0.5f32; row(&CFG)];
     k[3] = f32::NAN;
@@ -288,13 +292,13 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(cache.attend(0, &q).is_err());
     assert!(cache.attend(0, &q[..3]).is_err());
     assert!(cache.attend_rows(0, &vec![0.0; 2 * q.len()], 2).is_err(), "more queries than tokens");
-    assert!(QaqCache::new(CacheConfig { head_dim: 12, ..CFG }, KvPolicy::Fp16).is_err());
-    assert!(QaqCache::new(CacheConfig { n_q_heads: 5, ..CFG }, KvPolicy::Fp16).is_err());
+    assert!(new_cache(CacheConfig { head_dim: 12, ..CFG }, KvPolicy::Fp16).is_err());
+    assert!(new_cache(CacheConfig { n_q_heads: 5, ..CFG }, KvPolicy::Fp16).is_err());
 }
 
 #[test]
 fn prefill_rows_are_exact_causal_attention_and_single_row_matches_attend() {
-    let mut cache = QaqCache::new(CFG, "uniform:2".parse().unwrap()).unwrap();
+    let mut cache = new_cache(CFG, "uniform:2".parse().unwrap()).unwrap();
     let mut rng = Rng(99);
     let t = 30;
     let (k, v) = (rng.vec(t * row(&CFG), 1.0), rng.vec(t * row(&CFG), 1.0));
@@ -346,10 +350,8 @@ fn batch_append_matches_token_by_token() {
     ] {
         for cfg in [CFG, CacheConfig { head_dim: 64, ..CFG }, CacheConfig { head_dim: 24, ..CFG }] {
             let r = row(&cfg);
-            let (mut a, mut b) = (
-                QaqCache::new(cfg, policy.parse().unwrap()).unwrap(),
-                QaqCache::new(cfg, policy.parse().unwrap()).unwrap(),
-            );
+            let (mut a, mut b) =
+                (new_cache(cfg, policy.parse().unwrap()).unwrap(), new_cache(cfg, policy.parse().unwrap()).unwrap());
             let mut rng = Rng(77);
             for n in [1usize, 130, 3, 1, 70] {
                 for layer in 0..cfg.n_layers {
@@ -416,10 +418,8 @@ fn observing_a_prefill_equals_attending_it() {
         let mut rng = Rng(11);
         let t = 37;
         let qrow = CFG.n_q_heads * CFG.head_dim;
-        let (mut a, mut b) = (
-            QaqCache::new(CFG, policy.parse().unwrap()).unwrap(),
-            QaqCache::new(CFG, policy.parse().unwrap()).unwrap(),
-        );
+        let (mut a, mut b) =
+            (new_cache(CFG, policy.parse().unwrap()).unwrap(), new_cache(CFG, policy.parse().unwrap()).unwrap());
         for layer in 0..CFG.n_layers {
             let (k, v, q) = (rng.vec(t * row(&CFG), 2.0), rng.vec(t * row(&CFG), 1.0), rng.vec(t * qrow, 3.0));
             a.append(layer, &k, &v).unwrap();
@@ -445,8 +445,8 @@ fn observing_a_prefill_equals_attending_it() {
 
 /// Widths of layer 0 after a prefill whose last rows, and then `steps` decode queries,
 /// all point at token `hot`'s key (keys with a massive channel 3 in every head).
-fn attended(policy: &str, hot: usize, steps: usize) -> (QaqCache, Vec<f32>) {
-    let mut cache = QaqCache::new(CFG, policy.parse().unwrap()).unwrap();
+fn attended(policy: &str, hot: usize, steps: usize) -> (Cache, Vec<f32>) {
+    let mut cache = new_cache(CFG, policy.parse().unwrap()).unwrap();
     let mut rng = Rng(31);
     let (t, d, r) = (200, CFG.head_dim, row(&CFG));
     let mut k = rng.vec(t * r, 1.0);

@@ -321,16 +321,17 @@ fn embedding_softmax_and_argmax_match_scalar_references() {
 /// widths QAQ chose from the device's windows are the CPU's (bar rounding at a boundary).
 #[test]
 fn device_kv_tier_attends_like_the_cpu_cache_through_requantization() {
+    use qaq_kernels::cache::new_cache;
     use qaq_kernels::cuda::DeviceKv;
-    use qaq_kernels::{CacheConfig, KvPolicy, QaqCache};
+    use qaq_kernels::{CacheConfig, KvPolicy};
     use std::str::FromStr;
     let gpu = gpu();
     let cfg = CacheConfig { n_layers: 2, n_kv_heads: 3, n_q_heads: 9, head_dim: 64 };
     let (row, qrow) = (3 * 64, 9 * 64);
     for label in ["qaq-tuned", "qaq", "uniform:4", "fp16"] {
         let policy = KvPolicy::from_str(label).unwrap();
-        let (mut cpu, mut dev) = (QaqCache::new(cfg, policy).unwrap(), QaqCache::new(cfg, policy).unwrap());
-        let mut tier = DeviceKv::new(&mut dev).unwrap();
+        let (mut cpu, mut dev) = (new_cache(cfg, policy).unwrap(), new_cache(cfg, policy).unwrap());
+        let mut tier = DeviceKv::new(&mut *dev).unwrap();
         let mut rng = StdRng::seed_from_u64(5);
         let mut out_d = gpu.zeros::<f32>(qrow).unwrap();
         let mut rnd = |n: usize| -> Vec<f32> {
@@ -349,7 +350,7 @@ fn device_kv_tier_attends_like_the_cpu_cache_through_requantization() {
                     continue;
                 }
                 let want = cpu.attend(layer, &q).unwrap().output;
-                tier.attend(gpu, &mut dev, layer, &q, &mut out_d.slice_mut(..)).unwrap();
+                tier.attend(gpu, &mut *dev, layer, &q, &mut out_d.slice_mut(..)).unwrap();
                 close(&gpu.download(&out_d).unwrap(), &want, 2e-4, &format!("{label} step {step} layer {layer}"));
             }
             cpu.end_step().unwrap();

@@ -354,7 +354,7 @@ impl HostArena {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::{CacheConfig, QaqCache};
+    use crate::cache::{CacheConfig, PolicyCache, new_cache};
     use crate::policy::KvPolicy;
     use std::str::FromStr;
 
@@ -371,7 +371,12 @@ mod tests {
     }
 
     /// Syncs `arena` with layer `layer` of `c` and checks every group decodes the same.
-    fn sync_and_check(c: &mut QaqCache, book: &mut LayerBook, arena: &mut HostArena, layer: usize) -> (Update, usize) {
+    fn sync_and_check(
+        c: &mut dyn PolicyCache,
+        book: &mut LayerBook,
+        arena: &mut HostArena,
+        layer: usize,
+    ) -> (Update, usize) {
         let mut rw = Vec::new();
         for h in 0..CFG.n_kv_heads {
             let [k, v] = c.take_rewrites(layer, h).unwrap();
@@ -405,7 +410,7 @@ mod tests {
     fn the_mirror_follows_appends_and_requantization_byte_for_byte() {
         for label in ["qaq", "qaq-tuned", "uniform:4", "fp16"] {
             let policy = KvPolicy::from_str(label).unwrap();
-            let mut c = QaqCache::new(CFG, policy).unwrap();
+            let mut c = new_cache(CFG, policy).unwrap();
             c.track_rewrites();
             let (mut book, mut arena) = (LayerBook::new(2 * CFG.n_kv_heads), HostArena::default());
             let (mut reallocs, mut rewrites) = (0, 0);
@@ -422,7 +427,7 @@ mod tests {
                 }
                 c.end_step().unwrap();
                 if step % 37 == 0 || step == 400 {
-                    let (u, r) = sync_and_check(&mut c, &mut book, &mut arena, 1);
+                    let (u, r) = sync_and_check(&mut *c, &mut book, &mut arena, 1);
                     reallocs += usize::from(u.realloc.is_some());
                     rewrites += r;
                 }
@@ -435,7 +440,7 @@ mod tests {
             assert_eq!(rewrites > 0, label.starts_with("qaq"), "{label}: {rewrites}");
             assert!(rewrites as u64 <= moved.k_down + moved.v_down + moved.k_up + moved.v_up, "{label}");
             // Nothing changed since: the next update is empty.
-            let (u, _) = sync_and_check(&mut c, &mut book, &mut arena, 1);
+            let (u, _) = sync_and_check(&mut *c, &mut book, &mut arena, 1);
             assert!(u.is_empty() && u.upload_bytes() == 0, "{label}: {u:?}");
         }
     }
@@ -443,7 +448,7 @@ mod tests {
     #[test]
     fn garbage_is_bounded_by_rebuilding_compact() {
         let policy = KvPolicy::from_str("qaq").unwrap();
-        let mut c = QaqCache::new(CFG, policy).unwrap();
+        let mut c = new_cache(CFG, policy).unwrap();
         c.track_rewrites();
         let (mut book, mut arena) = (LayerBook::new(4), HostArena::default());
         let d = CFG.head_dim;
@@ -455,7 +460,7 @@ mod tests {
             c.attend_rows(0, &q, 1).unwrap();
             c.attend_rows(1, &q, 1).unwrap();
             c.end_step().unwrap();
-            sync_and_check(&mut c, &mut book, &mut arena, 0);
+            sync_and_check(&mut *c, &mut book, &mut arena, 0);
             let l = book.layout().unwrap();
             let (live, live_out) = book.live();
             // After a rebuild the arena is twice the live bytes; until the next one it
@@ -470,7 +475,7 @@ mod tests {
 
     #[test]
     fn a_shrunk_stream_or_wrong_stream_count_is_an_error() {
-        let mut c = QaqCache::new(CFG, KvPolicy::Fp16).unwrap();
+        let mut c = new_cache(CFG, KvPolicy::Fp16).unwrap();
         c.append(0, &rows(3, 0), &rows(3, 1)).unwrap();
         let (k, v) = c.streams(0, 0).unwrap();
         let mut book = LayerBook::new(2);

@@ -55,7 +55,7 @@ __device__ __forceinline__ float qaq_offset(u32 scheme, u32 bits) {
     return -(float)(1u << (bits - 1));
 }
 
-// One group of a QaqStream: `value(i)` is what `quant::decode_scalar` reconstructs.
+// One group of a QaqStream: `value(i)` is what `simd::portable::decode_group` reconstructs.
 struct QaqGroup {
     const u8* codes;
     const u8* out_idx;

@@ -1,21 +1,22 @@
-//! [`DeviceKv`]: the device tier of one sequence's [`QaqCache`]. Its packed groups live
-//! in device memory in the mirror layout of [`crate::cache::mirror`], and decode-step
-//! attention runs there (`qaq_attn_split_packed` over the layer's arenas).
+//! [`DeviceKv`]: the device tier of one sequence's cache (a [`PolicyCache`] with packed
+//! keys: QAQ, fp16 or uniform). Its packed groups live in device memory in the mirror
+//! layout of [`crate::cache::mirror`], and decode-step attention runs there
+//! (`qaq_attn_split_packed` over the layer's arenas).
 //!
-//! The host cache stays the one implementation of QAQ: it stores each appended token
-//! (and its fp16 backup), decides every width, re-encodes groups (upward from the
-//! backups), and keeps the windows and the ||Q||^2 tracker. What changed since the last
+//! The host cache stays the one implementation of its policy: it stores each appended
+//! token (and, QAQ, its fp16 backup), decides every width, re-encodes groups (upward
+//! from the backups), and keeps the windows and the ||Q||^2 tracker. What changed since the last
 //! step is copied to the device before a layer attends: appended groups and re-encoded
 //! ones, as one update per layer ([`crate::cache::mirror::Update`]: a metadata scatter
 //! launch and two arena copies). The attention's per-token window maximum comes back to
 //! the host, which is all QAQ needs from the probabilities
-//! ([`QaqCache::observe_window`]). So a GPU worker attends over exactly the bytes the
+//! ([`PolicyCache::observe_window`]). So a GPU worker attends over exactly the bytes the
 //! CPU reference holds, and its widths follow the same rules.
 
 use super::device::{Gpu, Kv, StreamArgs, drv, fire};
 use super::launch;
 use super::layout::scheme_code;
-use crate::cache::QaqCache;
+use crate::cache::PolicyCache;
 use crate::cache::mirror::{LayerBook, Layout, RECORD_WORDS, Update};
 use crate::error::{KernelError, Result};
 use crate::store::PackedStream;
@@ -95,7 +96,7 @@ impl DeviceKv {
     /// From now on the cache records what re-quantization re-encodes. Errors for caches
     /// the attention kernel cannot read: KIVI keys (per-channel groups), keys and values
     /// under different reconstruction schemes, more than 8 query heads per KV head.
-    pub fn new(cache: &mut QaqCache) -> Result<Self> {
+    pub fn new(cache: &mut dyn PolicyCache) -> Result<Self> {
         let cfg = *cache.config();
         let (k, v) = cache.streams(0, 0).ok_or_else(|| {
             KernelError::Config("the device KV tier needs packed keys (not the KIVI baseline)".to_string())
@@ -133,7 +134,7 @@ impl DeviceKv {
     }
 
     /// Brings layer `layer`'s device copy up to date with `cache`.
-    pub fn sync(&mut self, gpu: &Gpu, cache: &mut QaqCache, layer: usize) -> Result<()> {
+    pub fn sync(&mut self, gpu: &Gpu, cache: &mut dyn PolicyCache, layer: usize) -> Result<()> {
         let book = self.books.get_mut(layer).ok_or(KernelError::Layer { layer, n_layers: cache.config().n_layers })?;
         // The layer is in range: only a cache of another shape lacks a head here.
         let missing = || KernelError::Config(format!("layer {layer}: the cache has fewer KV heads than its tier"));
@@ -160,11 +161,11 @@ impl DeviceKv {
     /// Decode-step attention of one query row (`n_q_heads * head_dim`, post-RoPE,
     /// unscaled) over `layer` of `cache` on the device: synchronises the layer, writes
     /// the output row (`n_q_heads * head_dim`) into `out`, and feeds the cache's windows
-    /// and ||Q||^2 tracker as [`QaqCache::attend`] does.
+    /// and ||Q||^2 tracker as [`PolicyCache::attend`] does.
     pub fn attend(
         &mut self,
         gpu: &Gpu,
-        cache: &mut QaqCache,
+        cache: &mut dyn PolicyCache,
         layer: usize,
         q: &[f32],
         out: &mut CudaViewMut<'_, f32>,

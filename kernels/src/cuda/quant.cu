@@ -1,5 +1,5 @@
 // QAQ quantize + pack and dequantize of token groups, bit-exact with the CPU reference
-// (`quant::encode_scalar` / `quant::decode_scalar` in kernels/src/quant.rs).
+// (`encode_group` / `decode_group` in kernels/src/simd/portable.rs).
 //
 // Launch: one warp per group, QAQ_QUANT_WARPS warps per block (see cuda/launch.rs).
 // The min / max / sum of a group are computed in the CPU reference's exact order: eight
@@ -63,7 +63,7 @@ __device__ __forceinline__ float qaq_lane_sum(const float* v, u32 d, u32 lane) {
 
 // Quantizes groups `0..n` of `x` (`n x d` f16) at widths `bits[t]` (0..=8 or 16 = raw),
 // writing the codes at `code_off[t]`, the outliers at `out_off[t]` and the metadata.
-// `k_lo` / `k_hi`: outliers per side, already capped as in `encode_impl`.
+// `k_lo` / `k_hi`: outliers per side, already capped as in `Outliers::capped`.
 extern "C" __global__ void qaq_quantize(const u16* __restrict__ x, u32 n, u32 d, const u8* __restrict__ bits,
                                         const u32* __restrict__ code_off, const u32* __restrict__ out_off, u32 k_lo,
                                         u32 k_hi, u32 scheme, u8* __restrict__ codes, u16* __restrict__ meta_m,
@@ -245,7 +245,7 @@ extern "C" __global__ void qaq_quantize(const u16* __restrict__ x, u32 n, u32 d,
     }
 }
 
-// Reconstructs groups `0..n` into `out` (`n x d` f32), as `quant::decode_scalar`.
+// Reconstructs groups `0..n` into `out` (`n x d` f32), as `simd::portable::decode_group`.
 extern "C" __global__ void qaq_dequantize(const u8* __restrict__ codes, const u32* __restrict__ code_off,
                                           const u16* __restrict__ meta_m, const u16* __restrict__ meta_s,
                                           const u8* __restrict__ meta_bits, const u8* __restrict__ meta_n_out,

@@ -1,156 +1,43 @@
-//! AVX-512 (F/BW/VL/VBMI) version of the midpoint encoder of [`crate::fastq`]: one group
+//! AVX-512 (F/BW/VL/VBMI) version of the midpoint encoder of [`super::quant`]: one group
 //! is `ceil(d / 16)` zmm of f32 (f16 input converted with `vcvtph2ps` as it is loaded),
 //! min/max and the one-per-side outlier selection use masked reductions, codes are
 //! `trunc((x - m) * (1 / s))` saturated by the `packus` chain, and 64 byte codes are
-//! bit-packed at once with shifts and one `vpermb`. Bit-exact with the scalar reference
-//! in [`crate::quant`] (same operations in the same order for every rounding step).
-//! Only compiled on x86-64; callers check [`available`] first.
+//! bit-packed at once with shifts and one `vpermb`. Bit-exact with the reference in
+//! `simd::portable` (same operations in the same order for every rounding step).
+//! Callers check for [`crate::simd::Level::Avx512`] first.
 
+use crate::base::{F16_MAX, GroupMeta, Sink};
 use crate::error::{KernelError, Result};
-use crate::fastq::f2h;
-use crate::quant::{F16_MAX, GroupMeta};
+use crate::simd::input::Input;
 use half::f16;
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
-
-/// Whether the AVX-512 encoder may be used: the AVX2 fast path is on (so the
-/// `QAQ_KERNELS_SCALAR` switch also disables this), the CPU has AVX-512 F, BW, VL and
-/// VBMI, and `QAQ_KERNELS_NO_AVX512` is unset (to exercise the AVX2 path).
-pub(crate) fn available() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        crate::simd::fast_path()
-            && std::env::var_os("QAQ_KERNELS_NO_AVX512").is_none()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vbmi")
-    })
-}
-
-/// The encoder input: f32 values, or f16 values converted exactly as they are loaded.
-pub(crate) trait Input16: Copy {
-    /// Bytes per value.
-    const ELEM: usize;
-    /// Number of values.
-    fn len(self) -> usize;
-    /// Address of value `i` (may be past the end; only for prefetching).
-    fn addr(self, i: usize) -> *const i8;
-    /// The lanes of `mask` of the 16 values from `off` as f32 (other lanes 0).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL available; every lane of `mask` is inside the slice.
-    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512;
-    /// Value `i` as f16 bits (round to nearest, exact for f16-representable values).
-    ///
-    /// # Safety
-    /// F16C available.
-    unsafe fn half_bits(self, i: usize) -> u16;
-}
-
-impl Input16 for &[f32] {
-    const ELEM: usize = 4;
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn addr(self, i: usize) -> *const i8 {
-        self.as_ptr().wrapping_add(i) as *const i8
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512 {
-        debug_assert!(off < self.len());
-        // SAFETY: per the contract, the lanes read (those of `mask`) are in the slice;
-        // masked-off lanes are not accessed.
-        unsafe { _mm512_maskz_loadu_ps(mask, self.as_ptr().add(off)) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn half_bits(self, i: usize) -> u16 {
-        f2h(self[i])
-    }
-}
-
-impl Input16 for &[f16] {
-    const ELEM: usize = 2;
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f16]>::len(self)
-    }
-    #[inline(always)]
-    fn addr(self, i: usize) -> *const i8 {
-        self.as_ptr().wrapping_add(i) as *const i8
-    }
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-    unsafe fn load16(self, off: usize, mask: __mmask16) -> __m512 {
-        debug_assert!(off < self.len());
-        // SAFETY: as for f32; 16-bit lanes.
-        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, self.as_ptr().add(off) as *const i16)) }
-    }
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn half_bits(self, i: usize) -> u16 {
-        self[i].to_bits()
-    }
-}
-
-/// Where the encoder puts each group's metadata.
-pub(crate) trait MetaSink {
-    /// Appends one group's metadata.
-    fn put(&mut self, m: GroupMeta);
-    /// Room for `n` more groups.
-    fn reserve(&mut self, _n: usize) {}
-}
-
-impl MetaSink for Vec<GroupMeta> {
-    #[inline(always)]
-    fn put(&mut self, m: GroupMeta) {
-        self.push(m);
-    }
-    fn reserve(&mut self, n: usize) {
-        Vec::reserve(self, n);
-    }
-}
-
-impl MetaSink for Option<GroupMeta> {
-    #[inline(always)]
-    fn put(&mut self, m: GroupMeta) {
-        *self = Some(m);
-    }
-}
 
 /// Midpoint-scheme encode of consecutive groups of `d` values (`x.len()` a multiple of
 /// `d`) with at most one outlier per side, `bits` in 0..=8. Same bytes, metadata and
-/// errors as one scalar `quant::encode_impl` call per group, stopping at the first
+/// errors as one reference `simd::portable::encode_group` call per group, stopping at the first
 /// failing group (the groups before it stay appended, the failing one appends nothing).
 ///
 /// # Safety
-/// [`available`] returned true; `d` a multiple of 8 in 8..=256; `k_lo, k_hi <= 1`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn encode_midpoint_many<I: Input16, M: MetaSink>(
-    x: I,
+/// the level is [`crate::simd::Level::Avx512`]; `d` a multiple of 8 in 8..=256; `k_lo, k_hi <= 1`.
+pub(crate) unsafe fn encode_midpoint_many<T: Input>(
+    x: &[T],
     d: usize,
     bits: u8,
     k_lo: usize,
     k_hi: usize,
-    codes: &mut Vec<u8>,
-    out_idx: &mut Vec<u8>,
-    out_val: &mut Vec<f16>,
-    metas: &mut M,
+    out: &mut Sink<'_>,
+    metas: &mut Vec<GroupMeta>,
 ) -> Result<()> {
     assert!(d.is_multiple_of(8) && (8..=256).contains(&d) && x.len().is_multiple_of(d) && bits <= 8);
     assert!(k_lo <= 1 && k_hi <= 1);
     // SAFETY: features detected (contract); `d` checked above.
     unsafe {
         match (d, x.len() > d) {
-            (64, true) => encode_body::<I, M, 4, 4>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
-            (64, false) => encode_body::<I, M, 4, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
-            (128, true) => encode_body::<I, M, 8, 2>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
-            (128, false) => encode_body::<I, M, 8, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
-            _ => encode_body::<I, M, 0, 1>(x, d, bits, k_lo, k_hi, codes, out_idx, out_val, metas),
+            (64, true) => encode_body::<T, 4, 4>(x, d, bits, k_lo, k_hi, out, metas),
+            (64, false) => encode_body::<T, 4, 1>(x, d, bits, k_lo, k_hi, out, metas),
+            (128, true) => encode_body::<T, 8, 2>(x, d, bits, k_lo, k_hi, out, metas),
+            (128, false) => encode_body::<T, 8, 1>(x, d, bits, k_lo, k_hi, out, metas),
+            _ => encode_body::<T, 0, 1>(x, d, bits, k_lo, k_hi, out, metas),
         }
     }
 }
@@ -229,19 +116,18 @@ fn level234(p: Pair, q: Pair) -> Pair {
 ///
 /// # Safety
 /// As [`encode_midpoint_many`], with its assertions.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
-unsafe fn encode_body<I: Input16, M: MetaSink, const NZ: usize, const G: usize>(
-    x: I,
+unsafe fn encode_body<T: Input, const NZ: usize, const G: usize>(
+    x: &[T],
     d: usize,
     bits: u8,
     k_lo: usize,
     k_hi: usize,
-    codes: &mut Vec<u8>,
-    out_idx: &mut Vec<u8>,
-    out_val: &mut Vec<f16>,
-    metas: &mut M,
+    out: &mut Sink<'_>,
+    metas: &mut Vec<GroupMeta>,
 ) -> Result<()> {
+    let Sink { codes, out_idx, out_val } = out;
     let nz = if NZ == 0 { d.div_ceil(16) } else { NZ };
     assert!(nz == d.div_ceil(16) && nz <= 16 && (NZ == 0 || d == 16 * NZ) && (1..=4).contains(&G));
     let n = x.len() / d;
@@ -272,8 +158,8 @@ unsafe fn encode_body<I: Input16, M: MetaSink, const NZ: usize, const G: usize>(
         // Groups g0 .. g0 + gn; a missing second group repeats the first (not written).
         let gn = G.min(n - g0);
         // Fetch the input 8 groups ahead (a prefetch never faults, even past the end).
-        let ahead = x.addr((g0 + 8) * d);
-        for off in (0..G * d * I::ELEM).step_by(64) {
+        let ahead = x.as_ptr().wrapping_add((g0 + 8) * d) as *const i8;
+        for off in (0..G * d * size_of::<T>()).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off));
         }
         let base = |g: usize| (g0 + g.min(gn - 1)) * d;
@@ -287,7 +173,7 @@ unsafe fn encode_body<I: Input16, M: MetaSink, const NZ: usize, const G: usize>(
             let k = lanes::<NZ>(d, i);
             for g in 0..G {
                 // SAFETY: lanes `16 i ..` of `k` are below `d`, so inside the group.
-                let vv = unsafe { x.load16(base(g) + 16 * i, k) };
+                let vv = unsafe { T::load16(x, base(g) + 16 * i, k) };
                 v[g][i].write(vv);
                 // Finiteness: |v| <= F16_MAX as ordered bit patterns of `bits << 1` (NaN
                 // and inf are above); masked-off lanes are 0.
@@ -438,11 +324,11 @@ unsafe fn encode_body<I: Input16, M: MetaSink, const NZ: usize, const G: usize>(
                 if e != usize::MAX {
                     out_idx.push(e as u8);
                     // SAFETY: F16C is enabled in this function.
-                    out_val.push(f16::from_bits(unsafe { x.half_bits(base(g) + e) }));
+                    out_val.push(f16::from_bits(unsafe { x[base(g) + e].half_bits() }));
                     n_out += 1;
                 }
             }
-            metas.put(GroupMeta { m: f16::from_bits(mh[g]), s: f16::from_bits(sh[g]), bits, n_out });
+            metas.push(GroupMeta { m: f16::from_bits(mh[g]), s: f16::from_bits(sh[g]), bits, n_out });
             // SAFETY: the nb code bytes of groups ..= g0 + g were all written above.
             unsafe { codes.set_len(len0 + (g0 + g + 1) * nb) };
         }
@@ -484,11 +370,11 @@ static SHIFT_CTL: [[u8; 64]; 9] = {
 };
 
 /// Reconstructs a quantized group of width 1..=8: `out[i] = base + c_i * s` (multiply,
-/// then add, as `quant::decode_scalar`), then the outliers. Reads only the group's
+/// then add, as `simd::portable::decode_group`), then the outliers. Reads only the group's
 /// code bytes.
 ///
 /// # Safety
-/// [`available`] returned true; `out.len()` a multiple of 8, at most 256;
+/// the level is [`crate::simd::Level::Avx512`]; `out.len()` a multiple of 8, at most 256;
 /// `codes.len() >= out.len() * bits / 8`; `1 <= bits <= 8`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
 pub(crate) unsafe fn decode_quantized(
@@ -542,158 +428,6 @@ pub(crate) unsafe fn decode_quantized(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{self, OutlierMode, Outliers, QuantSpec, Scheme};
-    use crate::testutil::{Rng, groups};
-
-    type Out = (Result<()>, Vec<u8>, Vec<u8>, Vec<u16>, Vec<(u16, u16, u8, u8)>);
-
-    fn key(m: &GroupMeta) -> (u16, u16, u8, u8) {
-        (m.m.to_bits(), m.s.to_bits(), m.bits, m.n_out)
-    }
-
-    /// The scalar reference, one group at a time, stopping at the first error.
-    fn reference(x: &[f32], d: usize, bits: u8, spec: &QuantSpec) -> Out {
-        let (mut c, mut oi, mut ov, mut ms) = (vec![9u8], vec![4u8], Vec::new(), Vec::new());
-        for g in x.chunks_exact(d) {
-            match quant::encode_scalar(g, bits, spec, &mut c, &mut oi, &mut ov) {
-                Ok(m) => ms.push(key(&m)),
-                Err(e) => return (Err(e), c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms),
-            }
-        }
-        (Ok(()), c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms)
-    }
-
-    /// Calls `enc` (an encoder with the signature of `encode_midpoint_many`) on f32 and on
-    /// f16 input and checks both against the reference.
-    fn check(x: &[f32], d: usize, bits: u8, spec: &QuantSpec, what: &str, avx512: bool) {
-        let (k_lo, k_hi) = spec.outliers.counts(d);
-        let (k_lo, k_hi) = (k_lo.min(d - 1), k_hi.min(d - 1 - k_lo.min(d - 1)));
-        assert!(k_lo <= 1 && k_hi <= 1);
-        let want = reference(x, d, bits, spec);
-        let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-        for half in [false, true] {
-            let (mut c, mut oi, mut ov, mut ms) = (vec![9u8], vec![4u8], Vec::new(), Vec::new());
-            // SAFETY: the callers check the features first; d and the counts are valid.
-            let r = unsafe {
-                match (avx512, half) {
-                    (true, false) => encode_midpoint_many(x, d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms),
-                    (true, true) => {
-                        encode_midpoint_many(&xh[..], d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms)
-                    }
-                    (false, false) => {
-                        crate::fastq::encode_midpoint_many(x, d, bits, k_lo, k_hi, &mut c, &mut oi, &mut ov, &mut ms)
-                    }
-                    (false, true) => crate::fastq::encode_midpoint_many(
-                        &xh[..],
-                        d,
-                        bits,
-                        k_lo,
-                        k_hi,
-                        &mut c,
-                        &mut oi,
-                        &mut ov,
-                        &mut ms,
-                    ),
-                }
-            };
-            let got: Out = (r, c, oi, ov.iter().map(|v| v.to_bits()).collect(), ms.iter().map(key).collect());
-            // f16 input: values out of f16 range become inf, the same "group" error.
-            assert_eq!(format!("{:?}", got.0), format!("{:?}", want.0), "{what} d {d} bits {bits} f16 {half}");
-            assert_eq!(
-                (&got.1, &got.2, &got.3, &got.4),
-                (&want.1, &want.2, &want.3, &want.4),
-                "{what} d {d} bits {bits} f16 {half} {spec:?}"
-            );
-        }
-    }
-
-    fn specs() -> [QuantSpec; 3] {
-        let mid = |outliers| QuantSpec { scheme: Scheme::Midpoint, outliers };
-        [mid(Outliers::NONE), mid(Outliers::PAPER), mid(Outliers { alpha: 0.01, mode: OutlierMode::PerSide })]
-    }
-
-    fn all_cases(avx512: bool) {
-        let mut rng = Rng(1234);
-        for d in [8usize, 16, 24, 64, 72, 128, 200, 256] {
-            let gs = groups(d, &mut rng);
-            for spec in specs() {
-                let (lo, hi) = spec.outliers.counts(d);
-                if lo > 1 || hi > 1 {
-                    continue;
-                }
-                for bits in 0..=8u8 {
-                    for g in &gs {
-                        check(g, d, bits, &spec, "single", avx512);
-                    }
-                    // Runs of every length 1..=7 (tails of the lock step), and the whole set.
-                    for len in 1..=7 {
-                        check(&gs[..len].concat(), d, bits, &spec, "run", avx512);
-                    }
-                    check(&gs.concat(), d, bits, &spec, "all", avx512);
-                    // A bad group at every position of a run of 6.
-                    for bad in 0..6 {
-                        for v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 65520.0, -1e6] {
-                            let mut r = gs[..6].to_vec();
-                            r[bad][(bad * 7) % d] = v;
-                            check(&r.concat(), d, bits, &spec, "bad", avx512);
-                        }
-                    }
-                    // Range overflow ("group range") in the middle of a run.
-                    let mut r = gs[..5].to_vec();
-                    r[2] = (0..d).map(|i| if i % 2 == 0 { 65504.0 } else { -65504.0 }).collect();
-                    check(&r.concat(), d, bits, &spec, "range", avx512);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn avx512_matches_scalar_reference_every_width() {
-        if available() {
-            all_cases(true);
-        }
-    }
-
-    #[test]
-    fn avx2_matches_scalar_reference_every_width() {
-        if crate::simd::fast_path() {
-            all_cases(false);
-        }
-    }
-
-    #[test]
-    fn decode_matches_scalar_reference_every_width() {
-        let mut rng = Rng(55);
-        for d in [8usize, 16, 24, 64, 72, 128, 200, 256] {
-            for bits in 1..=8u8 {
-                for x in groups(d, &mut rng) {
-                    for spec in specs() {
-                        let (mut c, mut oi, mut ov) = (Vec::new(), Vec::new(), Vec::new());
-                        let Ok(m) = quant::encode_scalar(&x, bits, &spec, &mut c, &mut oi, &mut ov) else { continue };
-                        // Exactly the group's bytes: no slack to read past.
-                        assert_eq!(c.len(), m.code_bytes(d));
-                        let (mut a, mut r) = (vec![0f32; d], vec![1f32; d]);
-                        quant::decode_scalar(&m, spec.scheme, &c, &oi, &ov, &mut r);
-                        let want: Vec<u32> = r.iter().map(|v| v.to_bits()).collect();
-                        if available() {
-                            // SAFETY: features detected; lengths as required.
-                            unsafe { decode_quantized(m.base(spec.scheme), m.s.to_f32(), bits, &c, &oi, &ov, &mut a) };
-                            assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "d {d} bits {bits}");
-                        }
-                        // Random codes too (every code value, not only those of `x`).
-                        let rc: Vec<u8> = (0..c.len()).map(|_| rng.next() as u8).collect();
-                        quant::decode_scalar(&m, spec.scheme, &rc, &oi, &ov, &mut r);
-                        quant::decode_group(&m, spec.scheme, &rc, &oi, &ov, &mut a);
-                        assert_eq!(
-                            a.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
-                            r.iter().map(|v| v.to_bits()).collect::<Vec<u32>>(),
-                            "random d {d} bits {bits}"
-                        );
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn pack_tables_gather_the_low_bytes() {

@@ -1,6 +1,6 @@
 //! AVX2/FMA/F16C/BMI2 attention over the packed cache of one KV head (x86-64 only).
 //!
-//! Same algebra as the portable path in [`crate::attention`], restructured for speed:
+//! Same algebra as the portable path, restructured for speed:
 //! * keys: each group's codes are unpacked once into registers (pdep + convert) and
 //!   dotted with every query head of the KV head (GQA sharing); the four (or fewer)
 //!   dot products are reduced together; no fp32 key is written to memory;
@@ -9,12 +9,11 @@
 //!   register-resident output rows of up to three query heads, 32 values at a time;
 //!   the per-group constants and outliers go to small side accumulators.
 //!
-//! Results agree with the portable path to float rounding (summation order differs);
-//! the tests in [`crate::attention`] compare them.
+//! Results agree with the portable path (`simd::portable`) to float rounding
+//! (summation order differs); the tests in [`crate::attention`] compare them.
 
-use crate::fastq::{h2f, lane_mask};
-use crate::quant::{GroupMeta, RAW, Scheme};
-use crate::store::{Block, PackedStream};
+use super::prim::{h2f_f16c, lane_mask};
+use crate::base::{Block, GroupMeta, RAW, Scheme, StreamView};
 use std::arch::x86_64::*;
 
 /// Loads the 8 codes starting at `p` (width `mask`'s bits) as f32.
@@ -60,7 +59,7 @@ fn prefetch_block(b: Option<&Block>) {
 }
 
 /// Per-group constants: `(base, step, code bytes)`; raw groups read as base 0, step 1.
-/// `base` is computed as in [`crate::quant::GroupMeta::base`] (F16C conversion, exact).
+/// `base` is computed as in [`GroupMeta::base`] (F16C conversion, exact).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 fn group_consts(m: &GroupMeta, offsets: &[f32; 9], d: usize) -> (f32, f32, usize) {
@@ -92,12 +91,12 @@ fn hsum4(a: [__m256; 4]) -> __m128 {
 /// AVX2, FMA, F16C and BMI2 available; `d % 8 == 0`; `qs.len() >= (j0 + NH) * d`;
 /// `scores.len() >= g * T` for the caller's `g > j0 + NH - 1`.
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-unsafe fn scores_nh<const NH: usize, const NV: usize>(s: &PackedStream, qs: &[f32], j0: usize, scores: &mut [f32]) {
-    let d = s.d();
+unsafe fn scores_nh<const NH: usize, const NV: usize>(s: StreamView<'_>, qs: &[f32], j0: usize, scores: &mut [f32]) {
+    let d = s.d;
     let nv = if NV == 0 { d / 8 } else { NV };
     assert!(nv * 8 == d);
-    let t_total = s.len();
-    let offs = offsets(s.spec().scheme);
+    let t_total = s.len;
+    let offs = offsets(s.scheme);
     assert!(qs.len() >= (j0 + NH) * d && scores.len() >= (j0 + NH) * t_total && NH <= 4);
     let mut sumq = [0f32; 4];
     for (j, sq) in sumq.iter_mut().enumerate().take(NH) {
@@ -107,7 +106,7 @@ unsafe fn scores_nh<const NH: usize, const NV: usize>(s: &PackedStream, qs: &[f3
     let sumq_v = unsafe { _mm_loadu_ps(sumq.as_ptr()) };
     let qp = qs.as_ptr();
     let mut t = 0usize;
-    let blocks = s.blocks();
+    let blocks = s.blocks;
     for (bi, b) in blocks.iter().enumerate() {
         prefetch_block(blocks.get(bi + 1));
         let (cp, mut co, mut oo) = (b.codes.as_ptr(), 0usize, 0usize);
@@ -143,7 +142,7 @@ unsafe fn scores_nh<const NH: usize, const NV: usize>(s: &PackedStream, qs: &[f3
             let no = m.n_out as usize;
             if no > 0 {
                 for (&i, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
-                    let delta = h2f(ov.to_bits()) - base;
+                    let delta = h2f_f16c(ov) - base;
                     for (j, o) in out.iter_mut().enumerate().take(NH) {
                         *o += qs[(j0 + j) * d + i as usize] * delta;
                     }
@@ -164,12 +163,12 @@ unsafe fn scores_nh<const NH: usize, const NV: usize>(s: &PackedStream, qs: &[f3
 /// # Safety
 /// AVX2, FMA, F16C and BMI2 available; `d % 8 == 0`.
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-pub(crate) unsafe fn packed_scores(s: &PackedStream, qs: &[f32], g: usize, scores: &mut [f32]) {
+pub(crate) unsafe fn packed_scores(s: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32]) {
     let mut j0 = 0;
     while j0 < g {
         // SAFETY: same contract; each call covers heads j0 .. j0 + NH <= g.
         unsafe {
-            match (g - j0, s.d()) {
+            match (g - j0, s.d) {
                 (1, 64) => scores_nh::<1, 8>(s, qs, j0, scores),
                 (2, 64) => scores_nh::<2, 8>(s, qs, j0, scores),
                 (3, 64) => scores_nh::<3, 8>(s, qs, j0, scores),
@@ -287,7 +286,7 @@ unsafe fn values_tile<const NH: usize, const NV: usize>(
     for (i, m) in b.meta.iter().enumerate() {
         let t = t0 + i;
         let mut w = [_mm256_setzero_ps(); NH];
-        let sc = if m.bits == RAW { 1.0 } else { h2f(m.s.to_bits()) };
+        let sc = if m.bits == RAW { 1.0 } else { h2f_f16c(m.s) };
         for (j, wj) in w.iter_mut().enumerate() {
             // SAFETY: (j0 + j) * t_total + t < probs.len() by the caller.
             *wj = _mm256_set1_ps(unsafe { *pp.add((j0 + j) * t_total + t) } * sc);
@@ -327,18 +326,18 @@ unsafe fn values_tile<const NH: usize, const NV: usize>(
 /// AVX2, FMA, F16C and BMI2 available; `d % 8 == 0`; `out.len() >= g * d`,
 /// `probs.len() >= g * T`.
 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
-pub(crate) unsafe fn weighted_values(vs: &PackedStream, probs: &[f32], g: usize, out: &mut [f32]) {
-    let d = vs.d();
+pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize, out: &mut [f32]) {
+    let d = vs.d;
     let nv = d / 8;
-    let t_total = vs.len();
-    let offs = offsets(vs.spec().scheme);
+    let t_total = vs.len;
+    let offs = offsets(vs.scheme);
     assert!(out.len() >= g * d && probs.len() >= g * t_total);
     out[..g * d].fill(0.0);
     // Per-head constant (sum of p * base) and outlier corrections, added at the end.
     let mut cst = vec![0f32; g];
     let mut corr = vec![0f32; g * d];
     let mut t0 = 0usize;
-    let blocks = vs.blocks();
+    let blocks = vs.blocks;
     for (bi, b) in blocks.iter().enumerate() {
         prefetch_block(blocks.get(bi + 1));
         let mut oo = 0usize;
@@ -352,7 +351,7 @@ pub(crate) unsafe fn weighted_values(vs: &PackedStream, probs: &[f32], g: usize,
                 cst[j] += probs[j * t_total + t0 + i] * base;
             }
             for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
-                let delta = h2f(ov.to_bits()) - base;
+                let delta = h2f_f16c(ov) - base;
                 for j in 0..g {
                     corr[j * d + oi as usize] += probs[j * t_total + t0 + i] * delta;
                 }

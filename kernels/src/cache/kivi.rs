@@ -1,0 +1,81 @@
+//! [`KiviCache`]: the KIVI-style baseline. Keys are quantized per channel over groups
+//! of `G` tokens ([`crate::kivi::KiviKeys`]); values per token, the most recent `R`
+//! kept in fp16 and older ones re-encoded at the KIVI width as they leave that window.
+
+use super::layers::Layers;
+use super::policy_cache::PolicyCache;
+use super::policy_cache::sealed::{Key, Storage};
+use super::types::CacheConfig;
+use crate::attention::KStore;
+use crate::base::{MAX_BITS, Outliers, QuantSpec, RAW, Scheme};
+use crate::error::{KernelError, Result};
+use crate::kivi::KiviKeys;
+use crate::policy::{KiviSpec, KvPolicy};
+use crate::quant;
+use crate::store::{BLOCK_TOKENS, PackedStream};
+
+/// The KV cache of one sequence under [`KvPolicy::Kivi`]. Not transferable: its
+/// [`PolicyCache::snapshot`] is an error.
+#[derive(Debug)]
+pub struct KiviCache {
+    policy: KvPolicy,
+    spec: KiviSpec,
+    layers: Layers,
+    /// Per layer, the value groups already re-encoded at the KIVI width (the oldest).
+    v_quantized: Vec<usize>,
+}
+
+impl KiviCache {
+    /// An empty cache of shape `cfg`; errors for a group of 0 or a width above 8.
+    pub fn new(cfg: CacheConfig, spec: KiviSpec) -> Result<Self> {
+        cfg.validate()?;
+        if spec.group == 0 || spec.bits > MAX_BITS {
+            return Err(KernelError::Config("kivi: group >= 1, bits <= 8".into()));
+        }
+        let plain = QuantSpec { scheme: Scheme::Midpoint, outliers: Outliers::NONE };
+        let keys = || KStore::Kivi(KiviKeys::new(cfg.head_dim, spec.bits, spec.group, spec.residual));
+        let layers = Layers::new(cfg, keys, plain, false);
+        Ok(KiviCache { policy: KvPolicy::Kivi(spec), spec, layers, v_quantized: vec![0; cfg.n_layers] })
+    }
+}
+
+impl Storage for KiviCache {
+    fn layers(&self) -> &Layers {
+        &self.layers
+    }
+    fn layers_mut(&mut self, _: Key) -> &mut Layers {
+        &mut self.layers
+    }
+}
+
+impl PolicyCache for KiviCache {
+    fn policy(&self) -> &KvPolicy {
+        &self.policy
+    }
+    fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
+        self.layers.append(layer, k_rows, v_rows, (RAW, RAW))?;
+        let l = &mut self.layers.layers[layer];
+        let done = &mut self.v_quantized[layer];
+        while *done + self.spec.residual < l.len {
+            for hd in &mut l.heads {
+                requant_one(&mut hd.v, *done, self.spec.bits)?;
+            }
+            *done += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Re-encodes group `t` of a stream at `bits` from its decoded values.
+fn requant_one(s: &mut PackedStream, t: usize, bits: u8) -> Result<()> {
+    let d = s.d();
+    let spec = *s.spec();
+    let mut tmp = vec![0f32; d];
+    s.rewrite_block(t / BLOCK_TOKENS, |i, g, sink| {
+        if i != t % BLOCK_TOKENS {
+            return Ok(None);
+        }
+        quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
+        quant::encode_group(&tmp, bits, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
+    })
+}

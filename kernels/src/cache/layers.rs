@@ -1,0 +1,376 @@
+//! [`Layers`]: the storage and attention every policy's cache shares. Per layer, one
+//! [`Head`] per KV head (its key store and packed value stream), the token count, and
+//! the fp16 rows appended since the last step ended (what multi-row attention reads
+//! exactly); per cache, the shape and the step count. Each idea has one implementation
+//! here: appending rows (rounded to fp16, batch-encoded for a prefill), decode attention
+//! over the packed streams, exact causal attention of several rows, widths,
+//! dequantization and byte accounting. What a policy adds (QAQ's windows, ||Q||^2
+//! tracker, key scales, backups) comes in through [`RowObserver`] and the callbacks.
+
+use super::types::{Attention, CacheConfig, CacheStats, Counters};
+use crate::attention::{self, KStore};
+use crate::base::{QuantSpec, RAW, check_finite};
+use crate::error::{KernelError, Result};
+use crate::store::PackedStream;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// The storage of one KV head in one layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Head {
+    /// Keys.
+    pub k: KStore,
+    /// Values.
+    pub v: PackedStream,
+}
+
+/// One layer.
+#[derive(Clone, Debug)]
+pub(crate) struct Layer {
+    pub heads: Vec<Head>,
+    /// Tokens stored.
+    pub len: usize,
+    /// First token of the rows in `staged_k` / `staged_v`.
+    pub staged_from: usize,
+    /// The fp16 K and V rows appended since the last [`Layers::end_step`].
+    pub staged_k: Vec<f16>,
+    pub staged_v: Vec<f16>,
+}
+
+/// The layers of one sequence's cache.
+pub struct Layers {
+    pub(crate) cfg: CacheConfig,
+    pub(crate) layers: Vec<Layer>,
+    /// Steps ended.
+    pub(crate) step: u64,
+}
+
+impl std::fmt::Debug for Layers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layers").field("cfg", &self.cfg).field("step", &self.step).finish_non_exhaustive()
+    }
+}
+
+/// What a policy does with the rows of a multi-row attention ([`Layers::rows`]) beyond
+/// the output; the default does nothing (the baselines).
+pub(crate) trait RowObserver {
+    /// Prepares KV head `h`'s queries (already scaled by `1/sqrt(D)`) for attention.
+    fn queries(&self, _h: usize, _qs: &mut [f32]) {}
+    /// Whether row `r` of `n_q` needs its probabilities even when the output is not
+    /// wanted.
+    fn needs(&self, _r: usize, _n_q: usize) -> bool {
+        false
+    }
+    /// Before the rows of KV head `h`, over `t_total` tokens.
+    fn head(&mut self, _h: usize, _t_total: usize) {}
+    /// After row `r` of `n_q` of KV head `h`: its prepared queries and its `g * tv`
+    /// probabilities (computed when the output is wanted or [`RowObserver::needs`]).
+    fn row(&mut self, _h: usize, _r: usize, _n_q: usize, _qs: &[f32], _probs: &mut [f32], _tv: usize) {}
+}
+
+impl RowObserver for () {}
+
+fn to_f16_checked(x: &[f32], what: &'static str) -> Result<Vec<f16>> {
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    if h.iter().all(|v| v.is_finite()) { Ok(h) } else { Err(KernelError::NonFinite { what }) }
+}
+
+impl Layers {
+    /// Empty layers of shape `cfg` (validated by the caller), each KV head's keys made
+    /// by `keys` and its values in a stream of groups under `vspec` (`v_raw_only`: raw
+    /// fp16 groups only, see [`PackedStream::new`]).
+    pub(crate) fn new(cfg: CacheConfig, keys: impl Fn() -> KStore, vspec: QuantSpec, v_raw_only: bool) -> Self {
+        let layer = Layer {
+            heads: (0..cfg.n_kv_heads)
+                .map(|_| Head { k: keys(), v: PackedStream::new(cfg.head_dim, vspec, v_raw_only) })
+                .collect(),
+            len: 0,
+            staged_from: 0,
+            staged_k: Vec::new(),
+            staged_v: Vec::new(),
+        };
+        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0 }
+    }
+
+    /// Shape.
+    pub(crate) fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+    /// Tokens stored in `layer` (0 for a bad layer).
+    pub(crate) fn len(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.len)
+    }
+    /// KV head `h` of `layer`.
+    pub(crate) fn head(&self, layer: usize, h: usize) -> Option<&Head> {
+        self.layers.get(layer)?.heads.get(h)
+    }
+
+    pub(crate) fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer < self.layers.len() { Ok(()) } else { Err(KernelError::Layer { layer, n_layers: self.layers.len() }) }
+    }
+
+    /// Checks an append's layer and row shapes.
+    pub(crate) fn check_rows(&self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
+        self.check_layer(layer)?;
+        let row = self.cfg.row();
+        if !k_rows.len().is_multiple_of(row) || k_rows.len() != v_rows.len() {
+            return Err(KernelError::Shape {
+                what: "k_rows/v_rows",
+                expected: row,
+                got: k_rows.len().max(v_rows.len()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `n` tokens' K and V rows (checked by [`Layers::check_rows`]) to `layer`,
+    /// rounded to fp16, keys at width `kb` and values at `vb` (raw for a KIVI key store),
+    /// and calls `stored(token, k_row, v_row)` with each token's fp16 rows once it is
+    /// stored. Non-finite or out-of-f16-range values are an error and change nothing.
+    pub(crate) fn push_rows(
+        &mut self,
+        layer: usize,
+        k_rows: &[f32],
+        v_rows: &[f32],
+        (kb, vb): (u8, u8),
+        mut stored: impl FnMut(usize, &[f16], &[f16]),
+    ) -> Result<()> {
+        let kh = to_f16_checked(k_rows, "k_rows")?;
+        let vh = to_f16_checked(v_rows, "v_rows")?;
+        let (row, d) = (self.cfg.row(), self.cfg.head_dim);
+        let l = &mut self.layers[layer];
+        let n_tok = kh.len() / row;
+        // Prefill: one batch encode per head and stream. Only where no encode can fail
+        // (finite f16 input: widths >= 1 or raw), so the result is the same as the
+        // token-by-token loop below, errors included.
+        let batched = n_tok > 1 && kb != 0 && vb != 0 && l.heads.iter().all(|hd| matches!(hd.k, KStore::Packed(_)));
+        if batched {
+            let (mut kbuf, mut vbuf) = (vec![f16::ZERO; n_tok * d], vec![f16::ZERO; n_tok * d]);
+            for (h, hd) in l.heads.iter_mut().enumerate() {
+                for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
+                    kbuf[t * d..(t + 1) * d].copy_from_slice(&kr[h * d..(h + 1) * d]);
+                    vbuf[t * d..(t + 1) * d].copy_from_slice(&vr[h * d..(h + 1) * d]);
+                }
+                if let KStore::Packed(s) = &mut hd.k {
+                    s.push_many_f16(&kbuf, kb)?;
+                }
+                hd.v.push_many_f16(&vbuf, vb)?;
+            }
+            for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
+                stored(l.len + t, kr, vr);
+            }
+            l.len += n_tok;
+        }
+        let mut kf = vec![0f32; row];
+        let mut vf = vec![0f32; row];
+        let per_token = if batched { 0 } else { n_tok };
+        for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).take(per_token) {
+            kr.convert_to_f32_slice(&mut kf);
+            vr.convert_to_f32_slice(&mut vf);
+            for (h, hd) in l.heads.iter_mut().enumerate() {
+                let ks = &kf[h * d..(h + 1) * d];
+                match &mut hd.k {
+                    KStore::Packed(s) => s.push(ks, kb)?,
+                    KStore::Kivi(s) => s.push(ks)?,
+                }
+                hd.v.push(&vf[h * d..(h + 1) * d], vb)?;
+            }
+            stored(l.len, kr, vr);
+            l.len += 1;
+        }
+        l.staged_k.extend_from_slice(&kh);
+        l.staged_v.extend_from_slice(&vh);
+        Ok(())
+    }
+
+    /// [`Layers::check_rows`] then [`Layers::push_rows`], with nothing to do per token
+    /// (the baselines' append).
+    pub(crate) fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32], widths: (u8, u8)) -> Result<()> {
+        self.check_rows(layer, k_rows, v_rows)?;
+        self.push_rows(layer, k_rows, v_rows, widths, |_, _, _| {})
+    }
+
+    /// A decode query (`n_q_heads * head_dim`) checked and scaled by `1/sqrt(D)`, in
+    /// KV-head order (the `g` query heads of KV head `h` at `h * g * D`).
+    pub(crate) fn decode_queries(&self, layer: usize, q: &[f32]) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        let (d, nq) = (self.cfg.head_dim, self.cfg.n_q_heads);
+        if q.len() != nq * d {
+            return Err(KernelError::Shape { what: "q", expected: nq * d, got: q.len() });
+        }
+        check_finite(q, "q")?;
+        if self.layers[layer].len == 0 {
+            return Err(KernelError::Config("attend on an empty layer".into()));
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        Ok(q.iter().map(|x| x * scale).collect())
+    }
+
+    /// Attention of prepared decode queries ([`Layers::decode_queries`], then the
+    /// policy's preparation) over the packed cache of `layer`.
+    pub(crate) fn attend(&self, layer: usize, qs: &[f32]) -> Attention {
+        let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
+        let l = &self.layers[layer];
+        let t = l.len;
+        let mut output = vec![0f32; nq * d];
+        let mut probs = vec![0f32; nq * t];
+        for (h, hd) in l.heads.iter().enumerate() {
+            attention::attend_packed(
+                &hd.k,
+                &hd.v,
+                &qs[h * g * d..(h + 1) * g * d],
+                g,
+                &mut output[h * g * d..(h + 1) * g * d],
+                &mut probs[h * g * t..(h + 1) * g * t],
+            );
+        }
+        Attention { output, probs }
+    }
+
+    /// Exact causal attention of the last `n_q` positions of `layer` (`q_rows`:
+    /// `n_q * n_q_heads * head_dim`) over fp16 values: this step's rows from the staged
+    /// fp16 rows, older tokens dequantized. With `full == false` only the rows `obs`
+    /// needs are attended and the output is all zeros. `obs` sees every row.
+    pub(crate) fn rows(
+        &self,
+        layer: usize,
+        q_rows: &[f32],
+        n_q: usize,
+        full: bool,
+        obs: &mut impl RowObserver,
+    ) -> Result<Vec<f32>> {
+        self.check_layer(layer)?;
+        let (d, g, nqh) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
+        let qrow = nqh * d;
+        if n_q == 0 || q_rows.len() != n_q * qrow {
+            return Err(KernelError::Shape { what: "q_rows", expected: n_q.max(1) * qrow, got: q_rows.len() });
+        }
+        check_finite(q_rows, "q_rows")?;
+        let row = self.cfg.row();
+        let l = &self.layers[layer];
+        let t_total = l.len;
+        if n_q > t_total {
+            return Err(KernelError::Shape { what: "n_q (more queries than tokens)", expected: t_total, got: n_q });
+        }
+        let mut out = vec![0f32; n_q * qrow];
+        if !full && !(0..n_q).any(|r| obs.needs(r, n_q)) {
+            return Ok(out);
+        }
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut kd, mut vd) = (vec![0f32; t_total * d], vec![0f32; t_total * d]);
+        for (h, hd) in l.heads.iter().enumerate() {
+            for t in 0..t_total {
+                let (ko, vo) = (&mut kd[t * d..(t + 1) * d], &mut vd[t * d..(t + 1) * d]);
+                if t >= l.staged_from {
+                    let o = (t - l.staged_from) * row + h * d;
+                    for i in 0..d {
+                        ko[i] = l.staged_k[o + i].to_f32();
+                        vo[i] = l.staged_v[o + i].to_f32();
+                    }
+                } else {
+                    hd.k.decode(t, ko);
+                    hd.v.decode(t, vo);
+                }
+            }
+            let mut probs = vec![0f32; g * t_total];
+            obs.head(h, t_total);
+            for r in 0..n_q {
+                let tv = t_total - n_q + r + 1;
+                let mut qs: Vec<f32> =
+                    q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
+                obs.queries(h, &mut qs);
+                if full || obs.needs(r, n_q) {
+                    let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
+                    attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
+                }
+                obs.row(h, r, n_q, &qs, &mut probs[..g * tv], tv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the arguments of an attention computed elsewhere (a device mirror) for KV
+    /// head `head` of `layer`: `qs` its `g` prepared queries, `window` one value per
+    /// cached token.
+    pub(crate) fn check_window(&self, layer: usize, head: usize, qs: &[f32], window: &[f32]) -> Result<()> {
+        self.check_layer(layer)?;
+        let (d, g) = (self.cfg.head_dim, self.cfg.group());
+        let t = self.layers[layer].len;
+        if window.len() != t || qs.len() != g * d {
+            return Err(KernelError::Shape { what: "window", expected: t, got: window.len() });
+        }
+        if head >= self.cfg.n_kv_heads {
+            return Err(KernelError::Config(format!("KV head {head} out of range")));
+        }
+        check_finite(window, "window")
+    }
+
+    /// Ends a step: the staged fp16 rows are dropped (multi-row attention now reads the
+    /// stored groups).
+    pub(crate) fn end_step(&mut self) {
+        self.step += 1;
+        for l in &mut self.layers {
+            l.staged_from = l.len;
+            l.staged_k.clear();
+            l.staged_v.clear();
+        }
+    }
+
+    /// Current widths of `(layer, kv_head)`: (keys, values); raw fp16 reads as 16.
+    pub(crate) fn widths(&self, layer: usize, kv_head: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+        let hd = self.head(layer, kv_head)?;
+        let of = |s: &PackedStream| (0..s.len()).filter_map(|t| s.meta(t).map(|m| m.bits)).collect::<Vec<u8>>();
+        let k = match &hd.k {
+            KStore::Packed(s) => of(s),
+            KStore::Kivi(kk) => (0..kk.len()).map(|t| if t < kk.quantized_len() { kk.bits() } else { RAW }).collect(),
+        };
+        Some((k, of(&hd.v)))
+    }
+
+    /// Dequantized K and V of `layer`, `[T][n_kv_heads * head_dim]` each, keys multiplied
+    /// by the channel scales `kscale(h)` of their head (none: as stored).
+    pub(crate) fn dequantized<'a>(
+        &self,
+        layer: usize,
+        kscale: impl Fn(usize) -> &'a [f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_layer(layer)?;
+        let (d, row) = (self.cfg.head_dim, self.cfg.row());
+        let l = &self.layers[layer];
+        let (mut k, mut v) = (vec![0f32; l.len * row], vec![0f32; l.len * row]);
+        for (h, hd) in l.heads.iter().enumerate() {
+            let scales = kscale(h);
+            for t in 0..l.len {
+                let kt = &mut k[t * row + h * d..t * row + (h + 1) * d];
+                hd.k.decode(t, kt);
+                for (x, s) in kt.iter_mut().zip(scales) {
+                    *x *= s;
+                }
+                hd.v.decode(t, &mut v[t * row + h * d..t * row + (h + 1) * d]);
+            }
+        }
+        Ok((k, v))
+    }
+
+    /// Sizes and average widths, with the policy's host bytes and counters.
+    pub(crate) fn stats(&self, host_bytes: usize, counters: Counters) -> CacheStats {
+        let mut s = CacheStats { tokens: self.len(0), host_bytes, counters, ..Default::default() };
+        for l in &self.layers {
+            for hd in &l.heads {
+                s.k.add(&hd.k.bytes());
+                s.v.add(&hd.v.bytes());
+            }
+        }
+        s
+    }
+
+    /// The packed key and value streams of `(layer, kv_head)`; `None` for a bad index
+    /// or KIVI keys (not a packed stream).
+    pub(crate) fn streams(&self, layer: usize, kv_head: usize) -> Option<(&PackedStream, &PackedStream)> {
+        let hd = self.head(layer, kv_head)?;
+        match &hd.k {
+            KStore::Packed(k) => Some((k, &hd.v)),
+            KStore::Kivi(_) => None,
+        }
+    }
+}
