@@ -2,7 +2,8 @@
 """Import cycles among the modules of each crate.
 
 A module may use its ancestors (`super::`) and its descendants freely; between any
-other two modules the `use` edges must form no cycle. Edges are lifted to the
+other two modules the `use` edges must form no cycle. Test modules (declared under
+`#[cfg(test)]`) may use anything: they are not part of the structure. Edges are lifted to the
 children of the two modules' nearest common ancestor, so `a::x -> b::y` and
 `b::z -> a` make the cycle `a <-> b` (two siblings of the crate root), whatever
 files they come from.
@@ -19,7 +20,9 @@ from collections import defaultdict
 DEFAULT = ["proto/src", "kernels/src", "worker/src", "worker/cli/src", "coordinator/src"]
 
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-MOD_DECL = re.compile(r"(?:#\[path\s*=\s*\"([^\"]+)\"\]\s*)?(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;")
+MOD_DECL = re.compile(
+    r"((?:#\[[^\]]*\]\s*)*)(?:pub(?:\([^)]*\))?\s+)?mod\s+(" + IDENT + r")\s*;"
+)
 
 
 def strip_comments(src):
@@ -28,8 +31,9 @@ def strip_comments(src):
     return re.sub(r'"(?:\\.|[^"\\])*"', '""', src)
 
 
-def modules(src_dir):
-    """Module path (tuple) -> file, following `mod x;` declarations from lib.rs/main.rs."""
+def modules(src_dir, tests=None):
+    """Module path (tuple) -> file, following `mod x;` declarations from lib.rs/main.rs;
+    `tests` (a set), when given, receives the modules declared under `#[cfg(test)]`."""
     found = {}
     roots = [f for f in ("lib.rs", "main.rs") if os.path.exists(os.path.join(src_dir, f))]
 
@@ -39,7 +43,11 @@ def modules(src_dir):
         # Decls keep their #[path]; strings must survive, so only comments are removed.
         text = re.sub(r"//[^\n]*", "", text)
         for m in MOD_DECL.finditer(text):
-            explicit, name = m.group(1), m.group(2)
+            attrs, name = m.group(1), m.group(2)
+            path_attr = re.search(r'#\[path\s*=\s*"([^"]+)"\]', attrs)
+            explicit = path_attr.group(1) if path_attr else None
+            if tests is not None and re.search(r"#\[cfg\(test\)\]", attrs):
+                tests.add(mod + (name,))
             base = file_dir if is_mod_rs else os.path.join(file_dir, os.path.splitext(os.path.basename(path))[0])
             if explicit:
                 child = os.path.join(os.path.dirname(path), explicit)
@@ -121,10 +129,13 @@ def resolve(path, here, known):
 
 
 def cycles(src_dir):
-    known = modules(src_dir)
+    tests = set()
+    known = modules(src_dir, tests)
     edges = defaultdict(set)  # parent -> {(a, b)}
     why = defaultdict(list)
     for mod, path in known.items():
+        if any(mod[: i + 1] in tests for i in range(len(mod))):
+            continue
         text = strip_comments(open(path, encoding="utf-8").read())
         for ref in references(text):
             target = resolve(ref, mod, known)

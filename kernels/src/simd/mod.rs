@@ -16,11 +16,12 @@
 //! - [`scalar`]: the references of the primitives and of [`linear_rows`] (pure scalar
 //!   code, the [`Level::Scalar`] path).
 //! - `prim`: the dispatching primitives ([`dot`], [`axpy`], [`f16_bytes_to_f32`],
-//!   [`unpack_f32`], [`pack_append`]), on `level`, `scalar` and `x86::prim`.
+//!   [`unpack_f32`], [`pack_append`]), on `level`, `scalar` and `prim::x86`, which also
+//!   holds the x86 helpers (`lane_mask`, the 8-lane horizontal sum, the F16C conversion)
+//!   that the composed x86 kernels share.
 //! - `portable`: the portable versions of the composed kernels (reference group encoder
 //!   and decoder, attention over packed K/V), built on `prim`.
-//! - `x86` (x86-64 only): `x86::prim`, the helpers (`lane_mask`, the 8-lane horizontal
-//!   sum, the F16C conversion) and the AVX2 primitives; `x86::attention`, fused
+//! - `x86` (x86-64 only), the composed kernels: `x86::attention`, fused
 //!   attention of one KV head over packed K/V (codes unpacked in registers, GQA heads
 //!   sharing each unpack); `x86::matmul`, the register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;

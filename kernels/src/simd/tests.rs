@@ -205,7 +205,7 @@ fn the_f16c_conversion_is_h2f() {
     for b in 0..=u16::MAX {
         let h = f16::from_bits(b);
         // SAFETY: the AVX2 level (F16C included) was checked above.
-        let (a, e) = (unsafe { x86::prim::h2f_f16c(h) }, h2f(h));
+        let (a, e) = (unsafe { prim::x86::h2f_f16c(h) }, h2f(h));
         assert!(a.to_bits() == e.to_bits() || (a.is_nan() && e.is_nan()), "{b:#x}");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 
-use qaq_kernels::{CacheConfig, KvPolicy, QaqCache};
+use qaq_kernels::{CacheConfig, KvPolicy, cache};
 
 use crate::model::KvShape;
 
@@ -109,7 +109,7 @@ pub fn cache_config(shape: &KvShape) -> CacheConfig {
 /// worst case the budget planner reserves for tokens fed in a step.
 pub fn worst_bytes_per_token(shape: &KvShape, policy: &KvPolicy) -> Result<usize, String> {
     const PROBE: usize = 64;
-    let mut c = QaqCache::new(cache_config(shape), *policy).map_err(|e| e.to_string())?;
+    let mut c = cache::new_cache(cache_config(shape), *policy).map_err(|e| e.to_string())?;
     let row = shape.kv_width();
     // Deterministic, varied values (ranges and outliers like real keys).
     let rows: Vec<f32> = (0..PROBE * row).map(|i| ((i * 7919 % 1000) as f32 / 100.0 - 5.0).sin() * 3.0).collect();

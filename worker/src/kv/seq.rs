@@ -1,9 +1,9 @@
-//! [`SeqCache`], the worker's per-sequence KV cache: a cache of `qaq-kernels` behind the
-//! model's [`KvCache`] seam, its device tier on a GPU worker ([`super::tier`]), and what the
+//! [`SeqCache`], the worker's per-sequence KV cache: a policy cache of `qaq-kernels`
+//! ([`PolicyCache`]: fp16, uniform, KIVI or QAQ) behind the model's [`KvCache`] seam, its device tier on a GPU worker ([`super::tier`]), and what the
 //! engine's two-tier memory accounting needs from it (device and host bytes, backup
 //! eviction, transfer and re-quantization counters, final statistics: [`KvSummary`]).
 
-use qaq_kernels::{Counters, QaqCache};
+use qaq_kernels::{Counters, PolicyCache, cache};
 
 use super::policy::{PolicyChoice, cache_config};
 use super::tier::Tier;
@@ -26,7 +26,7 @@ pub struct KvSummary {
 
 /// One sequence's cache.
 pub struct SeqCache {
-    inner: QaqCache,
+    inner: Box<dyn PolicyCache>,
     label: String,
     backups: bool,
     n_layers: usize,
@@ -53,11 +53,11 @@ fn kv_err(e: qaq_kernels::KernelError) -> KvError {
 
 impl SeqCache {
     pub fn new(shape: &KvShape, choice: &PolicyChoice) -> Result<Self, KvError> {
-        let inner = QaqCache::new(cache_config(shape), choice.policy).map_err(kv_err)?;
+        let inner = cache::new_cache(cache_config(shape), choice.policy).map_err(kv_err)?;
         Ok(Self::wrap(inner, shape, choice))
     }
 
-    fn wrap(inner: QaqCache, shape: &KvShape, choice: &PolicyChoice) -> Self {
+    fn wrap(inner: Box<dyn PolicyCache>, shape: &KvShape, choice: &PolicyChoice) -> Self {
         Self {
             inner,
             label: choice.label.clone(),
@@ -92,7 +92,7 @@ impl SeqCache {
 
     /// Bytes of fp16 backups held in the host tier.
     pub fn host_bytes(&self) -> usize {
-        self.inner.stats().host_bytes
+        self.inner.host_bytes()
     }
 
     /// Bytes the same tokens take in fp16.
@@ -118,43 +118,11 @@ impl SeqCache {
         (k, v)
     }
 
-    /// Evicts backups, least important tokens first (importance: the widest
-    /// value width over the token's KV heads in that layer, which QAQ derives
-    /// from the token's predicted attention), until at least `want` bytes are
-    /// freed or nothing is left. Returns (bytes freed, backups evicted).
+    /// Evicts backups, least important tokens first, until at least `want` bytes are
+    /// freed or nothing is left ([`PolicyCache::evict_backups`]; a no-op for policies
+    /// without backups). Returns (bytes freed, backups evicted).
     pub fn evict_backups(&mut self, want: usize) -> (usize, u64) {
-        if !self.backups || want == 0 {
-            return (0, 0);
-        }
-        let mut cand: Vec<(u8, usize, usize)> = Vec::new();
-        for layer in 0..self.n_layers {
-            let mut imp: Vec<u8> = Vec::new();
-            for h in 0.. {
-                let Some((_, vw)) = self.inner.widths(layer, h) else { break };
-                if imp.is_empty() {
-                    imp = vw;
-                } else {
-                    for (a, b) in imp.iter_mut().zip(vw) {
-                        *a = (*a).max(b);
-                    }
-                }
-            }
-            cand.extend(imp.into_iter().enumerate().map(|(t, w)| (w, layer, t)));
-        }
-        // Ties: older tokens first (recent ones may still be in their window).
-        cand.sort_unstable_by_key(|&(w, layer, t)| (w, t, layer));
-        let before = self.host_bytes();
-        let mut evicted = 0;
-        let host = self.inner.host_mut();
-        for (_, layer, t) in cand {
-            if before - host.bytes() >= want {
-                break;
-            }
-            if host.evict(layer, t) {
-                evicted += 1;
-            }
-        }
-        (before - self.inner.host_mut().bytes(), evicted)
+        self.inner.evict_backups(want)
     }
 
     /// Byte accounting and counters of the whole cache.
@@ -164,13 +132,13 @@ impl SeqCache {
 
     /// The side effects of attending `q` (`n_q` rows) in `layer` — attention windows and
     /// the ||Q||^2 tracker — without computing the output; see
-    /// [`QaqCache::observe_rows`]. For evaluations that share one exact prefill.
+    /// [`PolicyCache::observe_rows`]. For evaluations that share one exact prefill.
     pub fn observe(&mut self, layer: usize, q: &[f32], n_q: usize) -> Result<(), KvError> {
         self.inner.observe_rows(layer, q, n_q).map_err(kv_err)
     }
 
     /// The whole cache as bytes, to move the sequence to another worker
-    /// ([`QaqCache::snapshot`]: between steps only, not for the KIVI baseline).
+    /// ([`PolicyCache::snapshot`]: between steps only, not for the KIVI baseline).
     pub fn snapshot(&self) -> Result<Vec<u8>, KvError> {
         self.inner.snapshot().map_err(kv_err)
     }
@@ -178,7 +146,7 @@ impl SeqCache {
     /// A cache rebuilt from [`SeqCache::snapshot`]'s bytes, under `choice` (which must
     /// be the policy it was taken under).
     pub fn restore(shape: &KvShape, choice: &PolicyChoice, bytes: &[u8]) -> Result<Self, KvError> {
-        let inner = QaqCache::restore(cache_config(shape), choice.policy, bytes).map_err(kv_err)?;
+        let inner = cache::restore(cache_config(shape), choice.policy, bytes).map_err(kv_err)?;
         Ok(Self::wrap(inner, shape, choice))
     }
 
@@ -239,7 +207,7 @@ impl KvCache for SeqCache {
 
 impl DeviceTier for SeqCache {
     fn attend_on_device(&mut self, call: &mut DeviceCall<'_>, layer: usize, q: &[f32]) -> Result<bool, KvError> {
-        let done = self.tier.attend(call, &mut self.inner, &self.label, layer, q)?;
+        let done = self.tier.attend(call, &mut *self.inner, &self.label, layer, q)?;
         self.device_rows += u64::from(done);
         Ok(done)
     }

@@ -5,7 +5,7 @@
 //! layer attends. A build without the `cuda` feature has no device, so its tier is never
 //! made.
 
-use qaq_kernels::QaqCache;
+use qaq_kernels::PolicyCache;
 
 use crate::model::{DeviceCall, KvError};
 
@@ -55,7 +55,7 @@ impl Tier {
     pub fn attend(
         &mut self,
         call: &mut DeviceCall<'_>,
-        cache: &mut QaqCache,
+        cache: &mut dyn PolicyCache,
         label: &str,
         layer: usize,
         q: &[f32],

@@ -5,9 +5,9 @@
 
 use super::backend::Backend;
 use super::decoder::{self, BatchItem, Ops, Plan};
-use super::matmul::linear_rows;
 use super::weights::{HostWeights, Mat};
 use super::{LlamaConfig, Result};
+use qaq_kernels::simd::linear_rows;
 
 /// RoPE tables: `cos` and `sin` for every position and rotary pair, `[context, head_dim / 2]`.
 #[derive(Debug)]

@@ -191,7 +191,7 @@ pub fn dense_attention(
             let mut max = f32::NEG_INFINITY;
             for (t, s) in scores[..visible].iter_mut().enumerate() {
                 let kh = &keys[t * kvw + kvh * hd..t * kvw + (kvh + 1) * hd];
-                *s = dot(qh, kh) * scale;
+                *s = qaq_kernels::simd::scalar::dot(qh, kh) * scale;
                 max = max.max(*s);
             }
             let mut sum = 0.0;
@@ -211,19 +211,6 @@ pub fn dense_attention(
         }
     }
     Ok(())
-}
-
-/// Dot product in 8 independent lanes (vectorises well).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -21,7 +21,6 @@ pub mod gpu;
 pub mod kv;
 pub mod llama;
 pub mod loader;
-pub mod matmul;
 pub mod tokenizer;
 pub mod weights;
 

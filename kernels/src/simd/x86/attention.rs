@@ -12,8 +12,8 @@
 //! Results agree with the portable path (`simd::portable`) to float rounding
 //! (summation order differs); the tests in [`crate::attention`] compare them.
 
-use super::prim::{h2f_f16c, lane_mask};
 use crate::base::{Block, GroupMeta, RAW, Scheme, StreamView};
+use crate::simd::prim::x86::{h2f_f16c, lane_mask};
 use std::arch::x86_64::*;
 
 /// Loads the 8 codes starting at `p` (width `mask`'s bits) as f32.

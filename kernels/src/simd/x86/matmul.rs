@@ -2,7 +2,7 @@
 //! outputs, every output accumulating its own 8 lanes over `k` in order and finished by
 //! the fixed lane tree, so each equals [`crate::simd::scalar::row_dot`] bit for bit.
 
-use super::prim::hsum;
+use crate::simd::prim::x86::hsum;
 use std::arch::x86_64::*;
 
 /// Rows of `x` per register block.

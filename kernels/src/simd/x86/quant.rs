@@ -6,11 +6,11 @@
 //! (same lane order for min/max, same operation order for every rounding step); the
 //! tests in `simd::tests` compare them for every width.
 
-use super::prim::{h2f_f16c, lane_mask};
 use crate::base::{F16_MAX, GroupMeta, MAX_BITS, QuantSpec, Scheme, Sink, check_group_len};
 use crate::error::{KernelError, Result};
 use crate::simd::input::Input;
 use crate::simd::portable;
+use crate::simd::prim::x86::{h2f_f16c, lane_mask};
 use half::f16;
 use std::arch::x86_64::*;
 

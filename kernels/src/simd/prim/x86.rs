@@ -1,6 +1,6 @@
 //! x86-64 helpers shared by the kernels ([`lane_mask`], the 8-lane horizontal sum
 //! [`hsum`], the F16C conversion [`h2f_f16c`]) and the AVX2 versions of the primitives
-//! of `simd::prim`. Every function
+//! of [`super`]. Every function
 //! requires CPU features its caller has detected.
 
 use std::arch::x86_64::*;

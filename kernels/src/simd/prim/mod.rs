@@ -1,11 +1,12 @@
-//! The dispatching primitives: each takes its AVX2 version when the level allows it
-//! (and the lengths suit it), else its reference in [`super::scalar`].
+//! The dispatching primitives: each takes its AVX2 version ([`x86`], with the x86
+//! helpers the composed kernels share) when the level allows it (and the lengths suit
+//! it), else its reference in [`super::scalar`].
 
 #[cfg(target_arch = "x86_64")]
 use super::level::avx2;
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::x86::prim as x86;
+pub(crate) mod x86;
 
 /// Dot product of two equal-length f32 slices (8 lanes; two accumulators and FMA on
 /// the AVX2 path, so the last bits differ from [`scalar::dot`]).
