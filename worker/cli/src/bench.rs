@@ -1,10 +1,11 @@
 //! `qaq-worker bench`: the engine measured in-process, side by side in one run.
 //!
-//! - Batch mode (default): decode tokens/s for several batch sizes.
+//! - Batch mode (default): decode tokens/s for several batch sizes, and prefill tokens/s
+//!   of as many `--prefill-tokens` prompts of real text (a separate run per batch size).
 //! - Context mode (`--contexts`): for each KV policy and context length, one
 //!   sequence prefilled with real text, then decoded: decode tokens/s, real
-//!   device bytes per cached token, and how many sequences of 4k tokens fit
-//!   in a device budget.
+//!   device bytes per cached token, how many sequences of 4k tokens fit
+//!   in a device budget, and the prefill's tokens/s.
 //! - Migration mode (`--contexts` with `--migration`): for each policy and context,
 //!   the prefill of real text against moving its KV cache instead (snapshot, then
 //!   restore: what a worker does on each side of Worker.ExportKv, without the
@@ -56,6 +57,9 @@ pub struct BenchArgs {
     /// Context mode: measure KV migration (snapshot + restore) against the prefill.
     #[arg(long)]
     pub migration: bool,
+    /// Batch mode: prompt length (tokens of `--text`) of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
 }
 
 /// One measured run.
@@ -69,6 +73,8 @@ pub struct BenchRow {
     pub decode_tokens_per_s: f64,
     /// Mean time to first token in seconds.
     pub mean_ttft_s: f64,
+    /// Prompt tokens of all sequences per second until the last first token.
+    pub prefill_tokens_per_s: f64,
     /// Real device bytes per cached token at the end.
     pub bytes_per_token: f64,
     /// fp16 bytes per cached token.
@@ -87,37 +93,46 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!policies.is_empty(), "--policies: give at least one");
     let model = Arc::new(args.device.load_model(&args.model)?);
+    let text =
+        std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
+    let ids = model.tokenizer.encode(&text)?;
     if args.contexts.is_empty() {
         let prompt = model.tokenizer.encode(&args.prompt)?;
-        println!("| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) |");
-        println!("|---|---|---|---|---|---|");
+        let n = args.prefill_tokens;
+        anyhow::ensure!(n >= 1 && n < model.model.config().context_length, "--prefill-tokens: must be in [1, context)");
+        println!(
+            "| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) | prefill tok/s ({n}-token prompts) |"
+        );
+        println!("|---|---|---|---|---|---|---|");
         for &b in &args.batch {
-            let r = measure(&model, &policies[0], &prompt, b, args.tokens)?;
+            let r = measure(&model, &policies[0], &vec![prompt.clone(); b], args.tokens)?;
+            // Prefill: b prompts of n real-text tokens (different passages), one token each.
+            anyhow::ensure!(ids.len() >= b * n, "--text has only {} tokens, fewer than {b} x {n}", ids.len());
+            let long: Vec<Vec<u32>> = ids.chunks(n).take(b).map(<[u32]>::to_vec).collect();
+            let p = measure(&model, &policies[0], &long, 1)?;
             println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.3} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.1} |",
                 r.policy,
                 r.batch,
                 r.tokens_per_seq,
                 r.decode_tokens_per_s,
                 r.decode_tokens_per_s / b as f64,
-                r.mean_ttft_s
+                r.mean_ttft_s,
+                p.prefill_tokens_per_s
             );
         }
         return Ok(());
     }
-    let text =
-        std::fs::read_to_string(&args.text).map_err(|e| anyhow::anyhow!("--text {}: {e}", args.text.display()))?;
-    let ids = model.tokenizer.encode(&text)?;
     let ctx_max = model.model.config().context_length;
     if args.migration {
         return migration_table(&model, &policies, &args.contexts, &ids);
     }
     println!(
-        "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB |",
+        "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB | prefill tok/s |",
         args.fit_tokens,
         args.fit_budget_bytes >> 20
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for p in &policies {
         for &c in &args.contexts {
             // Context = prompt + generated tokens.
@@ -128,10 +143,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
             let prompt = c - args.tokens as usize;
             anyhow::ensure!(ids.len() >= prompt, "--text has only {} tokens, fewer than {prompt}", ids.len());
-            let r = measure(&model, p, &ids[..prompt], 1, args.tokens)?;
+            let r = measure(&model, p, &[ids[..prompt].to_vec()], args.tokens)?;
             let fit = (args.fit_budget_bytes as f64 / (args.fit_tokens as f64 * r.bytes_per_token)).floor();
             println!(
-                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} |",
+                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} | {:.1} |",
                 r.policy,
                 c,
                 r.decode_tokens_per_s,
@@ -139,7 +154,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 r.fp16_bytes_per_token,
                 r.fp16_bytes_per_token / r.bytes_per_token,
                 r.avg_key_bits,
-                r.avg_value_bits
+                r.avg_value_bits,
+                r.prefill_tokens_per_s
             );
         }
     }
@@ -197,14 +213,14 @@ fn migration_table(
     Ok(())
 }
 
-/// Runs `batch` greedy sequences of `tokens` tokens each under `policy`.
+/// Runs one greedy sequence of `tokens` tokens per prompt, all at once, under `policy`.
 pub fn measure(
     model: &Arc<LoadedModel>,
     policy: &PolicyChoice,
-    prompt: &[u32],
-    batch: usize,
+    prompts: &[Vec<u32>],
     tokens: u32,
 ) -> anyhow::Result<BenchRow> {
+    let batch = prompts.len();
     let worst = kv::worst_bytes_per_token(&model.model.kv_shape(), &policy.policy).map_err(anyhow::Error::msg)?;
     let cfg = EngineConfig {
         max_batch: batch,
@@ -214,11 +230,11 @@ pub fn measure(
     let engine = EngineHandle::start(model.clone(), cfg);
     let start = Instant::now();
     let mut rxs = Vec::new();
-    for i in 0..batch {
+    for (i, prompt) in prompts.iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         engine.submit(Job {
             id: format!("bench-{i}"),
-            prompt: prompt.to_vec(),
+            prompt: prompt.clone(),
             resume: vec![],
             kv: None,
             max_new_tokens: tokens,
@@ -261,14 +277,17 @@ pub fn measure(
     }
     let end = start.elapsed().as_secs_f64();
     let last_first = first.iter().cloned().fold(0.0, f64::max);
-    let cached = (prompt.len() + tokens as usize - 1) as f64;
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    // The last sequence's cache (the statistics below are per token, like every other).
+    let cached = (prompts[batch - 1].len() + tokens as usize - 1) as f64;
     Ok(BenchRow {
         policy: policy.label.clone(),
         batch,
-        context: prompt.len(),
+        context: prompts[0].len(),
         tokens_per_seq: tokens,
         decode_tokens_per_s: (generated - batch as u64) as f64 / (end - last_first).max(1e-9),
         mean_ttft_s: first.iter().sum::<f64>() / batch as f64,
+        prefill_tokens_per_s: prompt_tokens as f64 / last_first.max(1e-9),
         bytes_per_token: kv.device_bytes as f64 / cached,
         fp16_bytes_per_token: kv.fp16_equivalent_bytes as f64 / cached,
         avg_key_bits: kv.avg_key_bits,

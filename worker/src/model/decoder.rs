@@ -155,7 +155,8 @@ pub type DeviceAttend<'a> = dyn FnMut(&mut dyn DeviceTier, usize, &[f32]) -> Res
 /// (rows of `kvw` in `k`, `v`) are appended to its cache, then its queries (rows of `qw` in
 /// `q`) attend there. With `device` (a GPU backend), a decode row (one new token) of a cache
 /// that has a device tier attends there; every other row attends on the host, into `out`.
-/// Returns where each item's rows were attended.
+/// Without a device the items are independent and run in parallel (each item's result is
+/// the same as alone). Returns where each item's rows were attended.
 #[allow(clippy::too_many_arguments)]
 pub fn cache_step(
     items: &mut [BatchItem<'_>],
@@ -166,6 +167,22 @@ pub fn cache_step(
     out: &mut [f32],
     mut device: Option<&mut DeviceAttend<'_>>,
 ) -> Result<Vec<Attended>> {
+    if device.is_none() && items.len() > 1 {
+        use rayon::prelude::*;
+        // Spans are consecutive: each item's output rows are the next `len * qw` values.
+        let mut outs = Vec::with_capacity(items.len());
+        let mut rest = out;
+        for &(_, len) in spans {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len * qw);
+            outs.push(mine);
+            rest = tail;
+        }
+        items.par_iter_mut().zip(spans).zip(outs).try_for_each(|((it, &(off, len)), o)| -> Result<()> {
+            it.kv.append(layer, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
+            Ok(it.kv.attend(layer, &q[off * qw..(off + len) * qw], len, o)?)
+        })?;
+        return Ok(vec![Attended::Host; items.len()]);
+    }
     let mut at = Vec::with_capacity(items.len());
     for (i, (it, &(off, len))) in items.iter_mut().zip(spans).enumerate() {
         it.kv.append(layer, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;

@@ -64,6 +64,11 @@ pub struct EvalArgs {
     /// Perplexity text.
     #[arg(long, default_value = "wikitext2/wiki.test.raw")]
     pub ppl_text: PathBuf,
+    /// Perplexity: which predictions of each window are scored: `all` (task `ppl@N`),
+    /// `second-half` (task `ppl-half@N`: the second half of each window, the first half
+    /// being context only, as llama.cpp's llama-perplexity scores its chunks), or `both`.
+    #[arg(long, default_value = "all", value_parser = ["all", "second-half", "both"])]
+    pub ppl_score: String,
     /// Retrieval: context lengths in tokens (kv: the files kv_pairs_*_len_N).
     #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
     pub kv_contexts: Vec<usize>,
@@ -198,6 +203,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         "tasks": args.tasks,
         "policies": parse_policies(&args.policies)?.into_iter().map(|p| p.label).collect::<Vec<_>>(),
         "ppl_windows": args.ppl_windows,
+        "ppl_score": args.ppl_score,
         "kv_limit": args.kv_limit,
         "protocol": "zero-shot MC, mean per-token log-prob (qaq-algorithm.md 8.2); exact shared fp16 prefill, \
                      choices decoded token by token against each policy's compressed cache",
@@ -268,9 +274,15 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
         let path = args.data.join(&args.ppl_text);
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let ids = model.tokenizer.encode(&text)?;
-        for &ctx in &args.ppl_contexts {
+        let scorings: &[(&str, bool)] = match args.ppl_score.as_str() {
+            "second-half" => &[("ppl-half", true)],
+            "both" => &[("ppl", false), ("ppl-half", true)],
+            _ => &[("ppl", false)],
+        };
+        for (&ctx, &(task, half)) in args.ppl_contexts.iter().flat_map(|c| scorings.iter().map(move |s| (c, s))) {
             check_context(model, "--ppl-contexts", ctx)?;
-            let name = format!("ppl@{ctx}");
+            let name = format!("{task}@{ctx}");
+            let from = if half { ctx / 2 } else { 0 };
             let n = args.ppl_windows.min(ids.len() / ctx);
             anyhow::ensure!(n > 0, "--ppl-contexts: the text has {} tokens, fewer than {ctx}", ids.len());
             let mut bar = Progress::new(name.clone(), n * policies.len());
@@ -281,7 +293,7 @@ pub fn evaluate(args: &EvalArgs, model: &LoadedModel) -> anyhow::Result<Vec<repo
                 for p in &policies {
                     let skip = args.report_only || !args.shard.owns(w);
                     measure(skip, &mut store, &name, &w.to_string(), std::slice::from_ref(p), |_| {
-                        let (nll, tokens, kv) = run::perplexity(model, window, p)?;
+                        let (nll, tokens, kv) = run::perplexity(model, window, p, from)?;
                         Ok(vec![(Outcome::Ppl { nll, tokens }, kv)])
                     })?;
                     bar.tick();

@@ -146,9 +146,17 @@ pub fn score_mc(model: &LoadedModel, item: &McItem, policies: &[PolicyChoice]) -
         .collect())
 }
 
-/// Teacher-forced loss of `ids` under `policy`: (sum of next-token NLL,
-/// predicted tokens, cache bytes at the end).
-pub fn perplexity(model: &LoadedModel, ids: &[u32], policy: &PolicyChoice) -> anyhow::Result<(f64, u64, KvBytes)> {
+/// Teacher-forced loss of `ids` under `policy`, the cache compressing as it grows: (sum
+/// of next-token NLL, predicted tokens, cache bytes at the end). Only the predictions made
+/// at positions `from..` are scored: 0 scores every token; `ids.len() / 2` scores the
+/// second half of the window, as llama.cpp's `llama-perplexity` scores each chunk (the
+/// first half is context only).
+pub fn perplexity(
+    model: &LoadedModel,
+    ids: &[u32],
+    policy: &PolicyChoice,
+    from: usize,
+) -> anyhow::Result<(f64, u64, KvBytes)> {
     let mut cache = new_cache(model, policy)?;
     let vocab = model.model.config().vocab_size;
     let (mut nll, mut n) = (0f64, 0u64);
@@ -156,7 +164,9 @@ pub fn perplexity(model: &LoadedModel, ids: &[u32], policy: &PolicyChoice) -> an
         let start = ci * PREFILL_CHUNK;
         let logits = model.model.forward_all(&mut [BatchItem { tokens: chunk, kv: &mut cache }])?;
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            if let Some(&next) = ids.get(start + i + 1) {
+            if start + i >= from
+                && let Some(&next) = ids.get(start + i + 1)
+            {
                 nll -= log_prob(row, next);
                 n += 1;
             }
