@@ -1,0 +1,239 @@
+//! The quantized matmul's dispatching kernels: activation quantization
+//! ([`quantize_input`]) and one task of the matmul ([`matmul_task`]: a range of weight
+//! rows against every activation row), each choosing between the portable references
+//! (`simd::qref`) and the x86 kernels (`simd::x86::qdot` for the 32-value formats at the
+//! AVX2 or VNNI level, `simd::x86::qdot_k` for the k-quants) by the level.
+//!
+//! Every output is computed the same way whatever the number of activation rows and
+//! whichever rows share the call: the kernels compute 1 to 4 rows at once against one
+//! weight row and each row's result equals the single-row one (and the reference) bit
+//! for bit. Float weights take the f32 kernels of [`super::linear_rows`] (bit-exact).
+
+use super::ggml::{InputKind, QFormat, QInput, QK, QK_K};
+#[cfg(target_arch = "x86_64")]
+use super::level::{avx2, vnni};
+use super::qref::{self, InRow};
+use super::scalar;
+#[cfg(target_arch = "x86_64")]
+use super::x86::{matmul, qdot, qdot_k};
+
+/// Activation rows per step of the multi-row kernels.
+const ROWS: usize = 4;
+/// Weight rows of a float format converted to f32 at a time.
+const FLOAT_ROWS: usize = 16;
+
+/// Resizes `input` for `m` rows of `cols` values of `kind` and quantizes `x` into it
+/// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block).
+pub(crate) fn quantize_input(input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
+    input.kind = Some(kind);
+    input.m = m;
+    input.cols = cols;
+    let clear = |v: &mut Vec<f32>| v.clear();
+    match kind {
+        InputKind::Float => {
+            input.f.clear();
+            input.f.extend_from_slice(&x[..m * cols]);
+            return;
+        }
+        InputKind::Q8x32 => {
+            let nbp = (cols / QK).div_ceil(8) * 8;
+            input.nbp = nbp;
+            input.qs.resize(m * cols, 0);
+            for v in [&mut input.d, &mut input.s] {
+                clear(v);
+                v.resize(m * nbp, 0.0);
+            }
+            input.sums.clear();
+            input.sums.resize(m * nbp, 0);
+        }
+        InputKind::Q8x256 => {
+            input.nbp = cols / QK_K;
+            input.qs.resize(m * cols, 0);
+            input.d.resize(m * (cols / QK_K), 0.0);
+            input.sums.resize(m * (cols / 16), 0);
+            input.s.clear();
+        }
+    }
+    for i in 0..m {
+        let xr = &x[i * cols..][..cols];
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            quantize_row_avx2(input, i, xr);
+            continue;
+        }
+        qref::quantize_row(input, i, xr);
+    }
+}
+
+/// Row `i` with the AVX2 quantizer (bit-exact with `qref::quantize_row`).
+#[cfg(target_arch = "x86_64")]
+fn quantize_row_avx2(input: &mut QInput, i: usize, x: &[f32]) {
+    let cols = input.cols;
+    let qs = &mut input.qs[i * cols..][..cols];
+    if input.kind == Some(InputKind::Q8x32) {
+        let n = input.nbp;
+        for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+            let j = i * n + b;
+            // SAFETY: AVX2 and FMA detected; 32 values, 32 codes, one sum.
+            let d = unsafe { qdot::quantize_span(xb, qb, QK, &mut input.sums[j..j + 1]) };
+            input.d[j] = d;
+            input.s[j] = d * input.sums[j] as f32;
+        }
+    } else {
+        let nsb = cols / QK_K;
+        for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).enumerate() {
+            let sums = &mut input.sums[(i * nsb + b) * 16..][..16];
+            // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
+            input.d[i * nsb + b] = unsafe { qdot::quantize_span(xb, qb, 16, sums) };
+        }
+    }
+}
+
+/// Where a task writes: output `(i, j)` (activation row `i`, the task's weight row `j`)
+/// at `ptr + i * stride + j`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OutTile {
+    pub(crate) ptr: *mut f32,
+    pub(crate) stride: usize,
+}
+
+// SAFETY: an `OutTile` is a plain address; the tasks that share one write disjoint
+// elements (the contract of `matmul_task`).
+unsafe impl Send for OutTile {}
+// SAFETY: as above.
+unsafe impl Sync for OutTile {}
+
+impl OutTile {
+    /// The tile whose column 0 is this one's column `j`.
+    #[inline]
+    pub(crate) fn columns_from(self, j: usize) -> OutTile {
+        OutTile { ptr: self.ptr.wrapping_add(j), stride: self.stride }
+    }
+
+    /// # Safety
+    /// Element `(i, j)` is valid for writes and written by no one else meanwhile.
+    #[inline]
+    unsafe fn put(self, i: usize, j: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(i * self.stride + j) = v };
+    }
+}
+
+/// One task of the matmul: the `n` weight rows `w` (whole rows of format `f`, `cols`
+/// values each) against every row of `input` (`cols` values per row, quantized for
+/// `f`); writes output `(i, j)` for `i < input.rows()`, `j < n` into `out`. Activation
+/// rows go by 4 (then one by one), each step over all `n` weight rows (which stay in
+/// cache across the steps).
+///
+/// # Safety
+/// Every element `(i, j)` of `out` in that range is valid for writes, and no one else
+/// accesses them during the call.
+pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, out: OutTile) {
+    let m = input.m;
+    if f.input_kind() == InputKind::Float {
+        // SAFETY: forwarded contract.
+        unsafe { float_task(f, w, n, cols, &input.f, m, out) };
+        return;
+    }
+    let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+    let mut res = vec![0f32; n * ROWS];
+    let mut i = 0;
+    while i < m {
+        let r = if m - i >= ROWS { ROWS } else { 1 };
+        if r == ROWS {
+            let xs: &[InRow<'_>; ROWS] = rows[i..i + ROWS].try_into().expect("4 rows");
+            rows_task(f, w, n, cols, xs, &mut res);
+        } else {
+            rows_task(f, w, n, cols, &[rows[i]], &mut res);
+        }
+        for j in 0..n {
+            for k in 0..r {
+                // SAFETY: (i + k, j) is in this task's range (the contract).
+                unsafe { out.put(i + k, j, res[j * r + k]) };
+            }
+        }
+        i += r;
+    }
+}
+
+/// `res[j * R + r]` = weight row `j` of `w` times activation row `xs[r]`, at the level's
+/// kernels (each output bit-identical to `qref::dot_row`).
+fn rows_task<const R: usize>(f: QFormat, w: &[u8], n: usize, cols: usize, xs: &[InRow<'_>; R], res: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        if f.block_values() == QK {
+            let (nb, vn) = (cols / QK, vnni());
+            macro_rules! go {
+                ($($c:ident),*) => {
+                    match qdot::code(f) {
+                        // SAFETY: the level's features were detected (bounds are
+                        // checked by the kernels).
+                        $(qdot::$c => unsafe {
+                            if vn {
+                                qdot::task_vnni::<{ qdot::$c }, R>(w, n, nb, xs, res)
+                            } else {
+                                qdot::task_avx2::<{ qdot::$c }, R>(w, n, nb, xs, res)
+                            }
+                        },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0);
+        } else {
+            macro_rules! go {
+                ($($c:ident),*) => {
+                    match qdot_k::code(f) {
+                        // SAFETY: AVX2 detected (bounds are checked by the kernel).
+                        $(qdot_k::$c => unsafe { qdot_k::task_k::<{ qdot_k::$c }, R>(w, n, xs, res) },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
+        }
+        return;
+    }
+    let rb = w.len() / n.max(1);
+    let _ = cols;
+    for j in 0..n {
+        for (r, x) in xs.iter().enumerate() {
+            res[j * R + r] = qref::dot_row(f, &w[j * rb..][..rb], *x);
+        }
+    }
+}
+
+/// A task of a float format: weight rows converted to f32 `FLOAT_ROWS` at a time, then
+/// the register blocks of [`super::linear_rows`] (each output bit-identical to
+/// `scalar::row_dot`).
+///
+/// # Safety
+/// As [`matmul_task`].
+unsafe fn float_task(f: QFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, out: OutTile) {
+    let rb = k * f.block_bytes();
+    let mut wf = vec![0f32; FLOAT_ROWS * k];
+    let mut t = vec![0f32; FLOAT_ROWS * m];
+    for j0 in (0..n).step_by(FLOAT_ROWS) {
+        let cols = (n - j0).min(FLOAT_ROWS);
+        for jj in 0..cols {
+            qref::dequantize_row(f, &w[(j0 + jj) * rb..][..rb], &mut wf[jj * k..][..k]);
+        }
+        let (wt, tt) = (&wf[..cols * k], &mut t[..cols * m]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 and FMA detected; `x` holds `m * k`, `wt` `cols * k`, `tt`
+            // `cols * m` floats.
+            unsafe { matmul::linear_block(x, m, wt, cols, k, tt) };
+        } else {
+            scalar::linear_block(x, m, wt, k, tt);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        scalar::linear_block(x, m, wt, k, tt);
+        for jj in 0..cols {
+            for i in 0..m {
+                // SAFETY: (i, j0 + jj) is in this task's range (the contract).
+                unsafe { out.put(i, j0 + jj, tt[jj * m + i]) };
+            }
+        }
+    }
+}
