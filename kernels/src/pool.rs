@@ -5,8 +5,9 @@
 //!
 //! Built for many short calls (a decode step makes ~211 matmul calls of 10-200 µs): a
 //! call publishes its job with one atomic store and the threads claim task indices with
-//! a compare-and-swap; between calls the workers spin for [`SPIN`], then park on a
-//! condition variable (a call wakes them only when one sleeps). A call made while the
+//! a compare-and-swap; between calls the workers spin for [`SPIN`] (pausing for a few
+//! microseconds, then yielding to the OS at each step), then park on a condition
+//! variable (a call wakes them only when one sleeps). A call made while the
 //! pool is busy (from another thread, or from inside a task) runs its tasks on the
 //! calling thread, in order; results never depend on which thread ran a task.
 //!
@@ -169,12 +170,8 @@ impl Pool {
         s.run(epoch);
         let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
-            spins += 1;
-            if spins < 1 << 14 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            spins = spins.saturating_add(1);
+            pause(spins);
         }
         if s.panicked.load(Ordering::Relaxed) {
             resume_unwind(Box::new("a task of qaq_kernels::pool::Pool::parallel_for panicked"));
@@ -211,7 +208,7 @@ fn worker(s: &Shared) {
             if s.shutdown.load(Ordering::Relaxed) {
                 return;
             }
-            spins = spins.wrapping_add(1);
+            spins = spins.saturating_add(1);
             if spins.is_multiple_of(64) && idle_since.get_or_insert_with(Instant::now).elapsed() > SPIN {
                 let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -220,13 +217,29 @@ fn worker(s: &Shared) {
                 }
                 s.sleepers.fetch_sub(1, Ordering::SeqCst);
                 idle_since = None;
+                spins = 0;
                 continue;
             }
-            std::hint::spin_loop();
+            pause(spins);
         }
         s.run(seen);
     }
 }
+
+/// Busy-waiting step `spins`: a pause instruction for the first [`SPIN_PAUSES`] steps,
+/// then a yield to the OS each step (on a machine with more runnable threads than cores
+/// a waiting thread then gives its core to the one it waits for).
+#[inline]
+fn pause(spins: u32) {
+    if spins < SPIN_PAUSES {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Pause instructions before a busy wait starts yielding (a few microseconds).
+const SPIN_PAUSES: u32 = 1 << 10;
 
 static GLOBAL: OnceLock<Pool> = OnceLock::new();
 
