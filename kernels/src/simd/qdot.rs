@@ -2,12 +2,14 @@
 //! ([`quantize_input`]) and one task of the matmul ([`matmul_task`]: a range of weight
 //! rows against every activation row), each choosing between the portable references
 //! (`simd::qref`) and the x86 kernels (`simd::x86::qdot` for the 32-value formats at the
-//! AVX2 or VNNI level, `simd::x86::qdot_k` for the k-quants) by the level.
+//! AVX2 or VNNI level, `simd::x86::qgemm` for them from 8 activation rows at the VNNI
+//! level, `simd::x86::qdot_k` for the k-quants) by the level.
 //!
 //! Every output is computed the same way whatever the number of activation rows and
-//! whichever rows share the call: the kernels compute 1 to 4 rows at once against one
-//! weight row and each row's result equals the single-row one (and the reference) bit
-//! for bit. Float weights take the f32 kernels of [`super::linear_rows`] (bit-exact).
+//! whichever rows share the call: the kernels compute 1 to 4 activation rows (times 1
+//! or 2 weight rows) at once, and each output equals the single-row one (and the
+//! reference) bit for bit, whichever kernel ran it. Float weights take the f32 kernels
+//! of [`super::linear_rows`] (bit-exact).
 
 use super::ggml::{InputKind, QFormat, QInput, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
@@ -15,10 +17,14 @@ use super::level::{avx2, vnni};
 use super::qref::{self, InRow};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::x86::{matmul, qdot, qdot_k};
+use super::x86::{matmul, qdot, qdot_k, qgemm};
 
 /// Activation rows per step of the multi-row kernels.
 const ROWS: usize = 4;
+/// Activation rows from which the 32-value formats take the GEMM (VNNI level).
+const GEMM_ROWS: usize = 8;
+/// Activation rows per GEMM call (the rows one packed weight row meets before the next).
+const GEMM_TILE: usize = 64;
 /// Weight rows of a float format converted to f32 at a time.
 const FLOAT_ROWS: usize = 16;
 
@@ -62,6 +68,16 @@ pub(crate) fn quantize_input(input: &mut QInput, kind: InputKind, x: &[f32], m: 
             continue;
         }
         qref::quantize_row(input, i, xr);
+    }
+    input.qsi.clear();
+    #[cfg(target_arch = "x86_64")]
+    if kind == InputKind::Q8x32 && m >= GEMM_ROWS && vnni() {
+        let stride = 32 * input.nbp;
+        input.qsi.resize(m * stride, 0);
+        for (i, out) in input.qsi.chunks_exact_mut(stride).enumerate() {
+            // SAFETY: AVX2 detected (VNNI implies it); bounds are checked by the callee.
+            unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], out) };
+        }
     }
 }
 
@@ -136,6 +152,12 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         return;
     }
     let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if !input.qsi.is_empty() && f.block_values() == QK && vnni() {
+        // SAFETY: forwarded contract; VNNI detected.
+        unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
+        return;
+    }
     let mut res = vec![0f32; n * ROWS];
     let mut i = 0;
     while i < m {
@@ -154,6 +176,51 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         }
         i += r;
     }
+}
+
+/// [`matmul_task`] with the VNNI GEMM: the weight rows packed once, then every tile of
+/// [`GEMM_TILE`] activation rows against them.
+///
+/// # Safety
+/// As [`matmul_task`]; the CPU supports the VNNI level; `input.qsi` holds the
+/// interleaved codes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, rows: &[InRow<'_>], out: OutTile) {
+    thread_local! {
+        /// Each thread's packed weights and results, kept between calls (no allocation
+        /// or page faults in the steady state).
+        static SCRATCH: std::cell::RefCell<(qgemm::Packed, Vec<f32>)> = Default::default();
+    }
+    let nb = cols / QK;
+    SCRATCH.with_borrow_mut(|(packed, res)| {
+        res.clear();
+        res.resize(n * GEMM_TILE.min(input.m), 0.0);
+        macro_rules! go {
+        ($($c:ident),*) => {
+            match qdot::code(f) {
+                $(qdot::$c => {
+                    // SAFETY: VNNI detected (bounds are checked by the callee).
+                    unsafe { qgemm::pack::<{ qdot::$c }>(w, n, nb, packed) };
+                    for i0 in (0..input.m).step_by(GEMM_TILE) {
+                        let i1 = (i0 + GEMM_TILE).min(input.m);
+                        let xi = &input.qsi[i0 * 32 * input.nbp..];
+                        // SAFETY: VNNI detected; `packed` holds `n` rows of format `f`.
+                        unsafe { qgemm::gemm::<{ qdot::$c }>(packed, n, &rows[i0..i1], xi, res) };
+                        let mt = i1 - i0;
+                        for j in 0..n {
+                            for i in 0..mt {
+                                // SAFETY: (i0 + i, j) is in this task's range (the contract).
+                                unsafe { out.put(i0 + i, j, res[j * mt + i]) };
+                            }
+                        }
+                    }
+                },)*
+                _ => unreachable!(),
+            }
+        };
+    }
+        go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0);
+    });
 }
 
 /// `res[j * R + r]` = weight row `j` of `w` times activation row `xs[r]`, at the level's

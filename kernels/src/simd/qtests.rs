@@ -1,9 +1,9 @@
 //! Tests of the quantized matmul's kernels against their portable references, bit for
 //! bit: the activation quantizer, and every x86 kernel at every instruction set this CPU
 //! has (AVX2 and, when present, VNNI), whatever the process level, for 1 and 4 rows at
-//! once; plus the level's dispatch (`qdot::matmul_task`). Weights are random bytes with
-//! finite random scales (every code pattern, `Q8_0`'s -128 included) and the reference
-//! quantizers' output.
+//! once, and the VNNI GEMM; plus the level's dispatch (`qdot::matmul_task`). Weights are
+//! random bytes with finite random scales (every code pattern, `Q8_0`'s -128 included)
+//! and the reference quantizers' output.
 
 use super::ggml::{InputKind, QFormat, QInput, QK};
 use super::qdot::{self, OutTile};
@@ -179,7 +179,7 @@ fn matmul_task_matches_reference_at_this_level() {
     let mut rng = Rng(5);
     for f in QFormat::ALL {
         let cols = if f.block_values() == 256 { 512 } else { 576 };
-        let (n, m) = (5, 6);
+        let (n, m) = (5, 11);
         let data = random_blocks(f, n, cols, &mut rng);
         let x = activations(m * cols, &mut rng);
         let input = QInput::new(f, &x, m, cols).unwrap();
@@ -198,6 +198,64 @@ fn matmul_task_matches_reference_at_this_level() {
                     qref::dot_row(f, wr, input.row(i))
                 };
                 assert_eq!(out[i * n + j].to_bits(), want.to_bits(), "{f} ({i}, {j})");
+            }
+        }
+    }
+}
+
+/// The VNNI GEMM (packed weights, interleaved activations, 4 x 2 tiles and their edges)
+/// against the reference, when the CPU has VNNI, whatever the process level.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_gemm_matches_reference_bit_for_bit() {
+    use super::x86::{qdot as k32, qgemm};
+    if !(is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return;
+    }
+    let mut rng = Rng(17);
+    for f in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q5_0, QFormat::Q5_1, QFormat::Q8_0] {
+        for cols in [32, 96, 576, 800] {
+            let (n, m) = (7, 11);
+            let data = random_blocks(f, n, cols, &mut rng);
+            let x = activations(m * cols, &mut rng);
+            let input = QInput::new(f, &x, m, cols).unwrap();
+            let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+            let stride = 32 * input.nbp;
+            let mut xi = vec![0i8; m * stride];
+            for i in 0..m {
+                // SAFETY: AVX2 detected.
+                unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * stride..][..stride]) };
+            }
+            let mut packed = qgemm::Packed::default();
+            let mut res = vec![f32::NAN; n * m];
+            macro_rules! run {
+                ($c:ident) => {{
+                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
+                    unsafe {
+                        qgemm::pack::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                        qgemm::gemm::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                    }
+                }};
+            }
+            match k32::code(f) {
+                k32::Q4_0 => run!(Q4_0),
+                k32::Q4_1 => run!(Q4_1),
+                k32::Q5_0 => run!(Q5_0),
+                k32::Q5_1 => run!(Q5_1),
+                _ => run!(Q8_0),
+            }
+            let rb = f.row_bytes(cols).unwrap();
+            for j in 0..n {
+                for i in 0..m {
+                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+                }
             }
         }
     }

@@ -106,7 +106,7 @@ impl Isa for Vnni {
 /// # Safety
 /// AVX2 (and the ISA's features); `p` points to a whole block of format `F`.
 #[inline(always)]
-unsafe fn unpack<const F: u8, I: Isa>(p: *const u8) -> __m256i {
+pub(crate) unsafe fn unpack<const F: u8, I: Isa>(p: *const u8) -> __m256i {
     // SAFETY: the reads stay within the block (offsets and lengths of ggml's layouts).
     unsafe {
         match F {
@@ -150,7 +150,7 @@ unsafe fn fifth_bits<I: Isa>(p: *const u8) -> __m256i {
 
 /// What the per-block sums lose: `OFF * sum(x)` (`Q4_0`: 8, `Q5_0`: 16, biased `Q8_0`:
 /// 128), as a shift.
-const fn offset_shift<const F: u8>(biased: bool) -> Option<i32> {
+pub(crate) const fn offset_shift<const F: u8>(biased: bool) -> Option<i32> {
     match F {
         Q4_0 => Some(3),
         Q5_0 => Some(4),
@@ -205,7 +205,7 @@ unsafe fn block_sums<const F: u8, const R: usize, I: Isa>(
 }
 
 /// Bytes per block of format `F`.
-const fn block_bytes<const F: u8>() -> usize {
+pub(crate) const fn block_bytes<const F: u8>() -> usize {
     match F {
         Q4_0 => 18,
         Q4_1 => 20,
@@ -221,7 +221,7 @@ const fn block_bytes<const F: u8>() -> usize {
 /// # Safety
 /// AVX2 and F16C; `cnt` whole blocks of format `F` at `blk`.
 #[inline(always)]
-unsafe fn scales<const F: u8>(blk: *const u8, cnt: usize) -> (__m256, __m256) {
+pub(crate) unsafe fn scales<const F: u8>(blk: *const u8, cnt: usize) -> (__m256, __m256) {
     let bb = block_bytes::<F>() as i32;
     // SAFETY: the gather reads 4 bytes at the start of each of the `cnt` blocks (lanes
     // past `cnt` are masked off and read nothing).
