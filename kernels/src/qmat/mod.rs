@@ -179,7 +179,7 @@ impl QInput {
         if x.len() < m * cols {
             return Err(KernelError::Shape { what: "activations", expected: m * cols, got: x.len() });
         }
-        qdot::quantize_input(self, format.input_kind(), x, m, cols);
+        qdot::quantize_input(pool::global(), self, format.input_kind(), x, m, cols);
         Ok(())
     }
 }

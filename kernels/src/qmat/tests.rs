@@ -295,3 +295,24 @@ fn the_reference_quantizers_write_ggml_bytes_for_known_values() {
     q.dequantize_row(0, &mut back).unwrap();
     assert_eq!(back, x);
 }
+
+#[test]
+fn a_refilled_input_equals_a_fresh_one() {
+    let mut rng = Rng(14);
+    let mut reused = QInput::default();
+    for (f, k, m) in
+        [(QFormat::Q4_1, 800, 12), (QFormat::Q4_1, 576, 9), (QFormat::Q6_K, 512, 3), (QFormat::Q8_0, 96, 40)]
+    {
+        let x = activations(m * k, &mut rng);
+        reused.refill(f, &x, m, k).unwrap();
+        let fresh = QInput::new(f, &x, m, k).unwrap();
+        let w = QMatrix::new(f, 33, k, random_blocks(f, 33, k, &mut rng)).unwrap();
+        let (mut a, mut b) = (vec![0f32; m * 33], vec![0f32; m * 33]);
+        linear_input(&w, &reused, &mut a).unwrap();
+        linear_input(&w, &fresh, &mut b).unwrap();
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}

@@ -14,10 +14,11 @@
 use super::ggml::{InputKind, QFormat, QInput, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::level::{avx2, vnni};
-use super::qref::{self, InRow};
+use super::qref::{self, InRow, RowMut};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86::{matmul, qdot, qdot_k, qgemm};
+use crate::pool::Pool;
 
 /// Activation rows per step of the multi-row kernels.
 const ROWS: usize = 4;
@@ -28,14 +29,19 @@ const GEMM_TILE: usize = 64;
 /// Weight rows of a float format converted to f32 at a time.
 const FLOAT_ROWS: usize = 16;
 
+/// Activation rows from which the quantization runs on the pool.
+const PARALLEL_ROWS: usize = 32;
+/// Activation rows per task of a parallel quantization.
+const ROWS_PER_TASK: usize = 8;
+
 /// Resizes `input` for `m` rows of `cols` values of `kind` and quantizes `x` into it
-/// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block).
-pub(crate) fn quantize_input(input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
+/// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block), each
+/// row alone (on `pool` from [`PARALLEL_ROWS`] rows).
+pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
     input.kind = Some(kind);
     input.m = m;
     input.cols = cols;
-    let clear = |v: &mut Vec<f32>| v.clear();
-    match kind {
+    let st = match kind {
         InputKind::Float => {
             input.f.clear();
             input.f.extend_from_slice(&x[..m * cols]);
@@ -43,66 +49,116 @@ pub(crate) fn quantize_input(input: &mut QInput, kind: InputKind, x: &[f32], m: 
         }
         InputKind::Q8x32 => {
             let nbp = (cols / QK).div_ceil(8) * 8;
-            input.nbp = nbp;
-            input.qs.resize(m * cols, 0);
-            for v in [&mut input.d, &mut input.s] {
-                clear(v);
-                v.resize(m * nbp, 0.0);
-            }
-            input.sums.clear();
-            input.sums.resize(m * nbp, 0);
+            let gemm = m >= GEMM_ROWS && cfg!(target_arch = "x86_64") && vnni_level();
+            [cols, nbp, nbp, nbp, if gemm { 32 * nbp } else { 0 }]
         }
-        InputKind::Q8x256 => {
-            input.nbp = cols / QK_K;
-            input.qs.resize(m * cols, 0);
-            input.d.resize(m * (cols / QK_K), 0.0);
-            input.sums.resize(m * (cols / 16), 0);
-            input.s.clear();
+        InputKind::Q8x256 => [cols, cols / QK_K, cols / 16, 0, 0],
+    };
+    input.nbp = st[1];
+    input.qs.resize(m * st[0], 0);
+    input.d.resize(m * st[1], 0.0);
+    input.sums.resize(m * st[2], 0);
+    input.s.resize(m * st[3], 0.0);
+    input.qsi.resize(m * st[4], 0);
+    // The padding of the per-block rows must be 0 (the kernels read whole groups).
+    if kind == InputKind::Q8x32 && st[1] * QK > cols {
+        for i in 0..m {
+            let pad = i * st[1] + cols / QK..(i + 1) * st[1];
+            input.d[pad.clone()].fill(0.0);
+            input.sums[pad.clone()].fill(0);
+            input.s[pad].fill(0.0);
         }
     }
-    for i in 0..m {
-        let xr = &x[i * cols..][..cols];
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            quantize_row_avx2(input, i, xr);
-            continue;
-        }
-        qref::quantize_row(input, i, xr);
+    let raw = RawRows {
+        qs: input.qs.as_mut_ptr(),
+        d: input.d.as_mut_ptr(),
+        sums: input.sums.as_mut_ptr(),
+        s: input.s.as_mut_ptr(),
+        qsi: input.qsi.as_mut_ptr(),
+        st,
+    };
+    let row = |i: usize| {
+        // SAFETY: every buffer holds `m` rows of its stride (resized above), and each
+        // row is written by one call only.
+        let r = unsafe { raw.row(i) };
+        quantize_row(kind, &x[i * cols..][..cols], r);
+    };
+    if m >= PARALLEL_ROWS && pool.threads() > 1 {
+        pool.parallel_for(m.div_ceil(ROWS_PER_TASK), &|t| {
+            (t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(m)).for_each(row);
+        });
+    } else {
+        (0..m).for_each(row);
     }
-    input.qsi.clear();
+}
+
+/// Whether the VNNI kernels run (false off x86-64).
+fn vnni_level() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if kind == InputKind::Q8x32 && m >= GEMM_ROWS && vnni() {
-        let stride = 32 * input.nbp;
-        input.qsi.resize(m * stride, 0);
-        for (i, out) in input.qsi.chunks_exact_mut(stride).enumerate() {
-            // SAFETY: AVX2 detected (VNNI implies it); bounds are checked by the callee.
-            unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], out) };
+    return vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The buffers of a [`QInput`] being filled, with their row strides (`qs`, `d`, `sums`,
+/// `s`, `qsi`).
+struct RawRows {
+    qs: *mut i8,
+    d: *mut f32,
+    sums: *mut i32,
+    s: *mut f32,
+    qsi: *mut i8,
+    st: [usize; 5],
+}
+
+// SAFETY: plain addresses; the threads that share a `RawRows` write disjoint rows.
+unsafe impl Sync for RawRows {}
+
+impl RawRows {
+    /// Row `i`'s buffers.
+    ///
+    /// # Safety
+    /// Every buffer holds row `i` whole, and nothing else accesses it meanwhile.
+    unsafe fn row<'a>(&self, i: usize) -> RowMut<'a> {
+        let st = self.st;
+        // SAFETY: the caller's contract.
+        unsafe {
+            RowMut {
+                qs: std::slice::from_raw_parts_mut(self.qs.add(i * st[0]), st[0]),
+                d: std::slice::from_raw_parts_mut(self.d.add(i * st[1]), st[1]),
+                sums: std::slice::from_raw_parts_mut(self.sums.add(i * st[2]), st[2]),
+                s: std::slice::from_raw_parts_mut(self.s.add(i * st[3]), st[3]),
+                qsi: std::slice::from_raw_parts_mut(self.qsi.add(i * st[4]), st[4]),
+            }
         }
     }
 }
 
-/// Row `i` with the AVX2 quantizer (bit-exact with `qref::quantize_row`).
-#[cfg(target_arch = "x86_64")]
-fn quantize_row_avx2(input: &mut QInput, i: usize, x: &[f32]) {
-    let cols = input.cols;
-    let qs = &mut input.qs[i * cols..][..cols];
-    if input.kind == Some(InputKind::Q8x32) {
-        let n = input.nbp;
-        for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
-            let j = i * n + b;
-            // SAFETY: AVX2 and FMA detected; 32 values, 32 codes, one sum.
-            let d = unsafe { qdot::quantize_span(xb, qb, QK, &mut input.sums[j..j + 1]) };
-            input.d[j] = d;
-            input.s[j] = d * input.sums[j] as f32;
+/// One row: the AVX2 quantizer (bit-exact with `qref::quantize_row`) or the reference,
+/// then the GEMM's interleaved codes when wanted.
+fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        if kind == InputKind::Q8x32 {
+            for (b, (xb, qb)) in x.chunks_exact(QK).zip(r.qs.chunks_exact_mut(QK)).enumerate() {
+                // SAFETY: AVX2 and FMA detected; 32 values, 32 codes, one sum.
+                let d = unsafe { qdot::quantize_span(xb, qb, QK, &mut r.sums[b..b + 1]) };
+                r.d[b] = d;
+                r.s[b] = d * r.sums[b] as f32;
+            }
+            if !r.qsi.is_empty() {
+                // SAFETY: AVX2 detected; bounds are checked by the callee.
+                unsafe { qgemm::interleave(r.qs, r.qsi) };
+            }
+        } else {
+            for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(r.qs.chunks_exact_mut(QK_K)).enumerate() {
+                // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
+                r.d[b] = unsafe { qdot::quantize_span(xb, qb, 16, &mut r.sums[b * 16..][..16]) };
+            }
         }
-    } else {
-        let nsb = cols / QK_K;
-        for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).enumerate() {
-            let sums = &mut input.sums[(i * nsb + b) * 16..][..16];
-            // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
-            input.d[i * nsb + b] = unsafe { qdot::quantize_span(xb, qb, 16, sums) };
-        }
+        return;
     }
+    qref::quantize_row(kind, x, r);
 }
 
 /// Where a task writes: output `(i, j)` (activation row `i`, the task's weight row `j`)

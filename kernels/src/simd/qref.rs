@@ -64,31 +64,36 @@ pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (amax / 127.0, sum)
 }
 
-/// The reference quantization of row `i` of `input` (its buffers already sized) from
-/// `x` (`cols` values).
-pub(crate) fn quantize_row(input: &mut QInput, i: usize, x: &[f32]) {
-    let cols = input.cols;
-    let qs = &mut input.qs[i * cols..][..cols];
-    match input.kind {
-        Some(InputKind::Q8x32) => {
-            let n = input.nbp;
-            for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+/// The buffers of one row of a [`QInput`] (see its fields).
+pub(crate) struct RowMut<'a> {
+    pub(crate) qs: &'a mut [i8],
+    pub(crate) d: &'a mut [f32],
+    pub(crate) sums: &'a mut [i32],
+    pub(crate) s: &'a mut [f32],
+    /// Empty unless the GEMM's interleaved codes are wanted.
+    pub(crate) qsi: &'a mut [i8],
+}
+
+/// The reference quantization of one row `x` of `kind` into `r` (all but `qsi`).
+pub(crate) fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
+    match kind {
+        InputKind::Q8x32 => {
+            for (b, (xb, qb)) in x.chunks_exact(QK).zip(r.qs.chunks_exact_mut(QK)).enumerate() {
                 let (d, sum) = quantize_block(xb, qb);
-                input.d[i * n + b] = d;
-                input.sums[i * n + b] = sum;
-                input.s[i * n + b] = d * sum as f32;
+                r.d[b] = d;
+                r.sums[b] = sum;
+                r.s[b] = d * sum as f32;
             }
         }
-        Some(InputKind::Q8x256) => {
-            for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).enumerate() {
-                let (d, _) = quantize_block(xb, qb);
-                input.d[i * (cols / QK_K) + b] = d;
+        InputKind::Q8x256 => {
+            for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(r.qs.chunks_exact_mut(QK_K)).enumerate() {
+                (r.d[b], _) = quantize_block(xb, qb);
                 for (k, c) in qb.chunks_exact(16).enumerate() {
-                    input.sums[i * (cols / 16) + b * 16 + k] = c.iter().map(|&v| v as i32).sum();
+                    r.sums[b * 16 + k] = c.iter().map(|&v| v as i32).sum();
                 }
             }
         }
-        _ => input.f[i * cols..][..cols].copy_from_slice(x),
+        InputKind::Float => unreachable!("float activations are not quantized"),
     }
 }
 

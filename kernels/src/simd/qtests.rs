@@ -14,8 +14,28 @@ use crate::testutil::{Rng, activations, random_blocks};
 /// The reference quantization of `x`.
 fn reference_input(f: QFormat, x: &[f32], m: usize, cols: usize) -> QInput {
     let mut q = QInput::new(f, x, m, cols).unwrap();
+    let kind = f.input_kind();
+    let (n, n16) = (q.nbp, cols / 16);
     for i in 0..m {
-        qref::quantize_row(&mut q, i, &x[i * cols..][..cols]);
+        let xr = &x[i * cols..][..cols];
+        let qs = &mut q.qs[i * cols..][..cols];
+        let r = match kind {
+            InputKind::Q8x32 => qref::RowMut {
+                qs,
+                d: &mut q.d[i * n..][..n],
+                sums: &mut q.sums[i * n..][..n],
+                s: &mut q.s[i * n..][..n],
+                qsi: &mut [],
+            },
+            _ => qref::RowMut {
+                qs,
+                d: &mut q.d[i * n..][..n],
+                sums: &mut q.sums[i * n16..][..n16],
+                s: &mut [],
+                qsi: &mut [],
+            },
+        };
+        qref::quantize_row(kind, xr, r);
     }
     q
 }
@@ -37,8 +57,7 @@ const QUANTIZED: [QFormat; 10] = [
 fn activation_quantizer_matches_reference_bit_for_bit() {
     let mut rng = Rng(7);
     for kind_f in [QFormat::Q8_0, QFormat::Q4_K] {
-        for cols in [256, 512, 1536] {
-            let m = 3;
+        for (cols, m) in [(256, 3), (512, 40), (1536, 2)] {
             let mut x = activations(m * cols, &mut rng);
             x[5] = -0.0;
             let fast = QInput::new(kind_f, &x, m, cols).unwrap();
