@@ -7,11 +7,17 @@
 //! - [`error`]: the error type, [`KernelError`].
 //! - `base`: the packed-group format (widths, [`QuantSpec`], group metadata, f16
 //!   conversions, one page of groups), re-exported by [`quant`] and [`store`].
+//! - [`pool`]: a small persistent thread pool ([`pool::Pool::parallel_for`], the
+//!   process-wide [`pool::global()`]) for many short data-parallel loops.
 //! - [`simd`]: the one SIMD layer: every inner loop with its portable reference
 //!   ([`simd::scalar`]) and its x86-64 AVX2 / AVX-512 versions, chosen at one dispatch
-//!   point ([`simd::level`]; `QAQ_KERNELS_SCALAR`, `QAQ_KERNELS_NO_AVX512`): primitives,
-//!   the group encoders and decoders, fused attention over packed K/V, and
-//!   [`simd::linear_rows`] (the worker's row-independent f32 matmul).
+//!   point ([`simd::level`]; `QAQ_KERNELS_SCALAR`, `QAQ_KERNELS_NO_AVX512`,
+//!   `QAQ_KERNELS_NO_VNNI`): primitives, the group encoders and decoders, fused attention
+//!   over packed K/V, [`simd::linear_rows`] (the worker's row-independent f32 matmul),
+//!   and the quantized matmul's kernels (GGUF block layouts, activation quantization,
+//!   integer dot products).
+//! - [`qmat`]: quantized weights in their GGUF form ([`QMatrix`], [`QFormat`]) and the
+//!   row-independent matmul that reads them ([`qmat::linear`]), on `simd` and `pool`.
 //! - [`quant`]: the per-group quantizer's API (paper midpoint / reference mean-centred,
 //!   outliers).
 //! - [`store`]: paged, bit-packed storage of groups and exact byte accounting.
@@ -35,6 +41,8 @@ pub mod error;
 pub mod host;
 pub mod kivi;
 pub mod policy;
+pub mod pool;
+pub mod qmat;
 pub mod quant;
 pub mod simd;
 pub mod store;
@@ -52,5 +60,6 @@ pub use host::{HostTier, InMemoryHost};
 pub use policy::{
     BitFormula, DownSource, KiviSpec, KvPolicy, POLICY_SYNTAX, PrefillFeed, QNorm, QaqParams, UniformSpec,
 };
+pub use qmat::{QFormat, QMatrix};
 pub use quant::{OutlierMode, Outliers, QuantSpec, Scheme};
 pub use store::Bytes;

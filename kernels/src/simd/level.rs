@@ -52,3 +52,23 @@ fn detect() -> Level {
 pub(crate) fn avx2() -> bool {
     level() >= Level::Avx2
 }
+
+/// Whether the AVX-512 VNNI integer dot products (`vpdpbusd`) may run: the level is
+/// [`Level::Avx512`] and the CPU has AVX512_VNNI, unless `QAQ_KERNELS_NO_VNNI` is set
+/// (which leaves the other AVX-512 kernels on). Detected once. Used by the quantized
+/// matmul of the 32-value formats; the other kernels do not depend on it.
+#[inline]
+pub fn vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| level() == Level::Avx512 && std::env::var_os("QAQ_KERNELS_NO_VNNI").is_none() && has_vnni())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_vnni() -> bool {
+    false
+}

@@ -4,8 +4,10 @@
 //! [`level()`] detects the CPU once: [`Level::Avx2`] needs AVX2, FMA, F16C and BMI2;
 //! [`Level::Avx512`] adds AVX-512 F/BW/VL/VBMI. `QAQ_KERNELS_SCALAR` (any value) forces
 //! [`Level::Scalar`], `QAQ_KERNELS_NO_AVX512` caps the level at [`Level::Avx2`] (to
-//! exercise that path). The dispatching functions (the primitives re-exported here from
-//! `prim`, and the kernels defined here) are the only code that looks at the level;
+//! exercise that path). One capability flag refines the AVX-512 level: [`vnni()`]
+//! (AVX512_VNNI present, `QAQ_KERNELS_NO_VNNI` unset), for the quantized matmul. The
+//! dispatching functions (the primitives re-exported here from `prim`, the kernels
+//! defined here, and `qdot`'s) are the only code that looks at the level;
 //! everything above them (quantizer, store, attention, caches, the worker's matmul)
 //! calls them and never picks an instruction set itself.
 //!
@@ -21,23 +23,41 @@
 //!   that the composed x86 kernels share.
 //! - `portable`: the portable versions of the composed kernels (reference group encoder
 //!   and decoder, attention over packed K/V), built on `prim`.
+//! - `ggml`: the GGUF weight formats ([`crate::qmat::QFormat`]: type ids, block sizes,
+//!   layouts) and the quantized activations ([`crate::qmat::QInput`]).
+//! - `qref`: the portable references of the quantized matmul (block dequantization,
+//!   activation quantization, the dot product of a quantized weight row with a quantized
+//!   activation row, in a fixed float order), on `ggml` and `scalar`.
+//! - `qdot`: the quantized matmul's dispatching kernels (activation quantization, one
+//!   task of weight rows against all activation rows), on `qref` and `x86`.
 //! - `x86` (x86-64 only), the composed kernels: `x86::attention`, fused
 //!   attention of one KV head over packed K/V (codes unpacked in registers, GQA heads
 //!   sharing each unpack); `x86::matmul`, the register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;
 //!   `x86::quant`, the AVX2 group encoder (two groups) and decoder, and the AVX2 level's
-//!   one-group encoder (which falls back to `portable`'s reference compiled with AVX2).
+//!   one-group encoder (which falls back to `portable`'s reference compiled with AVX2);
+//!   `x86::qdot`, the quantized matmul of the 32-value formats (AVX2 `maddubs`, or
+//!   `vpdpbusd` when [`vnni()`]) and the activation quantizer; `x86::qgemm`, their VNNI
+//!   GEMM for 8 or more activation rows (a task's weights repacked, interleaved by 8
+//!   blocks, register tiles of 4 x 2); `x86::qdot_k`, the k-quants (AVX2 at both
+//!   levels).
 //!
 //! Code bytes are bit-packed LSB-first: code `i` of a group of width `b` occupies bits
 //! `[i*b, (i+1)*b)` of the group's little-endian bit string, so 8 codes always fill
 //! exactly `b` bytes. The encoders and decoders are bit-exact with their references;
 //! the fused attention agrees with the portable attention to float rounding (its
-//! summation order differs); [`linear_rows`] is bit-exact at every level.
+//! summation order differs); [`linear_rows`] is bit-exact at every level, and so is the
+//! quantized matmul (activation quantization and every output).
 
+pub(crate) mod ggml;
 mod input;
 mod level;
 pub(crate) mod portable;
 mod prim;
+pub(crate) mod qdot;
+pub(crate) mod qref;
+#[cfg(test)]
+mod qtests;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
@@ -45,7 +65,7 @@ mod tests;
 mod x86;
 
 pub use crate::base::h2f;
-pub use level::{Level, level};
+pub use level::{Level, level, vnni};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};

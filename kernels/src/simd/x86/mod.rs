@@ -2,10 +2,15 @@
 //! [`super::level()`] detected (the helpers and AVX2 primitives they share are
 //! `simd::prim::x86`): [`quant`]
 //! (the AVX2 group encoder and decoder), [`quant512`] (the AVX-512 group encoder and
-//! decoder), [`attention`] (fused attention over packed K/V) and [`matmul`] (the
-//! register blocks of `linear_rows`).
+//! decoder), [`attention`] (fused attention over packed K/V), [`matmul`] (the
+//! register blocks of `linear_rows`), [`qdot`] (the quantized matmul's 32-value formats
+//! at the AVX2 and VNNI levels, and its activation quantizer), [`qgemm`] (their VNNI GEMM
+//! for many activation rows) and [`qdot_k`] (its k-quants).
 
 pub(crate) mod attention;
 pub(crate) mod matmul;
+pub(crate) mod qdot;
+pub(crate) mod qdot_k;
+pub(crate) mod qgemm;
 pub(crate) mod quant;
 pub(crate) mod quant512;

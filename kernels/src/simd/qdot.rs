@@ -1,0 +1,362 @@
+//! The quantized matmul's dispatching kernels: activation quantization
+//! ([`quantize_input`]) and one task of the matmul ([`matmul_task`]: a range of weight
+//! rows against every activation row), each choosing between the portable references
+//! (`simd::qref`) and the x86 kernels (`simd::x86::qdot` for the 32-value formats at the
+//! AVX2 or VNNI level, `simd::x86::qgemm` for them from 8 activation rows at the VNNI
+//! level, `simd::x86::qdot_k` for the k-quants) by the level.
+//!
+//! Every output is computed the same way whatever the number of activation rows and
+//! whichever rows share the call: the kernels compute 1 to 4 activation rows (times 1
+//! or 2 weight rows) at once, and each output equals the single-row one (and the
+//! reference) bit for bit, whichever kernel ran it. Float weights take the f32 kernels
+//! of [`super::linear_rows`] (bit-exact).
+
+use super::ggml::{InputKind, QFormat, QInput, QK, QK_K};
+#[cfg(target_arch = "x86_64")]
+use super::level::{avx2, vnni};
+use super::qref::{self, InRow, RowMut};
+use super::scalar;
+#[cfg(target_arch = "x86_64")]
+use super::x86::{matmul, qdot, qdot_k, qgemm};
+use crate::pool::Pool;
+
+/// Activation rows per step of the multi-row kernels.
+const ROWS: usize = 4;
+/// Activation rows from which the 32-value formats take the GEMM (VNNI level).
+const GEMM_ROWS: usize = 8;
+/// Activation rows per GEMM call (the rows one packed weight row meets before the next).
+const GEMM_TILE: usize = 64;
+/// Weight rows of a float format converted to f32 at a time.
+const FLOAT_ROWS: usize = 16;
+
+/// Activation rows from which the quantization runs on the pool.
+const PARALLEL_ROWS: usize = 32;
+/// Activation rows per task of a parallel quantization.
+const ROWS_PER_TASK: usize = 8;
+
+/// Resizes `input` for `m` rows of `cols` values of `kind` and quantizes `x` into it
+/// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block), each
+/// row alone (on `pool` from [`PARALLEL_ROWS`] rows).
+pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
+    input.kind = Some(kind);
+    input.m = m;
+    input.cols = cols;
+    let st = match kind {
+        InputKind::Float => {
+            input.f.clear();
+            input.f.extend_from_slice(&x[..m * cols]);
+            return;
+        }
+        InputKind::Q8x32 => {
+            let nbp = (cols / QK).div_ceil(8) * 8;
+            let gemm = m >= GEMM_ROWS && cfg!(target_arch = "x86_64") && vnni_level();
+            [cols, nbp, nbp, nbp, if gemm { 32 * nbp } else { 0 }]
+        }
+        InputKind::Q8x256 => [cols, cols / QK_K, cols / 16, 0, 0],
+    };
+    input.nbp = st[1];
+    input.qs.resize(m * st[0], 0);
+    input.d.resize(m * st[1], 0.0);
+    input.sums.resize(m * st[2], 0);
+    input.s.resize(m * st[3], 0.0);
+    input.qsi.resize(m * st[4], 0);
+    // The padding of the per-block rows must be 0 (the kernels read whole groups).
+    if kind == InputKind::Q8x32 && st[1] * QK > cols {
+        for i in 0..m {
+            let pad = i * st[1] + cols / QK..(i + 1) * st[1];
+            input.d[pad.clone()].fill(0.0);
+            input.sums[pad.clone()].fill(0);
+            input.s[pad].fill(0.0);
+        }
+    }
+    let raw = RawRows {
+        qs: input.qs.as_mut_ptr(),
+        d: input.d.as_mut_ptr(),
+        sums: input.sums.as_mut_ptr(),
+        s: input.s.as_mut_ptr(),
+        qsi: input.qsi.as_mut_ptr(),
+        st,
+    };
+    let row = |i: usize| {
+        // SAFETY: every buffer holds `m` rows of its stride (resized above), and each
+        // row is written by one call only.
+        let r = unsafe { raw.row(i) };
+        quantize_row(kind, &x[i * cols..][..cols], r);
+    };
+    if m >= PARALLEL_ROWS && pool.threads() > 1 {
+        pool.parallel_for(m.div_ceil(ROWS_PER_TASK), &|t| {
+            (t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(m)).for_each(row);
+        });
+    } else {
+        (0..m).for_each(row);
+    }
+}
+
+/// Whether the VNNI kernels run (false off x86-64).
+fn vnni_level() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The buffers of a [`QInput`] being filled, with their row strides (`qs`, `d`, `sums`,
+/// `s`, `qsi`).
+struct RawRows {
+    qs: *mut i8,
+    d: *mut f32,
+    sums: *mut i32,
+    s: *mut f32,
+    qsi: *mut i8,
+    st: [usize; 5],
+}
+
+// SAFETY: plain addresses; the threads that share a `RawRows` write disjoint rows.
+unsafe impl Sync for RawRows {}
+
+impl RawRows {
+    /// Row `i`'s buffers.
+    ///
+    /// # Safety
+    /// Every buffer holds row `i` whole, and nothing else accesses it meanwhile.
+    unsafe fn row<'a>(&self, i: usize) -> RowMut<'a> {
+        let st = self.st;
+        // SAFETY: the caller's contract.
+        unsafe {
+            RowMut {
+                qs: std::slice::from_raw_parts_mut(self.qs.add(i * st[0]), st[0]),
+                d: std::slice::from_raw_parts_mut(self.d.add(i * st[1]), st[1]),
+                sums: std::slice::from_raw_parts_mut(self.sums.add(i * st[2]), st[2]),
+                s: std::slice::from_raw_parts_mut(self.s.add(i * st[3]), st[3]),
+                qsi: std::slice::from_raw_parts_mut(self.qsi.add(i * st[4]), st[4]),
+            }
+        }
+    }
+}
+
+/// One row: the AVX2 quantizer (bit-exact with `qref::quantize_row`) or the reference,
+/// then the GEMM's interleaved codes when wanted.
+fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        if kind == InputKind::Q8x32 {
+            for (b, (xb, qb)) in x.chunks_exact(QK).zip(r.qs.chunks_exact_mut(QK)).enumerate() {
+                // SAFETY: AVX2 and FMA detected; 32 values, 32 codes, one sum.
+                let d = unsafe { qdot::quantize_span(xb, qb, QK, &mut r.sums[b..b + 1]) };
+                r.d[b] = d;
+                r.s[b] = d * r.sums[b] as f32;
+            }
+            if !r.qsi.is_empty() {
+                // SAFETY: AVX2 detected; bounds are checked by the callee.
+                unsafe { qgemm::interleave(r.qs, r.qsi) };
+            }
+        } else {
+            for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(r.qs.chunks_exact_mut(QK_K)).enumerate() {
+                // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
+                r.d[b] = unsafe { qdot::quantize_span(xb, qb, 16, &mut r.sums[b * 16..][..16]) };
+            }
+        }
+        return;
+    }
+    qref::quantize_row(kind, x, r);
+}
+
+/// Where a task writes: output `(i, j)` (activation row `i`, the task's weight row `j`)
+/// at `ptr + i * stride + j`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OutTile {
+    pub(crate) ptr: *mut f32,
+    pub(crate) stride: usize,
+}
+
+// SAFETY: an `OutTile` is a plain address; the tasks that share one write disjoint
+// elements (the contract of `matmul_task`).
+unsafe impl Send for OutTile {}
+// SAFETY: as above.
+unsafe impl Sync for OutTile {}
+
+impl OutTile {
+    /// The tile whose column 0 is this one's column `j`.
+    #[inline]
+    pub(crate) fn columns_from(self, j: usize) -> OutTile {
+        OutTile { ptr: self.ptr.wrapping_add(j), stride: self.stride }
+    }
+
+    /// # Safety
+    /// Element `(i, j)` is valid for writes and written by no one else meanwhile.
+    #[inline]
+    unsafe fn put(self, i: usize, j: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(i * self.stride + j) = v };
+    }
+}
+
+/// One task of the matmul: the `n` weight rows `w` (whole rows of format `f`, `cols`
+/// values each) against every row of `input` (`cols` values per row, quantized for
+/// `f`); writes output `(i, j)` for `i < input.rows()`, `j < n` into `out`. Activation
+/// rows go by 4 (then one by one), each step over all `n` weight rows (which stay in
+/// cache across the steps).
+///
+/// # Safety
+/// Every element `(i, j)` of `out` in that range is valid for writes, and no one else
+/// accesses them during the call.
+pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, out: OutTile) {
+    let m = input.m;
+    if f.input_kind() == InputKind::Float {
+        // SAFETY: forwarded contract.
+        unsafe { float_task(f, w, n, cols, &input.f, m, out) };
+        return;
+    }
+    let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if !input.qsi.is_empty() && f.block_values() == QK && vnni() {
+        // SAFETY: forwarded contract; VNNI detected.
+        unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
+        return;
+    }
+    let mut res = vec![0f32; n * ROWS];
+    let mut i = 0;
+    while i < m {
+        let r = if m - i >= ROWS { ROWS } else { 1 };
+        if r == ROWS {
+            let xs: &[InRow<'_>; ROWS] = rows[i..i + ROWS].try_into().expect("4 rows");
+            rows_task(f, w, n, cols, xs, &mut res);
+        } else {
+            rows_task(f, w, n, cols, &[rows[i]], &mut res);
+        }
+        for j in 0..n {
+            for k in 0..r {
+                // SAFETY: (i + k, j) is in this task's range (the contract).
+                unsafe { out.put(i + k, j, res[j * r + k]) };
+            }
+        }
+        i += r;
+    }
+}
+
+/// [`matmul_task`] with the VNNI GEMM: the weight rows packed once, then every tile of
+/// [`GEMM_TILE`] activation rows against them.
+///
+/// # Safety
+/// As [`matmul_task`]; the CPU supports the VNNI level; `input.qsi` holds the
+/// interleaved codes.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, rows: &[InRow<'_>], out: OutTile) {
+    thread_local! {
+        /// Each thread's packed weights and results, kept between calls (no allocation
+        /// or page faults in the steady state).
+        static SCRATCH: std::cell::RefCell<(qgemm::Packed, Vec<f32>)> = Default::default();
+    }
+    let nb = cols / QK;
+    SCRATCH.with_borrow_mut(|(packed, res)| {
+        res.clear();
+        res.resize(n * GEMM_TILE.min(input.m), 0.0);
+        macro_rules! go {
+        ($($c:ident),*) => {
+            match qdot::code(f) {
+                $(qdot::$c => {
+                    // SAFETY: VNNI detected (bounds are checked by the callee).
+                    unsafe { qgemm::pack::<{ qdot::$c }>(w, n, nb, packed) };
+                    for i0 in (0..input.m).step_by(GEMM_TILE) {
+                        let i1 = (i0 + GEMM_TILE).min(input.m);
+                        let xi = &input.qsi[i0 * 32 * input.nbp..];
+                        // SAFETY: VNNI detected; `packed` holds `n` rows of format `f`.
+                        unsafe { qgemm::gemm::<{ qdot::$c }>(packed, n, &rows[i0..i1], xi, res) };
+                        let mt = i1 - i0;
+                        for j in 0..n {
+                            for i in 0..mt {
+                                // SAFETY: (i0 + i, j) is in this task's range (the contract).
+                                unsafe { out.put(i0 + i, j, res[j * mt + i]) };
+                            }
+                        }
+                    }
+                },)*
+                _ => unreachable!(),
+            }
+        };
+    }
+        go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0);
+    });
+}
+
+/// `res[j * R + r]` = weight row `j` of `w` times activation row `xs[r]`, at the level's
+/// kernels (each output bit-identical to `qref::dot_row`).
+fn rows_task<const R: usize>(f: QFormat, w: &[u8], n: usize, cols: usize, xs: &[InRow<'_>; R], res: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        if f.block_values() == QK {
+            let (nb, vn) = (cols / QK, vnni());
+            macro_rules! go {
+                ($($c:ident),*) => {
+                    match qdot::code(f) {
+                        // SAFETY: the level's features were detected (bounds are
+                        // checked by the kernels).
+                        $(qdot::$c => unsafe {
+                            if vn {
+                                qdot::task_vnni::<{ qdot::$c }, R>(w, n, nb, xs, res)
+                            } else {
+                                qdot::task_avx2::<{ qdot::$c }, R>(w, n, nb, xs, res)
+                            }
+                        },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0);
+        } else {
+            macro_rules! go {
+                ($($c:ident),*) => {
+                    match qdot_k::code(f) {
+                        // SAFETY: AVX2 detected (bounds are checked by the kernel).
+                        $(qdot_k::$c => unsafe { qdot_k::task_k::<{ qdot_k::$c }, R>(w, n, xs, res) },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            go!(Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
+        }
+        return;
+    }
+    let rb = w.len() / n.max(1);
+    let _ = cols;
+    for j in 0..n {
+        for (r, x) in xs.iter().enumerate() {
+            res[j * R + r] = qref::dot_row(f, &w[j * rb..][..rb], *x);
+        }
+    }
+}
+
+/// A task of a float format: weight rows converted to f32 `FLOAT_ROWS` at a time, then
+/// the register blocks of [`super::linear_rows`] (each output bit-identical to
+/// `scalar::row_dot`).
+///
+/// # Safety
+/// As [`matmul_task`].
+unsafe fn float_task(f: QFormat, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, out: OutTile) {
+    let rb = k * f.block_bytes();
+    let mut wf = vec![0f32; FLOAT_ROWS * k];
+    let mut t = vec![0f32; FLOAT_ROWS * m];
+    for j0 in (0..n).step_by(FLOAT_ROWS) {
+        let cols = (n - j0).min(FLOAT_ROWS);
+        for jj in 0..cols {
+            qref::dequantize_row(f, &w[(j0 + jj) * rb..][..rb], &mut wf[jj * k..][..k]);
+        }
+        let (wt, tt) = (&wf[..cols * k], &mut t[..cols * m]);
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: AVX2 and FMA detected; `x` holds `m * k`, `wt` `cols * k`, `tt`
+            // `cols * m` floats.
+            unsafe { matmul::linear_block(x, m, wt, cols, k, tt) };
+        } else {
+            scalar::linear_block(x, m, wt, k, tt);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        scalar::linear_block(x, m, wt, k, tt);
+        for jj in 0..cols {
+            for i in 0..m {
+                // SAFETY: (i, j0 + jj) is in this task's range (the contract).
+                unsafe { out.put(i, j0 + jj, tt[jj * m + i]) };
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Tests of the quantized matmul's kernels against their portable references, bit for
+//! bit: the activation quantizer, and every x86 kernel at every instruction set this CPU
+//! has (AVX2 and, when present, VNNI), whatever the process level, for 1 and 4 rows at
+//! once, and the VNNI GEMM; plus the level's dispatch (`qdot::matmul_task`). Weights are
+//! random bytes with finite random scales (every code pattern, `Q8_0`'s -128 included)
+//! and the reference quantizers' output.
+
+use super::ggml::{InputKind, QFormat, QInput, QK};
+use super::qdot::{self, OutTile};
+use super::qref::{self, InRow};
+use crate::qmat::QMatrix;
+use crate::testutil::{Rng, activations, random_blocks};
+
+/// The reference quantization of `x`.
+fn reference_input(f: QFormat, x: &[f32], m: usize, cols: usize) -> QInput {
+    let mut q = QInput::new(f, x, m, cols).unwrap();
+    let kind = f.input_kind();
+    let (n, n16) = (q.nbp, cols / 16);
+    for i in 0..m {
+        let xr = &x[i * cols..][..cols];
+        let qs = &mut q.qs[i * cols..][..cols];
+        let r = match kind {
+            InputKind::Q8x32 => qref::RowMut {
+                qs,
+                d: &mut q.d[i * n..][..n],
+                sums: &mut q.sums[i * n..][..n],
+                s: &mut q.s[i * n..][..n],
+                qsi: &mut [],
+            },
+            _ => qref::RowMut {
+                qs,
+                d: &mut q.d[i * n..][..n],
+                sums: &mut q.sums[i * n16..][..n16],
+                s: &mut [],
+                qsi: &mut [],
+            },
+        };
+        qref::quantize_row(kind, xr, r);
+    }
+    q
+}
+
+const QUANTIZED: [QFormat; 10] = [
+    QFormat::Q4_0,
+    QFormat::Q4_1,
+    QFormat::Q5_0,
+    QFormat::Q5_1,
+    QFormat::Q8_0,
+    QFormat::Q2_K,
+    QFormat::Q3_K,
+    QFormat::Q4_K,
+    QFormat::Q5_K,
+    QFormat::Q6_K,
+];
+
+#[test]
+fn activation_quantizer_matches_reference_bit_for_bit() {
+    let mut rng = Rng(7);
+    for kind_f in [QFormat::Q8_0, QFormat::Q4_K] {
+        for (cols, m) in [(256, 3), (512, 40), (1536, 2)] {
+            let mut x = activations(m * cols, &mut rng);
+            x[5] = -0.0;
+            let fast = QInput::new(kind_f, &x, m, cols).unwrap();
+            let slow = reference_input(kind_f, &x, m, cols);
+            assert_eq!(fast.qs, slow.qs);
+            assert_eq!(fast.sums, slow.sums);
+            assert_eq!(
+                fast.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                slow.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                fast.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                slow.s.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+#[test]
+fn quantized_codes_and_sums_are_consistent() {
+    let mut rng = Rng(3);
+    let x = activations(2 * 512, &mut rng);
+    let q = QInput::new(QFormat::Q4_1, &x, 2, 512).unwrap();
+    assert_eq!(q.kind(), Some(InputKind::Q8x32));
+    for i in 0..2 {
+        let r = q.row(i);
+        for b in 0..512 / QK {
+            let codes = &r.qs[b * QK..][..QK];
+            assert_eq!(r.sums[b], codes.iter().map(|&c| c as i32).sum::<i32>());
+            let amax = x[i * 512 + b * QK..][..QK].iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert_eq!(r.d[b], amax / 127.0);
+            for (e, &c) in codes.iter().enumerate() {
+                let v = x[i * 512 + b * QK + e];
+                assert!((v - c as f32 * r.d[b]).abs() <= r.d[b] * 0.5001, "{v} vs {c}");
+            }
+        }
+        assert!(r.d[512 / QK..].iter().all(|&d| d == 0.0), "padding");
+    }
+}
+
+/// The x86 kernels at each instruction set of this CPU, against `qref::dot_row`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_kernels_match_reference_bit_for_bit_at_every_isa() {
+    use super::x86::{qdot as k32, qdot_k as kk};
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+        return;
+    }
+    let has_vnni = is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    let mut rng = Rng(11);
+    for f in QUANTIZED {
+        let widths: &[usize] = if f.block_values() == QK { &[32, 96, 256, 576, 800, 1536] } else { &[256, 768, 1536] };
+        for &cols in widths {
+            let rows = 3;
+            for from_floats in [false, true] {
+                let data = if from_floats {
+                    let v: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+                    QMatrix::from_f32(f, rows, cols, &v).unwrap().into_data()
+                } else {
+                    random_blocks(f, rows, cols, &mut rng)
+                };
+                let x = activations(4 * cols, &mut rng);
+                let input = QInput::new(f, &x, 4, cols).unwrap();
+                let rows4: [InRow<'_>; 4] = std::array::from_fn(|i| input.row(i));
+                let rb = f.row_bytes(cols).unwrap();
+                for j in 0..rows {
+                    let wr = &data[j * rb..][..rb];
+                    let want: Vec<u32> = (0..4).map(|i| qref::dot_row(f, wr, input.row(i)).to_bits()).collect();
+                    let mut got: Vec<(&str, [f32; 4])> = Vec::new();
+                    let mut res = [0f32; 4];
+                    if f.block_values() == QK {
+                        let nb = cols / QK;
+                        macro_rules! run {
+                            ($c:ident) => {{
+                                // SAFETY: features detected (bounds checked by the kernels).
+                                unsafe { k32::task_avx2::<{ k32::$c }, 4>(wr, 1, nb, &rows4, &mut res) };
+                                got.push(("avx2 x4", res));
+                                for i in 0..4 {
+                                    // SAFETY: as above.
+                                    unsafe { k32::task_avx2::<{ k32::$c }, 1>(wr, 1, nb, &[rows4[i]], &mut res) };
+                                    assert_eq!(res[0].to_bits(), want[i], "{f} avx2 x1 cols {cols}");
+                                }
+                                if has_vnni {
+                                    // SAFETY: VNNI, BW, VL detected.
+                                    unsafe { k32::task_vnni::<{ k32::$c }, 4>(wr, 1, nb, &rows4, &mut res) };
+                                    got.push(("vnni x4", res));
+                                    for i in 0..4 {
+                                        // SAFETY: as above.
+                                        unsafe { k32::task_vnni::<{ k32::$c }, 1>(wr, 1, nb, &[rows4[i]], &mut res) };
+                                        assert_eq!(res[0].to_bits(), want[i], "{f} vnni x1 cols {cols}");
+                                    }
+                                }
+                            }};
+                        }
+                        match k32::code(f) {
+                            k32::Q4_0 => run!(Q4_0),
+                            k32::Q4_1 => run!(Q4_1),
+                            k32::Q5_0 => run!(Q5_0),
+                            k32::Q5_1 => run!(Q5_1),
+                            _ => run!(Q8_0),
+                        }
+                    } else {
+                        macro_rules! run {
+                            ($c:ident) => {{
+                                // SAFETY: AVX2 detected (bounds checked by the kernel).
+                                unsafe { kk::task_k::<{ kk::$c }, 4>(wr, 1, &rows4, &mut res) };
+                                got.push(("k x4", res));
+                                for i in 0..4 {
+                                    // SAFETY: as above.
+                                    unsafe { kk::task_k::<{ kk::$c }, 1>(wr, 1, &[rows4[i]], &mut res) };
+                                    assert_eq!(res[0].to_bits(), want[i], "{f} k x1 cols {cols}");
+                                }
+                            }};
+                        }
+                        match kk::code(f) {
+                            kk::Q2_K => run!(Q2_K),
+                            kk::Q3_K => run!(Q3_K),
+                            kk::Q4_K => run!(Q4_K),
+                            kk::Q5_K => run!(Q5_K),
+                            _ => run!(Q6_K),
+                        }
+                    }
+                    for (what, g) in got {
+                        let g: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(g, want, "{f} {what} cols {cols} random {}", !from_floats);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The level's task (whatever it dispatches to) against the reference, every format.
+#[test]
+fn matmul_task_matches_reference_at_this_level() {
+    let mut rng = Rng(5);
+    for f in QFormat::ALL {
+        let cols = if f.block_values() == 256 { 512 } else { 576 };
+        let (n, m) = (5, 11);
+        let data = random_blocks(f, n, cols, &mut rng);
+        let x = activations(m * cols, &mut rng);
+        let input = QInput::new(f, &x, m, cols).unwrap();
+        let mut out = vec![f32::NAN; m * n];
+        // SAFETY: `out` holds m * n floats, this thread alone writes them.
+        unsafe { qdot::matmul_task(f, &data, n, cols, &input, OutTile { ptr: out.as_mut_ptr(), stride: n }) };
+        let rb = f.row_bytes(cols).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let wr = &data[j * rb..][..rb];
+                let want = if f.input_kind() == InputKind::Float {
+                    let mut w = vec![0f32; cols];
+                    qref::dequantize_row(f, wr, &mut w);
+                    super::scalar::row_dot(&x[i * cols..][..cols], &w)
+                } else {
+                    qref::dot_row(f, wr, input.row(i))
+                };
+                assert_eq!(out[i * n + j].to_bits(), want.to_bits(), "{f} ({i}, {j})");
+            }
+        }
+    }
+}
+
+/// The VNNI GEMM (packed weights, interleaved activations, 4 x 2 tiles and their edges)
+/// against the reference, when the CPU has VNNI, whatever the process level.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_gemm_matches_reference_bit_for_bit() {
+    use super::x86::{qdot as k32, qgemm};
+    if !(is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return;
+    }
+    let mut rng = Rng(17);
+    for f in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q5_0, QFormat::Q5_1, QFormat::Q8_0] {
+        for cols in [32, 96, 576, 800] {
+            let (n, m) = (7, 11);
+            let data = random_blocks(f, n, cols, &mut rng);
+            let x = activations(m * cols, &mut rng);
+            let input = QInput::new(f, &x, m, cols).unwrap();
+            let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+            let stride = 32 * input.nbp;
+            let mut xi = vec![0i8; m * stride];
+            for i in 0..m {
+                // SAFETY: AVX2 detected.
+                unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * stride..][..stride]) };
+            }
+            let mut packed = qgemm::Packed::default();
+            let mut res = vec![f32::NAN; n * m];
+            macro_rules! run {
+                ($c:ident) => {{
+                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
+                    unsafe {
+                        qgemm::pack::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                        qgemm::gemm::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                    }
+                }};
+            }
+            match k32::code(f) {
+                k32::Q4_0 => run!(Q4_0),
+                k32::Q4_1 => run!(Q4_1),
+                k32::Q5_0 => run!(Q5_0),
+                k32::Q5_1 => run!(Q5_1),
+                _ => run!(Q8_0),
+            }
+            let rb = f.row_bytes(cols).unwrap();
+            for j in 0..n {
+                for i in 0..m {
+                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+                }
+            }
+        }
+    }
+}
