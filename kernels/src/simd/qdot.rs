@@ -207,31 +207,42 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         unsafe { float_task(f, w, n, cols, &input.f, m, out) };
         return;
     }
-    let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
     #[cfg(target_arch = "x86_64")]
     if !input.qsi.is_empty() && f.block_values() == QK && vnni() {
+        let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
         // SAFETY: forwarded contract; VNNI detected.
         unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
         return;
     }
-    let mut res = vec![0f32; n * ROWS];
-    let mut i = 0;
-    while i < m {
-        let r = if m - i >= ROWS { ROWS } else { 1 };
-        if r == ROWS {
-            let xs: &[InRow<'_>; ROWS] = rows[i..i + ROWS].try_into().expect("4 rows");
-            rows_task(f, w, n, cols, xs, &mut res);
-        } else {
-            rows_task(f, w, n, cols, &[rows[i]], &mut res);
-        }
-        for j in 0..n {
-            for k in 0..r {
-                // SAFETY: (i + k, j) is in this task's range (the contract).
-                unsafe { out.put(i + k, j, res[j * r + k]) };
-            }
-        }
-        i += r;
+    if m == 1 {
+        // SAFETY: row 0's columns 0..n of the tile are contiguous, valid and this
+        // task's alone (the contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr, n) };
+        rows_task(f, w, n, cols, &[input.row(0)], dst);
+        return;
     }
+    thread_local! {
+        static RES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RES.with_borrow_mut(|res| {
+        res.resize(n * ROWS, 0.0);
+        let mut i = 0;
+        while i < m {
+            let r = if m - i >= ROWS { ROWS } else { 1 };
+            if r == ROWS {
+                rows_task(f, w, n, cols, &std::array::from_fn::<_, ROWS, _>(|k| input.row(i + k)), res);
+            } else {
+                rows_task(f, w, n, cols, &[input.row(i)], res);
+            }
+            for j in 0..n {
+                for k in 0..r {
+                    // SAFETY: (i + k, j) is in this task's range (the contract).
+                    unsafe { out.put(i + k, j, res[j * r + k]) };
+                }
+            }
+            i += r;
+        }
+    });
 }
 
 /// [`matmul_task`] with the VNNI GEMM: the weight rows packed once, then every tile of

@@ -216,20 +216,18 @@ pub(crate) const fn block_bytes<const F: u8>() -> usize {
 }
 
 /// The f32 scales and (for `Q4_1`/`Q5_1`) minimums of the `cnt` (1..=8) blocks at
-/// `blk`, lanes past `cnt` zero: one gather of the first 4 bytes of each block.
+/// `blk`, lanes past `cnt` zero, from the first 4 bytes of each block.
 ///
 /// # Safety
 /// AVX2 and F16C; `cnt` whole blocks of format `F` at `blk`.
 #[inline(always)]
 pub(crate) unsafe fn scales<const F: u8>(blk: *const u8, cnt: usize) -> (__m256, __m256) {
-    let bb = block_bytes::<F>() as i32;
-    // SAFETY: the gather reads 4 bytes at the start of each of the `cnt` blocks (lanes
-    // past `cnt` are masked off and read nothing).
+    let bb = block_bytes::<F>();
+    // SAFETY: reads 4 bytes at the start of each of the `cnt` blocks (a gather
+    // instruction is slower here).
     unsafe {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lanes);
-        let offsets = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(bb));
-        let v = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), blk as *const i32, offsets, mask);
+        let rd = |t: usize| if t < cnt { std::ptr::read_unaligned(blk.add(t * bb) as *const i32) } else { 0 };
+        let v = _mm256_setr_epi32(rd(0), rd(1), rd(2), rd(3), rd(4), rd(5), rd(6), rd(7));
         let low = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
         // [d0..d4, m0..m4 | d4..d8, m4..m8] as u16, then [d0..d8, m0..m8].
         let halves = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(low, _mm256_srli_epi32::<16>(v)));
