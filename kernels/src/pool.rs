@@ -83,6 +83,25 @@ impl Shared {
     }
 }
 
+/// What the kernels need of a thread pool: run `f(0)`, ..., `f(n - 1)`, each once, on
+/// some threads, and return when all have returned. [`Pool`] is the kernels' own; a
+/// caller may bring another (e.g. a rayon adapter) to [`crate::qmat::linear_in`].
+pub trait ParallelFor: Sync {
+    /// Threads that run tasks (the caller's included).
+    fn threads(&self) -> usize;
+    /// Runs the tasks; returns when every one has returned.
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+}
+
+impl ParallelFor for Pool {
+    fn threads(&self) -> usize {
+        Pool::threads(self)
+    }
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        Pool::parallel_for(self, n, f)
+    }
+}
+
 /// A persistent pool of `threads - 1` workers plus the calling thread.
 pub struct Pool {
     shared: Arc<Shared>,

@@ -27,7 +27,7 @@ mod tests_gguf;
 pub use crate::simd::ggml::{InputKind, QFormat, QInput};
 
 use crate::error::{KernelError, Result};
-use crate::pool::{self, Pool};
+use crate::pool::{self, ParallelFor};
 use crate::simd::qdot::{self, OutTile};
 use crate::simd::qref;
 
@@ -207,8 +207,9 @@ pub fn linear_input(w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
     linear_in(pool::global(), w, x, out)
 }
 
-/// [`linear_input`] on a given pool.
-pub fn linear_in(pool: &Pool, w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
+/// [`linear_input`] on a given pool (the kernels' [`crate::pool::Pool`] or another
+/// [`ParallelFor`]); the results do not depend on it.
+pub fn linear_in(pool: &dyn ParallelFor, w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
     let (n, m, k) = (w.rows, x.m, w.cols);
     if x.kind != Some(w.format.input_kind()) || x.cols != k {
         return Err(KernelError::Config(format!(

@@ -18,7 +18,7 @@ use super::qref::{self, InRow, RowMut};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::x86::{matmul, qdot, qdot_k, qgemm};
-use crate::pool::Pool;
+use crate::pool::ParallelFor;
 
 /// Activation rows per step of the multi-row kernels.
 const ROWS: usize = 4;
@@ -37,7 +37,14 @@ const ROWS_PER_TASK: usize = 8;
 /// Resizes `input` for `m` rows of `cols` values of `kind` and quantizes `x` into it
 /// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block), each
 /// row alone (on `pool` from [`PARALLEL_ROWS`] rows).
-pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
+pub(crate) fn quantize_input(
+    pool: &dyn ParallelFor,
+    input: &mut QInput,
+    kind: InputKind,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+) {
     input.kind = Some(kind);
     input.m = m;
     input.cols = cols;
