@@ -277,11 +277,18 @@ pub fn global() -> &'static Pool {
     GLOBAL.get_or_init(|| Pool::new(default_threads()))
 }
 
-/// Creates the global pool with `threads` threads; an error (with the current count)
-/// when it already exists with another count.
-pub fn init_global(threads: usize) -> Result<&'static Pool, usize> {
+/// Creates the global pool with `threads` threads (before its first use); an error when
+/// it already exists with another count.
+pub fn init_global(threads: usize) -> crate::Result<&'static Pool> {
     let p = GLOBAL.get_or_init(|| Pool::new(threads));
-    if p.threads == threads.max(1) { Ok(p) } else { Err(p.threads) }
+    if p.threads == threads.max(1) {
+        Ok(p)
+    } else {
+        Err(crate::KernelError::Config(format!(
+            "the kernels' global pool already runs {} threads; {threads} asked",
+            p.threads
+        )))
+    }
 }
 
 /// [`Pool::parallel_for`] on the [`global()`] pool.

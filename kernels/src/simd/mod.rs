@@ -40,7 +40,7 @@
 //!   `vpdpbusd` when [`vnni()`]) and the activation quantizer; `x86::qgemm`, their VNNI
 //!   GEMM for 8 or more activation rows (a task's weights repacked, interleaved by 8
 //!   blocks, register tiles of 4 x 2); `x86::qdot_k`, the k-quants (AVX2 at both
-//!   levels).
+//!   levels), and `x86::qgemm_k`, their VNNI GEMM (the same scheme per super-block).
 //!
 //! Code bytes are bit-packed LSB-first: code `i` of a group of width `b` occupies bits
 //! `[i*b, (i+1)*b)` of the group's little-endian bit string, so 8 codes always fill

@@ -1,7 +1,7 @@
 //! Tests of the quantized matmul's kernels against their portable references, bit for
 //! bit: the activation quantizer, and every x86 kernel at every instruction set this CPU
 //! has (AVX2 and, when present, VNNI), whatever the process level, for 1 and 4 rows at
-//! once, and the VNNI GEMM; plus the level's dispatch (`qdot::matmul_task`). Weights are
+//! once, and the VNNI GEMMs; plus the level's dispatch (`qdot::matmul_task`). Weights are
 //! random bytes with finite random scales (every code pattern, `Q8_0`'s -128 included)
 //! and the reference quantizers' output.
 
@@ -268,6 +268,67 @@ fn vnni_gemm_matches_reference_bit_for_bit() {
                 k32::Q5_0 => run!(Q5_0),
                 k32::Q5_1 => run!(Q5_1),
                 _ => run!(Q8_0),
+            }
+            let rb = f.row_bytes(cols).unwrap();
+            for j in 0..n {
+                for i in 0..m {
+                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
+/// The k-quants' VNNI GEMM against the reference, when the CPU has VNNI.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_k_gemm_matches_reference_bit_for_bit() {
+    use super::x86::{qdot_k as kk, qgemm, qgemm_k};
+    if !(is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return;
+    }
+    let mut rng = Rng(19);
+    for f in [QFormat::Q2_K, QFormat::Q3_K, QFormat::Q4_K, QFormat::Q5_K, QFormat::Q6_K] {
+        for (cols, from_floats) in [(256, false), (768, true), (1536, false)] {
+            let (n, m) = (5, 11);
+            let data = if from_floats {
+                let v: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+                QMatrix::from_f32(f, n, cols, &v).unwrap().into_data()
+            } else {
+                random_blocks(f, n, cols, &mut rng)
+            };
+            let x = activations(m * cols, &mut rng);
+            let input = QInput::new(f, &x, m, cols).unwrap();
+            let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+            let mut xi = vec![0i8; m * cols];
+            for i in 0..m {
+                // SAFETY: AVX2 detected.
+                unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * cols..][..cols]) };
+            }
+            let mut packed = qgemm_k::PackedK::default();
+            let mut res = vec![f32::NAN; n * m];
+            macro_rules! run {
+                ($c:ident) => {{
+                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
+                    unsafe {
+                        qgemm_k::pack_k::<{ kk::$c }>(&data, n, &mut packed);
+                        qgemm_k::gemm_k::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
+                    }
+                }};
+            }
+            match kk::code(f) {
+                kk::Q2_K => run!(Q2_K),
+                kk::Q3_K => run!(Q3_K),
+                kk::Q4_K => run!(Q4_K),
+                kk::Q5_K => run!(Q5_K),
+                _ => run!(Q6_K),
             }
             let rb = f.row_bytes(cols).unwrap();
             for j in 0..n {

@@ -5,12 +5,14 @@
 //! decoder), [`attention`] (fused attention over packed K/V), [`matmul`] (the
 //! register blocks of `linear_rows`), [`qdot`] (the quantized matmul's 32-value formats
 //! at the AVX2 and VNNI levels, and its activation quantizer), [`qgemm`] (their VNNI GEMM
-//! for many activation rows) and [`qdot_k`] (its k-quants).
+//! for many activation rows), [`qdot_k`] (its k-quants) and [`qgemm_k`] (their VNNI
+//! GEMM).
 
 pub(crate) mod attention;
 pub(crate) mod matmul;
 pub(crate) mod qdot;
 pub(crate) mod qdot_k;
 pub(crate) mod qgemm;
+pub(crate) mod qgemm_k;
 pub(crate) mod quant;
 pub(crate) mod quant512;

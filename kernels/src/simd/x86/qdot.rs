@@ -197,10 +197,12 @@ unsafe fn block_sums<const F: u8, const R: usize, I: Isa>(
                 }
             }
         }
-        std::array::from_fn(|r| {
+        let mut out = [z; R];
+        for r in 0..R {
             let (a, b) = (half[r][0], half[r][1]);
-            _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b))
-        })
+            out[r] = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b));
+        }
+        out
     }
 }
 
@@ -377,10 +379,11 @@ pub(crate) unsafe fn quantize_span(x: &[f32], q: &mut [i8], per: usize, sums: &m
     let id = _mm256_set1_ps(127.0 / amax);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (b, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
-        // SAFETY: 32 values in `xb`, 32 bytes in `qb`.
-        let v: [__m256i; 4] = std::array::from_fn(|k| unsafe {
-            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * k)), id))
-        });
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (k, v) in v.iter_mut().enumerate() {
+            // SAFETY: 32 values in `xb`.
+            *v = _mm256_cvtps_epi32(_mm256_mul_ps(unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) }, id));
+        }
         let bytes = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
             perm,

@@ -28,23 +28,29 @@ pub(crate) struct Packed {
 /// The 8 x 8 transpose of 32-bit elements: lane `t` of output `k` is lane `k` of input
 /// `t`.
 #[inline(always)]
-unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
-    // SAFETY: AVX2 (the callers are compiled with it).
+pub(crate) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: AVX2 (the callers are compiled with it). (Plain loops, no closures: those
+    // would not inherit the callers' target features.)
     unsafe {
-        let t: [__m256i; 8] = std::array::from_fn(|i| {
-            let (a, b) = (v[i / 2 * 2], v[i / 2 * 2 + 1]);
-            if i % 2 == 0 { _mm256_unpacklo_epi32(a, b) } else { _mm256_unpackhi_epi32(a, b) }
-        });
-        // u[0..4]: elements 0|4, 1|5, 2|6, 3|7 of inputs 0..4; u[4..8] of inputs 4..8.
-        let u: [__m256i; 8] = std::array::from_fn(|i| {
-            let base = if i < 4 { 0 } else { 4 };
-            let (a, b) = (t[base + (i % 4) / 2], t[base + 2 + (i % 4) / 2]);
-            if i % 2 == 0 { _mm256_unpacklo_epi64(a, b) } else { _mm256_unpackhi_epi64(a, b) }
-        });
-        std::array::from_fn(|k| {
-            let (a, b) = (u[k % 4], u[4 + k % 4]);
-            if k < 4 { _mm256_permute2x128_si256::<0x20>(a, b) } else { _mm256_permute2x128_si256::<0x31>(a, b) }
-        })
+        let mut t = [_mm256_setzero_si256(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        // u[q] (q < 4): elements q | q + 4 of inputs 0..4; u[4 + q]: of inputs 4..8.
+        let mut u = [_mm256_setzero_si256(); 8];
+        for base in [0, 4] {
+            u[base] = _mm256_unpacklo_epi64(t[base], t[base + 2]);
+            u[base + 1] = _mm256_unpackhi_epi64(t[base], t[base + 2]);
+            u[base + 2] = _mm256_unpacklo_epi64(t[base + 1], t[base + 3]);
+            u[base + 3] = _mm256_unpackhi_epi64(t[base + 1], t[base + 3]);
+        }
+        let mut o = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            o[k] = _mm256_permute2x128_si256::<0x20>(u[k], u[4 + k]);
+            o[k + 4] = _mm256_permute2x128_si256::<0x31>(u[k], u[4 + k]);
+        }
+        o
     }
 }
 
@@ -74,9 +80,10 @@ pub(crate) unsafe fn pack<const F: u8>(w: &[u8], n: usize, nb: usize, p: &mut Pa
                 let (d, m) = scales::<F>(blk, cnt);
                 _mm256_storeu_ps(p.d.as_mut_ptr().add(at), d);
                 _mm256_storeu_ps(p.m.as_mut_ptr().add(at), m);
-                let v = std::array::from_fn(|t| {
-                    if t < cnt { unpack::<F, Vnni>(blk.add(t * bb)) } else { _mm256_setzero_si256() }
-                });
+                let mut v = [_mm256_setzero_si256(); 8];
+                for (t, v) in v.iter_mut().enumerate().take(cnt) {
+                    *v = unpack::<F, Vnni>(blk.add(t * bb));
+                }
                 for (k, o) in transpose8(v).into_iter().enumerate() {
                     _mm256_storeu_si256(p.q.as_mut_ptr().add(at * 32 + 32 * k) as *mut __m256i, o);
                 }
@@ -98,13 +105,10 @@ pub(crate) unsafe fn interleave(qs: &[i8], out: &mut [i8]) {
         let cnt = (nb - 8 * g).min(8);
         // SAFETY: blocks `8g..8g + cnt` are within `qs`, the group within `out`.
         unsafe {
-            let v = std::array::from_fn(|t| {
-                if t < cnt {
-                    _mm256_loadu_si256(qs.as_ptr().add(32 * (8 * g + t)) as *const __m256i)
-                } else {
-                    _mm256_setzero_si256()
-                }
-            });
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (t, v) in v.iter_mut().enumerate().take(cnt) {
+                *v = _mm256_loadu_si256(qs.as_ptr().add(32 * (8 * g + t)) as *const __m256i);
+            }
             for (k, o) in transpose8(v).into_iter().enumerate() {
                 _mm256_storeu_si256(out.as_mut_ptr().add(256 * g + 32 * k) as *mut __m256i, o);
             }
@@ -130,13 +134,15 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
     // SAFETY: all offsets stay within the packed row and the activation rows (the
     // caller's contract).
     unsafe {
-        let wq: [*const u8; C] = std::array::from_fn(|c| p.q.as_ptr().add((j + c) * nbp * 32));
+        let wq = p.q.as_ptr().add(j * nbp * 32);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         for g in 0..nbp / 8 {
             let mut ia = [[_mm256_setzero_si256(); C]; R];
             for k in 0..8 {
-                let w: [__m256i; C] =
-                    std::array::from_fn(|c| _mm256_loadu_si256(wq[c].add(256 * g + 32 * k) as *const __m256i));
+                let mut w = [_mm256_setzero_si256(); C];
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = _mm256_loadu_si256(wq.add(c * nbp * 32 + 256 * g + 32 * k) as *const __m256i);
+                }
                 for r in 0..R {
                     let x = _mm256_loadu_si256(xi[r].add(256 * g + 32 * k) as *const __m256i);
                     for c in 0..C {
@@ -145,8 +151,11 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
                 }
             }
             let at = 8 * g;
-            let dw: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(p.d.as_ptr().add((j + c) * nbp + at)));
-            let mw: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(p.m.as_ptr().add((j + c) * nbp + at)));
+            let (mut dw, mut mw) = ([_mm256_setzero_ps(); C], [_mm256_setzero_ps(); C]);
+            for c in 0..C {
+                dw[c] = _mm256_loadu_ps(p.d.as_ptr().add((j + c) * nbp + at));
+                mw[c] = _mm256_loadu_ps(p.m.as_ptr().add((j + c) * nbp + at));
+            }
             for r in 0..R {
                 let xd = _mm256_loadu_ps(xs[r].d.as_ptr().add(at));
                 for c in 0..C {
@@ -164,7 +173,13 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
                 }
             }
         }
-        std::array::from_fn(|r| std::array::from_fn(|c| hsum(acc[r][c])))
+        let mut out = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                out[r][c] = hsum(acc[r][c]);
+            }
+        }
+        out
     }
 }
 
