@@ -3,8 +3,7 @@
 //! rows against every activation row), each choosing between the portable references
 //! (`simd::qref`) and the x86 kernels (`simd::x86::qdot` for the 32-value formats at the
 //! AVX2 or VNNI level, `simd::x86::qdot_k` for the k-quants, and from 8 activation rows
-//! at the VNNI level their GEMMs `simd::x86::qgemm` and `simd::x86::qgemm_k`) by the
-//! level.
+//! their GEMMs `simd::x86::qgemm` and `simd::x86::qgemm_k`, VNNI or AVX2) by the level.
 //!
 //! Every output is computed the same way whatever the number of activation rows and
 //! whichever rows share the call: the kernels compute 1 to 4 activation rows (times 1
@@ -23,7 +22,8 @@ use crate::pool::ParallelFor;
 
 /// Activation rows per step of the multi-row kernels.
 const ROWS: usize = 4;
-/// Activation rows from which the quantized formats take the GEMM (VNNI level).
+/// Activation rows from which the quantized formats take the GEMMs (AVX2 level; `Q8_0`
+/// at the VNNI level only).
 const GEMM_ROWS: usize = 8;
 /// Activation rows per GEMM call (the rows one packed weight row meets before the next).
 const GEMM_TILE: usize = 64;
@@ -57,11 +57,11 @@ pub(crate) fn quantize_input(
         }
         InputKind::Q8x32 => {
             let nbp = (cols / QK).div_ceil(8) * 8;
-            let gemm = m >= GEMM_ROWS && cfg!(target_arch = "x86_64") && vnni_level();
+            let gemm = m >= GEMM_ROWS && avx2_level();
             [cols, nbp, nbp, nbp, if gemm { 32 * nbp } else { 0 }]
         }
         InputKind::Q8x256 => {
-            let gemm = m >= GEMM_ROWS && cfg!(target_arch = "x86_64") && vnni_level();
+            let gemm = m >= GEMM_ROWS && avx2_level();
             [cols, cols / QK_K, cols / 16, 0, if gemm { cols } else { 0 }]
         }
     };
@@ -103,10 +103,10 @@ pub(crate) fn quantize_input(
     }
 }
 
-/// Whether the VNNI kernels run (false off x86-64).
-fn vnni_level() -> bool {
+/// Whether the AVX2 kernels (and so the GEMMs) run (false off x86-64).
+fn avx2_level() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return vnni();
+    return avx2();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -223,9 +223,10 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if !input.qsi.is_empty() && vnni() {
+    if !input.qsi.is_empty() && (vnni() || f != QFormat::Q8_0) {
         let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
-        // SAFETY: forwarded contract; VNNI detected.
+        // SAFETY: forwarded contract; `qsi` is only filled at the AVX2 level; the
+        // condition above.
         unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
         return;
     }
@@ -260,12 +261,12 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
     });
 }
 
-/// [`matmul_task`] with the VNNI GEMM: the weight rows packed once, then every tile of
-/// [`GEMM_TILE`] activation rows against them.
+/// [`matmul_task`] with the GEMMs (VNNI, else AVX2): the weight rows packed once, then
+/// every tile of [`GEMM_TILE`] activation rows against them.
 ///
 /// # Safety
-/// As [`matmul_task`]; the CPU supports the VNNI level; `input.qsi` holds the
-/// interleaved codes.
+/// As [`matmul_task`]; the CPU supports the AVX2 level (and VNNI when [`vnni()`]);
+/// `input.qsi` holds the interleaved codes; `f` is not `Q8_0` without VNNI.
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, rows: &[InRow<'_>], out: OutTile) {
     type Scratch = (qgemm::Packed, qgemm_k::PackedK, Vec<f32>);
@@ -276,7 +277,7 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
         /// or page faults in the steady state).
         static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
     }
-    let m = input.m;
+    let (m, vn) = (input.m, vnni());
     let stride = input.qsi.len() / m;
     SCRATCH.with_borrow_mut(|(packed, packed_k, res)| {
         res.resize(n * GEMM_TILE.min(m), 0.0);
@@ -299,9 +300,22 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
                     QK => match qdot::code(f) {
                         $(qdot::$c => {
                             // SAFETY: VNNI detected (bounds are checked by the callees).
-                            unsafe { qgemm::pack::<{ qdot::$c }>(w, n, cols / QK, packed) };
-                            // SAFETY: as above; `packed` holds the `n` rows of format `f`.
-                            tiles(&|x, xi, r| unsafe { qgemm::gemm::<{ qdot::$c }>(packed, n, x, xi, r) });
+                            unsafe {
+                                if vn {
+                                    qgemm::pack_vnni::<{ qdot::$c }>(w, n, cols / QK, packed)
+                                } else {
+                                    qgemm::pack_avx2::<{ qdot::$c }>(w, n, cols / QK, packed)
+                                }
+                            };
+                            // SAFETY: as above; `packed` holds the `n` rows of format `f`
+                            // for this ISA.
+                            tiles(&|x, xi, r| unsafe {
+                                if vn {
+                                    qgemm::gemm_vnni::<{ qdot::$c }>(packed, n, x, xi, r)
+                                } else {
+                                    qgemm::gemm_avx2::<{ qdot::$c }>(packed, n, x, xi, r)
+                                }
+                            });
                         },)*
                         _ => unreachable!(),
                     },
@@ -310,7 +324,13 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
                             // SAFETY: VNNI detected (bounds are checked by the callees).
                             unsafe { qgemm_k::pack_k::<{ qdot_k::$k }>(w, n, packed_k) };
                             // SAFETY: as above; `packed_k` holds the `n` rows of format `f`.
-                            tiles(&|x, xi, r| unsafe { qgemm_k::gemm_k::<{ qdot_k::$k }>(packed_k, n, x, xi, r) });
+                            tiles(&|x, xi, r| unsafe {
+                                if vn {
+                                    qgemm_k::gemm_k_vnni::<{ qdot_k::$k }>(packed_k, n, x, xi, r)
+                                } else {
+                                    qgemm_k::gemm_k_avx2::<{ qdot_k::$k }>(packed_k, n, x, xi, r)
+                                }
+                            });
                         },)*
                         _ => unreachable!(),
                     },

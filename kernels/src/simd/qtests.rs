@@ -222,19 +222,26 @@ fn matmul_task_matches_reference_at_this_level() {
     }
 }
 
-/// The VNNI GEMM (packed weights, interleaved activations, 4 x 2 tiles and their edges)
-/// against the reference, when the CPU has VNNI, whatever the process level.
+/// Whether this CPU has the AVX2 level's features, and VNNI's.
+#[cfg(target_arch = "x86_64")]
+fn isas() -> (bool, bool) {
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+    let vnni = avx2
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    (avx2, vnni)
+}
+
+/// The GEMMs of the 32-value formats (packed weights, interleaved activations, register
+/// tiles and their edges) against the reference, at each ISA this CPU has, whatever the
+/// process level.
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn vnni_gemm_matches_reference_bit_for_bit() {
+fn gemm_matches_reference_bit_for_bit_at_every_isa() {
     use super::x86::{qdot as k32, qgemm};
-    if !(is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
+    let (avx2, has_vnni) = isas();
+    if !avx2 {
         return;
     }
     let mut rng = Rng(17);
@@ -251,47 +258,52 @@ fn vnni_gemm_matches_reference_bit_for_bit() {
                 // SAFETY: AVX2 detected.
                 unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * stride..][..stride]) };
             }
-            let mut packed = qgemm::Packed::default();
-            let mut res = vec![f32::NAN; n * m];
-            macro_rules! run {
-                ($c:ident) => {{
-                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
-                    unsafe {
-                        qgemm::pack::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
-                        qgemm::gemm::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
-                    }
-                }};
-            }
-            match k32::code(f) {
-                k32::Q4_0 => run!(Q4_0),
-                k32::Q4_1 => run!(Q4_1),
-                k32::Q5_0 => run!(Q5_0),
-                k32::Q5_1 => run!(Q5_1),
-                _ => run!(Q8_0),
-            }
             let rb = f.row_bytes(cols).unwrap();
-            for j in 0..n {
-                for i in 0..m {
-                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
-                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+            for vn in [false, true] {
+                if (vn && !has_vnni) || (!vn && f == QFormat::Q8_0) {
+                    continue;
+                }
+                let mut packed = qgemm::Packed::default();
+                let mut res = vec![f32::NAN; n * m];
+                macro_rules! run {
+                    ($c:ident) => {{
+                        // SAFETY: the ISA's features were detected (bounds checked).
+                        unsafe {
+                            if vn {
+                                qgemm::pack_vnni::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                                qgemm::gemm_vnni::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                            } else {
+                                qgemm::pack_avx2::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                                qgemm::gemm_avx2::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                            }
+                        }
+                    }};
+                }
+                match k32::code(f) {
+                    k32::Q4_0 => run!(Q4_0),
+                    k32::Q4_1 => run!(Q4_1),
+                    k32::Q5_0 => run!(Q5_0),
+                    k32::Q5_1 => run!(Q5_1),
+                    _ => run!(Q8_0),
+                }
+                for j in 0..n {
+                    for i in 0..m {
+                        let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                        assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
+                    }
                 }
             }
         }
     }
 }
 
-/// The k-quants' VNNI GEMM against the reference, when the CPU has VNNI.
+/// The k-quants' GEMMs against the reference, at each ISA this CPU has.
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn vnni_k_gemm_matches_reference_bit_for_bit() {
+fn k_gemm_matches_reference_bit_for_bit_at_every_isa() {
     use super::x86::{qdot_k as kk, qgemm, qgemm_k};
-    if !(is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
+    let (avx2, has_vnni) = isas();
+    if !avx2 {
         return;
     }
     let mut rng = Rng(19);
@@ -312,29 +324,38 @@ fn vnni_k_gemm_matches_reference_bit_for_bit() {
                 // SAFETY: AVX2 detected.
                 unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * cols..][..cols]) };
             }
-            let mut packed = qgemm_k::PackedK::default();
-            let mut res = vec![f32::NAN; n * m];
-            macro_rules! run {
-                ($c:ident) => {{
-                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
-                    unsafe {
-                        qgemm_k::pack_k::<{ kk::$c }>(&data, n, &mut packed);
-                        qgemm_k::gemm_k::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
-                    }
-                }};
-            }
-            match kk::code(f) {
-                kk::Q2_K => run!(Q2_K),
-                kk::Q3_K => run!(Q3_K),
-                kk::Q4_K => run!(Q4_K),
-                kk::Q5_K => run!(Q5_K),
-                _ => run!(Q6_K),
-            }
             let rb = f.row_bytes(cols).unwrap();
-            for j in 0..n {
-                for i in 0..m {
-                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
-                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+            for vn in [false, true] {
+                if vn && !has_vnni {
+                    continue;
+                }
+                let mut packed = qgemm_k::PackedK::default();
+                let mut res = vec![f32::NAN; n * m];
+                macro_rules! run {
+                    ($c:ident) => {{
+                        // SAFETY: the ISA's features were detected (bounds checked).
+                        unsafe {
+                            qgemm_k::pack_k::<{ kk::$c }>(&data, n, &mut packed);
+                            if vn {
+                                qgemm_k::gemm_k_vnni::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
+                            } else {
+                                qgemm_k::gemm_k_avx2::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
+                            }
+                        }
+                    }};
+                }
+                match kk::code(f) {
+                    kk::Q2_K => run!(Q2_K),
+                    kk::Q3_K => run!(Q3_K),
+                    kk::Q4_K => run!(Q4_K),
+                    kk::Q5_K => run!(Q5_K),
+                    _ => run!(Q6_K),
+                }
+                for j in 0..n {
+                    for i in 0..m {
+                        let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                        assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
+                    }
                 }
             }
         }

@@ -35,6 +35,8 @@ pub(crate) fn code(f: QFormat) -> u8 {
 /// The integer instructions one level uses. Implementations are `#[inline(always)]` and
 /// run only inside the entry points below, compiled with the level's features.
 pub(crate) trait Isa {
+    /// Whether `vpdpbusd` is available (the GEMMs then accumulate with it).
+    const VNNI: bool;
     /// Whether `Q8_0` weights are unpacked biased (`w + 128`, unsigned; the sums then
     /// lose `128 * sum(x)`), else signed.
     const Q8_BIASED: bool;
@@ -53,6 +55,7 @@ pub(crate) struct Avx2;
 pub(crate) struct Vnni;
 
 impl Isa for Avx2 {
+    const VNNI: bool = false;
     const Q8_BIASED: bool = false;
     #[inline(always)]
     unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {
@@ -82,6 +85,7 @@ impl Isa for Avx2 {
 }
 
 impl Isa for Vnni {
+    const VNNI: bool = true;
     const Q8_BIASED: bool = true;
     #[inline(always)]
     unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {

@@ -1,5 +1,5 @@
-//! The AVX-512 VNNI GEMM of the k-quants, for many activation rows at once (prefill):
-//! the scheme of `super::qgemm` per 256-value super-block.
+//! The GEMM of the k-quants, for many activation rows at once (prefill), with AVX-512
+//! VNNI or AVX2: the scheme of `super::qgemm` per 256-value super-block.
 //!
 //! A task's weight super-blocks are unpacked once into unsigned code bytes in value order
 //! (`Q6_K`: `q + 32`, `Q3_K`: `q + 4`), transposed as 8 x 8 blocks of 32-bit elements
@@ -10,12 +10,13 @@
 //! lane `t` of one and `2t + 1` in lane `t` of another. Multiplying by the scales in the
 //! same order and adding the lanes gives `simd::qref::ints_k`'s exact integers, which
 //! enter the f32 accumulator through `simd::qref::k_accumulate`: every output equals
-//! the reference, and the single-row kernels, bit for bit. Register tiles of 4
-//! activation rows x 2 weight rows share the loads.
+//! the reference, and the single-row kernels, bit for bit. Register tiles (4 activation
+//! rows x 2 weight rows with VNNI; 2 x 2, or 2 x 1 for 16-value sub-blocks, with AVX2)
+//! share the loads.
 
-use super::qdot::hsum_i32;
-use super::qdot_k::{Q3_K, Q4_K, Q5_K, Q6_K, unpack_k};
-use super::qgemm::transpose8;
+use super::qdot::{Avx2, Isa, Vnni, hsum_i32};
+use super::qdot_k::{Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, unpack_k};
+use super::qgemm::{i16_steps, transpose8};
 use crate::simd::ggml::{QFormat, QK_K, k_scale_min, q3k_scale};
 use crate::simd::qref::{InRow, k_accumulate, k_scales};
 use std::arch::x86_64::*;
@@ -63,9 +64,9 @@ const fn format(f: u8) -> QFormat {
 /// Repacks `n` weight rows of format `F` (`w`: whole rows, consecutive) into `p`.
 ///
 /// # Safety
-/// The CPU supports AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI. (Bounds are
-/// checked.)
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+/// The CPU supports AVX2, FMA and F16C (the packing is the same for both GEMMs).
+/// (Bounds are checked.)
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn pack_k<const F: u8>(w: &[u8], n: usize, p: &mut PackedK) {
     let f = format(F);
     let bb = f.block_bytes();
@@ -117,10 +118,10 @@ pub(crate) unsafe fn pack_k<const F: u8>(w: &[u8], n: usize, p: &mut PackedK) {
 /// weight rows `j..j + C`, as `[row][weight row]`.
 ///
 /// # Safety
-/// AVX2 and AVX-512 VNNI, VL; rows `j..j + C` are packed; every `xi` holds
+/// AVX2 (and the ISA's features); rows `j..j + C` are packed; every `xi` holds
 /// `256 * p.nsb` codes, every row's `d` `p.nsb` scales and `sums` `16 * p.nsb` sums.
 #[inline(always)]
-unsafe fn tile<const F: u8, const R: usize, const C: usize>(
+unsafe fn tile<const F: u8, I: Isa, const R: usize, const C: usize>(
     p: &PackedK,
     j: usize,
     xs: &[InRow<'_>],
@@ -132,7 +133,14 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
         Q3_K => 2,
         _ => -1,
     };
-    let mins = matches!(F, Q4_K | Q5_K) || F == super::qdot_k::Q2_K;
+    let mins = matches!(F, Q2_K | Q4_K | Q5_K);
+    let steps = i16_steps(match F {
+        Q2_K => 3,
+        Q3_K => 7,
+        Q4_K => 15,
+        Q5_K => 31,
+        _ => 63,
+    });
     // SAFETY: all offsets stay within the packed rows and the activation rows (the
     // caller's contract).
     unsafe {
@@ -140,6 +148,7 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
         let mut acc = [[0f32; C]; R];
         for sb in 0..nsb {
             let (mut a, mut b) = ([[z; C]; R], [[z; C]; R]);
+            let mut a16 = [[z; C]; R];
             for k in 0..8 {
                 let mut w = [z; C];
                 for (c, w) in w.iter_mut().enumerate() {
@@ -148,10 +157,27 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
                 for r in 0..R {
                     let x = _mm256_loadu_si256(xi[r].add(QK_K * sb + 32 * k) as *const __m256i);
                     for c in 0..C {
-                        if sub16(F) && k >= 4 {
+                        if !I::VNNI {
+                            a16[r][c] = _mm256_add_epi16(a16[r][c], _mm256_maddubs_epi16(w[c], x));
+                        } else if sub16(F) && k >= 4 {
                             b[r][c] = _mm256_dpbusd_epi32(b[r][c], w[c], x);
                         } else {
                             a[r][c] = _mm256_dpbusd_epi32(a[r][c], w[c], x);
+                        }
+                    }
+                }
+                // AVX2: widen the 16-bit sums before they could overflow, and at the end
+                // of each accumulator's vectors.
+                if !I::VNNI && ((k + 1) % steps == 0 || k == 7 || (sub16(F) && k == 3)) {
+                    for r in 0..R {
+                        for c in 0..C {
+                            let wide = _mm256_madd_epi16(a16[r][c], _mm256_set1_epi16(1));
+                            if sub16(F) && k >= 4 {
+                                b[r][c] = _mm256_add_epi32(b[r][c], wide);
+                            } else {
+                                a[r][c] = _mm256_add_epi32(a[r][c], wide);
+                            }
+                            a16[r][c] = z;
                         }
                     }
                 }
@@ -191,51 +217,84 @@ unsafe fn tile<const F: u8, const R: usize, const C: usize>(
 
 /// Every packed weight row of `p` (`n` of them) times every activation row `xs`
 /// (transposed codes in `xi`, `256 * p.nsb` per row): `res[j * xs.len() + i]`. Tiles of
-/// 4 activation rows x 2 weight rows, then the edges one by one.
+/// `RT` activation rows x `CT` weight rows, then the edges one by one.
 ///
 /// # Safety
-/// The CPU supports AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `p` was packed by
-/// [`pack_k::<F>`] with `n` rows. (Other bounds are checked.)
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(crate) unsafe fn gemm_k<const F: u8>(p: &PackedK, n: usize, xs: &[InRow<'_>], xi: &[i8], res: &mut [f32]) {
+/// AVX2 (and the ISA's features); `p` was packed by [`pack_k::<F>`] with `n` rows.
+/// (Other bounds are checked.)
+#[inline(always)]
+unsafe fn gemm_k<const F: u8, I: Isa, const RT: usize, const CT: usize>(
+    p: &PackedK,
+    n: usize,
+    xs: &[InRow<'_>],
+    xi: &[i8],
+    res: &mut [f32],
+) {
     let (m, nsb) = (xs.len(), p.nsb);
     assert!(p.d.len() >= n * nsb && xi.len() >= m * nsb * QK_K && res.len() >= n * m);
     assert!(xs.iter().all(|x| x.d.len() >= nsb && x.sums.len() >= 16 * nsb));
     let ptr = |i: usize| xi[i * nsb * QK_K..].as_ptr();
     let mut j = 0;
     while j < n {
-        let c = if n - j >= 2 { 2 } else { 1 };
+        let c = if n - j >= CT { CT } else { 1 };
         let mut i = 0;
         while i < m {
-            let r = if m - i >= 4 { 4 } else { 1 };
+            let r = if m - i >= RT { RT } else { 1 };
             let rows = &xs[i..i + r];
-            // SAFETY: the features are enabled; rows `j..j + c` are packed, rows
-            // `i..i + r` exist, and their buffers hold what `tile` reads (checked above).
-            unsafe {
+            let mut x4 = [ptr(i); 4];
+            for (k, x) in x4.iter_mut().enumerate().take(r) {
+                *x = ptr(i + k);
+            }
+            // SAFETY: the caller's features; rows `j..j + c` are packed, rows `i..i + r`
+            // exist, and their buffers hold what `tile` reads (checked above).
+            let o: [[f32; 2]; 4] = unsafe {
                 match (r, c) {
-                    (4, 2) => {
-                        let o = tile::<F, 4, 2>(p, j, rows, &[ptr(i), ptr(i + 1), ptr(i + 2), ptr(i + 3)]);
-                        for (k, o) in o.iter().enumerate() {
-                            res[j * m + i + k] = o[0];
-                            res[(j + 1) * m + i + k] = o[1];
-                        }
-                    }
-                    (4, _) => {
-                        let o = tile::<F, 4, 1>(p, j, rows, &[ptr(i), ptr(i + 1), ptr(i + 2), ptr(i + 3)]);
-                        for (k, o) in o.iter().enumerate() {
-                            res[j * m + i + k] = o[0];
-                        }
-                    }
-                    (_, 2) => {
-                        let o = tile::<F, 1, 2>(p, j, rows, &[ptr(i)]);
-                        res[j * m + i] = o[0][0];
-                        res[(j + 1) * m + i] = o[0][1];
-                    }
-                    _ => res[j * m + i] = tile::<F, 1, 1>(p, j, rows, &[ptr(i)])[0][0],
+                    (4, 2) => tile::<F, I, 4, 2>(p, j, rows, &x4),
+                    (4, _) => tile::<F, I, 4, 1>(p, j, rows, &x4).map(|o| [o[0], 0.0]),
+                    (2, 2) => pad(tile::<F, I, 2, 2>(p, j, rows, &[x4[0], x4[1]])),
+                    (2, _) => pad(tile::<F, I, 2, 1>(p, j, rows, &[x4[0], x4[1]]).map(|o| [o[0], 0.0])),
+                    (_, 2) => pad(tile::<F, I, 1, 2>(p, j, rows, &[x4[0]])),
+                    _ => pad([[tile::<F, I, 1, 1>(p, j, rows, &[x4[0]])[0][0], 0.0]]),
+                }
+            };
+            for (k, o) in o.iter().enumerate().take(r) {
+                for (cc, &v) in o.iter().enumerate().take(c) {
+                    res[(j + cc) * m + i + k] = v;
                 }
             }
             i += r;
         }
         j += c;
+    }
+}
+
+/// `N` rows of results as 4.
+fn pad<const N: usize>(o: [[f32; 2]; N]) -> [[f32; 2]; 4] {
+    let mut out = [[0.0; 2]; 4];
+    out[..N].copy_from_slice(&o);
+    out
+}
+
+/// [`gemm_k`] with VNNI (tiles of 4 x 2).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `p` was packed by
+/// [`pack_k::<F>`] with `n` rows. (Other bounds are checked.)
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn gemm_k_vnni<const F: u8>(p: &PackedK, n: usize, xs: &[InRow<'_>], xi: &[i8], res: &mut [f32]) {
+    // SAFETY: the features are enabled here; the packing per the contract.
+    unsafe { gemm_k::<F, Vnni, 4, 2>(p, n, xs, xi, res) }
+}
+
+/// [`gemm_k`] with AVX2 (tiles of 2 x 2, or 2 x 1 for 16-value sub-blocks).
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `p` was packed by [`pack_k::<F>`] with `n` rows.
+/// (Other bounds are checked.)
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm_k_avx2<const F: u8>(p: &PackedK, n: usize, xs: &[InRow<'_>], xi: &[i8], res: &mut [f32]) {
+    // SAFETY: the features are enabled here; the packing per the contract.
+    unsafe {
+        if sub16(F) { gemm_k::<F, Avx2, 2, 1>(p, n, xs, xi, res) } else { gemm_k::<F, Avx2, 2, 2>(p, n, xs, xi, res) }
     }
 }
