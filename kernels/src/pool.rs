@@ -7,7 +7,8 @@
 //! call publishes its job with one atomic store and the threads claim task indices with
 //! a compare-and-swap; between calls the workers spin for [`SPIN`] (pausing for a few
 //! microseconds, then yielding to the OS at each step), then park on a condition
-//! variable (a call wakes them only when one sleeps). A call made while the
+//! variable (a call wakes them only when one sleeps). The caller, its own tasks done,
+//! pauses for a few microseconds, then sleeps until the last task ends. A call made while the
 //! pool is busy (from another thread, or from inside a task) runs its tasks on the
 //! calling thread, in order; results never depend on which thread ran a task.
 //!
@@ -52,6 +53,9 @@ struct Shared {
     sleepers: AtomicUsize,
     /// Set when a task of the current job panicked.
     panicked: AtomicBool,
+    /// Set while the caller sleeps on `done`, waiting for the job's last task.
+    caller_parked: AtomicBool,
+    done: Condvar,
     shutdown: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
@@ -78,8 +82,30 @@ impl Shared {
             if catch_unwind(AssertUnwindSafe(|| f(next))).is_err() {
                 self.panicked.store(true, Ordering::Relaxed);
             }
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            if self.pending.fetch_sub(1, Ordering::SeqCst) == 1 && self.caller_parked.load(Ordering::SeqCst) {
+                let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.done.notify_all();
+            }
         }
+    }
+}
+
+/// What the kernels need of a thread pool: run `f(0)`, ..., `f(n - 1)`, each once, on
+/// some threads, and return when all have returned. [`Pool`] is the kernels' own; a
+/// caller may bring another (e.g. a rayon adapter) to [`crate::qmat::linear_in`].
+pub trait ParallelFor: Sync {
+    /// Threads that run tasks (the caller's included).
+    fn threads(&self) -> usize;
+    /// Runs the tasks; returns when every one has returned.
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+}
+
+impl ParallelFor for Pool {
+    fn threads(&self) -> usize {
+        Pool::threads(self)
+    }
+    fn parallel_for(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        Pool::parallel_for(self, n, f)
     }
 }
 
@@ -109,6 +135,8 @@ impl Pool {
             pending: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
+            caller_parked: AtomicBool::new(false),
+            done: Condvar::new(),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
             cv: Condvar::new(),
@@ -168,10 +196,22 @@ impl Pool {
         // The caller's own tasks: a panic must not leave this frame (the workers still
         // use `f`) before every task is done.
         s.run(epoch);
+        // The workers' last tasks: a short spin, then sleep until the last one ends (a
+        // waiting thread that stays runnable would take CPU time from them on a busy
+        // machine).
         let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) != 0 {
-            spins = spins.saturating_add(1);
-            pause(spins);
+            spins += 1;
+            if spins < SPIN_PAUSES {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.caller_parked.store(true, Ordering::SeqCst);
+            while s.pending.load(Ordering::SeqCst) != 0 {
+                g = s.done.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            s.caller_parked.store(false, Ordering::SeqCst);
         }
         if s.panicked.load(Ordering::Relaxed) {
             resume_unwind(Box::new("a task of qaq_kernels::pool::Pool::parallel_for panicked"));
@@ -258,11 +298,18 @@ pub fn global() -> &'static Pool {
     GLOBAL.get_or_init(|| Pool::new(default_threads()))
 }
 
-/// Creates the global pool with `threads` threads; an error (with the current count)
-/// when it already exists with another count.
-pub fn init_global(threads: usize) -> Result<&'static Pool, usize> {
+/// Creates the global pool with `threads` threads (before its first use); an error when
+/// it already exists with another count.
+pub fn init_global(threads: usize) -> crate::Result<&'static Pool> {
     let p = GLOBAL.get_or_init(|| Pool::new(threads));
-    if p.threads == threads.max(1) { Ok(p) } else { Err(p.threads) }
+    if p.threads == threads.max(1) {
+        Ok(p)
+    } else {
+        Err(crate::KernelError::Config(format!(
+            "the kernels' global pool already runs {} threads; {threads} asked",
+            p.threads
+        )))
+    }
 }
 
 /// [`Pool::parallel_for`] on the [`global()`] pool.

@@ -10,13 +10,21 @@
 //! an i8 block with an f32 scale for Q4_0 .. Q8_0, per 256 values with sums per 16 for
 //! the k-quants), then takes integer dot products with the weight codes (AVX2
 //! `maddubs`/`madd`, AVX-512 VNNI `vpdpbusd`, or the portable reference; see
-//! `simd::qref` for the fixed float order). Float weights take the f32 kernels of
-//! [`crate::simd::linear_rows`].
+//! `simd::qref` for the fixed float order): up to 7 rows with kernels that decode each
+//! weight block once for 1 or 4 rows; from 8 rows (prefill) with GEMMs that unpack a
+//! task's weights once into an interleaved layout and run register tiles of rows x
+//! weight rows. Float weights take the f32 kernels of [`crate::simd::linear_rows`].
 //!
 //! Every output is computed the same way whatever the number of rows `m` and whichever
-//! rows share the call, at every SIMD level: a sequence decodes bit-identically alone or
-//! batched (greedy decoding, preemption and migration rely on it). The work is split
-//! into ranges of weight rows run on the kernels' thread pool ([`crate::pool`]).
+//! rows share the call, at every SIMD level and whichever kernel runs it: the integer
+//! sums are exact and their float combination has one fixed order, so a sequence
+//! decodes bit-identically alone or batched (greedy decoding, preemption and migration
+//! rely on it), and the SIMD levels equal the portable reference bit for bit. The work
+//! is split into ranges of weight rows run on the kernels' thread pool ([`crate::pool`]).
+//!
+//! Not exact: the product itself, against real arithmetic. Activations are rounded to 8
+//! bits per block (at most half a step, `amax / 254`, per value), which is the whole
+//! difference from a dot product with the dequantized weights.
 
 mod quantize;
 #[cfg(test)]
@@ -27,7 +35,7 @@ mod tests_gguf;
 pub use crate::simd::ggml::{InputKind, QFormat, QInput};
 
 use crate::error::{KernelError, Result};
-use crate::pool::{self, Pool};
+use crate::pool::{self, ParallelFor};
 use crate::simd::qdot::{self, OutTile};
 use crate::simd::qref;
 
@@ -207,8 +215,9 @@ pub fn linear_input(w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
     linear_in(pool::global(), w, x, out)
 }
 
-/// [`linear_input`] on a given pool.
-pub fn linear_in(pool: &Pool, w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
+/// [`linear_input`] on a given pool (the kernels' [`crate::pool::Pool`] or another
+/// [`ParallelFor`]); the results do not depend on it.
+pub fn linear_in(pool: &dyn ParallelFor, w: &QMatrix, x: &QInput, out: &mut [f32]) -> Result<()> {
     let (n, m, k) = (w.rows, x.m, w.cols);
     if x.kind != Some(w.format.input_kind()) || x.cols != k {
         return Err(KernelError::Config(format!(

@@ -162,7 +162,7 @@ fn every_row_is_bit_identical_alone_or_batched() {
 fn results_do_not_depend_on_the_thread_count() {
     let mut rng = Rng(6);
     let (n, k, m) = (201, 768, 13);
-    let pools: Vec<Pool> = [1, 2, 3].into_iter().map(Pool::new).collect();
+    let pools: Vec<crate::pool::Pool> = [1, 2, 3].into_iter().map(crate::pool::Pool::new).collect();
     for f in [QFormat::Q4_1, QFormat::Q8_0, QFormat::Q6_K, QFormat::F16] {
         let w = QMatrix::new(f, n, k, random_blocks(f, n, k, &mut rng)).unwrap();
         let x = activations(m * k, &mut rng);

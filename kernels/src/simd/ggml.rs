@@ -252,8 +252,9 @@ pub struct QInput {
     pub(crate) s: Vec<f32>,
     /// [`InputKind::Float`]: the values.
     pub(crate) f: Vec<f32>,
-    /// `Q8x32` with enough rows at the VNNI level: the codes interleaved for the GEMM
-    /// (`simd::x86::qgemm`), `32 * nbp` per row; else empty.
+    /// With enough rows at the VNNI level: the codes interleaved for the GEMMs
+    /// (`simd::x86::qgemm`, `simd::x86::qgemm_k`), `32 * nbp` (`Q8x32`) or `cols`
+    /// (`Q8x256`) per row; else empty.
     pub(crate) qsi: Vec<i8>,
 }
 

@@ -37,10 +37,11 @@
 //!   `x86::quant`, the AVX2 group encoder (two groups) and decoder, and the AVX2 level's
 //!   one-group encoder (which falls back to `portable`'s reference compiled with AVX2);
 //!   `x86::qdot`, the quantized matmul of the 32-value formats (AVX2 `maddubs`, or
-//!   `vpdpbusd` when [`vnni()`]) and the activation quantizer; `x86::qgemm`, their VNNI
-//!   GEMM for 8 or more activation rows (a task's weights repacked, interleaved by 8
-//!   blocks, register tiles of 4 x 2); `x86::qdot_k`, the k-quants (AVX2 at both
-//!   levels).
+//!   `vpdpbusd` when [`vnni()`]) and the activation quantizer; `x86::qgemm`, their GEMM
+//!   for 8 or more activation rows (a task's weights repacked, interleaved by 8 blocks;
+//!   VNNI, or AVX2 with exact 16-bit partial sums; `Q8_0` with VNNI only); `x86::qdot_k`,
+//!   the k-quants (AVX2 at both levels), and `x86::qgemm_k`, their GEMM (the same scheme
+//!   per super-block).
 //!
 //! Code bytes are bit-packed LSB-first: code `i` of a group of width `b` occupies bits
 //! `[i*b, (i+1)*b)` of the group's little-endian bit string, so 8 codes always fill

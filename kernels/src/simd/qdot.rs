@@ -2,8 +2,8 @@
 //! ([`quantize_input`]) and one task of the matmul ([`matmul_task`]: a range of weight
 //! rows against every activation row), each choosing between the portable references
 //! (`simd::qref`) and the x86 kernels (`simd::x86::qdot` for the 32-value formats at the
-//! AVX2 or VNNI level, `simd::x86::qgemm` for them from 8 activation rows at the VNNI
-//! level, `simd::x86::qdot_k` for the k-quants) by the level.
+//! AVX2 or VNNI level, `simd::x86::qdot_k` for the k-quants, and from 8 activation rows
+//! their GEMMs `simd::x86::qgemm` and `simd::x86::qgemm_k`, VNNI or AVX2) by the level.
 //!
 //! Every output is computed the same way whatever the number of activation rows and
 //! whichever rows share the call: the kernels compute 1 to 4 activation rows (times 1
@@ -17,12 +17,13 @@ use super::level::{avx2, vnni};
 use super::qref::{self, InRow, RowMut};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::x86::{matmul, qdot, qdot_k, qgemm};
-use crate::pool::Pool;
+use super::x86::{matmul, qdot, qdot_k, qgemm, qgemm_k};
+use crate::pool::ParallelFor;
 
 /// Activation rows per step of the multi-row kernels.
 const ROWS: usize = 4;
-/// Activation rows from which the 32-value formats take the GEMM (VNNI level).
+/// Activation rows from which the quantized formats take the GEMMs (AVX2 level; `Q8_0`
+/// at the VNNI level only).
 const GEMM_ROWS: usize = 8;
 /// Activation rows per GEMM call (the rows one packed weight row meets before the next).
 const GEMM_TILE: usize = 64;
@@ -37,7 +38,14 @@ const ROWS_PER_TASK: usize = 8;
 /// Resizes `input` for `m` rows of `cols` values of `kind` and quantizes `x` into it
 /// (`x` holds at least `m * cols` values; `cols` a multiple of the kind's block), each
 /// row alone (on `pool` from [`PARALLEL_ROWS`] rows).
-pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x: &[f32], m: usize, cols: usize) {
+pub(crate) fn quantize_input(
+    pool: &dyn ParallelFor,
+    input: &mut QInput,
+    kind: InputKind,
+    x: &[f32],
+    m: usize,
+    cols: usize,
+) {
     input.kind = Some(kind);
     input.m = m;
     input.cols = cols;
@@ -49,10 +57,13 @@ pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x
         }
         InputKind::Q8x32 => {
             let nbp = (cols / QK).div_ceil(8) * 8;
-            let gemm = m >= GEMM_ROWS && cfg!(target_arch = "x86_64") && vnni_level();
+            let gemm = m >= GEMM_ROWS && avx2_level();
             [cols, nbp, nbp, nbp, if gemm { 32 * nbp } else { 0 }]
         }
-        InputKind::Q8x256 => [cols, cols / QK_K, cols / 16, 0, 0],
+        InputKind::Q8x256 => {
+            let gemm = m >= GEMM_ROWS && avx2_level();
+            [cols, cols / QK_K, cols / 16, 0, if gemm { cols } else { 0 }]
+        }
     };
     input.nbp = st[1];
     input.qs.resize(m * st[0], 0);
@@ -92,10 +103,10 @@ pub(crate) fn quantize_input(pool: &Pool, input: &mut QInput, kind: InputKind, x
     }
 }
 
-/// Whether the VNNI kernels run (false off x86-64).
-fn vnni_level() -> bool {
+/// Whether the AVX2 kernels (and so the GEMMs) run (false off x86-64).
+fn avx2_level() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return vnni();
+    return avx2();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -155,6 +166,10 @@ fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
                 // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
                 r.d[b] = unsafe { qdot::quantize_span(xb, qb, 16, &mut r.sums[b * 16..][..16]) };
             }
+            if !r.qsi.is_empty() {
+                // SAFETY: AVX2 detected; bounds are checked by the callee.
+                unsafe { qgemm::interleave(r.qs, r.qsi) };
+            }
         }
         return;
     }
@@ -207,75 +222,122 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         unsafe { float_task(f, w, n, cols, &input.f, m, out) };
         return;
     }
-    let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
     #[cfg(target_arch = "x86_64")]
-    if !input.qsi.is_empty() && f.block_values() == QK && vnni() {
-        // SAFETY: forwarded contract; VNNI detected.
+    if !input.qsi.is_empty() && (vnni() || f != QFormat::Q8_0) {
+        let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+        // SAFETY: forwarded contract; `qsi` is only filled at the AVX2 level; the
+        // condition above.
         unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
         return;
     }
-    let mut res = vec![0f32; n * ROWS];
-    let mut i = 0;
-    while i < m {
-        let r = if m - i >= ROWS { ROWS } else { 1 };
-        if r == ROWS {
-            let xs: &[InRow<'_>; ROWS] = rows[i..i + ROWS].try_into().expect("4 rows");
-            rows_task(f, w, n, cols, xs, &mut res);
-        } else {
-            rows_task(f, w, n, cols, &[rows[i]], &mut res);
-        }
-        for j in 0..n {
-            for k in 0..r {
-                // SAFETY: (i + k, j) is in this task's range (the contract).
-                unsafe { out.put(i + k, j, res[j * r + k]) };
-            }
-        }
-        i += r;
+    if m == 1 {
+        // SAFETY: row 0's columns 0..n of the tile are contiguous, valid and this
+        // task's alone (the contract).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr, n) };
+        rows_task(f, w, n, cols, &[input.row(0)], dst);
+        return;
     }
+    thread_local! {
+        static RES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RES.with_borrow_mut(|res| {
+        res.resize(n * ROWS, 0.0);
+        let mut i = 0;
+        while i < m {
+            let r = if m - i >= ROWS { ROWS } else { 1 };
+            if r == ROWS {
+                rows_task(f, w, n, cols, &std::array::from_fn::<_, ROWS, _>(|k| input.row(i + k)), res);
+            } else {
+                rows_task(f, w, n, cols, &[input.row(i)], res);
+            }
+            for j in 0..n {
+                for k in 0..r {
+                    // SAFETY: (i + k, j) is in this task's range (the contract).
+                    unsafe { out.put(i + k, j, res[j * r + k]) };
+                }
+            }
+            i += r;
+        }
+    });
 }
 
-/// [`matmul_task`] with the VNNI GEMM: the weight rows packed once, then every tile of
-/// [`GEMM_TILE`] activation rows against them.
+/// [`matmul_task`] with the GEMMs (VNNI, else AVX2): the weight rows packed once, then
+/// every tile of [`GEMM_TILE`] activation rows against them.
 ///
 /// # Safety
-/// As [`matmul_task`]; the CPU supports the VNNI level; `input.qsi` holds the
-/// interleaved codes.
+/// As [`matmul_task`]; the CPU supports the AVX2 level (and VNNI when [`vnni()`]);
+/// `input.qsi` holds the interleaved codes; `f` is not `Q8_0` without VNNI.
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, rows: &[InRow<'_>], out: OutTile) {
+    type Scratch = (qgemm::Packed, qgemm_k::PackedK, Vec<f32>);
+    /// One GEMM call: activation rows, their interleaved codes, the results.
+    type Gemm<'a> = &'a dyn Fn(&[InRow<'_>], &[i8], &mut [f32]);
     thread_local! {
         /// Each thread's packed weights and results, kept between calls (no allocation
         /// or page faults in the steady state).
-        static SCRATCH: std::cell::RefCell<(qgemm::Packed, Vec<f32>)> = Default::default();
+        static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
     }
-    let nb = cols / QK;
-    SCRATCH.with_borrow_mut(|(packed, res)| {
-        res.clear();
-        res.resize(n * GEMM_TILE.min(input.m), 0.0);
-        macro_rules! go {
-        ($($c:ident),*) => {
-            match qdot::code(f) {
-                $(qdot::$c => {
-                    // SAFETY: VNNI detected (bounds are checked by the callee).
-                    unsafe { qgemm::pack::<{ qdot::$c }>(w, n, nb, packed) };
-                    for i0 in (0..input.m).step_by(GEMM_TILE) {
-                        let i1 = (i0 + GEMM_TILE).min(input.m);
-                        let xi = &input.qsi[i0 * 32 * input.nbp..];
-                        // SAFETY: VNNI detected; `packed` holds `n` rows of format `f`.
-                        unsafe { qgemm::gemm::<{ qdot::$c }>(packed, n, &rows[i0..i1], xi, res) };
-                        let mt = i1 - i0;
-                        for j in 0..n {
-                            for i in 0..mt {
-                                // SAFETY: (i0 + i, j) is in this task's range (the contract).
-                                unsafe { out.put(i0 + i, j, res[j * mt + i]) };
-                            }
-                        }
+    let (m, vn) = (input.m, vnni());
+    let stride = input.qsi.len() / m;
+    SCRATCH.with_borrow_mut(|(packed, packed_k, res)| {
+        res.resize(n * GEMM_TILE.min(m), 0.0);
+        // Runs `gemm` on every tile of activation rows and writes its results out.
+        let mut tiles = |gemm: Gemm<'_>| {
+            for i0 in (0..m).step_by(GEMM_TILE) {
+                let mt = (m - i0).min(GEMM_TILE);
+                gemm(&rows[i0..i0 + mt], &input.qsi[i0 * stride..], &mut res[..n * mt]);
+                for j in 0..n {
+                    for i in 0..mt {
+                        // SAFETY: (i0 + i, j) is in this task's range (the contract).
+                        unsafe { out.put(i0 + i, j, res[j * mt + i]) };
                     }
-                },)*
-                _ => unreachable!(),
+                }
             }
         };
-    }
-        go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0);
+        macro_rules! go {
+            ($($c:ident),*; $($k:ident),*) => {
+                match f.block_values() {
+                    QK => match qdot::code(f) {
+                        $(qdot::$c => {
+                            // SAFETY: VNNI detected (bounds are checked by the callees).
+                            unsafe {
+                                if vn {
+                                    qgemm::pack_vnni::<{ qdot::$c }>(w, n, cols / QK, packed)
+                                } else {
+                                    qgemm::pack_avx2::<{ qdot::$c }>(w, n, cols / QK, packed)
+                                }
+                            };
+                            // SAFETY: as above; `packed` holds the `n` rows of format `f`
+                            // for this ISA.
+                            tiles(&|x, xi, r| unsafe {
+                                if vn {
+                                    qgemm::gemm_vnni::<{ qdot::$c }>(packed, n, x, xi, r)
+                                } else {
+                                    qgemm::gemm_avx2::<{ qdot::$c }>(packed, n, x, xi, r)
+                                }
+                            });
+                        },)*
+                        _ => unreachable!(),
+                    },
+                    _ => match qdot_k::code(f) {
+                        $(qdot_k::$k => {
+                            // SAFETY: VNNI detected (bounds are checked by the callees).
+                            unsafe { qgemm_k::pack_k::<{ qdot_k::$k }>(w, n, packed_k) };
+                            // SAFETY: as above; `packed_k` holds the `n` rows of format `f`.
+                            tiles(&|x, xi, r| unsafe {
+                                if vn {
+                                    qgemm_k::gemm_k_vnni::<{ qdot_k::$k }>(packed_k, n, x, xi, r)
+                                } else {
+                                    qgemm_k::gemm_k_avx2::<{ qdot_k::$k }>(packed_k, n, x, xi, r)
+                                }
+                            });
+                        },)*
+                        _ => unreachable!(),
+                    },
+                }
+            };
+        }
+        go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
     });
 }
 

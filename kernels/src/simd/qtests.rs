@@ -1,7 +1,7 @@
 //! Tests of the quantized matmul's kernels against their portable references, bit for
 //! bit: the activation quantizer, and every x86 kernel at every instruction set this CPU
 //! has (AVX2 and, when present, VNNI), whatever the process level, for 1 and 4 rows at
-//! once, and the VNNI GEMM; plus the level's dispatch (`qdot::matmul_task`). Weights are
+//! once, and the VNNI GEMMs; plus the level's dispatch (`qdot::matmul_task`). Weights are
 //! random bytes with finite random scales (every code pattern, `Q8_0`'s -128 included)
 //! and the reference quantizers' output.
 
@@ -222,19 +222,26 @@ fn matmul_task_matches_reference_at_this_level() {
     }
 }
 
-/// The VNNI GEMM (packed weights, interleaved activations, 4 x 2 tiles and their edges)
-/// against the reference, when the CPU has VNNI, whatever the process level.
+/// Whether this CPU has the AVX2 level's features, and VNNI's.
+#[cfg(target_arch = "x86_64")]
+fn isas() -> (bool, bool) {
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+    let vnni = avx2
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl");
+    (avx2, vnni)
+}
+
+/// The GEMMs of the 32-value formats (packed weights, interleaved activations, register
+/// tiles and their edges) against the reference, at each ISA this CPU has, whatever the
+/// process level.
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn vnni_gemm_matches_reference_bit_for_bit() {
+fn gemm_matches_reference_bit_for_bit_at_every_isa() {
     use super::x86::{qdot as k32, qgemm};
-    if !(is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
+    let (avx2, has_vnni) = isas();
+    if !avx2 {
         return;
     }
     let mut rng = Rng(17);
@@ -251,29 +258,104 @@ fn vnni_gemm_matches_reference_bit_for_bit() {
                 // SAFETY: AVX2 detected.
                 unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * stride..][..stride]) };
             }
-            let mut packed = qgemm::Packed::default();
-            let mut res = vec![f32::NAN; n * m];
-            macro_rules! run {
-                ($c:ident) => {{
-                    // SAFETY: VNNI, BW, VL, AVX2, FMA, F16C detected (bounds checked).
-                    unsafe {
-                        qgemm::pack::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
-                        qgemm::gemm::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+            let rb = f.row_bytes(cols).unwrap();
+            for vn in [false, true] {
+                if (vn && !has_vnni) || (!vn && f == QFormat::Q8_0) {
+                    continue;
+                }
+                let mut packed = qgemm::Packed::default();
+                let mut res = vec![f32::NAN; n * m];
+                macro_rules! run {
+                    ($c:ident) => {{
+                        // SAFETY: the ISA's features were detected (bounds checked).
+                        unsafe {
+                            if vn {
+                                qgemm::pack_vnni::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                                qgemm::gemm_vnni::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                            } else {
+                                qgemm::pack_avx2::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
+                                qgemm::gemm_avx2::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                            }
+                        }
+                    }};
+                }
+                match k32::code(f) {
+                    k32::Q4_0 => run!(Q4_0),
+                    k32::Q4_1 => run!(Q4_1),
+                    k32::Q5_0 => run!(Q5_0),
+                    k32::Q5_1 => run!(Q5_1),
+                    _ => run!(Q8_0),
+                }
+                for j in 0..n {
+                    for i in 0..m {
+                        let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                        assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
                     }
-                }};
+                }
             }
-            match k32::code(f) {
-                k32::Q4_0 => run!(Q4_0),
-                k32::Q4_1 => run!(Q4_1),
-                k32::Q5_0 => run!(Q5_0),
-                k32::Q5_1 => run!(Q5_1),
-                _ => run!(Q8_0),
+        }
+    }
+}
+
+/// The k-quants' GEMMs against the reference, at each ISA this CPU has.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn k_gemm_matches_reference_bit_for_bit_at_every_isa() {
+    use super::x86::{qdot_k as kk, qgemm, qgemm_k};
+    let (avx2, has_vnni) = isas();
+    if !avx2 {
+        return;
+    }
+    let mut rng = Rng(19);
+    for f in [QFormat::Q2_K, QFormat::Q3_K, QFormat::Q4_K, QFormat::Q5_K, QFormat::Q6_K] {
+        for (cols, from_floats) in [(256, false), (768, true), (1536, false)] {
+            let (n, m) = (5, 11);
+            let data = if from_floats {
+                let v: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+                QMatrix::from_f32(f, n, cols, &v).unwrap().into_data()
+            } else {
+                random_blocks(f, n, cols, &mut rng)
+            };
+            let x = activations(m * cols, &mut rng);
+            let input = QInput::new(f, &x, m, cols).unwrap();
+            let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+            let mut xi = vec![0i8; m * cols];
+            for i in 0..m {
+                // SAFETY: AVX2 detected.
+                unsafe { qgemm::interleave(&input.qs[i * cols..][..cols], &mut xi[i * cols..][..cols]) };
             }
             let rb = f.row_bytes(cols).unwrap();
-            for j in 0..n {
-                for i in 0..m {
-                    let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
-                    assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} cols {cols} ({i}, {j})");
+            for vn in [false, true] {
+                if vn && !has_vnni {
+                    continue;
+                }
+                let mut packed = qgemm_k::PackedK::default();
+                let mut res = vec![f32::NAN; n * m];
+                macro_rules! run {
+                    ($c:ident) => {{
+                        // SAFETY: the ISA's features were detected (bounds checked).
+                        unsafe {
+                            qgemm_k::pack_k::<{ kk::$c }>(&data, n, &mut packed);
+                            if vn {
+                                qgemm_k::gemm_k_vnni::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
+                            } else {
+                                qgemm_k::gemm_k_avx2::<{ kk::$c }>(&packed, n, &rows, &xi, &mut res);
+                            }
+                        }
+                    }};
+                }
+                match kk::code(f) {
+                    kk::Q2_K => run!(Q2_K),
+                    kk::Q3_K => run!(Q3_K),
+                    kk::Q4_K => run!(Q4_K),
+                    kk::Q5_K => run!(Q5_K),
+                    _ => run!(Q6_K),
+                }
+                for j in 0..n {
+                    for i in 0..m {
+                        let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                        assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
+                    }
                 }
             }
         }

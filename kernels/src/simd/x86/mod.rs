@@ -4,13 +4,15 @@
 //! (the AVX2 group encoder and decoder), [`quant512`] (the AVX-512 group encoder and
 //! decoder), [`attention`] (fused attention over packed K/V), [`matmul`] (the
 //! register blocks of `linear_rows`), [`qdot`] (the quantized matmul's 32-value formats
-//! at the AVX2 and VNNI levels, and its activation quantizer), [`qgemm`] (their VNNI GEMM
-//! for many activation rows) and [`qdot_k`] (its k-quants).
+//! at the AVX2 and VNNI levels, and its activation quantizer), [`qgemm`] (their GEMM for
+//! many activation rows, VNNI or AVX2), [`qdot_k`] (its k-quants) and [`qgemm_k`] (their
+//! GEMM).
 
 pub(crate) mod attention;
 pub(crate) mod matmul;
 pub(crate) mod qdot;
 pub(crate) mod qdot_k;
 pub(crate) mod qgemm;
+pub(crate) mod qgemm_k;
 pub(crate) mod quant;
 pub(crate) mod quant512;

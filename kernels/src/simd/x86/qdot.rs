@@ -35,6 +35,8 @@ pub(crate) fn code(f: QFormat) -> u8 {
 /// The integer instructions one level uses. Implementations are `#[inline(always)]` and
 /// run only inside the entry points below, compiled with the level's features.
 pub(crate) trait Isa {
+    /// Whether `vpdpbusd` is available (the GEMMs then accumulate with it).
+    const VNNI: bool;
     /// Whether `Q8_0` weights are unpacked biased (`w + 128`, unsigned; the sums then
     /// lose `128 * sum(x)`), else signed.
     const Q8_BIASED: bool;
@@ -53,6 +55,7 @@ pub(crate) struct Avx2;
 pub(crate) struct Vnni;
 
 impl Isa for Avx2 {
+    const VNNI: bool = false;
     const Q8_BIASED: bool = false;
     #[inline(always)]
     unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {
@@ -82,6 +85,7 @@ impl Isa for Avx2 {
 }
 
 impl Isa for Vnni {
+    const VNNI: bool = true;
     const Q8_BIASED: bool = true;
     #[inline(always)]
     unsafe fn dot(a: __m256i, b: __m256i) -> __m256i {
@@ -197,10 +201,12 @@ unsafe fn block_sums<const F: u8, const R: usize, I: Isa>(
                 }
             }
         }
-        std::array::from_fn(|r| {
+        let mut out = [z; R];
+        for r in 0..R {
             let (a, b) = (half[r][0], half[r][1]);
-            _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b))
-        })
+            out[r] = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(a, b), _mm256_permute2x128_si256::<0x31>(a, b));
+        }
+        out
     }
 }
 
@@ -216,20 +222,18 @@ pub(crate) const fn block_bytes<const F: u8>() -> usize {
 }
 
 /// The f32 scales and (for `Q4_1`/`Q5_1`) minimums of the `cnt` (1..=8) blocks at
-/// `blk`, lanes past `cnt` zero: one gather of the first 4 bytes of each block.
+/// `blk`, lanes past `cnt` zero, from the first 4 bytes of each block.
 ///
 /// # Safety
 /// AVX2 and F16C; `cnt` whole blocks of format `F` at `blk`.
 #[inline(always)]
 pub(crate) unsafe fn scales<const F: u8>(blk: *const u8, cnt: usize) -> (__m256, __m256) {
-    let bb = block_bytes::<F>() as i32;
-    // SAFETY: the gather reads 4 bytes at the start of each of the `cnt` blocks (lanes
-    // past `cnt` are masked off and read nothing).
+    let bb = block_bytes::<F>();
+    // SAFETY: reads 4 bytes at the start of each of the `cnt` blocks (a gather
+    // instruction is slower here).
     unsafe {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lanes);
-        let offsets = _mm256_mullo_epi32(lanes, _mm256_set1_epi32(bb));
-        let v = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), blk as *const i32, offsets, mask);
+        let rd = |t: usize| if t < cnt { std::ptr::read_unaligned(blk.add(t * bb) as *const i32) } else { 0 };
+        let v = _mm256_setr_epi32(rd(0), rd(1), rd(2), rd(3), rd(4), rd(5), rd(6), rd(7));
         let low = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
         // [d0..d4, m0..m4 | d4..d8, m4..m8] as u16, then [d0..d8, m0..m8].
         let halves = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(low, _mm256_srli_epi32::<16>(v)));
@@ -379,10 +383,11 @@ pub(crate) unsafe fn quantize_span(x: &[f32], q: &mut [i8], per: usize, sums: &m
     let id = _mm256_set1_ps(127.0 / amax);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (b, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
-        // SAFETY: 32 values in `xb`, 32 bytes in `qb`.
-        let v: [__m256i; 4] = std::array::from_fn(|k| unsafe {
-            _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb.as_ptr().add(8 * k)), id))
-        });
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (k, v) in v.iter_mut().enumerate() {
+            // SAFETY: 32 values in `xb`.
+            *v = _mm256_cvtps_epi32(_mm256_mul_ps(unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) }, id));
+        }
         let bytes = _mm256_permutevar8x32_epi32(
             _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
             perm,

@@ -72,6 +72,75 @@ unsafe fn bits(v: __m256i, shift: i32, mask: i8) -> __m256i {
     unsafe { _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(mask)) }
 }
 
+/// 32 bytes of `b` from `o` (bounds-checked).
+///
+/// # Safety
+/// AVX (the callers').
+#[inline(always)]
+unsafe fn load32(b: &[u8], o: usize) -> __m256i {
+    // SAFETY: the slice bounds are checked.
+    unsafe { _mm256_loadu_si256(b[o..o + 32].as_ptr() as *const __m256i) }
+}
+
+/// The 256 codes of the super-block `blk` of format `F` as unsigned bytes in value
+/// order (`Q6_K`: `q + 32`, `Q3_K`: `q + 4`), 32 per vector.
+///
+/// # Safety
+/// AVX2; `blk` is a whole block of format `F`.
+#[inline(always)]
+pub(crate) unsafe fn unpack_k<const F: u8>(blk: &[u8]) -> [__m256i; 8] {
+    // SAFETY: every load reads within `blk` (offsets per layout).
+    unsafe {
+        let mut out = [_mm256_setzero_si256(); 8];
+        match F {
+            Q4_K | Q5_K => {
+                let five = F == Q5_K;
+                let hb = if five { load32(blk, 16) } else { _mm256_setzero_si256() };
+                for c in 0..4 {
+                    let q = load32(blk, if five { 48 } else { 16 } + 32 * c);
+                    let mut lo = _mm256_and_si256(q, _mm256_set1_epi8(0x0F));
+                    let mut hi = bits(q, 4, 0x0F);
+                    if five {
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(bits(hb, 2 * c as i32, 1)));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16::<4>(bits(hb, 2 * c as i32 + 1, 1)));
+                    }
+                    (out[2 * c], out[2 * c + 1]) = (lo, hi);
+                }
+            }
+            Q6_K => {
+                for h in 0..2 {
+                    let (a, b2, hv) = (load32(blk, 64 * h), load32(blk, 64 * h + 32), load32(blk, 128 + 32 * h));
+                    for k in 0..4 {
+                        let src = if k % 2 == 0 { a } else { b2 };
+                        let nib =
+                            if k < 2 { _mm256_and_si256(src, _mm256_set1_epi8(0x0F)) } else { bits(src, 4, 0x0F) };
+                        out[4 * h + k] = _mm256_or_si256(nib, _mm256_slli_epi16::<4>(bits(hv, 2 * k as i32, 3)));
+                    }
+                }
+            }
+            Q2_K => {
+                for h in 0..2 {
+                    let qv = load32(blk, 16 + 32 * h);
+                    for k in 0..4 {
+                        out[4 * h + k] = bits(qv, 2 * k as i32, 3);
+                    }
+                }
+            }
+            _ => {
+                let hm = load32(blk, 0);
+                for h in 0..2 {
+                    let qv = load32(blk, 32 + 32 * h);
+                    for k in 0..4 {
+                        let high = _mm256_slli_epi16::<2>(bits(hm, (4 * h + k) as i32, 1));
+                        out[4 * h + k] = _mm256_or_si256(bits(qv, 2 * k as i32, 3), high);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The integer sums `(isum, msum)` of one super-block `blk` with `R` activation rows'
 /// super-block `b` (as `simd::qref::ints_k`).
 ///
@@ -175,7 +244,11 @@ unsafe fn sums<const F: u8, const R: usize>(blk: &[u8], xs: &[InRow<'_>; R], b: 
                 }
             }
         }
-        (std::array::from_fn(|r| hsum_i32(acc[r]) - isum_off[r]), msum)
+        let mut isum = [0i32; R];
+        for r in 0..R {
+            isum[r] = hsum_i32(acc[r]) - isum_off[r];
+        }
+        (isum, msum)
     }
 }
 
