@@ -152,10 +152,8 @@ fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
     if avx2() {
         if kind == InputKind::Q8x32 {
             for (b, (xb, qb)) in x.chunks_exact(QK).zip(r.qs.chunks_exact_mut(QK)).enumerate() {
-                // SAFETY: AVX2 and FMA detected; 32 values, 32 codes, one sum.
-                let d = unsafe { qdot::quantize_span(xb, qb, QK, &mut r.sums[b..b + 1]) };
-                r.d[b] = d;
-                r.s[b] = d * r.sums[b] as f32;
+                // SAFETY: AVX2 and FMA detected; 32 values, 32 codes.
+                (r.d[b], r.sums[b], r.s[b]) = unsafe { qdot::quantize32(xb, qb) };
             }
             if !r.qsi.is_empty() {
                 // SAFETY: AVX2 detected; bounds are checked by the callee.
@@ -164,7 +162,7 @@ fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
         } else {
             for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(r.qs.chunks_exact_mut(QK_K)).enumerate() {
                 // SAFETY: AVX2 and FMA detected; 256 values, 256 codes, 16 sums.
-                r.d[b] = unsafe { qdot::quantize_span(xb, qb, 16, &mut r.sums[b * 16..][..16]) };
+                r.d[b] = unsafe { qdot::quantize256(xb, qb, &mut r.sums[b * 16..][..16]) };
             }
             if !r.qsi.is_empty() {
                 // SAFETY: AVX2 detected; bounds are checked by the callee.

@@ -15,6 +15,7 @@
 
 use super::ggml::{InputKind, QFormat, QInput, QK, QK_K, f16_at, k_scale_min, q3k_scale};
 use super::scalar::hsum8;
+use half::f16;
 
 /// One row of a [`QInput`].
 #[derive(Clone, Copy)]
@@ -46,22 +47,46 @@ impl QInput {
     }
 }
 
-/// Quantizes one block of activations into `q`: returns the scale and the sum of the
-/// codes (see [`QInput`]).
-pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+/// Quantizes one 32-value block of activations into `q` as ggml's `q8_0`/`q8_1` do (so a
+/// product equals llama.cpp's and candle's up to the order of float additions): the scale
+/// `d = max|x| / 127` is stored rounded to f16, the codes are `round(x / d)` with the
+/// unrounded `d` (half away from zero), and `s`, the scale times the code sum, is
+/// `f16(f16(sum) * d)`. Returns `(d, sum, s)`.
+pub(crate) fn quantize_block32(x: &[f32], q: &mut [i8]) -> (f32, i32, f32) {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
-    if amax == 0.0 {
-        q.fill(0);
-        return (0.0, 0);
-    }
-    let id = 127.0 / amax;
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0;
     for (o, &v) in q.iter_mut().zip(x) {
-        let c = ((v * id).round_ties_even() as i32).clamp(-127, 127);
+        let c = (v * id).round() as i32;
         sum += c;
         *o = c as i8;
     }
-    (amax / 127.0, sum)
+    let dh = f16::from_f32(d).to_f32();
+    (dh, sum, f16::from_f32(f16::from_f32(sum as f32).to_f32() * dh).to_f32())
+}
+
+/// Quantizes one 256-value block of activations into `q` as ggml's `q8_K` does: with
+/// `max` the value of largest magnitude (the first one), `iscale = -127 / max`, the codes
+/// are `round(iscale * x)` (half away from zero, at most 127) and the scale `1 / iscale`
+/// (f32). Returns the scale.
+pub(crate) fn quantize_block256(x: &[f32], q: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (iscale * v).round().min(127.0) as i8;
+    }
+    1.0 / iscale
 }
 
 /// The buffers of one row of a [`QInput`] (see its fields).
@@ -79,15 +104,12 @@ pub(crate) fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
     match kind {
         InputKind::Q8x32 => {
             for (b, (xb, qb)) in x.chunks_exact(QK).zip(r.qs.chunks_exact_mut(QK)).enumerate() {
-                let (d, sum) = quantize_block(xb, qb);
-                r.d[b] = d;
-                r.sums[b] = sum;
-                r.s[b] = d * sum as f32;
+                (r.d[b], r.sums[b], r.s[b]) = quantize_block32(xb, qb);
             }
         }
         InputKind::Q8x256 => {
             for (b, (xb, qb)) in x.chunks_exact(QK_K).zip(r.qs.chunks_exact_mut(QK_K)).enumerate() {
-                (r.d[b], _) = quantize_block(xb, qb);
+                r.d[b] = quantize_block256(xb, qb);
                 for (k, c) in qb.chunks_exact(16).enumerate() {
                     r.sums[b * 16 + k] = c.iter().map(|&v| v as i32).sum();
                 }

@@ -88,14 +88,36 @@ fn quantized_codes_and_sums_are_consistent() {
             let codes = &r.qs[b * QK..][..QK];
             assert_eq!(r.sums[b], codes.iter().map(|&c| c as i32).sum::<i32>());
             let amax = x[i * 512 + b * QK..][..QK].iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert_eq!(r.d[b], amax / 127.0);
+            // ggml's q8_0 / q8_1: the scale stored in f16, the codes from the f32 scale.
+            let d = amax / 127.0;
+            assert_eq!(r.d[b], half::f16::from_f32(d).to_f32());
+            let s = half::f16::from_f32(half::f16::from_f32(r.sums[b] as f32).to_f32() * r.d[b]).to_f32();
+            assert_eq!(r.s[b], s);
             for (e, &c) in codes.iter().enumerate() {
                 let v = x[i * 512 + b * QK + e];
-                assert!((v - c as f32 * r.d[b]).abs() <= r.d[b] * 0.5001, "{v} vs {c}");
+                assert!((v - c as f32 * d).abs() <= d * 0.5001, "{v} vs {c}");
             }
         }
         assert!(r.d[512 / QK..].iter().all(|&d| d == 0.0), "padding");
     }
+}
+
+/// Halves round away from zero (ggml's `roundf`), at every level; k-quant activations take
+/// the sign of the value of largest magnitude (ggml's `q8_K`: `iscale = -127 / max`).
+#[test]
+fn activation_codes_round_halves_away_from_zero_as_ggml_does() {
+    // One block whose scale is exactly 1: 127 is the largest magnitude.
+    let mut x = vec![0f32; 256];
+    x[..8].copy_from_slice(&[127.0, 2.5, -2.5, 1.5, -0.5, 0.5, 3.49, -3.51]);
+    let q = QInput::new(QFormat::Q8_0, &x, 1, 256).unwrap();
+    let r = q.row(0);
+    assert_eq!(r.d[0], 1.0);
+    assert_eq!(r.qs[..8], [127, 3, -3, 2, -1, 1, 3, -4]);
+    let q = QInput::new(QFormat::Q4_K, &x, 1, 256).unwrap();
+    let r = q.row(0);
+    assert_eq!(r.d[0], -1.0, "iscale = -127 / 127");
+    assert_eq!(r.qs[..8], [-127, -3, 3, -2, 1, -1, -3, 4]);
+    assert_eq!(r.sums[0], r.qs[..16].iter().map(|&c| c as i32).sum::<i32>());
 }
 
 /// The x86 kernels at each instruction set of this CPU, against `qref::dot_row`.

@@ -1,13 +1,18 @@
-//! The CPU backend: f32 weights on the host, row-independent matmuls
-//! ([`linear_rows`]), attention in each sequence's cache on the host. Its results do not
-//! depend on the batch a row is in, so a sequence decodes bit-identically alone or batched
-//! (greedy decoding, preemption and migration rely on it).
+//! The CPU backend: the weights on the host as their file stores them (a GGUF's quantized
+//! blocks, or f32), row-independent matmuls over them ([`qmat::linear_input`]: each
+//! activation row quantized once per matrix input and reused by the matrices that share
+//! it, integer dot products, the kernels' thread pool), attention in each sequence's cache
+//! on the host. Results do not depend on the batch a row is in, so a sequence decodes
+//! bit-identically alone or batched (greedy decoding, preemption and migration rely on it).
+
+use std::cell::RefCell;
+
+use qaq_kernels::qmat::{self, InputKind, QInput, QMatrix};
 
 use super::backend::Backend;
 use super::decoder::{self, BatchItem, Ops, Plan};
-use super::weights::{HostWeights, Mat};
-use super::{LlamaConfig, Result};
-use qaq_kernels::simd::linear_rows;
+use super::weights::HostWeights;
+use super::{LlamaConfig, ModelError, Result};
 
 /// RoPE tables: `cos` and `sin` for every position and rotary pair, `[context, head_dim / 2]`.
 #[derive(Debug)]
@@ -99,43 +104,62 @@ impl CpuPass<'_> {
     }
 }
 
-/// `x · wᵀ (+ bias)` for `m` rows of `x`.
-fn apply(w: &Mat, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut out = vec![0f32; m * w.rows];
-    linear_rows(x, m, &w.data, w.rows, w.cols, &mut out);
+/// Activations about to meet weight matrices: the f32 rows, and their quantized form for
+/// the last input kind asked (Q, K and V share one; so do gate and up).
+pub struct Operand {
+    x: Vec<f32>,
+    m: usize,
+    quantized: RefCell<Option<(InputKind, QInput)>>,
+}
+
+fn kernel(e: qaq_kernels::KernelError) -> ModelError {
+    ModelError::Format(e.to_string())
+}
+
+/// `x · wᵀ (+ bias)` for the rows of `x`.
+fn apply(w: &QMatrix, x: &Operand, bias: Option<&[f32]>) -> Result<Vec<f32>> {
+    let kind = w.format().input_kind();
+    let mut q = x.quantized.borrow_mut();
+    if q.as_ref().is_none_or(|(k, _)| *k != kind) {
+        *q = Some((kind, QInput::new(w.format(), &x.x, x.m, w.cols()).map_err(kernel)?));
+    }
+    let (_, input) = q.as_ref().expect("quantized above");
+    let mut out = vec![0f32; x.m * w.rows()];
+    qmat::linear_input(w, input, &mut out).map_err(kernel)?;
     if let Some(b) = bias {
-        for row in out.chunks_exact_mut(w.rows) {
+        for row in out.chunks_exact_mut(w.rows()) {
             for (o, b) in row.iter_mut().zip(b) {
                 *o += b;
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-        let r = 1.0 / (ms + eps).sqrt();
+        // Rounded as candle's `rms_norm` is: quantized matmuls round their inputs to 8 bits,
+        // and a last-bit difference here can flip a code there.
+        let rms = (row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32 + eps).sqrt();
         for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
-            *o = v * r * g;
+            *o = v / rms * g;
         }
     }
     out
 }
 
 impl Ops for CpuPass<'_> {
-    type Mat = Mat;
+    type Mat = QMatrix;
     type Vec = Vec<f32>;
     type Buf = Vec<f32>;
-    type In = Vec<f32>;
+    type In = Operand;
 
-    fn embed(&self, table: &Mat) -> Result<Vec<f32>> {
-        let h = table.cols;
-        let mut x = Vec::with_capacity(self.n() * h);
-        for &t in &self.plan.ids {
-            x.extend_from_slice(&table.data[t as usize * h..][..h]);
+    fn embed(&self, table: &QMatrix) -> Result<Vec<f32>> {
+        let h = table.cols();
+        let mut x = vec![0f32; self.n() * h];
+        for (&t, row) in self.plan.ids.iter().zip(x.chunks_exact_mut(h)) {
+            table.dequantize_row(t as usize, row).map_err(kernel)?;
         }
         Ok(x)
     }
@@ -144,12 +168,12 @@ impl Ops for CpuPass<'_> {
         Ok(rms_norm(x, w, self.b.cfg.rms_eps as f32))
     }
 
-    fn operand(&self, x: Vec<f32>) -> Result<Vec<f32>> {
-        Ok(x)
+    fn operand(&self, x: Vec<f32>) -> Result<Operand> {
+        Ok(Operand { m: self.n(), x, quantized: RefCell::new(None) })
     }
 
-    fn linear(&self, w: &Mat, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> Result<Vec<f32>> {
-        Ok(apply(w, x, self.n(), bias.map(Vec::as_slice)))
+    fn linear(&self, w: &QMatrix, x: &Operand, bias: Option<&Vec<f32>>) -> Result<Vec<f32>> {
+        apply(w, x, bias.map(Vec::as_slice))
     }
 
     fn rope(&self, x: &mut Vec<f32>, heads: usize) -> Result<()> {
@@ -186,13 +210,13 @@ impl Ops for CpuPass<'_> {
         Ok(out)
     }
 
-    fn logits(&self, x: &Vec<f32>, norm: &Vec<f32>, head: &Mat, rows: &[usize]) -> Result<Vec<f32>> {
+    fn logits(&self, x: &Vec<f32>, norm: &Vec<f32>, head: &QMatrix, rows: &[usize]) -> Result<Vec<f32>> {
         let h = self.b.cfg.hidden_size;
         let mut sel = Vec::with_capacity(rows.len() * h);
         for &r in rows {
             sel.extend_from_slice(&x[r * h..][..h]);
         }
         let sel = rms_norm(&sel, norm, self.b.cfg.rms_eps as f32);
-        Ok(apply(head, &sel, rows.len(), None))
+        apply(head, &Operand { m: rows.len(), x: sel, quantized: RefCell::new(None) }, None)
     }
 }

@@ -23,7 +23,9 @@ use qaq_kernels::cuda::{Blas, Gpu};
 use super::backend::Backend;
 use super::decoder::{self, Attended, BatchItem, Ops, Plan};
 use super::kv::{DeviceCall, DeviceTier};
-use super::weights::{HostWeights, Mat, Weights};
+use qaq_kernels::qmat::QMatrix;
+
+use super::weights::{HostWeights, Weights};
 use super::{LlamaConfig, ModelError, Result};
 
 fn dev(e: KernelError) -> ModelError {
@@ -76,9 +78,10 @@ impl GpuBackend {
         let name = gpu.name().unwrap_or_else(|_| "unknown GPU".to_string());
         let bytes = std::cell::Cell::new(0usize);
         let weights = host.map(
-            |m: &Mat| -> Result<DevMat> {
-                bytes.set(bytes.get() + m.data.len() * 2);
-                Ok(DevMat { data: gpu.upload(&f16_bits(&m.data)).map_err(dev)?, rows: m.rows, cols: m.cols })
+            |m: &QMatrix| -> Result<DevMat> {
+                let (rows, cols) = (m.rows(), m.cols());
+                bytes.set(bytes.get() + rows * cols * 2);
+                Ok(DevMat { data: gpu.upload(&f16_bits(&m.dequantize())).map_err(dev)?, rows, cols })
             },
             |v: &Vec<f32>| -> Result<CudaSlice<f32>> {
                 bytes.set(bytes.get() + v.len() * 4);

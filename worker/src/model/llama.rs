@@ -56,10 +56,16 @@ impl Llama {
         Ok(Self { cfg, backend })
     }
 
-    /// A CPU model from HF-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
+    /// A CPU model from HF-named f32 weights (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn from_weights(cfg: LlamaConfig, w: HashMap<String, Tensor>) -> Result<Self> {
         cfg.validate()?;
         let weights = HostWeights::from_hf(&cfg, w)?;
+        Self::from_host(cfg, weights)
+    }
+
+    /// A CPU model over host weights (as loaded: GGUF matrices stay quantized).
+    pub fn from_host(cfg: LlamaConfig, weights: HostWeights) -> Result<Self> {
+        cfg.validate()?;
         Self::new(cfg.clone(), Box::new(CpuBackend::new(cfg, weights)))
     }
 

@@ -1,6 +1,6 @@
-//! Loads llama-family models from a GGUF file (quantized weights are
-//! dequantized to f32 once) or an HF safetensors folder (`config.json`,
-//! `model.safetensors` or sharded `model-*.safetensors`, `tokenizer.json`).
+//! Loads llama-family models from a GGUF file (matrices stay in their quantized GGUF
+//! format: [`qaq_kernels::qmat::QMatrix`]) or an HF safetensors folder (`config.json`,
+//! `model.safetensors` or sharded `model-*.safetensors`, `tokenizer.json`; f32).
 //!
 //! Weights are normalised to HF names and layout. llama.cpp stores the Q and K
 //! projections of llama-architecture models with rows permuted for
@@ -11,10 +11,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
+use qaq_kernels::qmat::{QFormat, QMatrix};
 
 use super::tokenizer::TextTokenizer;
+use super::weights::{HostTensor, HostWeights};
 use super::{Llama, LlamaConfig, ModelError, Result};
 
 /// A model ready to serve.
@@ -35,22 +37,33 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io { path: path.display().to_string(), source }
 }
 
-/// Loads a model from a `.gguf` file or an HF folder.
+/// Loads a model from a `.gguf` file or an HF folder, on the CPU.
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
-    let (cfg, weights, tokenizer) = load_weights(path)?;
+    let (cfg, tensors, tokenizer) = read_model(path)?;
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    Ok(LoadedModel { name, model: Llama::from_weights(cfg, weights)?, tokenizer })
+    let weights = HostWeights::from_named(&cfg, tensors)?;
+    Ok(LoadedModel { name, model: Llama::from_host(cfg, weights)?, tokenizer })
 }
 
-/// Loads the configuration, HF-named f32 weights and tokenizer.
+/// Loads the configuration, the HF-named weights dequantized to f32, and the tokenizer
+/// (the reference the tests give candle's f32 llama).
 pub fn load_weights(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>, TextTokenizer)> {
+    let (cfg, tensors, tokenizer) = read_model(path)?;
+    let w = tensors.into_iter().map(|(k, t)| Ok((k, t.to_tensor()?))).collect::<Result<_>>()?;
+    Ok((cfg, w, tokenizer))
+}
+
+/// Reads the configuration, the HF-named tensors as the host keeps them, and the tokenizer.
+pub fn read_model(path: &Path) -> Result<(LlamaConfig, HashMap<String, HostTensor>, TextTokenizer)> {
     if !path.exists() {
         Err(ModelError::Format(format!(
             "{} does not exist (run scripts/fetch-model.sh for the default model)",
             path.display()
         )))
     } else if path.is_dir() {
-        load_hf_dir(path)
+        let (cfg, w, tok) = load_hf_dir(path)?;
+        let tensors = w.iter().map(|(k, t)| Ok((k.clone(), HostTensor::from_tensor(t)?))).collect::<Result<_>>()?;
+        Ok((cfg, tensors, tok))
     } else if path.extension().is_some_and(|e| e == "gguf") {
         load_gguf(path)
     } else {
@@ -67,7 +80,40 @@ fn md_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
     Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from)).or_else(|_| v.to_i32().map(|x| x as u64))? as usize)
 }
 
-fn load_gguf(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>, TextTokenizer)> {
+/// The GGUF type of a tensor as a matrix format of the kernels.
+fn format(dtype: GgmlDType) -> Result<QFormat> {
+    Ok(match dtype {
+        GgmlDType::F32 => QFormat::F32,
+        GgmlDType::F16 => QFormat::F16,
+        GgmlDType::BF16 => QFormat::BF16,
+        GgmlDType::Q4_0 => QFormat::Q4_0,
+        GgmlDType::Q4_1 => QFormat::Q4_1,
+        GgmlDType::Q5_0 => QFormat::Q5_0,
+        GgmlDType::Q5_1 => QFormat::Q5_1,
+        GgmlDType::Q8_0 => QFormat::Q8_0,
+        GgmlDType::Q2K => QFormat::Q2_K,
+        GgmlDType::Q3K => QFormat::Q3_K,
+        GgmlDType::Q4K => QFormat::Q4_K,
+        GgmlDType::Q5K => QFormat::Q5_K,
+        GgmlDType::Q6K => QFormat::Q6_K,
+        other => return Err(ModelError::Format(format!("weights of GGUF type {other:?} are not supported"))),
+    })
+}
+
+/// A GGUF tensor as the host keeps it: a matrix in its own format (rows of whole blocks,
+/// the bytes as stored), a vector as f32.
+fn host_tensor(name: &str, q: QTensor) -> Result<HostTensor> {
+    let err = |e: &dyn std::fmt::Display| ModelError::Format(format!("tensor {name}: {e}"));
+    Ok(match *q.shape().dims() {
+        [rows, cols] => {
+            let data = q.data().map_err(|e| err(&e))?.into_owned();
+            HostTensor::Mat(QMatrix::new(format(q.dtype())?, rows, cols, data).map_err(|e| err(&e))?)
+        }
+        _ => HostTensor::Vec(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
+    })
+}
+
+fn load_gguf(path: &Path) -> Result<(LlamaConfig, HashMap<String, HostTensor>, TextTokenizer)> {
     let mut f = File::open(path).map_err(io(path))?;
     let c = gguf_file::Content::read(&mut f).map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
     let arch = md(&c, "general.architecture")?.to_string()?.clone();
@@ -95,10 +141,9 @@ fn load_gguf(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>, TextT
         tie_embeddings: !c.tensor_infos.contains_key("output.weight"),
     };
     cfg.validate()?;
-    let dev = Device::Cpu;
-    let mut get = |name: &str| -> Result<Tensor> {
-        let q = c.tensor(&mut f, name, &dev).map_err(|e| ModelError::Format(format!("tensor {name}: {e}")))?;
-        Ok(q.dequantize(&dev)?)
+    let mut get = |name: &str| -> Result<HostTensor> {
+        let q = c.tensor(&mut f, name, &Device::Cpu).map_err(|e| ModelError::Format(format!("tensor {name}: {e}")))?;
+        host_tensor(name, q)
     };
     let permuted = arch != "qwen2";
     let mut w = HashMap::new();
@@ -123,7 +168,7 @@ fn load_gguf(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>, TextT
         }
         let (q, k) = (get(&format!("{g}.attn_q.weight"))?, get(&format!("{g}.attn_k.weight"))?);
         let (q, k) = if permuted {
-            (unpermute(&q, cfg.n_heads, head_dim)?, unpermute(&k, cfg.n_kv_heads, head_dim)?)
+            (unpermute(q, cfg.n_heads, head_dim)?, unpermute(k, cfg.n_kv_heads, head_dim)?)
         } else {
             (q, k)
         };
@@ -143,10 +188,26 @@ fn load_gguf(path: &Path) -> Result<(LlamaConfig, HashMap<String, Tensor>, TextT
 }
 
 /// Inverse of llama.cpp's Q/K row permutation: rows grouped per head as
-/// `[head, half, 2]` go back to `[head, 2, half]`.
-pub fn unpermute(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    Ok(w.reshape((heads, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+/// `[head, half, 2]` go back to `[head, 2, half]` (whole rows move, so a quantized matrix
+/// is permuted as stored).
+pub fn unpermute(w: HostTensor, heads: usize, head_dim: usize) -> Result<HostTensor> {
+    let HostTensor::Mat(mut m) = w else {
+        return Err(ModelError::Format("a Q or K projection must be a matrix".into()));
+    };
+    m.permute_rows(&unpermutation(heads, head_dim)).map_err(|e| ModelError::Format(e.to_string()))?;
+    Ok(HostTensor::Mat(m))
+}
+
+/// Row `i` of the HF layout is row `unpermutation(..)[i]` of llama.cpp's.
+pub fn unpermutation(heads: usize, head_dim: usize) -> Vec<usize> {
+    let half = head_dim / 2;
+    (0..heads * head_dim)
+        .map(|r| {
+            let (head, within) = (r / head_dim, r % head_dim);
+            let (two, i) = (within / half, within % half);
+            head * head_dim + i * 2 + two
+        })
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
@@ -238,8 +299,8 @@ mod tests {
             .reshape((heads * hd, cols))
             .unwrap();
         assert_ne!(permuted.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
-        let back = unpermute(&permuted, heads, hd).unwrap();
-        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+        let back = unpermute(HostTensor::from_tensor(&permuted).unwrap(), heads, hd).unwrap();
+        assert_eq!(back.to_tensor().unwrap().to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
     }
 
     #[test]

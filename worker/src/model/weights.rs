@@ -1,12 +1,14 @@
 //! A llama-family model's weights, generic over where they live: [`Weights<M, V>`] with
-//! matrices `M` and vectors `V`. The loader builds [`HostWeights`] (row-major f32 on the
-//! host, HF layout); a backend keeps them (the CPU) or maps them into its own memory once
-//! (a GPU: [`Weights::map`]). The decoder stack ([`super::decoder`]) reads either through
-//! the backend's operations, so it is written once.
+//! matrices `M` and vectors `V`. The loader builds [`HostWeights`]: matrices as their file
+//! stores them ([`QMatrix`]: a GGUF's quantized blocks as they are, or f32 from
+//! safetensors), vectors as f32, HF layout; a backend keeps them (the CPU) or maps them
+//! into its own memory once (a GPU: [`Weights::map`]). The decoder stack
+//! ([`super::decoder`]) reads either through the backend's operations, so it is written once.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use qaq_kernels::qmat::{QFormat, QMatrix};
 
 use super::{LlamaConfig, ModelError, Result};
 
@@ -78,77 +80,129 @@ impl<M, V> Weights<M, V> {
     }
 }
 
-/// A weight matrix `[rows, cols]`, row-major f32, on the host.
+/// Weights as loaded, on the host.
+pub type HostWeights = Weights<QMatrix, Vec<f32>>;
+
+/// One tensor of a model file as the host keeps it: a matrix in its file's format, or a
+/// vector of f32 (norms, biases).
 #[derive(Debug)]
-pub struct Mat {
-    pub data: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
+pub enum HostTensor {
+    Mat(QMatrix),
+    Vec(Vec<f32>),
 }
 
-/// Weights as loaded: f32 on the host.
-pub type HostWeights = Weights<Mat, Vec<f32>>;
+fn kernel(e: qaq_kernels::KernelError) -> ModelError {
+    ModelError::Format(e.to_string())
+}
 
-fn vec1(t: Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+impl HostTensor {
+    /// An f32 tensor of one or two dimensions (a matrix keeps f32).
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = t.to_dtype(DType::F32)?.contiguous()?;
+        Ok(match *t.dims() {
+            [rows, cols] => {
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                HostTensor::Mat(QMatrix::from_f32(QFormat::F32, rows, cols, &v).map_err(kernel)?)
+            }
+            _ => HostTensor::Vec(t.flatten_all()?.to_vec1::<f32>()?),
+        })
+    }
+
+    /// The tensor dequantized to f32 (a reference in tests).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Ok(match self {
+            HostTensor::Mat(m) => Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?,
+            HostTensor::Vec(v) => Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?,
+        })
+    }
 }
 
 impl HostWeights {
-    /// Builds the weights from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`,
+    /// Builds the weights from HF-named f32 tensors (`model.layers.N.self_attn.q_proj.weight`,
     /// ...), checking every shape against `cfg`.
-    pub fn from_hf(cfg: &LlamaConfig, mut w: HashMap<String, Tensor>) -> Result<Self> {
-        let mut take = |name: &str| -> Result<Tensor> {
-            let t = w.remove(name).ok_or_else(|| ModelError::Format(format!("missing tensor {name}")))?;
-            Ok(t.to_dtype(DType::F32)?.contiguous()?)
-        };
+    pub fn from_hf(cfg: &LlamaConfig, w: HashMap<String, Tensor>) -> Result<Self> {
+        let named = w.iter().map(|(k, t)| Ok((k.clone(), HostTensor::from_tensor(t)?))).collect::<Result<_>>()?;
+        Self::from_named(cfg, named)
+    }
+
+    /// Builds the weights from HF-named host tensors, checking every shape against `cfg`.
+    pub fn from_named(cfg: &LlamaConfig, mut w: HashMap<String, HostTensor>) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let mat = |take: &mut dyn FnMut(&str) -> Result<Tensor>, name: &str, dims: [usize; 2]| -> Result<Mat> {
-            let t = take(name)?;
-            if t.dims() != dims {
-                return Err(ModelError::Format(format!("{name}: shape {:?}, expected {dims:?}", t.dims())));
-            }
-            let (rows, cols) = t.dims2()?;
-            Ok(Mat { data: vec1(t)?, rows, cols })
-        };
-        let norm = |take: &mut dyn FnMut(&str) -> Result<Tensor>, name: &str| -> Result<Vec<f32>> {
-            let v = vec1(take(name)?)?;
-            if v.len() != h {
-                return Err(ModelError::Format(format!("{name}: norm weights must have {h} values")));
-            }
-            Ok(v)
-        };
-        let embed = mat(&mut take, "model.embed_tokens.weight", [cfg.vocab_size, h])?;
+        let w = &mut w;
+        let embed = mat(w, "model.embed_tokens.weight", [cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_embeddings { None } else { Some(mat(w, "lm_head.weight", [cfg.vocab_size, h])?) };
         let (q_out, kv_out, inter) = (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.intermediate_size);
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            let mut bias = |name: &str| take(&format!("{p}.self_attn.{name}.bias")).ok().map(vec1).transpose();
-            let (bq, bk, bv) = (bias("q_proj")?, bias("k_proj")?, bias("v_proj")?);
+            let bias = |w: &mut HashMap<String, HostTensor>, name: &str, n: usize| {
+                let name = format!("{p}.self_attn.{name}.bias");
+                if w.contains_key(&name) { vector(w, &name, n).map(Some) } else { Ok(None) }
+            };
             layers.push(LayerWeights {
-                attn_norm: norm(&mut take, &format!("{p}.input_layernorm.weight"))?,
-                wq: mat(&mut take, &format!("{p}.self_attn.q_proj.weight"), [q_out, h])?,
-                wk: mat(&mut take, &format!("{p}.self_attn.k_proj.weight"), [kv_out, h])?,
-                wv: mat(&mut take, &format!("{p}.self_attn.v_proj.weight"), [kv_out, h])?,
-                bq,
-                bk,
-                bv,
-                wo: mat(&mut take, &format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
-                ffn_norm: norm(&mut take, &format!("{p}.post_attention_layernorm.weight"))?,
-                w_gate: mat(&mut take, &format!("{p}.mlp.gate_proj.weight"), [inter, h])?,
-                w_up: mat(&mut take, &format!("{p}.mlp.up_proj.weight"), [inter, h])?,
-                w_down: mat(&mut take, &format!("{p}.mlp.down_proj.weight"), [h, inter])?,
+                attn_norm: vector(w, &format!("{p}.input_layernorm.weight"), h)?,
+                wq: mat(w, &format!("{p}.self_attn.q_proj.weight"), [q_out, h])?,
+                wk: mat(w, &format!("{p}.self_attn.k_proj.weight"), [kv_out, h])?,
+                wv: mat(w, &format!("{p}.self_attn.v_proj.weight"), [kv_out, h])?,
+                bq: bias(w, "q_proj", q_out)?,
+                bk: bias(w, "k_proj", kv_out)?,
+                bv: bias(w, "v_proj", kv_out)?,
+                wo: mat(w, &format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
+                ffn_norm: vector(w, &format!("{p}.post_attention_layernorm.weight"), h)?,
+                w_gate: mat(w, &format!("{p}.mlp.gate_proj.weight"), [inter, h])?,
+                w_up: mat(w, &format!("{p}.mlp.up_proj.weight"), [inter, h])?,
+                w_down: mat(w, &format!("{p}.mlp.down_proj.weight"), [h, inter])?,
             });
         }
-        let lm_head =
-            if cfg.tie_embeddings { None } else { Some(mat(&mut take, "lm_head.weight", [cfg.vocab_size, h])?) };
-        let norm = norm(&mut take, "model.norm.weight")?;
+        let norm = vector(w, "model.norm.weight", h)?;
         Ok(Self { embed, layers, norm, lm_head })
+    }
+
+    /// Bytes of every matrix and vector (what a forward pass reads, at most).
+    pub fn bytes(&self) -> usize {
+        let vec = |v: &Vec<f32>| 4 * v.len();
+        let opt = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, vec);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<usize>()
+                    + vec(&l.attn_norm)
+                    + vec(&l.ffn_norm)
+                    + opt(&l.bq)
+                    + opt(&l.bk)
+                    + opt(&l.bv)
+            })
+            .sum();
+        self.embed.bytes() + self.lm_head.as_ref().map_or(0, QMatrix::bytes) + vec(&self.norm) + layers
+    }
+}
+
+/// Takes matrix `name` of shape `dims` out of `w`.
+fn mat(w: &mut HashMap<String, HostTensor>, name: &str, dims: [usize; 2]) -> Result<QMatrix> {
+    match w.remove(name) {
+        Some(HostTensor::Mat(m)) if [m.rows(), m.cols()] == dims => Ok(m),
+        Some(HostTensor::Mat(m)) => {
+            Err(ModelError::Format(format!("{name}: shape {:?}, expected {dims:?}", [m.rows(), m.cols()])))
+        }
+        Some(HostTensor::Vec(v)) => {
+            Err(ModelError::Format(format!("{name}: a vector of {}, expected a matrix {dims:?}", v.len())))
+        }
+        None => Err(ModelError::Format(format!("missing tensor {name}"))),
+    }
+}
+
+/// Takes vector `name` of `n` values out of `w`.
+fn vector(w: &mut HashMap<String, HostTensor>, name: &str, n: usize) -> Result<Vec<f32>> {
+    match w.remove(name) {
+        Some(HostTensor::Vec(v)) if v.len() == n => Ok(v),
+        Some(_) => Err(ModelError::Format(format!("{name}: must be a vector of {n} values"))),
+        None => Err(ModelError::Format(format!("missing tensor {name}"))),
     }
 }
 
 /// Random HF-named weights for a config (deterministic; for tests and benches).
 pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
-    use candle_core::Device;
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = |dims: &[usize], scale: f32| {

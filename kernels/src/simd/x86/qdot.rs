@@ -356,52 +356,97 @@ pub(crate) fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b00_00_00_01>(s)))
 }
 
-/// Quantizes `x` (a multiple of 32 values, one scale for all of them) into `q` exactly
-/// as `simd::qref::quantize_block` does, and writes the sum of every `per` (16 or 32)
-/// codes into `sums`; returns the scale.
+/// `round(v)`, half away from zero (Rust's `f32::round`), in every lane: the nearest
+/// integer, except that an exact half goes to the integer away from zero.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn round_away(v: __m256) -> __m256 {
+    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    let nearest = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+    let sign = _mm256_set1_ps(-0.0);
+    // v - t is exact (|v| < 2^23 here); a half is the only case the two roundings differ on.
+    let half = _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), _mm256_set1_ps(0.5));
+    let away = _mm256_add_ps(t, _mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(1.0)));
+    _mm256_blendv_ps(nearest, away, half)
+}
+
+/// The codes `round(x * scale)` of 32 values as bytes (in order) and their sum.
 ///
 /// # Safety
-/// AVX2 and FMA; `q.len() == x.len()`, a multiple of 32; `sums` holds `x.len() / per`
-/// entries.
+/// AVX2 and FMA; `x` and `q` hold 32 values.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn quantize_span(x: &[f32], q: &mut [i8], per: usize, sums: &mut [i32]) -> f32 {
-    let n = x.len();
+unsafe fn codes32(x: &[f32], scale: __m256, q: &mut [i8]) -> (i32, i32) {
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut v = [_mm256_setzero_si256(); 4];
+    for (k, v) in v.iter_mut().enumerate() {
+        // SAFETY: 32 values in `x`.
+        let xs = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) };
+        *v = _mm256_cvtps_epi32(round_away(_mm256_mul_ps(xs, scale)));
+    }
+    let bytes =
+        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])), perm);
+    // SAFETY: `q` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes) };
+    (hsum_i32(_mm256_add_epi32(v[0], v[1])), hsum_i32(_mm256_add_epi32(v[2], v[3])))
+}
+
+/// The largest magnitude of the values of `x` (a multiple of 8).
+///
+/// # Safety
+/// AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn amax(x: &[f32]) -> f32 {
     let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        // SAFETY: i + 8 <= n.
-        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) }));
-        i += 8;
+    for c in x.chunks_exact(8) {
+        // SAFETY: 8 values.
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, unsafe { _mm256_loadu_ps(c.as_ptr()) }));
     }
-    let amax = hmax(m);
+    hmax(m)
+}
+
+/// One 32-value block quantized exactly as `simd::qref::quantize_block32` does:
+/// `(d, sum, s)`.
+///
+/// # Safety
+/// AVX2 and FMA; `x` and `q` hold 32 values.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize32(x: &[f32], q: &mut [i8]) -> (f32, i32, f32) {
+    // SAFETY: the caller's contract.
+    let d = unsafe { amax(x) } / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // SAFETY: the caller's contract.
+    let (lo, hi) = unsafe { codes32(x, _mm256_set1_ps(id), q) };
+    let sum = lo + hi;
+    let dh = half::f16::from_f32(d).to_f32();
+    (dh, sum, half::f16::from_f32(half::f16::from_f32(sum as f32).to_f32() * dh).to_f32())
+}
+
+/// One 256-value block quantized exactly as `simd::qref::quantize_block256` does, the
+/// sums of every 16 codes into `sums`; returns the scale.
+///
+/// # Safety
+/// AVX2 and FMA; `x` and `q` hold 256 values, `sums` 16.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize256(x: &[f32], q: &mut [i8], sums: &mut [i32]) -> f32 {
+    // SAFETY: the caller's contract.
+    let amax = unsafe { amax(x) };
     if amax == 0.0 {
         q.fill(0);
         sums.fill(0);
         return 0.0;
     }
-    let id = _mm256_set1_ps(127.0 / amax);
-    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // The first value of that magnitude, with its sign (the reference's scan).
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+    let iscale = -127.0 / max;
     for (b, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
-        let mut v = [_mm256_setzero_si256(); 4];
-        for (k, v) in v.iter_mut().enumerate() {
-            // SAFETY: 32 values in `xb`.
-            *v = _mm256_cvtps_epi32(_mm256_mul_ps(unsafe { _mm256_loadu_ps(xb.as_ptr().add(8 * k)) }, id));
-        }
-        let bytes = _mm256_permutevar8x32_epi32(
-            _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3])),
-            perm,
-        );
-        // SAFETY: `qb` holds 32 bytes.
-        unsafe { _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes) };
-        let lo = hsum_i32(_mm256_add_epi32(v[0], v[1]));
-        let hi = hsum_i32(_mm256_add_epi32(v[2], v[3]));
-        if per == 16 {
-            sums[2 * b] = lo;
-            sums[2 * b + 1] = hi;
-        } else {
-            sums[b] = lo + hi;
-        }
+        // SAFETY: 32 values and codes; |iscale * x| <= 127 up to rounding, and the
+        // packs saturate at 127 exactly as the reference's `min(127)`.
+        let (lo, hi) = unsafe { codes32(xb, _mm256_set1_ps(iscale), qb) };
+        sums[2 * b] = lo;
+        sums[2 * b + 1] = hi;
     }
-    amax / 127.0
+    1.0 / iscale
 }
