@@ -19,6 +19,8 @@
 //! [`QaqCache::with_host`].
 
 mod fp16;
+#[cfg(test)]
+mod identity_tests;
 mod kivi;
 mod layers;
 pub mod mirror;

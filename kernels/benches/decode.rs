@@ -1,0 +1,289 @@
+//! One decode step of one sequence as the worker runs it, per policy, at 2k and 8k
+//! tokens of context, on the default model's shape (SmolLM2-135M: 30 layers, 3 KV heads,
+//! 9 query heads, head_dim 64): per layer `append` (one token) and `attend_rows` (one
+//! query row), then `end_step`, then the engine's accounting calls (`bytes_used` five
+//! times, `fp16_equivalent_bytes`, `host_bytes` twice, `counters`), as the engine makes
+//! them each step.
+//!
+//! Criterion times whole steps (`decode_step/<policy>/T<n>`); the `SUMMARY` lines give
+//! the breakdown of the same caches, as medians over measured steps:
+//! - `append`: the 30 appends;
+//! - `attend`: the 30 `attend_rows` calls (attention plus, QAQ, window and ||Q||^2
+//!   bookkeeping);
+//! - `kernel`: the attention kernel alone over the same streams (cloned), one thread,
+//!   after the measured steps; `attend - kernel` is what the cache adds around it;
+//! - `end_step`: QAQ's re-quantization (every `every` steps);
+//! - `stats`: the engine's accounting calls.
+//!
+//! And a prefill chunk (`attend_rows` of 64 rows over the whole context, all layers).
+//!
+//! Data: synthetic, shaped like real post-RoPE K/V (per head a few channels with large
+//! offsets, channel scales from 0.3 to 2), queries with a persistent direction per head
+//! plus fresh noise each step (attention concentrated on a few hundred tokens, the
+//! pattern drifting from step to step), and an attention sink at token 0.
+//!
+//! Environment: `QAQ_DECODE_T` (comma-separated contexts, default `2048,8192`),
+//! `QAQ_DECODE_POLICIES` (comma-separated policy strings, default
+//! `fp16,uniform:4,qaq-tuned`), `QAQ_DECODE_STEPS` (measured steps for the breakdown,
+//! default 12).
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use qaq_kernels::attention::{KStore, attend_packed};
+use qaq_kernels::cache::new_cache;
+use qaq_kernels::{CacheConfig, KvPolicy, PolicyCache};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const CFG: CacheConfig = CacheConfig { n_layers: 30, n_kv_heads: 3, n_q_heads: 9, head_dim: 64 };
+const D: usize = 64;
+const PREFILL_ROWS: usize = 64;
+
+/// Deterministic data shaped like a model's K/V/Q.
+struct Synth {
+    s: u64,
+    /// Per (layer, KV head): key channel offsets and scales, value scales, query direction.
+    koff: Vec<Vec<f32>>,
+    kscale: Vec<Vec<f32>>,
+    vscale: Vec<Vec<f32>>,
+    qdir: Vec<Vec<f32>>,
+}
+
+impl Synth {
+    fn new(seed: u64) -> Self {
+        let mut s = Synth { s: seed | 1, koff: vec![], kscale: vec![], vscale: vec![], qdir: vec![] };
+        for _ in 0..CFG.n_layers * CFG.n_kv_heads {
+            let ko: Vec<f32> = (0..D).map(|c| if c % 29 == 3 { 8.0 + 4.0 * s.u() } else { 0.5 * s.n() }).collect();
+            let ks: Vec<f32> = (0..D).map(|_| 0.3 + 1.7 * s.u()).collect();
+            let vs: Vec<f32> = (0..D).map(|_| 0.3 + 1.2 * s.u()).collect();
+            let qd: Vec<f32> = (0..D).map(|_| 1.6 * s.n()).collect();
+            s.koff.push(ko);
+            s.kscale.push(ks);
+            s.vscale.push(vs);
+            s.qdir.push(qd);
+        }
+        s
+    }
+    fn u(&mut self) -> f32 {
+        self.s ^= self.s << 13;
+        self.s ^= self.s >> 7;
+        self.s ^= self.s << 17;
+        (self.s >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Roughly standard normal (sum of four uniforms).
+    fn n(&mut self) -> f32 {
+        (self.u() + self.u() + self.u() + self.u() - 2.0) * 1.732
+    }
+    /// K and V rows of `n` tokens of `layer` starting at position `pos`.
+    fn kv(&mut self, layer: usize, pos: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut k, mut v) = (Vec::with_capacity(n * CFG.n_kv_heads * D), Vec::with_capacity(n * CFG.n_kv_heads * D));
+        for t in pos..pos + n {
+            for h in 0..CFG.n_kv_heads {
+                let i = layer * CFG.n_kv_heads + h;
+                for c in 0..D {
+                    let sink = if t == 0 { 0.4 * self.qdir[i][c] } else { 0.0 };
+                    k.push(self.koff[i][c] + self.kscale[i][c] * self.n() + sink);
+                    v.push(self.vscale[i][c] * self.n());
+                }
+            }
+        }
+        (k, v)
+    }
+    /// One query row (all query heads) of `layer`.
+    fn q(&mut self, layer: usize) -> Vec<f32> {
+        let g = CFG.group();
+        let mut q = Vec::with_capacity(CFG.n_q_heads * D);
+        for qh in 0..CFG.n_q_heads {
+            let i = layer * CFG.n_kv_heads + qh / g;
+            for c in 0..D {
+                q.push(self.qdir[i][c] * (1.0 + 0.1 * (qh % g) as f32) + 0.8 * self.n());
+            }
+        }
+        q
+    }
+}
+
+/// A cache of `t` tokens under `policy`: the prompt appended at once per layer, its last
+/// 8 rows attended (what feeds QAQ's windows after a prefill), one `end_step`, then 8
+/// decode steps so that the newest tokens' windows are full.
+fn build(policy: &str, t: usize, syn: &mut Synth) -> Box<dyn PolicyCache> {
+    let mut c = new_cache(CFG, policy.parse::<KvPolicy>().unwrap()).unwrap();
+    for layer in 0..CFG.n_layers {
+        let (k, v) = syn.kv(layer, 0, t);
+        c.append(layer, &k, &v).unwrap();
+        let q: Vec<f32> = (0..8).flat_map(|_| syn.q(layer)).collect();
+        c.attend_rows(layer, &q, 8).unwrap();
+    }
+    c.end_step().unwrap();
+    let mut sink = Times::default();
+    for _ in 0..8 {
+        step(&mut *c, syn, &mut sink);
+    }
+    c
+}
+
+#[derive(Default, Clone, Copy)]
+struct Times {
+    append: f64,
+    attend: f64,
+    end_step: f64,
+    stats: f64,
+}
+
+impl Times {
+    fn total(&self) -> f64 {
+        self.append + self.attend + self.end_step + self.stats
+    }
+}
+
+/// The engine's accounting calls of one step.
+fn engine_stats(c: &dyn PolicyCache) -> usize {
+    let mut x = 0;
+    for _ in 0..5 {
+        x += c.bytes_used();
+    }
+    x += c.fp16_equivalent_bytes();
+    x += c.host_bytes() + c.host_bytes();
+    x + c.counters().k_up as usize
+}
+
+/// One decode step; adds its parts' durations to `tm`.
+fn step(c: &mut dyn PolicyCache, syn: &mut Synth, tm: &mut Times) {
+    let pos = c.len(0);
+    for layer in 0..CFG.n_layers {
+        let (k, v) = syn.kv(layer, pos, 1);
+        let q = syn.q(layer);
+        let t0 = Instant::now();
+        c.append(layer, &k, &v).unwrap();
+        let t1 = Instant::now();
+        black_box(c.attend_rows(layer, &q, 1).unwrap());
+        let t2 = Instant::now();
+        tm.append += (t1 - t0).as_secs_f64();
+        tm.attend += (t2 - t1).as_secs_f64();
+    }
+    let t0 = Instant::now();
+    c.end_step().unwrap();
+    let t1 = Instant::now();
+    black_box(engine_stats(c));
+    let t2 = Instant::now();
+    tm.end_step += (t1 - t0).as_secs_f64();
+    tm.stats += (t2 - t1).as_secs_f64();
+}
+
+/// The attention kernel alone over clones of `c`'s streams (one query row per layer).
+fn kernel_time(c: &dyn PolicyCache, syn: &mut Synth) -> f64 {
+    let g = CFG.group();
+    let mut heads = Vec::new();
+    for layer in 0..CFG.n_layers {
+        for h in 0..CFG.n_kv_heads {
+            let (k, v) = c.streams(layer, h).unwrap();
+            heads.push((KStore::Packed(k.clone()), v.clone()));
+        }
+    }
+    let qs: Vec<Vec<f32>> = (0..CFG.n_layers).map(|l| c.decode_queries(l, &syn.q(l)).unwrap()).collect();
+    let t = c.len(0);
+    let (mut out, mut probs) = (vec![0f32; g * D], vec![0f32; g * t]);
+    let mut run = || {
+        for (i, (k, v)) in heads.iter().enumerate() {
+            let (l, h) = (i / CFG.n_kv_heads, i % CFG.n_kv_heads);
+            attend_packed(k, v, &qs[l][h * g * D..(h + 1) * g * D], g, &mut out, &mut probs);
+        }
+        black_box(&out);
+    };
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        run();
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name).unwrap_or_else(|_| default.into()).split(',').map(|s| s.trim().to_string()).collect()
+}
+
+fn bench_decode(c: &mut Criterion) {
+    let contexts: Vec<usize> = env_list("QAQ_DECODE_T", "2048,8192").iter().map(|s| s.parse().unwrap()).collect();
+    let policies = env_list("QAQ_DECODE_POLICIES", "fp16,uniform:4,qaq-tuned");
+    let steps: usize = std::env::var("QAQ_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    let mut rows = Vec::new();
+    for &t in &contexts {
+        for policy in &policies {
+            let mut syn = Synth::new(7);
+            let mut cache = build(policy, t, &mut syn);
+            let mut grp = c.benchmark_group("decode_step");
+            grp.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
+            grp.bench_function(format!("{policy}/T{t}"), |b| {
+                b.iter_custom(|iters| {
+                    let mut tm = Times::default();
+                    for _ in 0..iters {
+                        step(&mut *cache, &mut syn, &mut tm);
+                    }
+                    Duration::from_secs_f64(tm.total())
+                })
+            });
+            grp.finish();
+            let mut parts: Vec<Times> = Vec::new();
+            for _ in 0..steps {
+                let mut tm = Times::default();
+                step(&mut *cache, &mut syn, &mut tm);
+                parts.push(tm);
+            }
+            let kernel = kernel_time(&*cache, &mut syn);
+            let m = |f: fn(&Times) -> f64| median(parts.iter().map(f).collect()) * 1e3;
+            let s = cache.stats();
+            let row = format!(
+                "SUMMARY decode T={t:5} {policy:>10}: step {:7.2} ms = append {:5.2} + attend {:6.2} (kernel {:6.2}, \
+rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB",
+                m(Times::total),
+                m(|x| x.append),
+                m(|x| x.attend),
+                kernel * 1e3,
+                m(|x| x.attend) - kernel * 1e3,
+                m(|x| x.end_step),
+                m(|x| x.stats),
+                s.k.avg_bits(),
+                s.v.avg_bits(),
+                s.bytes_used() as f64 / 1e6,
+            );
+            println!("{row}");
+            rows.push(row);
+            // A prefill chunk over the whole context, all layers.
+            let tp = {
+                let t0 = Instant::now();
+                let pos = cache.len(0);
+                for layer in 0..CFG.n_layers {
+                    let (k, v) = syn.kv(layer, pos, PREFILL_ROWS);
+                    cache.append(layer, &k, &v).unwrap();
+                    let q: Vec<f32> = (0..PREFILL_ROWS).flat_map(|_| syn.q(layer)).collect();
+                    black_box(cache.attend_rows(layer, &q, PREFILL_ROWS).unwrap());
+                }
+                cache.end_step().unwrap();
+                t0.elapsed().as_secs_f64()
+            };
+            let row = format!(
+                "SUMMARY prefill T={t:5} {policy:>10}: chunk of {PREFILL_ROWS} rows (append + attend_rows, 30 layers, \
+end_step) {:8.2} ms",
+                tp * 1e3
+            );
+            println!("{row}");
+            rows.push(row);
+        }
+    }
+    println!("\n{}", rows.join("\n"));
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! { name = benches; config = config(); targets = bench_decode }
+criterion_main!(benches);
