@@ -61,6 +61,50 @@ impl Bytes {
     pub fn avg_bits(&self) -> f64 {
         if self.groups == 0 { 0.0 } else { self.width_sum as f64 / self.groups as f64 }
     }
+    /// Subtracts an account that is part of this one (the inverse of [`Bytes::add`];
+    /// exact, `paper_bits` being a sum of whole numbers).
+    pub(crate) fn sub(&mut self, o: &Bytes) {
+        self.codes -= o.codes;
+        self.padding -= o.padding;
+        self.metadata -= o.metadata;
+        self.outlier_values -= o.outlier_values;
+        self.outlier_indices -= o.outlier_indices;
+        self.paper_bits -= o.paper_bits;
+        self.groups -= o.groups;
+        self.values -= o.values;
+        self.width_sum -= o.width_sum;
+    }
+    /// Adds the account of one group of `d` values (`raw_only`: of an fp16-only stream).
+    fn add_group(&mut self, m: &GroupMeta, d: usize, raw_only: bool) {
+        self.groups += 1;
+        self.values += d;
+        self.width_sum += m.bits as usize;
+        let no = m.n_out as usize;
+        self.outlier_values += 2 * no;
+        self.outlier_indices += no;
+        if m.bits == RAW {
+            self.codes += 2 * d;
+            self.metadata += usize::from(!raw_only);
+            self.paper_bits += 16.0 * d as f64;
+        } else {
+            let bits = d * m.bits as usize;
+            self.codes += bits / 8;
+            self.padding += m.code_bytes(d) - bits / 8;
+            self.metadata += META_BYTES;
+            self.paper_bits += (m.bits as usize * (d - no)) as f64 + 32.0 + 16.0 * no as f64;
+        }
+    }
+    /// The account of one block.
+    fn of_block(b: &Block, d: usize, raw_only: bool) -> Bytes {
+        let mut a = Bytes::default();
+        if b.has_slack {
+            a.padding += SLACK;
+        }
+        for m in &b.meta {
+            a.add_group(m, d, raw_only);
+        }
+        a
+    }
     /// Sums two accounts.
     pub fn add(&mut self, o: &Bytes) {
         self.codes += o.codes;
@@ -85,13 +129,15 @@ pub struct PackedStream {
     len: usize,
     /// The buffers of the last block replaced by a rewrite, reused by the next one.
     spare: Block,
+    /// The byte account of `blocks`, kept up to date by every change.
+    acct: Bytes,
 }
 
 impl PackedStream {
     /// A stream of groups of `d` values. `raw_only` streams (fp16 baseline) hold only raw
     /// groups and store no per-group metadata.
     pub fn new(d: usize, spec: QuantSpec, raw_only: bool) -> Self {
-        PackedStream { d, spec, raw_only, blocks: Vec::new(), len: 0, spare: Block::default() }
+        PackedStream { d, spec, raw_only, blocks: Vec::new(), len: 0, spare: Block::default(), acct: Bytes::default() }
     }
     /// Group length.
     pub fn d(&self) -> usize {
@@ -124,12 +170,17 @@ impl PackedStream {
         if self.blocks.last().is_none_or(|b| b.len() >= BLOCK_TOKENS) {
             self.blocks.push(Block::default());
         }
-        let spec = self.spec;
+        let (spec, d, raw_only) = (self.spec, self.d, self.raw_only);
         let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        let had_slack = b.has_slack;
         b.strip_slack();
         let meta = quant::encode_group(x, bits, &spec, &mut b.codes, &mut b.out_idx, &mut b.out_val);
-        let res = meta.map(|m| b.meta.push(m));
+        let res = meta.map(|m| {
+            self.acct.add_group(&m, d, raw_only);
+            b.meta.push(m)
+        });
         b.add_slack();
+        self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
         if res.is_ok() {
             self.len += 1;
         }
@@ -154,6 +205,7 @@ impl PackedStream {
             let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
             let take = (BLOCK_TOKENS - b.len()).min(rest.len() / d);
             let (now, later) = rest.split_at(take * d);
+            let had_slack = b.has_slack;
             b.strip_slack();
             let before = b.meta.len();
             let res = quant::encode_groups_f16(
@@ -168,6 +220,10 @@ impl PackedStream {
             );
             self.len += b.meta.len() - before;
             b.add_slack();
+            for m in &b.meta[before..] {
+                self.acct.add_group(m, d, self.raw_only);
+            }
+            self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
             res?;
             rest = later;
         }
@@ -196,12 +252,15 @@ impl PackedStream {
             self.blocks.push(Block::default());
         }
         let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        let had_slack = b.has_slack;
         b.strip_slack();
         b.codes.extend_from_slice(codes);
         b.out_idx.extend_from_slice(out_idx);
         b.out_val.extend_from_slice(out_val);
         b.meta.push(meta);
         b.add_slack();
+        self.acct.add_group(&meta, self.d, self.raw_only);
+        self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
         self.len += 1;
         Ok(())
     }
@@ -299,12 +358,20 @@ impl PackedStream {
         nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
         nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
         nb.add_slack();
+        self.acct.sub(&Bytes::of_block(old, d, self.raw_only));
+        self.acct.add(&Bytes::of_block(&nb, d, self.raw_only));
         self.spare = std::mem::replace(&mut self.blocks[bi], nb);
         Ok(())
     }
 
-    /// Exact byte accounting.
+    /// Exact byte accounting (kept up to date by every change: O(1)).
     pub fn bytes(&self) -> Bytes {
+        self.acct
+    }
+
+    /// [`PackedStream::bytes`] recomputed from every group (the reference its
+    /// maintained account is tested against).
+    pub(crate) fn bytes_walk(&self) -> Bytes {
         let mut a = Bytes::default();
         let d = self.d;
         for b in &self.blocks {
@@ -350,6 +417,7 @@ mod tests {
         s.push(&x, 0).unwrap(); // 0 code bytes, 6 meta, 6 outlier bytes
         s.push(&x, RAW).unwrap(); // 128 code bytes, 1 width byte
         let b = s.bytes();
+        assert_eq!(b, s.bytes_walk());
         assert_eq!(b.codes, 24 + 128);
         assert_eq!(b.metadata, 6 + 6 + 1);
         assert_eq!(b.outlier_values, 2 * 2 * 2);
@@ -404,6 +472,8 @@ mod tests {
             assert_eq!(a.meta(t).unwrap().bits, want, "t {t}");
         }
         assert_eq!(a.bytes(), b.bytes());
+        assert_eq!(a.bytes(), a.bytes_walk());
+        assert_eq!(b.bytes(), b.bytes_walk());
     }
 
     #[test]

@@ -120,6 +120,10 @@ fn observe(c: &mut dyn PolicyCache, h: &mut Fnv, snapshot: bool) {
             let (k, v) = c.widths(layer, kv).unwrap();
             h.bytes(&k);
             h.bytes(&v);
+            if let Some((ks, vs)) = c.streams(layer, kv) {
+                assert_eq!(ks.bytes(), ks.bytes_walk(), "maintained key account");
+                assert_eq!(vs.bytes(), vs.bytes_walk(), "maintained value account");
+            }
             let [rk, rv] = c.take_rewrites(layer, kv).unwrap();
             for t in rk.iter().chain(&[u32::MAX]).chain(&rv) {
                 h.u64(*t as u64);
