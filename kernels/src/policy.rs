@@ -94,6 +94,31 @@ pub fn bits(r: f64, e: f64, formula: BitFormula, b_min: u8, b_max: u8) -> u8 {
     raw_bits(r, e, formula).clamp(b_min as i32, b_max as i32) as u8
 }
 
+/// [`bits`]`(r, e, ..)` without a division, from `x`, an approximation of `r / e`
+/// within a relative 1e-14 (such as `r * (1 / e)`, or `r * a * (1 / n)` for
+/// `e = n / a`: a few roundings, below 1e-15), or `None` when `x` is too close to a
+/// power of two (within a relative 2e-12, after the reference formula's `/ 2 + 1`) for
+/// that to be certain, or not a positive normal number (the caller then calls [`bits`]).
+///
+/// Why it is exact: the log2 argument `y` that [`bits`] computes is then within a
+/// relative 1e-14 of this function's `z` (`x`, or `x / 2 + 1`, whose own rounding adds
+/// 2.2e-16), so `y` has `z`'s binary exponent `E` and a fraction in `(1e-12, 1 - 1e-12)`,
+/// where [`ceil_log2`] answers `E + 1`, as this function does.
+#[inline]
+pub fn bits_near(x: f64, formula: BitFormula, b_min: u8, b_max: u8) -> Option<u8> {
+    let z = match formula {
+        BitFormula::Paper => x,
+        BitFormula::Reference => x * 0.5 + 1.0,
+    };
+    if !(z.is_normal() && z > 0.0) {
+        return None;
+    }
+    let b = z.to_bits();
+    let e = ((b >> 52) & 0x7ff) as i32 - 1023;
+    let f = f64::from_bits((b & ((1u64 << 52) - 1)) | (1023u64 << 52)) - 1.0;
+    (f > 2e-12 && f < 1.0 - 2e-12).then(|| (e + 1).clamp(b_min as i32, b_max as i32) as u8)
+}
+
 /// Where ||Q||^2 comes from.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum QNorm {
@@ -539,12 +564,14 @@ pub struct Windows {
     n: usize,
     vals: Vec<f32>,
     seen: Vec<u32>,
+    /// `seen % n` per token: the slot of the next push (kept, so a push divides nothing).
+    pos: Vec<u32>,
 }
 
 impl Windows {
     /// Windows of length `n`.
     pub fn new(n: usize) -> Self {
-        Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new() }
+        Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new(), pos: Vec::new() }
     }
     /// Window length, every token's ring and observation count (for snapshots).
     pub(crate) fn parts(&self) -> (usize, &[f32], &[u32]) {
@@ -552,19 +579,38 @@ impl Windows {
     }
     /// The inverse of [`Windows::parts`]; `None` when the lengths disagree.
     pub(crate) fn from_parts(n: usize, vals: Vec<f32>, seen: Vec<u32>) -> Option<Self> {
-        (n >= 1 && vals.len() == seen.len() * n).then_some(Windows { n, vals, seen })
+        let pos = seen.iter().map(|&s| (s as usize % n.max(1)) as u32).collect();
+        (n >= 1 && vals.len() == seen.len() * n).then_some(Windows { n, vals, seen, pos })
     }
     /// Makes room for `t` tokens.
     pub fn grow(&mut self, t: usize) {
         self.vals.resize(t * self.n, 0.0);
         self.seen.resize(t, 0);
+        self.pos.resize(t, 0);
     }
-    /// Pushes probability `p` for token `t`.
+    /// Pushes probability `p` for token `t` (into the slot `seen % n`; the count
+    /// saturates, and with it the slot).
     #[inline]
     pub fn push(&mut self, t: usize, p: f32) {
-        let slot = self.seen[t] as usize % self.n;
+        let slot = self.pos[t] as usize;
         self.vals[t * self.n + slot] = p;
-        self.seen[t] = self.seen[t].saturating_add(1);
+        if self.seen[t] != u32::MAX {
+            self.seen[t] += 1;
+            self.pos[t] = if slot + 1 == self.n { 0 } else { slot as u32 + 1 };
+        }
+    }
+    /// [`Windows::push`], then whether token `t`'s window is full and the maximum of its
+    /// window as a width decision reads it: [`Windows::max`], except that where
+    /// `f32::max` may pick either zero of a tie of +0 and -0, this picks the first seen
+    /// (a width reads any zero alike).
+    #[inline]
+    pub(crate) fn push_full_max(&mut self, t: usize, p: f32) -> (bool, f32) {
+        self.push(t, p);
+        let mut m = 0f32;
+        for &v in &self.vals[t * self.n..(t + 1) * self.n] {
+            m = if v > m { v } else { m };
+        }
+        (self.seen[t] as usize >= self.n, m)
     }
     /// Whether token `t` has `n` observations.
     pub fn full(&self, t: usize) -> bool {
@@ -613,6 +659,50 @@ mod tests {
         for v in [0.0, -0.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, f64::MIN_POSITIVE, f64::MAX] {
             check(v);
         }
+    }
+
+    /// [`bits_near`] from the products the caches use agrees with [`bits`] wherever it
+    /// answers: random and adversarial (near powers of two) ranges, attentions and
+    /// steps, both formulas, every clamp; and it answers almost everywhere.
+    #[test]
+    fn bits_near_is_bits_without_the_division() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut answered, mut total) = (0u64, 0u64);
+        for i in 0..400_000 {
+            let u = |v: u64| (v >> 11) as f64 / (1u64 << 53) as f64;
+            let (r, a, num) = ((u(next()) * 40.0) as f32, u(next()) as f32, 1e-4 + u(next()) * 0.5);
+            // Every fourth case: an attention that puts `r * a / num` on a power of two,
+            // give or take an ulp.
+            let a = if i % 4 == 0 && r > 0.0 {
+                let target = 2f64.powi((next() % 20) as i32 - 6);
+                let a0 = (target * num / r as f64) as f32;
+                f32::from_bits((a0.to_bits() as i64 + (next() % 3) as i64 - 1) as u32)
+            } else {
+                a
+            };
+            let (r, a) = (r as f64, a as f64);
+            for formula in [BitFormula::Paper, BitFormula::Reference] {
+                for (b_min, b_max) in [(0, 8), (1, 8), (2, 4)] {
+                    total += 1;
+                    let exact = bits(r, value_step_from(num, 1, a), formula, b_min, b_max);
+                    if let Some(b) = bits_near(r * a * (1.0 / num), formula, b_min, b_max) {
+                        answered += 1;
+                        assert_eq!(b, exact, "r {r} a {a} num {num} {formula:?}");
+                    }
+                    let ek = 0.05 + u(next());
+                    if let Some(b) = bits_near(r * (1.0 / ek), formula, b_min, b_max) {
+                        assert_eq!(b, bits(r, ek, formula, b_min, b_max), "r {r} e {ek} {formula:?}");
+                    }
+                }
+            }
+        }
+        assert!(answered as f64 > 0.7 * total as f64, "{answered} of {total}");
     }
 
     fn close(a: f64, b: f64) -> bool {

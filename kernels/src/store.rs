@@ -13,7 +13,7 @@ pub use crate::base::{Block, GroupRef, SLACK, Sink};
 
 use crate::base::StreamView;
 use crate::error::{KernelError, Result};
-use crate::quant::{self, GroupMeta, META_BYTES, OUTLIER_BYTES, QuantSpec, RAW};
+use crate::quant::{self, GroupMeta, META_BYTES, QuantSpec, RAW};
 use half::f16;
 
 /// Groups per block.
@@ -371,6 +371,7 @@ impl PackedStream {
 
     /// [`PackedStream::bytes`] recomputed from every group (the reference its
     /// maintained account is tested against).
+    #[cfg(test)]
     pub(crate) fn bytes_walk(&self) -> Bytes {
         let mut a = Bytes::default();
         let d = self.d;
@@ -398,7 +399,7 @@ impl PackedStream {
                 }
             }
         }
-        debug_assert_eq!(a.outlier_values + a.outlier_indices, OUTLIER_BYTES * (a.outlier_indices));
+        debug_assert_eq!(a.outlier_values + a.outlier_indices, quant::OUTLIER_BYTES * (a.outlier_indices));
         a
     }
 }

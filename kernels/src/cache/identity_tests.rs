@@ -177,13 +177,20 @@ fn step(c: &mut dyn PolicyCache, data: &mut Data, n: usize, mode: usize, h: &mut
 pub(super) fn run(policy: &str, steps: usize) -> u64 {
     let pol: KvPolicy = policy.parse().unwrap();
     let mut c = new_cache(CFG, pol).unwrap();
+    scenario(&mut *c, steps, |_, _| {})
+}
+
+/// The scenario on `c`, calling `each(step, hash so far)` after every step; returns the
+/// hash.
+fn scenario(c: &mut dyn PolicyCache, steps: usize, mut each: impl FnMut(usize, u64)) -> u64 {
+    let pol = *c.policy();
     c.track_rewrites();
     let mut data = Data::new(0x5eed);
     let mut h = Fnv::new();
     let snapshots = !matches!(pol, KvPolicy::Kivi(_));
-    step(&mut *c, &mut data, 48, 0, &mut h);
-    step(&mut *c, &mut data, 16, 0, &mut h);
-    observe(&mut *c, &mut h, snapshots);
+    step(c, &mut data, 48, 0, &mut h);
+    step(c, &mut data, 16, 0, &mut h);
+    observe(c, &mut h, snapshots);
     for s in 0..steps {
         let (n, mode) = match s % 37 {
             11 => (5, 0),
@@ -192,13 +199,14 @@ pub(super) fn run(policy: &str, steps: usize) -> u64 {
             _ if s % 7 == 4 => (1, 2),
             _ => (1, 0),
         };
-        step(&mut *c, &mut data, n, mode, &mut h);
+        step(c, &mut data, n, mode, &mut h);
         if s % 23 == 9 {
             let (freed, evicted) = c.evict_backups(3000);
             h.u64(freed as u64);
             h.u64(evicted);
         }
-        observe(&mut *c, &mut h, snapshots && s % 40 == 39);
+        observe(c, &mut h, snapshots && s % 40 == 39);
+        each(s, h.0);
     }
     h.0
 }
@@ -260,6 +268,25 @@ fn every_policy_computes_exactly_what_it_always_computed() {
         }
     }
     assert!(bad.is_empty(), "behaviour changed (level {:?}):\n{}", level(), bad.join("\n"));
+}
+
+/// The same scenario, step by step, on a cache that re-quantizes from the plans its
+/// attention makes and on one that evaluates every token at every step's end (the
+/// implementation before the plans): the same hash after every step, for every QAQ
+/// parameterisation, with most re-quantizations running from a plan.
+#[test]
+fn planned_requantization_decides_exactly_as_evaluating_every_token() {
+    for policy in POLICIES {
+        let KvPolicy::Qaq(p) = policy.parse::<KvPolicy>().unwrap() else { continue };
+        let mut reference = Vec::new();
+        let mut full = QaqCache::new(CFG, p).unwrap().without_plans();
+        scenario(&mut full, 300, |_, h| reference.push(h));
+        let mut fast = QaqCache::new(CFG, p).unwrap();
+        scenario(&mut fast, 300, |s, h| assert_eq!(h, reference[s], "{policy}: first difference after step {s}"));
+        let [planned, evaluated] = fast.paths();
+        assert_eq!(full.paths()[0], 0);
+        assert!(planned > 2 * evaluated, "{policy}: {planned} planned, {evaluated} evaluated");
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::error::{KernelError, Result};
 use crate::store::PackedStream;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// The storage of one KV head in one layer.
 #[derive(Clone, Debug)]
@@ -43,7 +44,14 @@ pub struct Layers {
     pub(crate) layers: Vec<Layer>,
     /// Steps ended.
     pub(crate) step: u64,
+    /// The probabilities of the last decode attention whose caller did not want them
+    /// (kept, so that a decode step allocates nothing that grows with the context).
+    pub(crate) scratch: Vec<f32>,
 }
+
+/// Contexts from which decode attention runs a layer's KV heads in parallel (below, a
+/// fork-join costs more than it saves).
+const PAR_MIN_TOKENS: usize = 256;
 
 impl std::fmt::Debug for Layers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,7 +97,7 @@ impl Layers {
             staged_k: Vec::new(),
             staged_v: Vec::new(),
         };
-        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0 }
+        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0, scratch: Vec::new() }
     }
 
     /// Shape.
@@ -207,24 +215,65 @@ impl Layers {
     }
 
     /// Attention of prepared decode queries ([`Layers::decode_queries`], then the
-    /// policy's preparation) over the packed cache of `layer`.
+    /// policy's preparation) over the packed cache of `layer`, with its probabilities.
     pub(crate) fn attend(&self, layer: usize, qs: &[f32]) -> Attention {
-        let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
-        let l = &self.layers[layer];
-        let t = l.len;
+        let (d, nq, t) = (self.cfg.head_dim, self.cfg.n_q_heads, self.layers[layer].len);
         let mut output = vec![0f32; nq * d];
         let mut probs = vec![0f32; nq * t];
-        for (h, hd) in l.heads.iter().enumerate() {
-            attention::attend_packed(
-                &hd.k,
-                &hd.v,
-                &qs[h * g * d..(h + 1) * g * d],
-                g,
-                &mut output[h * g * d..(h + 1) * g * d],
-                &mut probs[h * g * t..(h + 1) * g * t],
-            );
-        }
+        let mut none = vec![(); self.cfg.n_kv_heads];
+        self.attend_with(layer, qs, &mut output, &mut probs, &mut none, |_, _, _, _| {});
         Attention { output, probs }
+    }
+
+    /// [`Layers::attend`]'s output alone (its probabilities go to the scratch buffer).
+    pub(crate) fn attend_output(&mut self, layer: usize, qs: &[f32]) -> Vec<f32> {
+        let (d, nq, t) = (self.cfg.head_dim, self.cfg.n_q_heads, self.layers[layer].len);
+        let mut output = vec![0f32; nq * d];
+        let mut probs = std::mem::take(&mut self.scratch);
+        probs.resize(nq * t, 0.0);
+        let mut none = vec![(); self.cfg.n_kv_heads];
+        self.attend_with(layer, qs, &mut output, &mut probs, &mut none, |_, _, _, _| {});
+        self.scratch = probs;
+        output
+    }
+
+    /// Decode attention of `layer` (prepared queries `qs`): KV head `h`'s outputs into
+    /// `out[h * g * d..]` and its probabilities into `probs[h * g * T..]` (`probs` holds
+    /// at least `n_q_heads * T`), then `post(h, head, its probabilities, &mut states[h])`
+    /// (`states`: one per KV head). The heads run in parallel from [`PAR_MIN_TOKENS`]
+    /// tokens on; each head's results are the same whichever thread computes them.
+    pub(crate) fn attend_with<S: Send>(
+        &self,
+        layer: usize,
+        qs: &[f32],
+        out: &mut [f32],
+        probs: &mut [f32],
+        states: &mut [S],
+        post: impl Fn(usize, &Head, &[f32], &mut S) + Sync,
+    ) {
+        let (d, g) = (self.cfg.head_dim, self.cfg.group());
+        let l = &self.layers[layer];
+        let t = l.len;
+        assert!(
+            states.len() == l.heads.len() && out.len() >= l.heads.len() * g * d && probs.len() >= l.heads.len() * g * t
+        );
+        let one = |h: usize, hd: &Head, o: &mut [f32], p: &mut [f32], s: &mut S| {
+            attention::attend_packed(&hd.k, &hd.v, &qs[h * g * d..(h + 1) * g * d], g, o, p);
+            post(h, hd, p, s);
+        };
+        if t >= PAR_MIN_TOKENS && l.heads.len() > 1 {
+            l.heads
+                .par_iter()
+                .zip(out.par_chunks_mut(g * d))
+                .zip(probs.par_chunks_mut(g * t))
+                .zip(states.par_iter_mut())
+                .enumerate()
+                .for_each(|(h, (((hd, o), p), s))| one(h, hd, o, p, s));
+        } else {
+            for (h, (hd, s)) in l.heads.iter().zip(states.iter_mut()).enumerate() {
+                one(h, hd, &mut out[h * g * d..(h + 1) * g * d], &mut probs[h * g * t..(h + 1) * g * t], s);
+            }
+        }
     }
 
     /// Exact causal attention of the last `n_q` positions of `layer` (`q_rows`:

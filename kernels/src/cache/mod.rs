@@ -26,6 +26,7 @@ mod layers;
 pub mod mirror;
 mod policy_cache;
 mod qaq;
+mod requant;
 mod snapshot;
 #[cfg(test)]
 mod tests;
