@@ -22,6 +22,12 @@
 //! plus fresh noise each step (attention concentrated on a few hundred tokens, the
 //! pattern drifting from step to step), and an attention sink at token 0.
 //!
+//! With `QAQ_DECODE_DUMP=FILE` (a dump of a real prompt's K/V/Q, as
+//! `worker/examples/dump_kv.rs` writes it, at least as long as the largest context),
+//! the caches hold the model's real keys and values and decode with its real queries:
+//! the prompt's first `T` tokens are the context, the following ones the decoded tokens
+//! (from the dump's start again when it runs out).
+//!
 //! Environment: `QAQ_DECODE_T` (comma-separated contexts, default `2048,8192`),
 //! `QAQ_DECODE_POLICIES` (comma-separated policy strings, default
 //! `fp16,uniform:4,qaq-tuned`), `QAQ_DECODE_STEPS` (measured steps for the breakdown,
@@ -102,15 +108,84 @@ impl Synth {
     }
 }
 
+/// A real prompt's K, V and Q (`kernels/examples/kv_report.rs` describes the format).
+struct Dump {
+    t: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+impl Dump {
+    fn read(path: &str) -> Dump {
+        let b = std::fs::read(path).unwrap();
+        assert_eq!(&b[..8], b"QAQKVD01", "{path}: not a KV dump");
+        let h: Vec<usize> =
+            (0..5).map(|i| u32::from_le_bytes(b[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as usize).collect();
+        assert_eq!(
+            h[..4],
+            [CFG.n_layers, CFG.n_kv_heads, CFG.n_q_heads, CFG.head_dim],
+            "{path}: another model's shape"
+        );
+        let t = h[4];
+        let f = |from: usize, n: usize| -> Vec<f32> {
+            b[from..from + 4 * n].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        };
+        let (kv, qn) = (CFG.n_layers * t * CFG.n_kv_heads * D, CFG.n_layers * t * CFG.n_q_heads * D);
+        Dump { t, k: f(28, kv), v: f(28 + 4 * kv, kv), q: f(28 + 8 * kv, qn) }
+    }
+}
+
+/// Where the K/V/Q come from.
+enum Source {
+    Synth(Synth),
+    Dump(std::sync::Arc<Dump>),
+}
+
+impl Source {
+    fn new(dump: &Option<std::sync::Arc<Dump>>) -> Source {
+        match dump {
+            Some(d) => Source::Dump(d.clone()),
+            None => Source::Synth(Synth::new(7)),
+        }
+    }
+    fn kv(&mut self, layer: usize, pos: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Source::Synth(s) => s.kv(layer, pos, n),
+            Source::Dump(d) => {
+                let row = CFG.n_kv_heads * D;
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                for p in pos..pos + n {
+                    let o = (layer * d.t + p % d.t) * row;
+                    k.extend_from_slice(&d.k[o..o + row]);
+                    v.extend_from_slice(&d.v[o..o + row]);
+                }
+                (k, v)
+            }
+        }
+    }
+    /// The query row of `layer` at position `pos`.
+    fn q(&mut self, layer: usize, pos: usize) -> Vec<f32> {
+        match self {
+            Source::Synth(s) => s.q(layer),
+            Source::Dump(d) => {
+                let row = CFG.n_q_heads * D;
+                let o = (layer * d.t + pos % d.t) * row;
+                d.q[o..o + row].to_vec()
+            }
+        }
+    }
+}
+
 /// A cache of `t` tokens under `policy`: the prompt appended at once per layer, its last
 /// 8 rows attended (what feeds QAQ's windows after a prefill), one `end_step`, then 8
 /// decode steps so that the newest tokens' windows are full.
-fn build(policy: &str, t: usize, syn: &mut Synth) -> Box<dyn PolicyCache> {
+fn build(policy: &str, t: usize, syn: &mut Source) -> Box<dyn PolicyCache> {
     let mut c = new_cache(CFG, policy.parse::<KvPolicy>().unwrap()).unwrap();
     for layer in 0..CFG.n_layers {
         let (k, v) = syn.kv(layer, 0, t);
         c.append(layer, &k, &v).unwrap();
-        let q: Vec<f32> = (0..8).flat_map(|_| syn.q(layer)).collect();
+        let q: Vec<f32> = (t - 8..t).flat_map(|p| syn.q(layer, p)).collect();
         c.attend_rows(layer, &q, 8).unwrap();
     }
     c.end_step().unwrap();
@@ -147,11 +222,11 @@ fn engine_stats(c: &dyn PolicyCache) -> usize {
 }
 
 /// One decode step; adds its parts' durations to `tm`.
-fn step(c: &mut dyn PolicyCache, syn: &mut Synth, tm: &mut Times) {
+fn step(c: &mut dyn PolicyCache, syn: &mut Source, tm: &mut Times) {
     let pos = c.len(0);
     for layer in 0..CFG.n_layers {
         let (k, v) = syn.kv(layer, pos, 1);
-        let q = syn.q(layer);
+        let q = syn.q(layer, pos);
         let t0 = Instant::now();
         c.append(layer, &k, &v).unwrap();
         let t1 = Instant::now();
@@ -170,7 +245,7 @@ fn step(c: &mut dyn PolicyCache, syn: &mut Synth, tm: &mut Times) {
 }
 
 /// The attention kernel alone over clones of `c`'s streams (one query row per layer).
-fn kernel_time(c: &dyn PolicyCache, syn: &mut Synth) -> f64 {
+fn kernel_time(c: &dyn PolicyCache, syn: &mut Source) -> f64 {
     let g = CFG.group();
     let mut heads = Vec::new();
     for layer in 0..CFG.n_layers {
@@ -179,7 +254,8 @@ fn kernel_time(c: &dyn PolicyCache, syn: &mut Synth) -> f64 {
             heads.push((KStore::Packed(k.clone()), v.clone()));
         }
     }
-    let qs: Vec<Vec<f32>> = (0..CFG.n_layers).map(|l| c.decode_queries(l, &syn.q(l)).unwrap()).collect();
+    let pos = c.len(0);
+    let qs: Vec<Vec<f32>> = (0..CFG.n_layers).map(|l| c.decode_queries(l, &syn.q(l, pos)).unwrap()).collect();
     let t = c.len(0);
     let (mut out, mut probs) = (vec![0f32; g * D], vec![0f32; g * t]);
     let mut run = || {
@@ -211,10 +287,11 @@ fn bench_decode(c: &mut Criterion) {
     let contexts: Vec<usize> = env_list("QAQ_DECODE_T", "2048,8192").iter().map(|s| s.parse().unwrap()).collect();
     let policies = env_list("QAQ_DECODE_POLICIES", "fp16,uniform:4,qaq-tuned");
     let steps: usize = std::env::var("QAQ_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    let dump = std::env::var("QAQ_DECODE_DUMP").ok().map(|p| std::sync::Arc::new(Dump::read(&p)));
     let mut rows = Vec::new();
     for &t in &contexts {
         for policy in &policies {
-            let mut syn = Synth::new(7);
+            let mut syn = Source::new(&dump);
             let mut cache = build(policy, t, &mut syn);
             let mut grp = c.benchmark_group("decode_step");
             grp.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
@@ -229,17 +306,21 @@ fn bench_decode(c: &mut Criterion) {
             });
             grp.finish();
             let mut parts: Vec<Times> = Vec::new();
+            let c0 = cache.counters();
             for _ in 0..steps {
                 let mut tm = Times::default();
                 step(&mut *cache, &mut syn, &mut tm);
                 parts.push(tm);
             }
+            let c1 = cache.counters();
+            let moves = (c1.k_up + c1.k_down + c1.v_up + c1.v_down - c0.k_up - c0.k_down - c0.v_up - c0.v_down) as f64
+                / steps as f64;
             let kernel = kernel_time(&*cache, &mut syn);
             let m = |f: fn(&Times) -> f64| median(parts.iter().map(f).collect()) * 1e3;
             let s = cache.stats();
             let row = format!(
                 "SUMMARY decode T={t:5} {policy:>10}: step {:7.2} ms = append {:5.2} + attend {:6.2} (kernel {:6.2}, \
-rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB",
+rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB, {:.0} moves/step",
                 m(Times::total),
                 m(|x| x.append),
                 m(|x| x.attend),
@@ -250,6 +331,7 @@ rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB
                 s.k.avg_bits(),
                 s.v.avg_bits(),
                 s.bytes_used() as f64 / 1e6,
+                moves,
             );
             println!("{row}");
             rows.push(row);
@@ -260,7 +342,7 @@ rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB
                 for layer in 0..CFG.n_layers {
                     let (k, v) = syn.kv(layer, pos, PREFILL_ROWS);
                     cache.append(layer, &k, &v).unwrap();
-                    let q: Vec<f32> = (0..PREFILL_ROWS).flat_map(|_| syn.q(layer)).collect();
+                    let q: Vec<f32> = (pos..pos + PREFILL_ROWS).flat_map(|p| syn.q(layer, p)).collect();
                     black_box(cache.attend_rows(layer, &q, PREFILL_ROWS).unwrap());
                 }
                 cache.end_step().unwrap();
