@@ -5,13 +5,16 @@
 //! times, `fp16_equivalent_bytes`, `host_bytes` twice, `counters`), as the engine makes
 //! them each step.
 //!
-//! Criterion times whole steps (`decode_step/<policy>/T<n>`); the `SUMMARY` lines give
-//! the breakdown of the same caches, as medians over measured steps:
+//! Criterion times whole steps (`decode_step/<policy>/T<n>`, wall time); the `SUMMARY`
+//! lines give the breakdown of the same caches, as medians over measured steps, in wall
+//! time and in CPU time of all the process's threads (the work, whatever else runs on
+//! a shared machine; with the attention on two cores, its wall time is lower):
 //! - `append`: the 30 appends;
 //! - `attend`: the 30 `attend_rows` calls (attention plus, QAQ, window and ||Q||^2
 //!   bookkeeping);
 //! - `kernel`: the attention kernel alone over the same streams (cloned), one thread,
-//!   after the measured steps; `attend - kernel` is what the cache adds around it;
+//!   CPU time, after the measured steps; `attend - kernel` is what the cache adds
+//!   around it;
 //! - `end_step`: QAQ's re-quantization (every `every` steps);
 //! - `stats`: the engine's accounting calls.
 //!
@@ -31,7 +34,8 @@
 //! Environment: `QAQ_DECODE_T` (comma-separated contexts, default `2048,8192`),
 //! `QAQ_DECODE_POLICIES` (comma-separated policy strings, default
 //! `fp16,uniform:4,qaq-tuned`), `QAQ_DECODE_STEPS` (measured steps for the breakdown,
-//! default 12).
+//! default 12), `QAQ_DECODE_QUICK` (breakdown only: criterion's sampling cut short, no
+//! prefill chunk).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use qaq_kernels::attention::{KStore, attend_packed};
@@ -196,18 +200,52 @@ fn build(policy: &str, t: usize, syn: &mut Source) -> Box<dyn PolicyCache> {
     c
 }
 
+/// The parts of a step: append, attend, end_step, stats.
+const PARTS: usize = 4;
+
+/// Durations of a step's parts: wall time, and CPU time of all the process's threads
+/// (on a shared machine, the work the part costs whatever else runs).
 #[derive(Default, Clone, Copy)]
 struct Times {
-    append: f64,
-    attend: f64,
-    end_step: f64,
-    stats: f64,
+    wall: [f64; PARTS],
+    cpu: [f64; PARTS],
 }
 
 impl Times {
     fn total(&self) -> f64 {
-        self.append + self.attend + self.end_step + self.stats
+        self.wall.iter().sum()
     }
+    fn total_cpu(&self) -> f64 {
+        self.cpu.iter().sum()
+    }
+}
+
+/// A point in wall and process CPU time.
+struct Clock(Instant, f64);
+
+impl Clock {
+    fn now() -> Clock {
+        Clock(Instant::now(), proc_cpu())
+    }
+    /// Adds the time since `self` to part `i` of `tm`; returns now.
+    fn lap(self, tm: &mut Times, i: usize) -> Clock {
+        let now = Clock::now();
+        tm.wall[i] += (now.0 - self.0).as_secs_f64();
+        tm.cpu[i] += now.1 - self.1;
+        now
+    }
+}
+
+/// This thread's CPU time so far, seconds (the breakdown's steps run on one thread).
+fn proc_cpu() -> f64 {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn cpu_clock(id: libc::clockid_t) -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to write.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc == 0 { ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9 } else { 0.0 }
 }
 
 /// The engine's accounting calls of one step.
@@ -227,21 +265,17 @@ fn step(c: &mut dyn PolicyCache, syn: &mut Source, tm: &mut Times) {
     for layer in 0..CFG.n_layers {
         let (k, v) = syn.kv(layer, pos, 1);
         let q = syn.q(layer, pos);
-        let t0 = Instant::now();
+        let t = Clock::now();
         c.append(layer, &k, &v).unwrap();
-        let t1 = Instant::now();
+        let t = t.lap(tm, 0);
         black_box(c.attend_rows(layer, &q, 1).unwrap());
-        let t2 = Instant::now();
-        tm.append += (t1 - t0).as_secs_f64();
-        tm.attend += (t2 - t1).as_secs_f64();
+        t.lap(tm, 1);
     }
-    let t0 = Instant::now();
+    let t = Clock::now();
     c.end_step().unwrap();
-    let t1 = Instant::now();
+    let t = t.lap(tm, 2);
     black_box(engine_stats(c));
-    let t2 = Instant::now();
-    tm.end_step += (t1 - t0).as_secs_f64();
-    tm.stats += (t2 - t1).as_secs_f64();
+    t.lap(tm, 3);
 }
 
 /// The attention kernel alone over clones of `c`'s streams (one query row per layer).
@@ -267,11 +301,19 @@ fn kernel_time(c: &dyn PolicyCache, syn: &mut Source) -> f64 {
     };
     let mut best = f64::INFINITY;
     for _ in 0..5 {
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_time());
         run();
-        best = best.min(t0.elapsed().as_secs_f64());
+        let wall = t0.elapsed().as_secs_f64();
+        // On a shared machine, this thread's CPU time is closer to what the kernel costs
+        // than the wall time.
+        best = best.min(cpu_time().zip(c0).map_or(wall, |(b, a)| b - a));
     }
     best
+}
+
+/// This thread's CPU time so far, seconds.
+fn cpu_time() -> Option<f64> {
+    Some(cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -292,8 +334,14 @@ fn bench_decode(c: &mut Criterion) {
     for &t in &contexts {
         for policy in &policies {
             let mut syn = Source::new(&dump);
+            // A dump's last tokens are the decoded ones.
+            let t = dump.as_ref().map_or(t, |d| t.min(d.t.saturating_sub(96)));
+            let quick = std::env::var_os("QAQ_DECODE_QUICK").is_some();
             let mut cache = build(policy, t, &mut syn);
             let mut grp = c.benchmark_group("decode_step");
+            if quick {
+                grp.sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_millis(1));
+            }
             grp.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
             grp.bench_function(format!("{policy}/T{t}"), |b| {
                 b.iter_custom(|iters| {
@@ -307,27 +355,31 @@ fn bench_decode(c: &mut Criterion) {
             grp.finish();
             let mut parts: Vec<Times> = Vec::new();
             let c0 = cache.counters();
+            // On one thread (a pool of one, whose thread runs the step's parallel work
+            // itself), so that its CPU clock measures all of it.
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             for _ in 0..steps {
                 let mut tm = Times::default();
-                step(&mut *cache, &mut syn, &mut tm);
+                one.install(|| step(&mut *cache, &mut syn, &mut tm));
                 parts.push(tm);
             }
             let c1 = cache.counters();
             let moves = (c1.k_up + c1.k_down + c1.v_up + c1.v_down - c0.k_up - c0.k_down - c0.v_up - c0.v_down) as f64
                 / steps as f64;
             let kernel = kernel_time(&*cache, &mut syn);
-            let m = |f: fn(&Times) -> f64| median(parts.iter().map(f).collect()) * 1e3;
+            let m = |f: &dyn Fn(&Times) -> f64| median(parts.iter().map(f).collect()) * 1e3;
             let s = cache.stats();
             let row = format!(
-                "SUMMARY decode T={t:5} {policy:>10}: step {:7.2} ms = append {:5.2} + attend {:6.2} (kernel {:6.2}, \
-rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB, {:.0} moves/step",
-                m(Times::total),
-                m(|x| x.append),
-                m(|x| x.attend),
+                "SUMMARY decode T={t:5} {policy:>10}: one thread, cpu {:7.2} ms = append {:5.2} + attend {:6.2} (kernel \
+{:6.2}, rest {:5.2}) + end_step {:6.2} + stats {:5.2} (wall {:7.2}); K {:.2} V {:.2} bits, {:.2} MB, {:.0} moves/step",
+                m(&Times::total_cpu),
+                m(&|x| x.cpu[0]),
+                m(&|x| x.cpu[1]),
                 kernel * 1e3,
-                m(|x| x.attend) - kernel * 1e3,
-                m(|x| x.end_step),
-                m(|x| x.stats),
+                m(&|x| x.cpu[1]) - kernel * 1e3,
+                m(&|x| x.cpu[2]),
+                m(&|x| x.cpu[3]),
+                m(&Times::total),
                 s.k.avg_bits(),
                 s.v.avg_bits(),
                 s.bytes_used() as f64 / 1e6,
@@ -335,6 +387,9 @@ rest {:5.2}) + end_step {:6.2} + stats {:5.2} ms; K {:.2} V {:.2} bits, {:.2} MB
             );
             println!("{row}");
             rows.push(row);
+            if quick {
+                continue;
+            }
             // A prefill chunk over the whole context, all layers.
             let tp = {
                 let t0 = Instant::now();

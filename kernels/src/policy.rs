@@ -559,10 +559,14 @@ impl FromStr for KvPolicy {
 
 /// Attention windows of one (layer, KV head): for every token, a ring of the last `n`
 /// observed probabilities (max over the query heads sharing the KV head).
+///
+/// Stored slot-major (slot `s` of every token in one row), so that a pass over all
+/// tokens reads and writes each row in order.
 #[derive(Clone, Debug)]
 pub struct Windows {
     n: usize,
-    vals: Vec<f32>,
+    /// `rows[s][t]`: slot `s` of token `t`'s ring.
+    rows: Vec<Vec<f32>>,
     seen: Vec<u32>,
     /// `seen % n` per token: the slot of the next push (kept, so a push divides nothing).
     pos: Vec<u32>,
@@ -571,20 +575,29 @@ pub struct Windows {
 impl Windows {
     /// Windows of length `n`.
     pub fn new(n: usize) -> Self {
-        Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new(), pos: Vec::new() }
+        let n = n.max(1);
+        Windows { n, rows: vec![Vec::new(); n], seen: Vec::new(), pos: Vec::new() }
     }
-    /// Window length, every token's ring and observation count (for snapshots).
-    pub(crate) fn parts(&self) -> (usize, &[f32], &[u32]) {
-        (self.n, &self.vals, &self.seen)
+    /// Window length, every token's ring (token-major: token `t`'s slots at
+    /// `t * n .. (t + 1) * n`) and observation count (for snapshots).
+    pub(crate) fn parts(&self) -> (usize, Vec<f32>, &[u32]) {
+        let vals = (0..self.seen.len()).flat_map(|t| self.rows.iter().map(move |r| r[t])).collect();
+        (self.n, vals, &self.seen)
     }
     /// The inverse of [`Windows::parts`]; `None` when the lengths disagree.
     pub(crate) fn from_parts(n: usize, vals: Vec<f32>, seen: Vec<u32>) -> Option<Self> {
-        let pos = seen.iter().map(|&s| (s as usize % n.max(1)) as u32).collect();
-        (n >= 1 && vals.len() == seen.len() * n).then_some(Windows { n, vals, seen, pos })
+        if n == 0 || vals.len() != seen.len() * n {
+            return None;
+        }
+        let rows = (0..n).map(|s| vals.iter().skip(s).step_by(n).copied().collect()).collect();
+        let pos = seen.iter().map(|&c| (c as usize % n) as u32).collect();
+        Some(Windows { n, rows, seen, pos })
     }
     /// Makes room for `t` tokens.
     pub fn grow(&mut self, t: usize) {
-        self.vals.resize(t * self.n, 0.0);
+        for r in &mut self.rows {
+            r.resize(t, 0.0);
+        }
         self.seen.resize(t, 0);
         self.pos.resize(t, 0);
     }
@@ -593,7 +606,7 @@ impl Windows {
     #[inline]
     pub fn push(&mut self, t: usize, p: f32) {
         let slot = self.pos[t] as usize;
-        self.vals[t * self.n + slot] = p;
+        self.rows[slot][t] = p;
         if self.seen[t] != u32::MAX {
             self.seen[t] += 1;
             self.pos[t] = if slot + 1 == self.n { 0 } else { slot as u32 + 1 };
@@ -607,7 +620,8 @@ impl Windows {
     pub(crate) fn push_full_max(&mut self, t: usize, p: f32) -> (bool, f32) {
         self.push(t, p);
         let mut m = 0f32;
-        for &v in &self.vals[t * self.n..(t + 1) * self.n] {
+        for r in &self.rows {
+            let v = r[t];
             m = if v > m { v } else { m };
         }
         (self.seen[t] as usize >= self.n, m)
@@ -618,7 +632,7 @@ impl Windows {
     }
     /// Max over the window of token `t` (over what has been observed).
     pub fn max(&self, t: usize) -> f32 {
-        self.vals[t * self.n..(t + 1) * self.n].iter().copied().fold(0.0, f32::max)
+        self.rows.iter().map(|r| r[t]).fold(0.0, f32::max)
     }
     /// Number of tokens tracked.
     pub fn len(&self) -> usize {
@@ -627,6 +641,11 @@ impl Windows {
     /// Whether no token is tracked.
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
+    }
+    /// The rows, counts and next slots, for a pass over every token
+    /// ([`crate::simd::window_pass`]).
+    pub(crate) fn raw_mut(&mut self) -> (&mut [Vec<f32>], &mut [u32], &mut [u32]) {
+        (&mut self.rows, &mut self.seen, &mut self.pos)
     }
 }
 

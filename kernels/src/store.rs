@@ -94,17 +94,6 @@ impl Bytes {
             self.paper_bits += (m.bits as usize * (d - no)) as f64 + 32.0 + 16.0 * no as f64;
         }
     }
-    /// The account of one block.
-    fn of_block(b: &Block, d: usize, raw_only: bool) -> Bytes {
-        let mut a = Bytes::default();
-        if b.has_slack {
-            a.padding += SLACK;
-        }
-        for m in &b.meta {
-            a.add_group(m, d, raw_only);
-        }
-        a
-    }
     /// Sums two accounts.
     pub fn add(&mut self, o: &Bytes) {
         self.codes += o.codes;
@@ -315,6 +304,8 @@ impl PackedStream {
         nb.codes.reserve(old.codes.len() + 2 * d);
         nb.out_idx.reserve(old.out_idx.len());
         nb.out_val.reserve(old.out_val.len());
+        // The accounts of the groups replaced and of their replacements.
+        let (mut delta_sub, mut delta_add) = (Bytes::default(), Bytes::default());
         // Pending run of kept groups: meta index, code and outlier offsets where it starts.
         let (mut rm, mut rc, mut ro) = (0usize, 0usize, 0usize);
         let (mut co, mut oo) = (0usize, 0usize);
@@ -335,6 +326,12 @@ impl PackedStream {
                 let mut sink = Sink { codes: &mut nb.codes, out_idx: &mut nb.out_idx, out_val: &mut nb.out_val };
                 match f(i, g, &mut sink) {
                     Ok(Some(nm)) => {
+                        // The account changes by this group's old and new encodings.
+                        let (mut gone, mut came) = (Bytes::default(), Bytes::default());
+                        gone.add_group(m, d, self.raw_only);
+                        came.add_group(&nm, d, self.raw_only);
+                        delta_sub.add(&gone);
+                        delta_add.add(&came);
                         nb.meta.push(nm);
                         (rm, rc, ro) = (i + 1, co + cb, oo + no);
                     }
@@ -358,8 +355,10 @@ impl PackedStream {
         nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
         nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
         nb.add_slack();
-        self.acct.sub(&Bytes::of_block(old, d, self.raw_only));
-        self.acct.add(&Bytes::of_block(&nb, d, self.raw_only));
+        delta_sub.padding += SLACK * usize::from(old.has_slack);
+        delta_add.padding += SLACK * usize::from(nb.has_slack);
+        self.acct.sub(&delta_sub);
+        self.acct.add(&delta_add);
         self.spare = std::mem::replace(&mut self.blocks[bi], nb);
         Ok(())
     }

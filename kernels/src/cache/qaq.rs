@@ -17,6 +17,7 @@ use crate::base::check_finite;
 use crate::error::Result;
 use crate::host::{HostTier, InMemoryHost};
 use crate::policy::{KvPolicy, PrefillFeed, QNormTracker, QaqParams, Windows};
+use crate::simd::Observed;
 use crate::store::PackedStream;
 
 /// QAQ's state of one KV head in one layer.
@@ -57,26 +58,17 @@ impl HeadState {
         }
     }
 
-    /// A decode row's window update over all `t` tokens of the head `hd` (the maximum
+    /// A decode row's window update over all tokens of the head `hd` (the maximum
     /// over the `g` query heads of `probs` when `window` is `None`, else `window`),
     /// planning the moves of the step's re-quantization when `targets` says it comes.
-    fn decode_window(
-        &mut self,
-        hd: &Head,
-        targets: Option<&Targets>,
-        probs: &[f32],
-        window: Option<&[f32]>,
-        g: usize,
-        t: usize,
-    ) {
+    fn decode_window(&mut self, hd: &Head, targets: Option<&Targets>, probs: &[f32], window: Option<&[f32]>, g: usize) {
         let KStore::Packed(ks) = &hd.k else { return };
         let HeadState { win, plan, epoch, .. } = self;
-        match window {
-            Some(w) => window_pass(win, plan, *epoch, ks, &hd.v, targets, |tok| w[tok]),
-            None => window_pass(win, plan, *epoch, ks, &hd.v, targets, |tok| {
-                (0..g).map(|j| probs[j * t + tok]).fold(0f32, f32::max)
-            }),
-        }
+        let obs = match window {
+            Some(w) => Observed::Values(w),
+            None => Observed::Probs(probs, g),
+        };
+        window_pass(win, plan, *epoch, ks, &hd.v, targets, obs);
     }
 }
 
@@ -257,7 +249,7 @@ impl QaqCache {
         }
         self.layers.attend_with(layer, qs, out, probs, heads, |_, hd, probs, st| {
             let tg = plan.then(|| Targets::new(&p, t, &st.qn));
-            st.decode_window(hd, tg.as_ref(), probs, None, g, t);
+            st.decode_window(hd, tg.as_ref(), probs, None, g);
         });
     }
 }
@@ -349,7 +341,7 @@ impl PolicyCache for QaqCache {
         let st = &mut self.state.heads[layer][head];
         st.observe_queries(qs, g, d);
         let tg = plan.then(|| Targets::new(&p, t, &st.qn));
-        st.decode_window(&self.layers.layers[layer].heads[head], tg.as_ref(), &[], Some(window), g, t);
+        st.decode_window(&self.layers.layers[layer].heads[head], tg.as_ref(), &[], Some(window), g);
         Ok(())
     }
 

@@ -22,6 +22,7 @@ use crate::error::Result;
 use crate::host::HostTier;
 use crate::policy::{self, DownSource, QNorm, QNormTracker, QaqParams, Windows};
 use crate::quant;
+use crate::simd::{self, Observed, UNDECIDED, WidthRule};
 use crate::store::{BLOCK_TOKENS, PackedStream};
 use half::slice::HalfFloatSliceExt;
 
@@ -65,6 +66,20 @@ impl Targets {
                     .unwrap_or_else(|| policy::bits(r, e, p.formula, p.b_min, p.b_max))
             }
             None => m.bits,
+        }
+    }
+
+    /// The rule as the SIMD window pass takes it.
+    fn rule(&self) -> WidthRule {
+        let p = &self.p;
+        WidthRule {
+            sinks: p.sinks,
+            k_window: p.k_window,
+            b_min: p.b_min,
+            b_max: p.b_max,
+            reference: p.formula == policy::BitFormula::Reference,
+            inv_ek: self.e_k.map(|_| self.inv_ek),
+            inv_vnum: self.inv_vnum,
         }
     }
 
@@ -112,9 +127,11 @@ impl Plan {
     }
 }
 
-/// Pushes `value(t)` into the window of every token `t` of a head whose keys and values
-/// are `k` and `v`; with `targets`, also plans the step's moves into `plan`, for the
-/// state at `epoch` (recorded as the plan's). Without, the plan is cleared.
+/// Pushes each token's observation (`obs`) into the window of every token of a head
+/// whose keys and values are `k` and `v`; with `targets`, also plans the step's moves
+/// into `plan`, for the state at `epoch` (recorded as the plan's). Without, the plan is
+/// cleared. At the AVX-512 level, eight tokens at a time ([`simd::window_pass`]; the
+/// few widths it leaves undecided are computed here), else one by one.
 pub(super) fn window_pass(
     win: &mut Windows,
     plan: &mut Plan,
@@ -122,10 +139,54 @@ pub(super) fn window_pass(
     k: &PackedStream,
     v: &PackedStream,
     targets: Option<&Targets>,
-    value: impl Fn(usize) -> f32,
+    obs: Observed<'_>,
 ) {
     plan.k.clear();
     plan.v.clear();
+    let t_total = v.len();
+    let rule = targets.map(Targets::rule);
+    let (rows, seen, pos) = win.raw_mut();
+    if simd::window_pass(obs, rows, seen, pos, k.blocks(), v.blocks(), rule.as_ref(), &mut plan.k, &mut plan.v) {
+        if let Some(tg) = targets {
+            let meta = |s: &PackedStream, t: u32| s.meta(t as usize).expect("a planned token is stored");
+            let win = &*win;
+            plan.k.retain_mut(|(t, w)| {
+                let m = meta(k, *t);
+                if *w == UNDECIDED {
+                    *w = tg.key(*t as usize, &m, win.full(*t as usize));
+                }
+                *w != m.bits
+            });
+            plan.v.retain_mut(|(t, w)| {
+                let m = meta(v, *t);
+                if *w == UNDECIDED {
+                    let t = *t as usize;
+                    *w = tg.value(t, &m, win.full(t), win.max(t));
+                }
+                *w != m.bits
+            });
+        }
+    } else {
+        scalar_pass(win, plan, k, v, targets, obs);
+    }
+    (plan.ready, plan.len, plan.epoch) = (targets.is_some(), t_total, epoch);
+}
+
+/// [`window_pass`] one token at a time (below the AVX-512 level, and the reference of
+/// the SIMD pass).
+fn scalar_pass(
+    win: &mut Windows,
+    plan: &mut Plan,
+    k: &PackedStream,
+    v: &PackedStream,
+    targets: Option<&Targets>,
+    obs: Observed<'_>,
+) {
+    let t_total = v.len();
+    let value = |t: usize| match obs {
+        Observed::Probs(p, g) => (0..g).map(|j| p[j * t_total + t]).fold(0f32, f32::max),
+        Observed::Values(w) => w[t],
+    };
     let mut t = 0usize;
     for (kb, vb) in k.blocks().iter().zip(v.blocks()) {
         for (km, vm) in kb.meta.iter().zip(&vb.meta) {
@@ -143,7 +204,6 @@ pub(super) fn window_pass(
             t += 1;
         }
     }
-    (plan.ready, plan.len, plan.epoch) = (targets.is_some(), t, epoch);
 }
 
 /// Where re-encoding reads and what it records, for one stream.
@@ -170,13 +230,8 @@ pub(super) fn move_stream(
         let t0 = bi * BLOCK_TOKENS;
         // Blocks are separate allocations: fetch the next block's metadata ahead of the
         // scan (the stream prefetcher loses the stream at every block).
-        #[cfg(target_arch = "x86_64")]
         if let Some(nb) = s.blocks().get(bi + 2) {
-            let p = nb.meta.as_ptr() as *const i8;
-            for off in (0..std::mem::size_of_val(nb.meta.as_slice())).step_by(64) {
-                // SAFETY: SSE is part of the x86-64 baseline; a prefetch never faults.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off)) };
-            }
+            prefetch(nb.meta.as_ptr() as *const u8, std::mem::size_of_val(nb.meta.as_slice()));
         }
         let mut changed = false;
         for (i, m) in s.blocks()[bi].meta.iter().enumerate() {
@@ -198,6 +253,13 @@ pub(super) fn move_planned(s: &mut PackedStream, moves: &[(u32, u8)], cx: &mut C
     while let Some(&(t, _)) = rest.first() {
         let bi = t as usize / BLOCK_TOKENS;
         let n = rest.iter().take_while(|&&(u, _)| u as usize / BLOCK_TOKENS == bi).count();
+        // The next block to rewrite is a separate allocation last touched a step ago:
+        // fetch it while this one is rewritten.
+        if let Some(nb) = rest.get(n).and_then(|&(u, _)| s.blocks().get(u as usize / BLOCK_TOKENS)) {
+            prefetch(nb.meta.as_ptr() as *const u8, std::mem::size_of_val(nb.meta.as_slice()));
+            prefetch(nb.codes.as_ptr(), nb.codes.len());
+            prefetch(nb.out_val.as_ptr() as *const u8, std::mem::size_of_val(nb.out_val.as_slice()));
+        }
         sel.fill(false);
         for &(u, w) in &rest[..n] {
             let i = u as usize % BLOCK_TOKENS;
@@ -207,6 +269,20 @@ pub(super) fn move_planned(s: &mut PackedStream, moves: &[(u32, u8)], cx: &mut C
         rest = &rest[n..];
     }
     Ok(())
+}
+
+/// Asks the CPU to fetch `len` bytes at `p` into its caches (a no-op off x86-64).
+#[inline]
+fn prefetch(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len).step_by(64) {
+        // SAFETY: SSE is part of the x86-64 baseline; a prefetch never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8)
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// Re-encodes the groups `i` of block `bi` with `sel[i]` at width `wants[i]`: down by
@@ -275,5 +351,102 @@ fn bump(c: &mut Counters, is_key: bool, up: bool) {
         (true, false) => c.k_down += 1,
         (false, true) => c.v_up += 1,
         (false, false) => c.v_down += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::{GroupMeta, QuantSpec, RAW, code_bytes};
+    use crate::policy::BitFormula;
+    use half::f16;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn u(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
+    /// A stream of `n` groups of 64 values with the given metadata (codes all zero).
+    fn stream(metas: &[GroupMeta]) -> PackedStream {
+        let mut s = PackedStream::new(64, QuantSpec::default(), false);
+        for m in metas {
+            s.push_encoded(*m, &vec![0u8; code_bytes(m.bits, 64)], &[], &[]).unwrap();
+        }
+        s
+    }
+
+    /// The window pass as the cache runs it (eight tokens at a time at the AVX-512
+    /// level) against the one-token-at-a-time pass: the same windows and the same plans,
+    /// on metadata and probabilities made to put the width formulas on a power of two
+    /// (give or take an ulp) for a quarter of the tokens, with sinks, key windows, both
+    /// formulas, no ||Q||^2 yet, saturated counts, and lengths that end mid-block and
+    /// mid-chunk.
+    #[test]
+    fn the_window_pass_decides_as_the_scalar_pass() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for case in 0..60 {
+            let n_tok = [1, 7, 8, 9, 64, 65, 100, 333][case % 8];
+            let g = 1 + case % 4;
+            let n = [1, 2, 5, 7][case / 8 % 4];
+            let mut p = QaqParams { sinks: [0, 3, 9][case % 3], k_window: case % 2 == 0, ..Default::default() };
+            p.formula = if case % 5 < 2 { BitFormula::Reference } else { BitFormula::Paper };
+            (p.b_min, p.b_max) = [(0, 8), (1, 8), (2, 5)][case % 3];
+            let t_total = n_tok + case % 3;
+            let num = policy::value_step_numerator(t_total, p.sigma_x);
+            let mut qn = QNormTracker::default();
+            if case % 7 != 3 {
+                qn.observe(0.3 + rng.u() as f64);
+            }
+            let tg = Targets::new(&p, t_total, &qn);
+            let meta = |rng: &mut Rng| {
+                let bits = [0u8, 1, 2, 3, 4, 5, 8, RAW][(rng.next() % 8) as usize];
+                let s = f16::from_f32(rng.u() * 0.2 + 1e-3);
+                GroupMeta { m: f16::from_f32(-1.0), s, bits, n_out: 0 }
+            };
+            let km: Vec<GroupMeta> = (0..n_tok).map(|_| meta(&mut rng)).collect();
+            let vm: Vec<GroupMeta> = (0..n_tok).map(|_| meta(&mut rng)).collect();
+            let (k, v) = (stream(&km), stream(&vm));
+            let mut win = Windows::new(n);
+            win.grow(n_tok);
+            for t in 0..n_tok {
+                for _ in 0..(rng.next() % (n as u64 + 2)) {
+                    win.push(t, rng.u() * 0.01);
+                }
+            }
+            let probs: Vec<f32> = (0..g * n_tok)
+                .map(|i| {
+                    let t = i % n_tok;
+                    let r = vm[t].range() as f64;
+                    if rng.next() % 4 == 0 && r > 0.0 {
+                        // r * a / num on a power of two, give or take an ulp.
+                        let x = 2f64.powi((rng.next() % 10) as i32 - 2);
+                        let x = if p.formula == BitFormula::Reference { 2.0 * (x - 1.0).max(0.5) } else { x };
+                        let a = (x * num / r) as f32;
+                        f32::from_bits((a.to_bits() as i64 + (rng.next() % 3) as i64 - 1) as u32)
+                    } else {
+                        rng.u() * 0.05
+                    }
+                })
+                .collect();
+            let values: Vec<f32> = (0..n_tok).map(|_| rng.u() * 0.03).collect();
+            for obs in [Observed::Probs(&probs, g), Observed::Values(&values)] {
+                for targets in [Some(&tg), None] {
+                    let (mut w1, mut w2) = (win.clone(), win.clone());
+                    let (mut p1, mut p2) = (Plan::default(), Plan::default());
+                    window_pass(&mut w1, &mut p1, 7, &k, &v, targets, obs);
+                    scalar_pass(&mut w2, &mut p2, &k, &v, targets, obs);
+                    assert_eq!(w1.parts(), w2.parts(), "case {case}: windows");
+                    assert_eq!((p1.k, p1.v), (p2.k, p2.v), "case {case}: plans");
+                }
+            }
+        }
     }
 }

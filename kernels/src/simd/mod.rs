@@ -34,6 +34,7 @@
 //! the fused attention agrees with the portable attention to float rounding (its
 //! summation order differs); [`linear_rows`] is bit-exact at every level.
 
+mod attend;
 mod input;
 mod level;
 pub(crate) mod portable;
@@ -47,6 +48,8 @@ mod x86;
 pub use crate::base::h2f;
 pub use level::{Level, level};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
+
+pub(crate) use attend::{Observed, UNDECIDED, WidthRule, attend_probs, attend_values, window_pass};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};
 use crate::error::{KernelError, Result};
@@ -172,9 +175,8 @@ pub(crate) fn decode_group(g: GroupRef<'_>, scheme: Scheme, out: &mut [f32]) {
 
 /// Attention of `g` query heads (`qs`, `g * d`, already scaled) over packed values `v`:
 /// writes `out` (`g * d`) and `probs` (`g * T`). The scores come from the packed keys
-/// `keys`, or, when `keys` is `None`, are already in `probs` (keys of another layout).
-/// AVX2 level: the fused kernels of `x86::attention`; else the portable ones
-/// (`portable::packed_scores`, `softmax_rows`, `weighted_values`).
+/// `keys`, or, when `keys` is `None`, are already in `probs` (keys of another layout):
+/// [`attend_probs`], then [`attend_values`].
 pub(crate) fn attend_packed(
     keys: Option<StreamView<'_>>,
     v: StreamView<'_>,
@@ -183,23 +185,6 @@ pub(crate) fn attend_packed(
     out: &mut [f32],
     probs: &mut [f32],
 ) {
-    let t = v.len;
-    #[cfg(target_arch = "x86_64")]
-    if avx2() && v.d.is_multiple_of(8) {
-        assert!(qs.len() >= g * v.d && out.len() >= g * v.d && probs.len() >= g * t);
-        // SAFETY: the features were detected at run time; lengths checked above.
-        unsafe {
-            if let Some(k) = keys {
-                x86::attention::packed_scores(k, qs, g, probs);
-            }
-            x86::attention::softmax_rows(probs, g, t);
-            x86::attention::weighted_values(v, probs, g, out);
-        }
-        return;
-    }
-    if let Some(k) = keys {
-        portable::packed_scores(k, qs, g, probs);
-    }
-    portable::softmax_rows(probs, g, t);
-    portable::weighted_values(v, probs, g, out);
+    attend_probs(keys, qs, g, v.len, probs);
+    attend_values(v, probs, g, out);
 }
