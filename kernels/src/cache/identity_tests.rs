@@ -289,6 +289,18 @@ fn planned_requantization_decides_exactly_as_evaluating_every_token() {
     }
 }
 
+/// A step computes the same whatever the number of threads its attention runs on.
+#[test]
+fn the_results_do_not_depend_on_the_thread_count() {
+    for policy in ["qaq-tuned", "qaq:every=2", "fp16"] {
+        let hashes: Vec<u64> = [1, 2, 3]
+            .iter()
+            .map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(|| run(policy, 120)))
+            .collect();
+        assert!(hashes.iter().all(|&h| h == hashes[0]), "{policy}: {hashes:x?}");
+    }
+}
+
 #[test]
 #[ignore = "prints the hashes of the current implementation"]
 fn print_pinned_hashes() {
