@@ -99,6 +99,9 @@ impl Targets {
     }
 }
 
+/// Moves of one stream: (token, new width), in token order.
+pub(super) type Moves = Vec<(u32, u8)>;
+
 /// The moves a (layer, KV head) has to make at the end of the step, decided during its
 /// attention: the tokens whose key (value) width differs from its target, in token
 /// order, with the target. Valid while nothing the decisions read has changed since
@@ -108,8 +111,8 @@ pub(super) struct Plan {
     ready: bool,
     len: usize,
     epoch: u64,
-    k: Vec<(u32, u8)>,
-    v: Vec<(u32, u8)>,
+    k: Moves,
+    v: Moves,
 }
 
 impl Plan {
@@ -122,7 +125,7 @@ impl Plan {
         self.ready = false;
     }
     /// The key and value moves.
-    pub fn moves(&self) -> (&[(u32, u8)], &[(u32, u8)]) {
+    pub fn moves(&self) -> (&Moves, &Moves) {
         (&self.k, &self.v)
     }
 }
@@ -425,7 +428,7 @@ mod tests {
                 .map(|i| {
                     let t = i % n_tok;
                     let r = vm[t].range() as f64;
-                    if rng.next() % 4 == 0 && r > 0.0 {
+                    if rng.next().is_multiple_of(4) && r > 0.0 {
                         // r * a / num on a power of two, give or take an ulp.
                         let x = 2f64.powi((rng.next() % 10) as i32 - 2);
                         let x = if p.formula == BitFormula::Reference { 2.0 * (x - 1.0).max(0.5) } else { x };

@@ -7,6 +7,7 @@
 
 use super::level::{Level, avx2, level};
 use super::portable;
+use super::rule::{Observed, WidthRule};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use crate::base::{Block, StreamView};
@@ -50,40 +51,11 @@ pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mu
     portable::weighted_values(v, probs, g, out);
 }
 
-/// Where a window pass's new observations come from.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Observed<'a> {
-    /// The maximum over `g` rows of probabilities (`[g][T]`), from 0.
-    Probs(&'a [f32], usize),
-    /// One value per token, as it is.
-    Values(&'a [f32]),
-}
-
-/// QAQ's width rule as plain numbers (`cache::requant::Targets` is its reference).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct WidthRule {
-    /// Tokens below this stay at `b_max`.
-    pub sinks: usize,
-    /// Keys wait for a full window at `b_max`.
-    pub k_window: bool,
-    pub b_min: u8,
-    pub b_max: u8,
-    /// The reference formula (`ceil(log2(r / (2E) + 1))`) instead of the paper's.
-    pub reference: bool,
-    /// `1 / E_K`; `None`: keys keep their widths.
-    pub inv_ek: Option<f64>,
-    /// `1 / (sqrt(12 / T) sigma_X)`.
-    pub inv_vnum: f64,
-}
-
-/// A width the caller has to compute with the formula itself.
-pub(crate) const UNDECIDED: u8 = 0xff;
-
 /// The window update of one (layer, KV head) after a decode row, over every token (the
 /// rings `rows[slot][t]`, counts `seen` and next slots `pos` of
 /// [`crate::policy::Windows`]), and, with `rule`, the tokens whose key (value) width
 /// differs from its target: `(token, target)` appended to `kout` (`vout`) in token
-/// order, the target [`UNDECIDED`] where it is too close to a width boundary for the
+/// order, the target [`super::UNDECIDED`] where it is too close to a width boundary for the
 /// fast computation (those lanes may also not move). Returns `false` without doing
 /// anything below the AVX-512 level (the caller then runs its scalar pass).
 #[allow(clippy::too_many_arguments)]

@@ -39,6 +39,7 @@ mod input;
 mod level;
 pub(crate) mod portable;
 mod prim;
+mod rule;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
@@ -49,7 +50,8 @@ pub use crate::base::h2f;
 pub use level::{Level, level};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
 
-pub(crate) use attend::{Observed, UNDECIDED, WidthRule, attend_probs, attend_values, window_pass};
+pub(crate) use attend::{attend_probs, attend_values, window_pass};
+pub(crate) use rule::{Observed, UNDECIDED, WidthRule};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};
 use crate::error::{KernelError, Result};

@@ -14,7 +14,7 @@
 //! the caller ([`UNDECIDED`]).
 
 use crate::base::{Block, GroupMeta, RAW};
-use crate::simd::attend::{Observed, UNDECIDED, WidthRule};
+use crate::simd::rule::{Observed, UNDECIDED, WidthRule};
 use std::arch::x86_64::*;
 
 /// The byte permutation that gathers, from eight consecutive [`GroupMeta`] records, the
