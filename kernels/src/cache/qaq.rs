@@ -9,7 +9,7 @@
 use super::layers::{Head, Layers, RowObserver};
 use super::policy_cache::PolicyCache;
 use super::policy_cache::sealed::{Key, Storage};
-use super::requant::{Ctx, Plan, Targets, move_planned, move_stream, window_pass};
+use super::requant::{Ctx, Plan, Targets, move_planned, window_pass};
 use super::snapshot::{self, QaqState};
 use super::types::{Attention, CacheConfig, Counters};
 use crate::attention::KStore;
@@ -19,6 +19,7 @@ use crate::host::{HostTier, InMemoryHost};
 use crate::policy::{KvPolicy, PrefillFeed, QNormTracker, QaqParams, Windows};
 use crate::simd::Observed;
 use crate::store::PackedStream;
+use rayon::prelude::*;
 
 /// QAQ's state of one KV head in one layer.
 #[derive(Clone, Debug)]
@@ -198,39 +199,61 @@ impl QaqCache {
     }
 
     /// Recomputes every token's K and V widths in `layer` and moves tokens down or up
-    /// ([`PolicyCache::end_step`] does it every `every` steps). Where the step's decode
-    /// attention already decided the moves (and nothing they read has changed since),
-    /// only the tokens that move are touched; otherwise every token is evaluated.
+    /// ([`PolicyCache::end_step`] does it every `every` steps, for every layer). Where the
+    /// step's decode attention already decided the moves (and nothing they read has
+    /// changed since), only the tokens that move are touched; otherwise every token is
+    /// evaluated.
     pub fn requantize(&mut self, layer: usize) -> Result<()> {
         self.layers.check_layer(layer)?;
+        self.requantize_layers(layer..layer + 1)
+    }
+
+    /// [`QaqCache::requantize`] of `layers`: the moves of every (layer, KV head) first
+    /// (its plan, or every token evaluated), then every stream re-encoded, the streams in
+    /// parallel (each its own counters and rewrite list, summed and kept in order). Only
+    /// an encoding error (impossible from finite values) would leave other streams than
+    /// the one-at-a-time order would have re-encoded.
+    fn requantize_layers(&mut self, layers: std::ops::Range<usize>) -> Result<()> {
         let p = self.params;
         let State { heads, host, counters, track, paths, no_plans } = &mut self.state;
-        let host = host.as_ref();
-        let l = &mut self.layers.layers[layer];
-        let t_total = l.len;
-        for (h, (hd, st)) in l.heads.iter_mut().zip(heads[layer].iter_mut()).enumerate() {
-            let [rk, rv] = &mut st.rewritten;
-            let (rk, rv) = if *track { (Some(rk), Some(rv)) } else { (None, None) };
-            let KStore::Packed(ks) = &mut hd.k else { continue };
-            let mut kcx = Ctx { layer, head: h, is_key: true, p: &p, host, counters, rewritten: rk };
-            if st.plan.valid(t_total, st.epoch) && !*no_plans {
-                paths[0] += 1;
-                let (km, vm) = st.plan.moves();
-                move_planned(ks, km, &mut kcx)?;
-                let mut vcx = Ctx { layer, head: h, is_key: false, p: &p, host, counters, rewritten: rv };
-                move_planned(&mut hd.v, vm, &mut vcx)?;
-                st.plan.clear();
-                continue;
+        let host: &dyn HostTier = host.as_ref();
+        for layer in layers.clone() {
+            let l = &self.layers.layers[layer];
+            for (hd, st) in l.heads.iter().zip(heads[layer].iter_mut()) {
+                let KStore::Packed(ks) = &hd.k else { continue };
+                if st.plan.valid(l.len, st.epoch) && !*no_plans {
+                    paths[0] += 1;
+                } else {
+                    paths[1] += 1;
+                    let tg = Targets::new(&p, l.len, &st.qn);
+                    st.plan.evaluate(ks, &hd.v, &tg, &st.win);
+                }
             }
+        }
+        let mut jobs = Vec::new();
+        let (ls, hs) = (&mut self.layers.layers[layers.clone()], &mut heads[layers.clone()]);
+        for (layer, (l, lh)) in layers.zip(ls.iter_mut().zip(hs.iter_mut())) {
+            for (h, (hd, st)) in l.heads.iter_mut().zip(lh.iter_mut()).enumerate() {
+                let KStore::Packed(ks) = &mut hd.k else { continue };
+                let HeadState { plan, rewritten: [rk, rv], .. } = st;
+                let (km, vm) = plan.moves();
+                jobs.push((ks, km, layer, h, true, track.then_some(rk)));
+                jobs.push((&mut hd.v, vm, layer, h, false, track.then_some(rv)));
+            }
+        }
+        let done: Vec<Result<Counters>> = jobs
+            .into_par_iter()
+            .map(|(s, moves, layer, head, is_key, rewritten)| {
+                let mut c = Counters::default();
+                let mut cx = Ctx { layer, head, is_key, p: &p, host, counters: &mut c, rewritten };
+                move_planned(s, moves, &mut cx).map(|_| c)
+            })
+            .collect();
+        for st in heads.iter_mut().flatten() {
             st.plan.clear();
-            paths[1] += 1;
-            let tg = Targets::new(&p, t_total, &st.qn);
-            let win = &st.win;
-            move_stream(ks, &mut kcx, |t, m| tg.key(t, m, win.full(t)))?;
-            let mut vcx = Ctx { layer, head: h, is_key: false, p: &p, host, counters, rewritten: rv };
-            move_stream(&mut hd.v, &mut vcx, |t, m| {
-                if win.full(t) { tg.value(t, m, true, win.max(t)) } else { tg.value(t, m, false, 0.0) }
-            })?;
+        }
+        for c in done {
+            counters.add(&c?);
         }
         Ok(())
     }
@@ -348,9 +371,7 @@ impl PolicyCache for QaqCache {
     fn end_step(&mut self) -> Result<()> {
         self.layers.end_step();
         if self.layers.step.is_multiple_of(self.params.every as u64) {
-            for layer in 0..self.layers.layers.len() {
-                self.requantize(layer)?;
-            }
+            self.requantize_layers(0..self.layers.layers.len())?;
         }
         Ok(())
     }

@@ -10,11 +10,12 @@
 //!   tokens that must move (a [`Plan`]); the step's end then re-encodes those and
 //!   touches nothing else;
 //! - after anything else (a prefill's rows, an append after the attention, a restored
-//!   snapshot, a direct [`super::QaqCache::requantize`]): [`move_stream`] evaluates every
-//!   token at the step's end, as the cache always did.
+//!   snapshot): [`Plan::evaluate`] evaluates every token at the step's end, as the
+//!   cache always did.
 //!
-//! Both re-encode through [`rewrite_selected`], block by block in token order, so the
-//! counters, the host reads and the rewrite lists of a device mirror are the same.
+//! Either way [`move_planned`] re-encodes the moving tokens through
+//! [`rewrite_selected`], block by block in token order, so the counters, the host reads
+//! and the rewrite lists of a device mirror are the same.
 
 use super::types::Counters;
 use crate::base::{GroupMeta, Scheme};
@@ -128,6 +129,27 @@ impl Plan {
     pub fn moves(&self) -> (&Moves, &Moves) {
         (&self.k, &self.v)
     }
+    /// Decides the moves now, from every token's targets under `tg` and its window in
+    /// `win` (for a step whose attention did not plan them).
+    pub fn evaluate(&mut self, k: &PackedStream, v: &PackedStream, tg: &Targets, win: &Windows) {
+        self.k.clear();
+        self.v.clear();
+        let mut t = 0usize;
+        for (kb, vb) in k.blocks().iter().zip(v.blocks()) {
+            for (km, vm) in kb.meta.iter().zip(&vb.meta) {
+                let full = win.full(t);
+                let wk = tg.key(t, km, full);
+                if wk != km.bits {
+                    self.k.push((t as u32, wk));
+                }
+                let wv = if full { tg.value(t, vm, true, win.max(t)) } else { tg.value(t, vm, false, 0.0) };
+                if wv != vm.bits {
+                    self.v.push((t as u32, wv));
+                }
+                t += 1;
+            }
+        }
+    }
 }
 
 /// Pushes each token's observation (`obs`) into the window of every token of a head
@@ -219,34 +241,6 @@ pub(super) struct Ctx<'a> {
     pub counters: &'a mut Counters,
     /// The tokens re-encoded, for a device mirror (`None`: not tracked).
     pub rewritten: Option<&'a mut Vec<u32>>,
-}
-
-/// Evaluates `target` for every token of `s` and re-encodes the tokens whose width
-/// differs (the re-quantization of a stream without a plan).
-pub(super) fn move_stream(
-    s: &mut PackedStream,
-    cx: &mut Ctx<'_>,
-    target: impl Fn(usize, &GroupMeta) -> u8,
-) -> Result<()> {
-    let (mut wants, mut sel) = ([0u8; BLOCK_TOKENS], [false; BLOCK_TOKENS]);
-    for bi in 0..s.blocks().len() {
-        let t0 = bi * BLOCK_TOKENS;
-        // Blocks are separate allocations: fetch the next block's metadata ahead of the
-        // scan (the stream prefetcher loses the stream at every block).
-        if let Some(nb) = s.blocks().get(bi + 2) {
-            prefetch(nb.meta.as_ptr() as *const u8, std::mem::size_of_val(nb.meta.as_slice()));
-        }
-        let mut changed = false;
-        for (i, m) in s.blocks()[bi].meta.iter().enumerate() {
-            wants[i] = target(t0 + i, m);
-            sel[i] = wants[i] != m.bits;
-            changed |= sel[i];
-        }
-        if changed {
-            rewrite_selected(s, bi, &wants, &sel, cx)?;
-        }
-    }
-    Ok(())
 }
 
 /// Re-encodes the tokens of `moves` (token, width; in token order) in `s`.
