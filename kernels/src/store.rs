@@ -108,6 +108,18 @@ impl Bytes {
     }
 }
 
+/// One group re-encoded by [`PackedStream::rewrite_groups`]: its index, its old codes
+/// (offset, bytes) and outliers (offset), where its new codes and outliers start.
+#[derive(Clone, Copy, Default)]
+struct Redo {
+    i: usize,
+    co: usize,
+    cb: usize,
+    oo: usize,
+    nc: usize,
+    no: usize,
+}
+
 /// The groups of one stream.
 #[derive(Clone, Debug)]
 pub struct PackedStream {
@@ -116,7 +128,7 @@ pub struct PackedStream {
     raw_only: bool,
     blocks: Vec<Block>,
     len: usize,
-    /// The buffers of the last block replaced by a rewrite, reused by the next one.
+    /// The buffers a rewrite makes its new encodings in, reused by the next one.
     spare: Block,
     /// The byte account of `blocks`, kept up to date by every change.
     acct: Bytes,
@@ -284,8 +296,13 @@ impl PackedStream {
     }
 
     /// [`PackedStream::rewrite_block`] calling `f` only for the groups `i` with
-    /// `selected[i]` (all when `None`); the other groups are kept, copied in runs. The
-    /// new block reuses the buffers of the previously replaced one.
+    /// `selected[i]` (all when `None`); the other groups are kept. The new encodings are
+    /// made first (in buffers kept from one rewrite to the next; an error leaves the
+    /// block unchanged); then, when every re-encoded group keeps its number of outliers
+    /// (always, for a quantized group re-encoded at another quantized width), they
+    /// replace the old ones in place (the metadata and outliers overwritten, the codes
+    /// spliced: only the bytes after a group whose size changed move); otherwise the
+    /// block is rebuilt.
     pub fn rewrite_groups(
         &mut self,
         bi: usize,
@@ -294,72 +311,107 @@ impl PackedStream {
     ) -> Result<()> {
         let d = self.d;
         let Some(old) = self.blocks.get(bi) else { return Ok(()) };
-        let mut nb = std::mem::take(&mut self.spare);
-        nb.meta.clear();
-        nb.codes.clear();
-        nb.out_idx.clear();
-        nb.out_val.clear();
-        nb.has_slack = false;
-        nb.meta.reserve(old.meta.len());
-        nb.codes.reserve(old.codes.len() + 2 * d);
-        nb.out_idx.reserve(old.out_idx.len());
-        nb.out_val.reserve(old.out_val.len());
-        // The accounts of the groups replaced and of their replacements.
-        let (mut delta_sub, mut delta_add) = (Bytes::default(), Bytes::default());
-        // Pending run of kept groups: meta index, code and outlier offsets where it starts.
-        let (mut rm, mut rc, mut ro) = (0usize, 0usize, 0usize);
+        let mut new = std::mem::take(&mut self.spare);
+        new.meta.clear();
+        new.codes.clear();
+        new.out_idx.clear();
+        new.out_val.clear();
+        // Per re-encoded group: where its old codes and outliers are, where its new ones
+        // are in `new`.
+        let mut redo = [Redo::default(); BLOCK_TOKENS];
+        let mut n_redo = 0;
         let (mut co, mut oo) = (0usize, 0usize);
-        let mut res = Ok(());
+        let mut same_outliers = true;
         for (i, m) in old.meta.iter().enumerate() {
             let (cb, no) = (m.code_bytes(d), m.n_out as usize);
             if selected.is_none_or(|sel| sel.get(i).copied().unwrap_or(false)) {
-                nb.meta.extend_from_slice(&old.meta[rm..i]);
-                nb.codes.extend_from_slice(&old.codes[rc..co]);
-                nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
-                nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
+                let (nc, no_new) = (new.codes.len(), new.out_idx.len());
                 let g = GroupRef {
                     meta: *m,
                     codes: &old.codes[co..],
                     out_idx: &old.out_idx[oo..oo + no],
                     out_val: &old.out_val[oo..oo + no],
                 };
-                let mut sink = Sink { codes: &mut nb.codes, out_idx: &mut nb.out_idx, out_val: &mut nb.out_val };
+                let mut sink = Sink { codes: &mut new.codes, out_idx: &mut new.out_idx, out_val: &mut new.out_val };
                 match f(i, g, &mut sink) {
                     Ok(Some(nm)) => {
-                        // The account changes by this group's old and new encodings.
-                        let (mut gone, mut came) = (Bytes::default(), Bytes::default());
-                        gone.add_group(m, d, self.raw_only);
-                        came.add_group(&nm, d, self.raw_only);
-                        delta_sub.add(&gone);
-                        delta_add.add(&came);
-                        nb.meta.push(nm);
-                        (rm, rc, ro) = (i + 1, co + cb, oo + no);
+                        same_outliers &= nm.n_out == m.n_out;
+                        new.meta.push(nm);
+                        redo[n_redo] = Redo { i, co, cb, oo, nc, no: no_new };
+                        n_redo += 1;
                     }
-                    // Kept: it joins the next run.
-                    Ok(None) => (rm, rc, ro) = (i, co, oo),
+                    Ok(None) => {
+                        new.codes.truncate(nc);
+                        new.out_idx.truncate(no_new);
+                        new.out_val.truncate(no_new);
+                    }
                     Err(e) => {
-                        res = Err(e);
-                        break;
+                        self.spare = new;
+                        return Err(e);
                     }
                 }
             }
             co += cb;
             oo += no;
         }
-        if let Err(e) = res {
-            self.spare = nb;
-            return Err(e);
+        let redo = &redo[..n_redo];
+        // The account changes by the re-encoded groups' old and new encodings.
+        let (mut gone, mut came) = (Bytes::default(), Bytes::default());
+        for (r, nm) in redo.iter().zip(&new.meta) {
+            gone.add_group(&old.meta[r.i], d, self.raw_only);
+            came.add_group(nm, d, self.raw_only);
         }
-        nb.meta.extend_from_slice(&old.meta[rm..]);
-        nb.codes.extend_from_slice(&old.codes[rc..co]);
-        nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
-        nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
-        nb.add_slack();
-        delta_sub.padding += SLACK * usize::from(old.has_slack);
-        delta_add.padding += SLACK * usize::from(nb.has_slack);
-        self.acct.sub(&delta_sub);
-        self.acct.add(&delta_add);
-        self.spare = std::mem::replace(&mut self.blocks[bi], nb);
+        let had_slack = old.has_slack;
+        if same_outliers {
+            let b = &mut self.blocks[bi];
+            b.strip_slack();
+            let mut shift = 0isize;
+            for (r, nm) in redo.iter().zip(&new.meta) {
+                let (ncb, no) = (nm.code_bytes(d), nm.n_out as usize);
+                b.meta[r.i] = *nm;
+                b.out_idx[r.oo..r.oo + no].copy_from_slice(&new.out_idx[r.no..r.no + no]);
+                b.out_val[r.oo..r.oo + no].copy_from_slice(&new.out_val[r.no..r.no + no]);
+                let at = (r.co as isize + shift) as usize;
+                if ncb == r.cb {
+                    b.codes[at..at + ncb].copy_from_slice(&new.codes[r.nc..r.nc + ncb]);
+                } else {
+                    b.codes.splice(at..at + r.cb, new.codes[r.nc..r.nc + ncb].iter().copied());
+                    shift += ncb as isize - r.cb as isize;
+                }
+            }
+            b.add_slack();
+        } else {
+            let mut nb = Block::default();
+            let mut next = redo.iter().zip(&new.meta).peekable();
+            let (mut co, mut oo) = (0usize, 0usize);
+            for (i, m) in old.meta.iter().enumerate() {
+                let (cb, no) = (m.code_bytes(d), m.n_out as usize);
+                match next.next_if(|(r, _)| r.i == i) {
+                    Some((r, nm)) => {
+                        let (ncb, nno) = (nm.code_bytes(d), nm.n_out as usize);
+                        nb.meta.push(*nm);
+                        nb.codes.extend_from_slice(&new.codes[r.nc..r.nc + ncb]);
+                        nb.out_idx.extend_from_slice(&new.out_idx[r.no..r.no + nno]);
+                        nb.out_val.extend_from_slice(&new.out_val[r.no..r.no + nno]);
+                    }
+                    None => {
+                        nb.meta.push(*m);
+                        nb.codes.extend_from_slice(&old.codes[co..co + cb]);
+                        nb.out_idx.extend_from_slice(&old.out_idx[oo..oo + no]);
+                        nb.out_val.extend_from_slice(&old.out_val[oo..oo + no]);
+                    }
+                }
+                co += cb;
+                oo += no;
+            }
+            nb.add_slack();
+            self.blocks[bi] = nb;
+        }
+        gone.padding += SLACK * usize::from(had_slack);
+        came.padding += SLACK * usize::from(self.blocks[bi].has_slack);
+        self.acct.sub(&gone);
+        self.acct.add(&came);
+        self.spare = new;
         Ok(())
     }
 
