@@ -5,18 +5,21 @@
 //! times, `fp16_equivalent_bytes`, `host_bytes` twice, `counters`), as the engine makes
 //! them each step.
 //!
-//! Criterion times whole steps (`decode_step/<policy>/T<n>`, wall time); the `SUMMARY`
-//! lines give the breakdown of the same caches, as medians over measured steps, in wall
-//! time and in CPU time of all the process's threads (the work, whatever else runs on
-//! a shared machine; with the attention on two cores, its wall time is lower):
+//! Criterion times whole steps (`decode_step/<policy>/T<n>`, wall time, the attention on
+//! the rayon pool). The `SUMMARY` lines give, for the same caches, medians over
+//! `QAQ_DECODE_STEPS` steps run on one thread (a pool of one, so that the thread's CPU
+//! clock measures all the work, whatever else runs on a shared machine):
 //! - `append`: the 30 appends;
 //! - `attend`: the 30 `attend_rows` calls (attention plus, QAQ, window and ||Q||^2
 //!   bookkeeping);
 //! - `kernel`: the attention kernel alone over the same streams (cloned), one thread,
 //!   CPU time, after the measured steps; `attend - kernel` is what the cache adds
-//!   around it;
+//!   around it (and the cost of cold caches);
 //! - `end_step`: QAQ's re-quantization (every `every` steps);
-//! - `stats`: the engine's accounting calls.
+//! - `stats`: the engine's accounting calls;
+//!
+//! then the wall time of as many steps on the default pool (`2 threads`: both cores of
+//! this machine).
 //!
 //! And a prefill chunk (`attend_rows` of 64 rows over the whole context, all layers).
 //!
@@ -34,8 +37,8 @@
 //! Environment: `QAQ_DECODE_T` (comma-separated contexts, default `2048,8192`),
 //! `QAQ_DECODE_POLICIES` (comma-separated policy strings, default
 //! `fp16,uniform:4,qaq-tuned`), `QAQ_DECODE_STEPS` (measured steps for the breakdown,
-//! default 12), `QAQ_DECODE_QUICK` (breakdown only: criterion's sampling cut short, no
-//! prefill chunk).
+//! default 12), `QAQ_DECODE_QUICK` (the breakdown only, on the same steps whatever the
+//! speed: no criterion sampling before it, no prefill chunk after).
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use qaq_kernels::attention::{KStore, attend_packed};
@@ -338,21 +341,20 @@ fn bench_decode(c: &mut Criterion) {
             let t = dump.as_ref().map_or(t, |d| t.min(d.t.saturating_sub(96)));
             let quick = std::env::var_os("QAQ_DECODE_QUICK").is_some();
             let mut cache = build(policy, t, &mut syn);
-            let mut grp = c.benchmark_group("decode_step");
-            if quick {
-                grp.sample_size(10).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_millis(1));
+            if !quick {
+                let mut grp = c.benchmark_group("decode_step");
+                grp.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
+                grp.bench_function(format!("{policy}/T{t}"), |b| {
+                    b.iter_custom(|iters| {
+                        let mut tm = Times::default();
+                        for _ in 0..iters {
+                            step(&mut *cache, &mut syn, &mut tm);
+                        }
+                        Duration::from_secs_f64(tm.total())
+                    })
+                });
+                grp.finish();
             }
-            grp.sample_size(10).warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_secs(3));
-            grp.bench_function(format!("{policy}/T{t}"), |b| {
-                b.iter_custom(|iters| {
-                    let mut tm = Times::default();
-                    for _ in 0..iters {
-                        step(&mut *cache, &mut syn, &mut tm);
-                    }
-                    Duration::from_secs_f64(tm.total())
-                })
-            });
-            grp.finish();
             let mut parts: Vec<Times> = Vec::new();
             let c0 = cache.counters();
             // On one thread (a pool of one, whose thread runs the step's parallel work
@@ -364,6 +366,12 @@ fn bench_decode(c: &mut Criterion) {
                 parts.push(tm);
             }
             let c1 = cache.counters();
+            let mut walls = Vec::new();
+            for _ in 0..steps {
+                let mut tm = Times::default();
+                step(&mut *cache, &mut syn, &mut tm);
+                walls.push(tm.total() * 1e3);
+            }
             let moves = (c1.k_up + c1.k_down + c1.v_up + c1.v_down - c0.k_up - c0.k_down - c0.v_up - c0.v_down) as f64
                 / steps as f64;
             let kernel = kernel_time(&*cache, &mut syn);
@@ -371,7 +379,8 @@ fn bench_decode(c: &mut Criterion) {
             let s = cache.stats();
             let row = format!(
                 "SUMMARY decode T={t:5} {policy:>10}: one thread, cpu {:7.2} ms = append {:5.2} + attend {:6.2} (kernel \
-{:6.2}, rest {:5.2}) + end_step {:6.2} + stats {:5.2} (wall {:7.2}); K {:.2} V {:.2} bits, {:.2} MB, {:.0} moves/step",
+{:6.2}, rest {:5.2}) + end_step {:6.2} + stats {:5.2}; {} threads: wall {:7.2} ms; K {:.2} V {:.2} bits, {:.2} MB, \
+{:.0} moves/step",
                 m(&Times::total_cpu),
                 m(&|x| x.cpu[0]),
                 m(&|x| x.cpu[1]),
@@ -379,7 +388,8 @@ fn bench_decode(c: &mut Criterion) {
                 m(&|x| x.cpu[1]) - kernel * 1e3,
                 m(&|x| x.cpu[2]),
                 m(&|x| x.cpu[3]),
-                m(&Times::total),
+                rayon::current_num_threads(),
+                median(walls),
                 s.k.avg_bits(),
                 s.v.avg_bits(),
                 s.bytes_used() as f64 / 1e6,
