@@ -119,8 +119,18 @@ pub(crate) unsafe fn window_pass(
     let idx = meta_index();
     let (one, nv) = (_mm256_set1_epi32(1), _mm256_set1_epi32(n as i32));
     let mut t0 = 0usize;
-    for (kb, vb) in k.iter().zip(v) {
+    for (bi, (kb, vb)) in k.iter().zip(v).enumerate() {
         assert_eq!(kb.len(), vb.len());
+        // Blocks are separate allocations: fetch the next ones' metadata ahead.
+        if rule.is_some() {
+            for b in [k.get(bi + 1), v.get(bi + 1)].into_iter().flatten() {
+                let p = b.meta.as_ptr() as *const i8;
+                for off in (0..size_of_val(b.meta.as_slice())).step_by(64) {
+                    // Prefetching never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+                }
+            }
+        }
         let mut i = 0;
         while i < vb.len() {
             let c = (vb.len() - i).min(8);
