@@ -21,9 +21,13 @@
 //!   that the composed x86 kernels share.
 //! - `portable`: the portable versions of the composed kernels (reference group encoder
 //!   and decoder, attention over packed K/V), built on `prim`.
+//! - `attend`: the dispatch of the attention's two halves ([`attend_probs`],
+//!   [`attend_values`]) and of QAQ's window pass ([`window_pass`], AVX-512 only; `rule`
+//!   holds its plain input types).
 //! - `x86` (x86-64 only), the composed kernels: `x86::attention`, fused
 //!   attention of one KV head over packed K/V (codes unpacked in registers, GQA heads
-//!   sharing each unpack); `x86::matmul`, the register blocks of [`linear_rows`];
+//!   sharing each unpack; an AVX2 and an AVX-512VL build, bit-identical);
+//!   `x86::window`, QAQ's window pass eight tokens at a time; `x86::matmul`, the register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;
 //!   `x86::quant`, the AVX2 group encoder (two groups) and decoder, and the AVX2 level's
 //!   one-group encoder (which falls back to `portable`'s reference compiled with AVX2).
