@@ -84,6 +84,24 @@ pub fn attend_packed(k: &KStore, v: &PackedStream, qs: &[f32], g: usize, out: &m
     simd::attend_packed(keys, v.view(), qs, g, out, probs)
 }
 
+/// The first half of [`attend_packed`]: the probabilities (`probs`, `g * T`) of `g`
+/// query heads over the `t` keys of `k`.
+pub fn attend_probs(k: &KStore, qs: &[f32], g: usize, t: usize, probs: &mut [f32]) {
+    let keys = match k {
+        KStore::Packed(s) => Some(s.view()),
+        KStore::Kivi(kk) => {
+            kk.scores(qs, g, probs);
+            None
+        }
+    };
+    simd::attend_probs(keys, qs, g, t, probs)
+}
+
+/// The second half of [`attend_packed`]: `out` (`g * d`) from the probabilities.
+pub fn attend_values(v: &PackedStream, probs: &[f32], g: usize, out: &mut [f32]) {
+    simd::attend_values(v.view(), probs, g, out)
+}
+
 /// The portable path of [`attend_packed`] (also the reference its SIMD path is tested
 /// against).
 pub fn attend_packed_reference(k: &KStore, v: &PackedStream, qs: &[f32], g: usize, out: &mut [f32], probs: &mut [f32]) {

@@ -4,8 +4,9 @@
 use half::f16;
 
 /// Storage for fp16 backups of whole rows (`n_kv_heads * head_dim` values each) of
-/// one sequence, addressed by (layer, token).
-pub trait HostTier: Send {
+/// one sequence, addressed by (layer, token). `Sync`: re-quantization reads it from
+/// several threads at once.
+pub trait HostTier: Send + Sync {
     /// Stores the K and V rows of `(layer, token)`.
     fn put(&mut self, layer: usize, token: usize, k: &[f16], v: &[f16]);
     /// The K and V rows, or `None` if never stored or evicted.

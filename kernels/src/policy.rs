@@ -94,6 +94,31 @@ pub fn bits(r: f64, e: f64, formula: BitFormula, b_min: u8, b_max: u8) -> u8 {
     raw_bits(r, e, formula).clamp(b_min as i32, b_max as i32) as u8
 }
 
+/// [`bits`]`(r, e, ..)` without a division, from `x`, an approximation of `r / e`
+/// within a relative 1e-14 (such as `r * (1 / e)`, or `r * a * (1 / n)` for
+/// `e = n / a`: a few roundings, below 1e-15), or `None` when `x` is too close to a
+/// power of two (within a relative 2e-12, after the reference formula's `/ 2 + 1`) for
+/// that to be certain, or not a positive normal number (the caller then calls [`bits`]).
+///
+/// Why it is exact: the log2 argument `y` that [`bits`] computes is then within a
+/// relative 1e-14 of this function's `z` (`x`, or `x / 2 + 1`, whose own rounding adds
+/// 2.2e-16), so `y` has `z`'s binary exponent `E` and a fraction in `(1e-12, 1 - 1e-12)`,
+/// where [`ceil_log2`] answers `E + 1`, as this function does.
+#[inline]
+pub fn bits_near(x: f64, formula: BitFormula, b_min: u8, b_max: u8) -> Option<u8> {
+    let z = match formula {
+        BitFormula::Paper => x,
+        BitFormula::Reference => x * 0.5 + 1.0,
+    };
+    if !(z.is_normal() && z > 0.0) {
+        return None;
+    }
+    let b = z.to_bits();
+    let e = ((b >> 52) & 0x7ff) as i32 - 1023;
+    let f = f64::from_bits((b & ((1u64 << 52) - 1)) | (1023u64 << 52)) - 1.0;
+    (f > 2e-12 && f < 1.0 - 2e-12).then(|| (e + 1).clamp(b_min as i32, b_max as i32) as u8)
+}
+
 /// Where ||Q||^2 comes from.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum QNorm {
@@ -534,37 +559,72 @@ impl FromStr for KvPolicy {
 
 /// Attention windows of one (layer, KV head): for every token, a ring of the last `n`
 /// observed probabilities (max over the query heads sharing the KV head).
+///
+/// Stored slot-major (slot `s` of every token in one row), so that a pass over all
+/// tokens reads and writes each row in order.
 #[derive(Clone, Debug)]
 pub struct Windows {
     n: usize,
-    vals: Vec<f32>,
+    /// `rows[s][t]`: slot `s` of token `t`'s ring.
+    rows: Vec<Vec<f32>>,
     seen: Vec<u32>,
+    /// `seen % n` per token: the slot of the next push (kept, so a push divides nothing).
+    pos: Vec<u32>,
 }
 
 impl Windows {
     /// Windows of length `n`.
     pub fn new(n: usize) -> Self {
-        Windows { n: n.max(1), vals: Vec::new(), seen: Vec::new() }
+        let n = n.max(1);
+        Windows { n, rows: vec![Vec::new(); n], seen: Vec::new(), pos: Vec::new() }
     }
-    /// Window length, every token's ring and observation count (for snapshots).
-    pub(crate) fn parts(&self) -> (usize, &[f32], &[u32]) {
-        (self.n, &self.vals, &self.seen)
+    /// Window length, every token's ring (token-major: token `t`'s slots at
+    /// `t * n .. (t + 1) * n`) and observation count (for snapshots).
+    pub(crate) fn parts(&self) -> (usize, Vec<f32>, &[u32]) {
+        let vals = (0..self.seen.len()).flat_map(|t| self.rows.iter().map(move |r| r[t])).collect();
+        (self.n, vals, &self.seen)
     }
     /// The inverse of [`Windows::parts`]; `None` when the lengths disagree.
     pub(crate) fn from_parts(n: usize, vals: Vec<f32>, seen: Vec<u32>) -> Option<Self> {
-        (n >= 1 && vals.len() == seen.len() * n).then_some(Windows { n, vals, seen })
+        if n == 0 || vals.len() != seen.len() * n {
+            return None;
+        }
+        let rows = (0..n).map(|s| vals.iter().skip(s).step_by(n).copied().collect()).collect();
+        let pos = seen.iter().map(|&c| (c as usize % n) as u32).collect();
+        Some(Windows { n, rows, seen, pos })
     }
     /// Makes room for `t` tokens.
     pub fn grow(&mut self, t: usize) {
-        self.vals.resize(t * self.n, 0.0);
+        for r in &mut self.rows {
+            r.resize(t, 0.0);
+        }
         self.seen.resize(t, 0);
+        self.pos.resize(t, 0);
     }
-    /// Pushes probability `p` for token `t`.
+    /// Pushes probability `p` for token `t` (into the slot `seen % n`; the count
+    /// saturates, and with it the slot).
     #[inline]
     pub fn push(&mut self, t: usize, p: f32) {
-        let slot = self.seen[t] as usize % self.n;
-        self.vals[t * self.n + slot] = p;
-        self.seen[t] = self.seen[t].saturating_add(1);
+        let slot = self.pos[t] as usize;
+        self.rows[slot][t] = p;
+        if self.seen[t] != u32::MAX {
+            self.seen[t] += 1;
+            self.pos[t] = if slot + 1 == self.n { 0 } else { slot as u32 + 1 };
+        }
+    }
+    /// [`Windows::push`], then whether token `t`'s window is full and the maximum of its
+    /// window as a width decision reads it: [`Windows::max`], except that where
+    /// `f32::max` may pick either zero of a tie of +0 and -0, this picks the first seen
+    /// (a width reads any zero alike).
+    #[inline]
+    pub(crate) fn push_full_max(&mut self, t: usize, p: f32) -> (bool, f32) {
+        self.push(t, p);
+        let mut m = 0f32;
+        for r in &self.rows {
+            let v = r[t];
+            m = if v > m { v } else { m };
+        }
+        (self.seen[t] as usize >= self.n, m)
     }
     /// Whether token `t` has `n` observations.
     pub fn full(&self, t: usize) -> bool {
@@ -572,7 +632,7 @@ impl Windows {
     }
     /// Max over the window of token `t` (over what has been observed).
     pub fn max(&self, t: usize) -> f32 {
-        self.vals[t * self.n..(t + 1) * self.n].iter().copied().fold(0.0, f32::max)
+        self.rows.iter().map(|r| r[t]).fold(0.0, f32::max)
     }
     /// Number of tokens tracked.
     pub fn len(&self) -> usize {
@@ -582,193 +642,13 @@ impl Windows {
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
+    /// The rows, counts and next slots, for a pass over every token
+    /// ([`crate::simd::window_pass`]).
+    pub(crate) fn raw_mut(&mut self) -> (&mut [Vec<f32>], &mut [u32], &mut [u32]) {
+        (&mut self.rows, &mut self.seen, &mut self.pos)
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ceil_log2_is_bit_exact_with_libm() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let check = |v: f64| {
-            let (a, b) = (ceil_log2(v), v.log2().ceil());
-            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{v:e}: {a} vs {b}");
-        };
-        for e in -1074..=1023 {
-            let p = 2f64.powi(e);
-            for v in [p, p * (1.0 + 1e-12), p * (1.0 - 1e-12), p * (1.0 + 2e-12), p * (1.0 - 2e-12), -p] {
-                check(v);
-                check(f64::from_bits(v.to_bits() + 1));
-                check(f64::from_bits(v.to_bits().saturating_sub(1)));
-            }
-        }
-        for _ in 0..200_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            check(f64::from_bits(x));
-            check((x >> 11) as f64 / (1u64 << 40) as f64);
-        }
-        for v in [0.0, -0.0, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, f64::MIN_POSITIVE, f64::MAX] {
-            check(v);
-        }
-    }
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() < 5e-5
-    }
-
-    #[test]
-    fn section_11_key_vectors() {
-        // (T, eps, E_K, B(r=4), B(r=8)) with the reference formula and q_norm = 300.
-        let rows = [
-            (2usize, 1.0, 0.2965, 3, 4),
-            (10, 1.0, 0.4345, 3, 4),
-            (100, 1.0, 0.6073, 3, 3),
-            (100, 3.0, 0.6758, 2, 3),
-            (100, 30.0, 0.8006, 2, 3),
-            (500, 10.0, 0.8255, 2, 3),
-        ];
-        for (t, eps, e, b4, b8) in rows {
-            let ek = key_step(t, 300.0, eps);
-            assert!(close(ek, e), "T {t} eps {eps}: {ek}");
-            assert_eq!(raw_bits(4.0, ek, BitFormula::Reference), b4, "T {t} eps {eps} r 4");
-            assert_eq!(raw_bits(8.0, ek, BitFormula::Reference), b8, "T {t} eps {eps} r 8");
-        }
-        assert!((4.0 / (2.0 * key_step(100, 300.0, 1.0)) + 1.0).log2() - 2.102 < 1e-3);
-        assert!(key_step(1, 300.0, 1.0).is_infinite());
-    }
-
-    #[test]
-    fn section_11_value_vectors() {
-        let rows = [(100usize, 1.0, 1.0, 0.3464, 2, 3), (100, 1.0, 0.5, 0.6928, 1, 2), (100, 1.0, 0.01, 34.64, 1, 1)];
-        for (t, eps, a, e, b1, b4) in rows {
-            let ev = value_step(t, a, eps);
-            assert!((ev - e).abs() < 5e-3, "{ev}");
-            assert_eq!(raw_bits(1.0, ev, BitFormula::Reference), b1);
-            assert_eq!(raw_bits(4.0, ev, BitFormula::Reference), b4);
-        }
-    }
-
-    #[test]
-    fn paper_formula_and_clamp() {
-        // Paper: ceil(log2(r/E)); r/E = 4/0.3464 = 11.5 -> 4 bits; reference gives 3.
-        let e = value_step(100, 1.0, 1.0);
-        assert_eq!(raw_bits(4.0, e, BitFormula::Paper), 4);
-        assert_eq!(bits(4.0, e, BitFormula::Paper, 0, 3), 3);
-        assert_eq!(bits(0.0, e, BitFormula::Paper, 1, 8), 1, "r = 0 -> b_min");
-        assert_eq!(bits(1.0, value_step(100, 0.0, 1.0), BitFormula::Paper, 0, 8), 0, "a = 0");
-        assert_eq!(bits(f64::NAN, 1.0, BitFormula::Reference, 2, 8), 2);
-        assert_eq!(bits(1e30, 1e-30, BitFormula::Paper, 0, 8), 8);
-        // Paper vs reference: more attention -> more value bits.
-        assert!(
-            raw_bits(2.0, value_step(1000, 0.5, 0.01), BitFormula::Paper)
-                > raw_bits(2.0, value_step(1000, 0.01, 0.01), BitFormula::Paper)
-        );
-    }
-
-    #[test]
-    fn qnorm_percentile() {
-        let mut q = QNormTracker::default();
-        assert_eq!(q.percentile(0.9), None);
-        for i in 1..=1000 {
-            q.observe(i as f64);
-        }
-        q.observe(f64::NAN);
-        assert_eq!(q.count(), 1000);
-        let p = q.percentile(0.9).unwrap();
-        assert!((900.0..=900.0 * 1.045).contains(&p), "{p}");
-    }
-
-    #[test]
-    fn windows_ring() {
-        let mut w = Windows::new(3);
-        w.grow(2);
-        w.push(0, 0.5);
-        w.push(0, 0.1);
-        assert!(!w.full(0));
-        w.push(0, 0.2);
-        assert!(w.full(0));
-        assert_eq!(w.max(0), 0.5);
-        w.push(0, 0.05); // evicts 0.5
-        assert_eq!(w.max(0), 0.2);
-        assert_eq!(w.max(1), 0.0);
-    }
-
-    #[test]
-    fn policy_strings() {
-        assert_eq!("fp16".parse::<KvPolicy>().unwrap(), KvPolicy::Fp16);
-        assert_eq!(
-            "uniform:4".parse::<KvPolicy>().unwrap(),
-            KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true })
-        );
-        assert!(matches!(
-            "uniform:2:noout".parse::<KvPolicy>().unwrap(),
-            KvPolicy::Uniform(UniformSpec { outliers: false, .. })
-        ));
-        assert!(matches!(
-            "uniform-k:2".parse::<KvPolicy>().unwrap(),
-            KvPolicy::Uniform(UniformSpec { v_bits: None, .. })
-        ));
-        assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
-        assert_eq!(
-            "kivi:16:64".parse::<KvPolicy>().unwrap(),
-            KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64 })
-        );
-        let KvPolicy::Qaq(p) = "qaq:sigma_x=0.5,formula=code,qnorm=p95,bmax=4".parse::<KvPolicy>().unwrap() else {
-            panic!("not qaq")
-        };
-        assert_eq!((p.sigma_x, p.formula, p.qnorm, p.b_max), (0.5, BitFormula::Reference, QNorm::Percentile(0.95), 4));
-        assert_eq!("qaq".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::default()));
-        assert_eq!("qaq-tuned".parse::<KvPolicy>().unwrap(), KvPolicy::Qaq(QaqParams::tuned()));
-        assert_eq!(
-            "qaq-tuned".parse::<KvPolicy>().unwrap(),
-            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=2048,kwin=0".parse::<KvPolicy>().unwrap()
-        );
-        let KvPolicy::Qaq(t) = "qaq-tuned:sinks=2".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
-        assert_eq!((t.sinks, t.k_scale), (2, 1.0));
-        let KvPolicy::Qaq(p) = "qaq:kscale=0.5,sinks=4,valpha=0,kt=512".parse::<KvPolicy>().unwrap() else {
-            panic!("not qaq")
-        };
-        assert_eq!((p.k_scale, p.sinks, p.v_alpha, p.k_t), (0.5, 4, Some(0.0), 512));
-        assert_eq!(p.value_quant().outliers.alpha, 0.0);
-        assert_eq!(p.quant.outliers.alpha, 0.01);
-        let q = 0.7;
-        assert_eq!(p.key_step_for(1000, q), key_step(1000, q, p.sigma_s), "above the floor: the paper's bound");
-        assert_eq!(p.key_step_for(100, q), key_step(512, q, p.sigma_s), "below it: the bound at T = kt");
-        assert!(p.key_step_for(1, q).is_infinite());
-        let KvPolicy::Qaq(c) = "qaq-tuned:ktmax=2048".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
-        assert_eq!(c.key_step_for(8192, q), key_step(2048, q, c.sigma_s), "above the ceiling: the bound at T = ktmax");
-        assert_eq!(c.key_step_for(1000, q), key_step(1000, q, c.sigma_s));
-        assert_eq!(c.key_step_for(100, q), key_step(512, q, c.sigma_s));
-        assert!(p.k_window);
-        assert_eq!(
-            "qaq-tuned:kwin=1,ktmax=0".parse::<KvPolicy>().unwrap(),
-            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512".parse::<KvPolicy>().unwrap(),
-            "stop 11's qaq-tuned (the label of its stored results)"
-        );
-        assert_eq!(
-            "qaq-tuned:ktmax=1024".parse::<KvPolicy>().unwrap(),
-            "qaq:sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=1024,kwin=0".parse::<KvPolicy>().unwrap(),
-            "stop 12's qaq-tuned (the label of its stored results)"
-        );
-        let KvPolicy::Qaq(p) = "qaq:kwin=0".parse::<KvPolicy>().unwrap() else { panic!("not qaq") };
-        assert!(!p.k_window);
-        for bad in [
-            "qaq:kscale=2",
-            "qaq:kscale=-1",
-            "qaq:valpha=0.6",
-            "qaq:kt=1",
-            "qaq:sinks=x",
-            "qaq:kwin=2",
-            "qaq-tuned:ktmax=100",
-        ] {
-            assert!(bad.parse::<KvPolicy>().is_err(), "{bad}");
-        }
-        for bad in ["", "uniform:9", "uniform", "qaq:bmin=5,bmax=3", "qaq:foo=1", "kivi:0:1", "int8"] {
-            let e = bad.parse::<KvPolicy>().unwrap_err();
-            assert!(e.to_string().contains("uniform:N"), "{bad}: {e}");
-        }
-    }
-}
+#[path = "policy_tests.rs"]
+mod tests;

@@ -13,7 +13,7 @@ pub use crate::base::{Block, GroupRef, SLACK, Sink};
 
 use crate::base::StreamView;
 use crate::error::{KernelError, Result};
-use crate::quant::{self, GroupMeta, META_BYTES, OUTLIER_BYTES, QuantSpec, RAW};
+use crate::quant::{self, GroupMeta, META_BYTES, QuantSpec, RAW};
 use half::f16;
 
 /// Groups per block.
@@ -61,6 +61,39 @@ impl Bytes {
     pub fn avg_bits(&self) -> f64 {
         if self.groups == 0 { 0.0 } else { self.width_sum as f64 / self.groups as f64 }
     }
+    /// Subtracts an account that is part of this one (the inverse of [`Bytes::add`];
+    /// exact, `paper_bits` being a sum of whole numbers).
+    pub(crate) fn sub(&mut self, o: &Bytes) {
+        self.codes -= o.codes;
+        self.padding -= o.padding;
+        self.metadata -= o.metadata;
+        self.outlier_values -= o.outlier_values;
+        self.outlier_indices -= o.outlier_indices;
+        self.paper_bits -= o.paper_bits;
+        self.groups -= o.groups;
+        self.values -= o.values;
+        self.width_sum -= o.width_sum;
+    }
+    /// Adds the account of one group of `d` values (`raw_only`: of an fp16-only stream).
+    fn add_group(&mut self, m: &GroupMeta, d: usize, raw_only: bool) {
+        self.groups += 1;
+        self.values += d;
+        self.width_sum += m.bits as usize;
+        let no = m.n_out as usize;
+        self.outlier_values += 2 * no;
+        self.outlier_indices += no;
+        if m.bits == RAW {
+            self.codes += 2 * d;
+            self.metadata += usize::from(!raw_only);
+            self.paper_bits += 16.0 * d as f64;
+        } else {
+            let bits = d * m.bits as usize;
+            self.codes += bits / 8;
+            self.padding += m.code_bytes(d) - bits / 8;
+            self.metadata += META_BYTES;
+            self.paper_bits += (m.bits as usize * (d - no)) as f64 + 32.0 + 16.0 * no as f64;
+        }
+    }
     /// Sums two accounts.
     pub fn add(&mut self, o: &Bytes) {
         self.codes += o.codes;
@@ -75,6 +108,18 @@ impl Bytes {
     }
 }
 
+/// One group re-encoded by [`PackedStream::rewrite_groups`]: its index, its old codes
+/// (offset, bytes) and outliers (offset), where its new codes and outliers start.
+#[derive(Clone, Copy, Default)]
+struct Redo {
+    i: usize,
+    co: usize,
+    cb: usize,
+    oo: usize,
+    nc: usize,
+    no: usize,
+}
+
 /// The groups of one stream.
 #[derive(Clone, Debug)]
 pub struct PackedStream {
@@ -83,15 +128,17 @@ pub struct PackedStream {
     raw_only: bool,
     blocks: Vec<Block>,
     len: usize,
-    /// The buffers of the last block replaced by a rewrite, reused by the next one.
+    /// The buffers a rewrite makes its new encodings in, reused by the next one.
     spare: Block,
+    /// The byte account of `blocks`, kept up to date by every change.
+    acct: Bytes,
 }
 
 impl PackedStream {
     /// A stream of groups of `d` values. `raw_only` streams (fp16 baseline) hold only raw
     /// groups and store no per-group metadata.
     pub fn new(d: usize, spec: QuantSpec, raw_only: bool) -> Self {
-        PackedStream { d, spec, raw_only, blocks: Vec::new(), len: 0, spare: Block::default() }
+        PackedStream { d, spec, raw_only, blocks: Vec::new(), len: 0, spare: Block::default(), acct: Bytes::default() }
     }
     /// Group length.
     pub fn d(&self) -> usize {
@@ -124,12 +171,17 @@ impl PackedStream {
         if self.blocks.last().is_none_or(|b| b.len() >= BLOCK_TOKENS) {
             self.blocks.push(Block::default());
         }
-        let spec = self.spec;
+        let (spec, d, raw_only) = (self.spec, self.d, self.raw_only);
         let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        let had_slack = b.has_slack;
         b.strip_slack();
         let meta = quant::encode_group(x, bits, &spec, &mut b.codes, &mut b.out_idx, &mut b.out_val);
-        let res = meta.map(|m| b.meta.push(m));
+        let res = meta.map(|m| {
+            self.acct.add_group(&m, d, raw_only);
+            b.meta.push(m)
+        });
         b.add_slack();
+        self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
         if res.is_ok() {
             self.len += 1;
         }
@@ -154,6 +206,7 @@ impl PackedStream {
             let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
             let take = (BLOCK_TOKENS - b.len()).min(rest.len() / d);
             let (now, later) = rest.split_at(take * d);
+            let had_slack = b.has_slack;
             b.strip_slack();
             let before = b.meta.len();
             let res = quant::encode_groups_f16(
@@ -168,6 +221,10 @@ impl PackedStream {
             );
             self.len += b.meta.len() - before;
             b.add_slack();
+            for m in &b.meta[before..] {
+                self.acct.add_group(m, d, self.raw_only);
+            }
+            self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
             res?;
             rest = later;
         }
@@ -196,12 +253,15 @@ impl PackedStream {
             self.blocks.push(Block::default());
         }
         let Some(b) = self.blocks.last_mut() else { unreachable!("a block was just ensured") };
+        let had_slack = b.has_slack;
         b.strip_slack();
         b.codes.extend_from_slice(codes);
         b.out_idx.extend_from_slice(out_idx);
         b.out_val.extend_from_slice(out_val);
         b.meta.push(meta);
         b.add_slack();
+        self.acct.add_group(&meta, self.d, self.raw_only);
+        self.acct.padding = self.acct.padding + SLACK * usize::from(b.has_slack) - SLACK * usize::from(had_slack);
         self.len += 1;
         Ok(())
     }
@@ -236,8 +296,13 @@ impl PackedStream {
     }
 
     /// [`PackedStream::rewrite_block`] calling `f` only for the groups `i` with
-    /// `selected[i]` (all when `None`); the other groups are kept, copied in runs. The
-    /// new block reuses the buffers of the previously replaced one.
+    /// `selected[i]` (all when `None`); the other groups are kept. The new encodings are
+    /// made first (in buffers kept from one rewrite to the next; an error leaves the
+    /// block unchanged); then, when every re-encoded group keeps its number of outliers
+    /// (always, for a quantized group re-encoded at another quantized width), they
+    /// replace the old ones in place (the metadata and outliers overwritten, the codes
+    /// spliced: only the bytes after a group whose size changed move); otherwise the
+    /// block is rebuilt.
     pub fn rewrite_groups(
         &mut self,
         bi: usize,
@@ -246,65 +311,119 @@ impl PackedStream {
     ) -> Result<()> {
         let d = self.d;
         let Some(old) = self.blocks.get(bi) else { return Ok(()) };
-        let mut nb = std::mem::take(&mut self.spare);
-        nb.meta.clear();
-        nb.codes.clear();
-        nb.out_idx.clear();
-        nb.out_val.clear();
-        nb.has_slack = false;
-        nb.meta.reserve(old.meta.len());
-        nb.codes.reserve(old.codes.len() + 2 * d);
-        nb.out_idx.reserve(old.out_idx.len());
-        nb.out_val.reserve(old.out_val.len());
-        // Pending run of kept groups: meta index, code and outlier offsets where it starts.
-        let (mut rm, mut rc, mut ro) = (0usize, 0usize, 0usize);
+        let mut new = std::mem::take(&mut self.spare);
+        new.meta.clear();
+        new.codes.clear();
+        new.out_idx.clear();
+        new.out_val.clear();
+        // Per re-encoded group: where its old codes and outliers are, where its new ones
+        // are in `new`.
+        let mut redo = [Redo::default(); BLOCK_TOKENS];
+        let mut n_redo = 0;
         let (mut co, mut oo) = (0usize, 0usize);
-        let mut res = Ok(());
+        let mut same_outliers = true;
         for (i, m) in old.meta.iter().enumerate() {
             let (cb, no) = (m.code_bytes(d), m.n_out as usize);
             if selected.is_none_or(|sel| sel.get(i).copied().unwrap_or(false)) {
-                nb.meta.extend_from_slice(&old.meta[rm..i]);
-                nb.codes.extend_from_slice(&old.codes[rc..co]);
-                nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
-                nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
+                let (nc, no_new) = (new.codes.len(), new.out_idx.len());
                 let g = GroupRef {
                     meta: *m,
                     codes: &old.codes[co..],
                     out_idx: &old.out_idx[oo..oo + no],
                     out_val: &old.out_val[oo..oo + no],
                 };
-                let mut sink = Sink { codes: &mut nb.codes, out_idx: &mut nb.out_idx, out_val: &mut nb.out_val };
+                let mut sink = Sink { codes: &mut new.codes, out_idx: &mut new.out_idx, out_val: &mut new.out_val };
                 match f(i, g, &mut sink) {
                     Ok(Some(nm)) => {
-                        nb.meta.push(nm);
-                        (rm, rc, ro) = (i + 1, co + cb, oo + no);
+                        same_outliers &= nm.n_out == m.n_out;
+                        new.meta.push(nm);
+                        redo[n_redo] = Redo { i, co, cb, oo, nc, no: no_new };
+                        n_redo += 1;
                     }
-                    // Kept: it joins the next run.
-                    Ok(None) => (rm, rc, ro) = (i, co, oo),
+                    Ok(None) => {
+                        new.codes.truncate(nc);
+                        new.out_idx.truncate(no_new);
+                        new.out_val.truncate(no_new);
+                    }
                     Err(e) => {
-                        res = Err(e);
-                        break;
+                        self.spare = new;
+                        return Err(e);
                     }
                 }
             }
             co += cb;
             oo += no;
         }
-        if let Err(e) = res {
-            self.spare = nb;
-            return Err(e);
+        let redo = &redo[..n_redo];
+        // The account changes by the re-encoded groups' old and new encodings.
+        let (mut gone, mut came) = (Bytes::default(), Bytes::default());
+        for (r, nm) in redo.iter().zip(&new.meta) {
+            gone.add_group(&old.meta[r.i], d, self.raw_only);
+            came.add_group(nm, d, self.raw_only);
         }
-        nb.meta.extend_from_slice(&old.meta[rm..]);
-        nb.codes.extend_from_slice(&old.codes[rc..co]);
-        nb.out_idx.extend_from_slice(&old.out_idx[ro..oo]);
-        nb.out_val.extend_from_slice(&old.out_val[ro..oo]);
-        nb.add_slack();
-        self.spare = std::mem::replace(&mut self.blocks[bi], nb);
+        let had_slack = old.has_slack;
+        if same_outliers {
+            let b = &mut self.blocks[bi];
+            b.strip_slack();
+            let mut shift = 0isize;
+            for (r, nm) in redo.iter().zip(&new.meta) {
+                let (ncb, no) = (nm.code_bytes(d), nm.n_out as usize);
+                b.meta[r.i] = *nm;
+                b.out_idx[r.oo..r.oo + no].copy_from_slice(&new.out_idx[r.no..r.no + no]);
+                b.out_val[r.oo..r.oo + no].copy_from_slice(&new.out_val[r.no..r.no + no]);
+                let at = (r.co as isize + shift) as usize;
+                if ncb == r.cb {
+                    b.codes[at..at + ncb].copy_from_slice(&new.codes[r.nc..r.nc + ncb]);
+                } else {
+                    b.codes.splice(at..at + r.cb, new.codes[r.nc..r.nc + ncb].iter().copied());
+                    shift += ncb as isize - r.cb as isize;
+                }
+            }
+            b.add_slack();
+        } else {
+            let mut nb = Block::default();
+            let mut next = redo.iter().zip(&new.meta).peekable();
+            let (mut co, mut oo) = (0usize, 0usize);
+            for (i, m) in old.meta.iter().enumerate() {
+                let (cb, no) = (m.code_bytes(d), m.n_out as usize);
+                match next.next_if(|(r, _)| r.i == i) {
+                    Some((r, nm)) => {
+                        let (ncb, nno) = (nm.code_bytes(d), nm.n_out as usize);
+                        nb.meta.push(*nm);
+                        nb.codes.extend_from_slice(&new.codes[r.nc..r.nc + ncb]);
+                        nb.out_idx.extend_from_slice(&new.out_idx[r.no..r.no + nno]);
+                        nb.out_val.extend_from_slice(&new.out_val[r.no..r.no + nno]);
+                    }
+                    None => {
+                        nb.meta.push(*m);
+                        nb.codes.extend_from_slice(&old.codes[co..co + cb]);
+                        nb.out_idx.extend_from_slice(&old.out_idx[oo..oo + no]);
+                        nb.out_val.extend_from_slice(&old.out_val[oo..oo + no]);
+                    }
+                }
+                co += cb;
+                oo += no;
+            }
+            nb.add_slack();
+            self.blocks[bi] = nb;
+        }
+        gone.padding += SLACK * usize::from(had_slack);
+        came.padding += SLACK * usize::from(self.blocks[bi].has_slack);
+        self.acct.sub(&gone);
+        self.acct.add(&came);
+        self.spare = new;
         Ok(())
     }
 
-    /// Exact byte accounting.
+    /// Exact byte accounting (kept up to date by every change: O(1)).
     pub fn bytes(&self) -> Bytes {
+        self.acct
+    }
+
+    /// [`PackedStream::bytes`] recomputed from every group (the reference its
+    /// maintained account is tested against).
+    #[cfg(test)]
+    pub(crate) fn bytes_walk(&self) -> Bytes {
         let mut a = Bytes::default();
         let d = self.d;
         for b in &self.blocks {
@@ -331,7 +450,7 @@ impl PackedStream {
                 }
             }
         }
-        debug_assert_eq!(a.outlier_values + a.outlier_indices, OUTLIER_BYTES * (a.outlier_indices));
+        debug_assert_eq!(a.outlier_values + a.outlier_indices, quant::OUTLIER_BYTES * (a.outlier_indices));
         a
     }
 }
@@ -350,6 +469,7 @@ mod tests {
         s.push(&x, 0).unwrap(); // 0 code bytes, 6 meta, 6 outlier bytes
         s.push(&x, RAW).unwrap(); // 128 code bytes, 1 width byte
         let b = s.bytes();
+        assert_eq!(b, s.bytes_walk());
         assert_eq!(b.codes, 24 + 128);
         assert_eq!(b.metadata, 6 + 6 + 1);
         assert_eq!(b.outlier_values, 2 * 2 * 2);
@@ -404,6 +524,8 @@ mod tests {
             assert_eq!(a.meta(t).unwrap().bits, want, "t {t}");
         }
         assert_eq!(a.bytes(), b.bytes());
+        assert_eq!(a.bytes(), a.bytes_walk());
+        assert_eq!(b.bytes(), b.bytes_walk());
     }
 
     #[test]

@@ -11,9 +11,11 @@ use super::types::{Attention, CacheConfig, CacheStats, Counters};
 use crate::attention::{self, KStore};
 use crate::base::{QuantSpec, RAW, check_finite};
 use crate::error::{KernelError, Result};
-use crate::store::PackedStream;
+use crate::quant;
+use crate::store::{BLOCK_TOKENS, PackedStream};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// The storage of one KV head in one layer.
 #[derive(Clone, Debug)]
@@ -43,6 +45,56 @@ pub struct Layers {
     pub(crate) layers: Vec<Layer>,
     /// Steps ended.
     pub(crate) step: u64,
+    /// The probabilities of the last decode attention whose caller did not want them
+    /// (kept, so that a decode step allocates nothing that grows with the context).
+    pub(crate) scratch: Vec<f32>,
+    /// The buffers of multi-row attention.
+    dense: Dense,
+}
+
+/// Contexts from which decode attention runs a layer's KV heads in parallel (below, a
+/// fork-join costs more than it saves).
+const PAR_MIN_TOKENS: usize = 256;
+
+/// Rows of a multi-row attention computed together (in parallel) before the policy
+/// sees them.
+const ROW_BATCH: usize = 16;
+
+/// The buffers of a multi-row attention, kept from one call to the next (a prefill
+/// attends chunk after chunk): one KV head's dequantized keys and values, a batch of
+/// rows' probabilities and prepared queries.
+#[derive(Default)]
+pub(crate) struct Dense {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    qs: Vec<f32>,
+}
+
+/// Dequantizes tokens `0..n` of `k` into `out` (`n * d`), block by block, the blocks in
+/// parallel.
+fn decode_all(k: &KStore, n: usize, out: &mut [f32]) {
+    match k {
+        KStore::Packed(s) => decode_stream(s, out),
+        KStore::Kivi(kk) => {
+            let d = out.len() / n.max(1);
+            for (t, o) in out.chunks_exact_mut(d.max(1)).take(n).enumerate() {
+                kk.decode(t, o);
+            }
+        }
+    }
+}
+
+/// [`decode_all`] of a packed stream: its first `out.len() / d` tokens.
+fn decode_stream(s: &PackedStream, out: &mut [f32]) {
+    let (d, scheme) = (s.d(), s.spec().scheme);
+    s.blocks().par_iter().zip(out.par_chunks_mut(BLOCK_TOKENS * d)).for_each(|(b, o)| {
+        b.for_each(d, |i, g| {
+            if let Some(o) = o.get_mut(i * d..(i + 1) * d) {
+                quant::decode_group(&g.meta, scheme, g.codes, g.out_idx, g.out_val, o);
+            }
+        });
+    });
 }
 
 impl std::fmt::Debug for Layers {
@@ -89,7 +141,7 @@ impl Layers {
             staged_k: Vec::new(),
             staged_v: Vec::new(),
         };
-        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0 }
+        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0, scratch: Vec::new(), dense: Dense::default() }
     }
 
     /// Shape.
@@ -207,32 +259,88 @@ impl Layers {
     }
 
     /// Attention of prepared decode queries ([`Layers::decode_queries`], then the
-    /// policy's preparation) over the packed cache of `layer`.
+    /// policy's preparation) over the packed cache of `layer`, with its probabilities.
     pub(crate) fn attend(&self, layer: usize, qs: &[f32]) -> Attention {
-        let (d, g, nq) = (self.cfg.head_dim, self.cfg.group(), self.cfg.n_q_heads);
-        let l = &self.layers[layer];
-        let t = l.len;
+        let (d, nq, t) = (self.cfg.head_dim, self.cfg.n_q_heads, self.layers[layer].len);
         let mut output = vec![0f32; nq * d];
         let mut probs = vec![0f32; nq * t];
-        for (h, hd) in l.heads.iter().enumerate() {
-            attention::attend_packed(
-                &hd.k,
-                &hd.v,
-                &qs[h * g * d..(h + 1) * g * d],
-                g,
-                &mut output[h * g * d..(h + 1) * g * d],
-                &mut probs[h * g * t..(h + 1) * g * t],
-            );
-        }
+        let mut none = vec![(); self.cfg.n_kv_heads];
+        self.attend_with(layer, qs, &mut output, &mut probs, &mut none, |_, _, _, _| {});
         Attention { output, probs }
+    }
+
+    /// [`Layers::attend`]'s output alone (its probabilities go to the scratch buffer).
+    pub(crate) fn attend_output(&mut self, layer: usize, qs: &[f32]) -> Vec<f32> {
+        let (d, nq, t) = (self.cfg.head_dim, self.cfg.n_q_heads, self.layers[layer].len);
+        let mut output = vec![0f32; nq * d];
+        let mut probs = std::mem::take(&mut self.scratch);
+        probs.resize(nq * t, 0.0);
+        let mut none = vec![(); self.cfg.n_kv_heads];
+        self.attend_with(layer, qs, &mut output, &mut probs, &mut none, |_, _, _, _| {});
+        self.scratch = probs;
+        output
+    }
+
+    /// Decode attention of `layer` (prepared queries `qs`): KV head `h`'s outputs into
+    /// `out[h * g * d..]` and its probabilities into `probs[h * g * T..]` (`probs` holds
+    /// at least `n_q_heads * T`), and `post(h, head, its probabilities, &mut states[h])`
+    /// (`states`: one per KV head) once they are known.
+    ///
+    /// From [`PAR_MIN_TOKENS`] tokens on, on the rayon pool: per KV head one task
+    /// computes the probabilities, then the weighted values and `post` run as two tasks,
+    /// so that two cores share a layer's three heads evenly. Each head's results are the
+    /// same whichever thread computes them, and however many there are.
+    pub(crate) fn attend_with<S: Send>(
+        &self,
+        layer: usize,
+        qs: &[f32],
+        out: &mut [f32],
+        probs: &mut [f32],
+        states: &mut [S],
+        post: impl Fn(usize, &Head, &[f32], &mut S) + Sync,
+    ) {
+        let (d, g) = (self.cfg.head_dim, self.cfg.group());
+        let l = &self.layers[layer];
+        let t = l.len;
+        assert!(
+            states.len() == l.heads.len() && out.len() >= l.heads.len() * g * d && probs.len() >= l.heads.len() * g * t
+        );
+        if t >= PAR_MIN_TOKENS {
+            let post = &post;
+            rayon::scope(|sc| {
+                let parts = l.heads.iter().zip(out.chunks_mut(g * d)).zip(probs.chunks_mut(g * t)).zip(states);
+                for (h, (((hd, o), p), st)) in parts.enumerate() {
+                    let q = &qs[h * g * d..(h + 1) * g * d];
+                    sc.spawn(move |sc| {
+                        attention::attend_probs(&hd.k, q, g, t, p);
+                        let p: &[f32] = p;
+                        sc.spawn(move |_| attention::attend_values(&hd.v, p, g, o));
+                        post(h, hd, p, st);
+                    });
+                }
+            });
+        } else {
+            let one = |h: usize, hd: &Head, o: &mut [f32], p: &mut [f32], s: &mut S| {
+                attention::attend_packed(&hd.k, &hd.v, &qs[h * g * d..(h + 1) * g * d], g, o, p);
+                post(h, hd, p, s);
+            };
+            for (h, (hd, s)) in l.heads.iter().zip(states.iter_mut()).enumerate() {
+                one(h, hd, &mut out[h * g * d..(h + 1) * g * d], &mut probs[h * g * t..(h + 1) * g * t], s);
+            }
+        }
     }
 
     /// Exact causal attention of the last `n_q` positions of `layer` (`q_rows`:
     /// `n_q * n_q_heads * head_dim`) over fp16 values: this step's rows from the staged
     /// fp16 rows, older tokens dequantized. With `full == false` only the rows `obs`
-    /// needs are attended and the output is all zeros. `obs` sees every row.
+    /// needs are attended and the output is all zeros. `obs` sees every row, in order.
+    ///
+    /// Per KV head: the head's keys and values are dequantized once (block by block, the
+    /// blocks in parallel) into buffers the cache keeps, then the rows are attended in
+    /// batches of [`ROW_BATCH`], the rows of a batch in parallel (each row's result is
+    /// the same on any thread), and `obs` sees the batch's rows one after the other.
     pub(crate) fn rows(
-        &self,
+        &mut self,
         layer: usize,
         q_rows: &[f32],
         n_q: usize,
@@ -247,43 +355,64 @@ impl Layers {
         }
         check_finite(q_rows, "q_rows")?;
         let row = self.cfg.row();
-        let l = &self.layers[layer];
+        let Layers { layers, dense, .. } = self;
+        let l = &layers[layer];
         let t_total = l.len;
         if n_q > t_total {
             return Err(KernelError::Shape { what: "n_q (more queries than tokens)", expected: t_total, got: n_q });
         }
         let mut out = vec![0f32; n_q * qrow];
-        if !full && !(0..n_q).any(|r| obs.needs(r, n_q)) {
+        let needs: Vec<bool> = (0..n_q).map(|r| full || obs.needs(r, n_q)).collect();
+        if !needs.contains(&true) {
             return Ok(out);
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let (mut kd, mut vd) = (vec![0f32; t_total * d], vec![0f32; t_total * d]);
+        let Dense { k: kd, v: vd, probs, qs } = dense;
+        kd.resize(t_total * d, 0.0);
+        vd.resize(t_total * d, 0.0);
+        let batch = ROW_BATCH.min(n_q);
+        probs.resize(batch * g * t_total, 0.0);
+        qs.resize(batch * g * d, 0.0);
         for (h, hd) in l.heads.iter().enumerate() {
-            for t in 0..t_total {
-                let (ko, vo) = (&mut kd[t * d..(t + 1) * d], &mut vd[t * d..(t + 1) * d]);
-                if t >= l.staged_from {
-                    let o = (t - l.staged_from) * row + h * d;
-                    for i in 0..d {
-                        ko[i] = l.staged_k[o + i].to_f32();
-                        vo[i] = l.staged_v[o + i].to_f32();
-                    }
-                } else {
-                    hd.k.decode(t, ko);
-                    hd.v.decode(t, vo);
+            let stored = l.staged_from.min(t_total);
+            decode_all(&hd.k, stored, &mut kd[..stored * d]);
+            decode_stream(&hd.v, &mut vd[..stored * d]);
+            for t in stored..t_total {
+                let o = (t - l.staged_from) * row + h * d;
+                for i in 0..d {
+                    kd[t * d + i] = l.staged_k[o + i].to_f32();
+                    vd[t * d + i] = l.staged_v[o + i].to_f32();
                 }
             }
-            let mut probs = vec![0f32; g * t_total];
             obs.head(h, t_total);
-            for r in 0..n_q {
-                let tv = t_total - n_q + r + 1;
-                let mut qs: Vec<f32> =
-                    q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d].iter().map(|x| x * scale).collect();
-                obs.queries(h, &mut qs);
-                if full || obs.needs(r, n_q) {
-                    let o = &mut out[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
-                    attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, &qs, g, o, &mut probs[..g * tv]);
+            for r0 in (0..n_q).step_by(batch) {
+                let rb = batch.min(n_q - r0);
+                for (i, q) in qs.chunks_exact_mut(g * d).take(rb).enumerate() {
+                    let r = r0 + i;
+                    let src = &q_rows[r * qrow + h * g * d..r * qrow + (h + 1) * g * d];
+                    for (x, &y) in q.iter_mut().zip(src) {
+                        *x = y * scale;
+                    }
+                    obs.queries(h, q);
                 }
-                obs.row(h, r, n_q, &qs, &mut probs[..g * tv], tv);
+                let (kd, vd, qs) = (&kd[..], &vd[..], &qs[..]);
+                out.par_chunks_mut(qrow)
+                    .skip(r0)
+                    .take(rb)
+                    .zip(probs.par_chunks_mut(g * t_total))
+                    .zip(qs.par_chunks(g * d))
+                    .enumerate()
+                    .filter(|&(i, _)| needs[r0 + i])
+                    .for_each(|(i, ((o, p), q))| {
+                        let tv = t_total - n_q + r0 + i + 1;
+                        let o = &mut o[h * g * d..(h + 1) * g * d];
+                        attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, q, g, o, &mut p[..g * tv]);
+                    });
+                for i in 0..rb {
+                    let tv = t_total - n_q + r0 + i + 1;
+                    let p = &mut probs[i * g * t_total..i * g * t_total + g * tv];
+                    obs.row(h, r0 + i, n_q, &qs[i * g * d..(i + 1) * g * d], p, tv);
+                }
             }
         }
         Ok(out)

@@ -8,22 +8,28 @@
 //!   rewrite tracking).
 //!
 //! Shared by the four: `layers` (per-layer heads with the K/V stores, staged fp16 rows
-//! for multi-row prefill attention, decode attention over the packed streams, widths,
-//! dequantization, byte accounting), `policy_cache` (the trait; its provided methods
-//! are the shared behaviour), `snapshot` (the transfer format) and `types`
-//! ([`CacheConfig`], [`Attention`], [`Counters`], [`CacheStats`]). [`mirror`] keeps the
-//! books of a device copy of a cache layer.
+//! for multi-row prefill attention, decode attention over the packed streams on the
+//! rayon pool, widths, dequantization, byte accounting), `policy_cache` (the trait; its
+//! provided methods are the shared behaviour), `snapshot` (the transfer format) and
+//! `types` ([`CacheConfig`], [`Attention`], [`Counters`], [`CacheStats`]). `requant` is
+//! QAQ's width rule and re-encoding: the moves of a step are decided during its decode
+//! attention and only the moving tokens are re-encoded. [`mirror`] keeps the books of a
+//! device copy of a cache layer. `identity_tests` pins every policy's observables on a
+//! fixed scenario (a change of implementation must not change them).
 //!
 //! [`new_cache`] makes the cache of a [`KvPolicy`] and [`restore`] rebuilds one from a
 //! snapshot, both as a `Box<dyn PolicyCache>`; a QAQ cache with a custom host tier is
 //! [`QaqCache::with_host`].
 
 mod fp16;
+#[cfg(test)]
+mod identity_tests;
 mod kivi;
 mod layers;
 pub mod mirror;
 mod policy_cache;
 mod qaq;
+mod requant;
 mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -88,9 +88,10 @@ pub trait PolicyCache: sealed::Storage + Send + std::fmt::Debug {
     /// prefill the prompt's tokens get their first widths from the last rows.
     fn attend_rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize) -> Result<Vec<f32>> {
         if n_q == 1 {
-            return Ok(self.attend(layer, q_rows)?.output);
+            let qs = self.decode_queries(layer, q_rows)?;
+            return Ok(self.layers_mut(sealed::Key(())).attend_output(layer, &qs));
         }
-        self.layers().rows(layer, q_rows, n_q, true, &mut ())
+        self.layers_mut(sealed::Key(())).rows(layer, q_rows, n_q, true, &mut ())
     }
 
     /// The side effects of [`PolicyCache::attend_rows`] without its output: the state
@@ -103,7 +104,7 @@ pub trait PolicyCache: sealed::Storage + Send + std::fmt::Debug {
         if n_q == 1 {
             return self.decode_queries(layer, q_rows).map(|_| ());
         }
-        self.layers().rows(layer, q_rows, n_q, false, &mut ()).map(|_| ())
+        self.layers_mut(sealed::Key(())).rows(layer, q_rows, n_q, false, &mut ()).map(|_| ())
     }
 
     /// The side effects of [`PolicyCache::attend`] for KV head `head` of `layer` when the

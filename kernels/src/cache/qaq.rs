@@ -6,19 +6,20 @@
 //! tier. All of that state lives here; storage and attention are the shared
 //! [`Layers`].
 
-use super::layers::{Layers, RowObserver};
+use super::layers::{Head, Layers, RowObserver};
 use super::policy_cache::PolicyCache;
 use super::policy_cache::sealed::{Key, Storage};
+use super::requant::{Ctx, Plan, Targets, move_planned, window_pass};
 use super::snapshot::{self, QaqState};
 use super::types::{Attention, CacheConfig, Counters};
 use crate::attention::KStore;
-use crate::base::{GroupMeta, Scheme, check_finite};
+use crate::base::check_finite;
 use crate::error::Result;
 use crate::host::{HostTier, InMemoryHost};
-use crate::policy::{self, DownSource, KvPolicy, PrefillFeed, QNorm, QNormTracker, QaqParams, Windows};
-use crate::quant;
-use crate::store::{BLOCK_TOKENS, PackedStream};
-use half::slice::HalfFloatSliceExt;
+use crate::policy::{KvPolicy, PrefillFeed, QNormTracker, QaqParams, Windows};
+use crate::simd::Observed;
+use crate::store::PackedStream;
+use rayon::prelude::*;
 
 /// QAQ's state of one KV head in one layer.
 #[derive(Clone, Debug)]
@@ -33,6 +34,43 @@ struct HeadState {
     /// [`PolicyCache::take_rewrites`] (recorded only after
     /// [`PolicyCache::track_rewrites`]).
     rewritten: [Vec<u32>; 2],
+    /// Counts the changes of `win` and `qn` (what the width decisions read).
+    epoch: u64,
+    /// The moves of the coming re-quantization, decided during the decode attention.
+    plan: Plan,
+}
+
+impl HeadState {
+    /// Feeds the `g` queries' ||q||^2 to the tracker.
+    fn observe_queries(&mut self, qs: &[f32], g: usize, d: usize) {
+        self.epoch += 1;
+        for q in qs.chunks_exact(d).take(g) {
+            self.qn.observe(q.iter().map(|x| (x * x) as f64).sum());
+        }
+    }
+
+    /// Feeds windows (the last `feed` tokens' worth: tokens `0..feed`, each the maximum
+    /// over the `g` rows of `probs`, `[g][t]`) and the ||Q||^2 tracker.
+    fn observe(&mut self, qs: &[f32], probs: &[f32], g: usize, d: usize, t: usize, feed: usize) {
+        self.observe_queries(qs, g, d);
+        for tok in 0..feed.min(t) {
+            let mx = (0..g).map(|j| probs[j * t + tok]).fold(0f32, f32::max);
+            self.win.push(tok, mx);
+        }
+    }
+
+    /// A decode row's window update over all tokens of the head `hd` (the maximum
+    /// over the `g` query heads of `probs` when `window` is `None`, else `window`),
+    /// planning the moves of the step's re-quantization when `targets` says it comes.
+    fn decode_window(&mut self, hd: &Head, targets: Option<&Targets>, probs: &[f32], window: Option<&[f32]>, g: usize) {
+        let KStore::Packed(ks) = &hd.k else { return };
+        let HeadState { win, plan, epoch, .. } = self;
+        let obs = match window {
+            Some(w) => Observed::Values(w),
+            None => Observed::Probs(probs, g),
+        };
+        window_pass(win, plan, *epoch, ks, &hd.v, targets, obs);
+    }
 }
 
 /// QAQ's state beside the shared storage (a separate struct, so that both can be
@@ -45,6 +83,11 @@ struct State {
     counters: Counters,
     /// Whether re-encoded groups are recorded for a mirror.
     track: bool,
+    /// Re-quantizations of a (layer, KV head) carried out from a plan, and by
+    /// evaluating every token (what the identity tests look at).
+    paths: [u64; 2],
+    /// Whether re-quantization ignores the plans (the tests' reference).
+    no_plans: bool,
 }
 
 impl QaqState for State {
@@ -55,6 +98,8 @@ impl QaqState for State {
     fn set_head(&mut self, layer: usize, h: usize, kscale: Vec<f32>, qn: QNormTracker, win: Windows) {
         let s = &mut self.heads[layer][h];
         (s.kscale, s.qn, s.win) = (kscale, qn, win);
+        s.epoch += 1;
+        s.plan.clear();
     }
     fn host(&self) -> &dyn HostTier {
         self.host.as_ref()
@@ -111,12 +156,16 @@ impl QaqCache {
             qn: QNormTracker::default(),
             kscale: Vec::new(),
             rewritten: [Vec::new(), Vec::new()],
+            epoch: 0,
+            plan: Plan::default(),
         };
         let state = State {
             heads: vec![vec![head; cfg.n_kv_heads]; cfg.n_layers],
             host,
             counters: Counters::default(),
             track: false,
+            paths: [0; 2],
+            no_plans: false,
         };
         Ok(QaqCache { params, policy: KvPolicy::Qaq(params), layers, state })
     }
@@ -128,6 +177,21 @@ impl QaqCache {
         Ok(c)
     }
 
+    /// Makes re-quantization evaluate every token whatever the attention planned: the
+    /// implementation as it was before the plans, the reference of the identity tests.
+    #[cfg(test)]
+    pub(crate) fn without_plans(mut self) -> Self {
+        self.state.no_plans = true;
+        self
+    }
+
+    /// How many (layer, KV head) re-quantizations ran from a plan, and by evaluating
+    /// every token.
+    #[cfg(test)]
+    pub(crate) fn paths(&self) -> [u64; 2] {
+        self.state.paths
+    }
+
     /// The host tier (for budgeting and eviction; see also
     /// [`PolicyCache::evict_backups`]).
     pub fn host_mut(&mut self) -> &mut dyn HostTier {
@@ -135,41 +199,81 @@ impl QaqCache {
     }
 
     /// Recomputes every token's K and V widths in `layer` and moves tokens down or up
-    /// ([`PolicyCache::end_step`] does it every `every` steps).
+    /// ([`PolicyCache::end_step`] does it every `every` steps, for every layer). Where the
+    /// step's decode attention already decided the moves (and nothing they read has
+    /// changed since), only the tokens that move are touched; otherwise every token is
+    /// evaluated.
     pub fn requantize(&mut self, layer: usize) -> Result<()> {
         self.layers.check_layer(layer)?;
+        self.requantize_layers(layer..layer + 1)
+    }
+
+    /// [`QaqCache::requantize`] of `layers`: the moves of every (layer, KV head) first
+    /// (its plan, or every token evaluated), then every stream re-encoded, the streams in
+    /// parallel (each its own counters and rewrite list, summed and kept in order). Only
+    /// an encoding error (impossible from finite values) would leave other streams than
+    /// the one-at-a-time order would have re-encoded.
+    fn requantize_layers(&mut self, layers: std::ops::Range<usize>) -> Result<()> {
         let p = self.params;
-        let State { heads, host, counters, track } = &mut self.state;
-        let host = host.as_ref();
-        let l = &mut self.layers.layers[layer];
-        let t_total = l.len;
-        for (h, (hd, st)) in l.heads.iter_mut().zip(heads[layer].iter_mut()).enumerate() {
-            let qn2 = match p.qnorm {
-                QNorm::Constant(c) => Some(c),
-                QNorm::Percentile(pc) => st.qn.percentile(pc),
-            };
-            let e_k = qn2.map(|q| p.key_step_for(t_total, q));
-            let win = &st.win;
-            let [rk, rv] = &mut st.rewritten;
-            let (rk, rv) = if *track { (Some(rk), Some(rv)) } else { (None, None) };
-            let KStore::Packed(ks) = &mut hd.k else { continue };
-            let k_target = |t: usize, m: &GroupMeta| match e_k {
-                _ if t < p.sinks || (p.k_window && !win.full(t)) => p.b_max,
-                Some(e) => policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max),
-                None => m.bits,
-            };
-            move_stream(ks, layer, h, true, &p, host, counters, rk, k_target)?;
-            let v_num = policy::value_step_numerator(t_total, p.sigma_x);
-            let v_target = |t: usize, m: &GroupMeta| {
-                if t < p.sinks || !win.full(t) {
-                    return p.b_max;
+        let State { heads, host, counters, track, paths, no_plans } = &mut self.state;
+        let host: &dyn HostTier = host.as_ref();
+        for layer in layers.clone() {
+            let l = &self.layers.layers[layer];
+            for (hd, st) in l.heads.iter().zip(heads[layer].iter_mut()) {
+                let KStore::Packed(ks) = &hd.k else { continue };
+                if st.plan.valid(l.len, st.epoch) && !*no_plans {
+                    paths[0] += 1;
+                } else {
+                    paths[1] += 1;
+                    let tg = Targets::new(&p, l.len, &st.qn);
+                    st.plan.evaluate(ks, &hd.v, &tg, &st.win);
                 }
-                let e = policy::value_step_from(v_num, t_total, win.max(t) as f64);
-                policy::bits(m.range() as f64, e, p.formula, p.b_min, p.b_max)
-            };
-            move_stream(&mut hd.v, layer, h, false, &p, host, counters, rv, v_target)?;
+            }
+        }
+        let mut jobs = Vec::new();
+        let (ls, hs) = (&mut self.layers.layers[layers.clone()], &mut heads[layers.clone()]);
+        for (layer, (l, lh)) in layers.zip(ls.iter_mut().zip(hs.iter_mut())) {
+            for (h, (hd, st)) in l.heads.iter_mut().zip(lh.iter_mut()).enumerate() {
+                let KStore::Packed(ks) = &mut hd.k else { continue };
+                let HeadState { plan, rewritten: [rk, rv], .. } = st;
+                let (km, vm) = plan.moves();
+                jobs.push((ks, km, layer, h, true, track.then_some(rk)));
+                jobs.push((&mut hd.v, vm, layer, h, false, track.then_some(rv)));
+            }
+        }
+        let done: Vec<Result<Counters>> = jobs
+            .into_par_iter()
+            .map(|(s, moves, layer, head, is_key, rewritten)| {
+                let mut c = Counters::default();
+                let mut cx = Ctx { layer, head, is_key, p: &p, host, counters: &mut c, rewritten };
+                move_planned(s, moves, &mut cx).map(|_| c)
+            })
+            .collect();
+        for st in heads.iter_mut().flatten() {
+            st.plan.clear();
+        }
+        for c in done {
+            counters.add(&c?);
         }
         Ok(())
+    }
+
+    /// Decode attention of `layer` with prepared queries `qs` (outputs into `out`,
+    /// probabilities into `probs`, `n_q_heads * T`), feeding the ||Q||^2 trackers and the
+    /// windows, and planning the moves of the step's re-quantization when the step ends
+    /// with one.
+    fn decode_attend(&mut self, layer: usize, qs: &[f32], out: &mut [f32], probs: &mut [f32]) {
+        let (d, g, t) = (self.layers.cfg.head_dim, self.layers.cfg.group(), self.layers.len(layer));
+        let p = self.params;
+        let plan = (self.layers.step + 1).is_multiple_of(p.every as u64);
+        let heads = &mut self.state.heads[layer];
+        for (h, st) in heads.iter_mut().enumerate() {
+            st.observe_queries(&qs[h * g * d..(h + 1) * g * d], g, d);
+        }
+        self.layers.attend_with(layer, qs, out, probs, heads, |_, hd, probs, st| {
+            let tg = plan.then(|| Targets::new(&p, t, &st.qn));
+            st.decode_window(hd, tg.as_ref(), probs, None, g);
+        });
     }
 }
 
@@ -223,12 +327,10 @@ impl PolicyCache for QaqCache {
 
     fn attend(&mut self, layer: usize, q: &[f32]) -> Result<Attention> {
         let qs = self.decode_queries(layer, q)?;
-        let a = self.layers.attend(layer, &qs);
-        let (d, g, t) = (self.layers.cfg.head_dim, self.layers.cfg.group(), self.layers.len(layer));
-        for (h, st) in self.state.heads[layer].iter_mut().enumerate() {
-            observe(st, &qs[h * g * d..(h + 1) * g * d], &a.probs[h * g * t..(h + 1) * g * t], g, d, t, t);
-        }
-        Ok(a)
+        let (d, nq, t) = (self.layers.cfg.head_dim, self.layers.cfg.n_q_heads, self.layers.len(layer));
+        let (mut output, mut probs) = (vec![0f32; nq * d], vec![0f32; nq * t]);
+        self.decode_attend(layer, &qs, &mut output, &mut probs);
+        Ok(Attention { output, probs })
     }
 
     fn decode_queries(&self, layer: usize, q: &[f32]) -> Result<Vec<f32>> {
@@ -242,35 +344,34 @@ impl PolicyCache for QaqCache {
 
     fn attend_rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize) -> Result<Vec<f32>> {
         if n_q == 1 {
-            return Ok(self.attend(layer, q_rows)?.output);
+            return self.attend_output(layer, q_rows);
         }
         self.rows(layer, q_rows, n_q, true)
     }
 
     fn observe_rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize) -> Result<()> {
         if n_q == 1 {
-            return self.attend(layer, q_rows).map(|_| ());
+            return self.attend_output(layer, q_rows).map(|_| ());
         }
         self.rows(layer, q_rows, n_q, false).map(|_| ())
     }
 
     fn observe_window(&mut self, layer: usize, head: usize, qs: &[f32], window: &[f32]) -> Result<()> {
         self.layers.check_window(layer, head, qs, window)?;
-        let (d, g) = (self.layers.cfg.head_dim, self.layers.cfg.group());
+        let (d, g, t) = (self.layers.cfg.head_dim, self.layers.cfg.group(), self.layers.len(layer));
+        let p = self.params;
+        let plan = (self.layers.step + 1).is_multiple_of(p.every as u64);
         let st = &mut self.state.heads[layer][head];
-        observe_queries(st, qs, g, d);
-        for (tok, &p) in window.iter().enumerate() {
-            st.win.push(tok, p);
-        }
+        st.observe_queries(qs, g, d);
+        let tg = plan.then(|| Targets::new(&p, t, &st.qn));
+        st.decode_window(&self.layers.layers[layer].heads[head], tg.as_ref(), &[], Some(window), g);
         Ok(())
     }
 
     fn end_step(&mut self) -> Result<()> {
         self.layers.end_step();
         if self.layers.step.is_multiple_of(self.params.every as u64) {
-            for layer in 0..self.layers.layers.len() {
-                self.requantize(layer)?;
-            }
+            self.requantize_layers(0..self.layers.layers.len())?;
         }
         Ok(())
     }
@@ -338,6 +439,19 @@ impl PolicyCache for QaqCache {
 }
 
 impl QaqCache {
+    /// A decode row's attention output ([`PolicyCache::attend`] without the
+    /// probabilities, which go to the scratch buffer).
+    fn attend_output(&mut self, layer: usize, q: &[f32]) -> Result<Vec<f32>> {
+        let qs = self.decode_queries(layer, q)?;
+        let (d, nq, t) = (self.layers.cfg.head_dim, self.layers.cfg.n_q_heads, self.layers.len(layer));
+        let mut output = vec![0f32; nq * d];
+        let mut probs = std::mem::take(&mut self.layers.scratch);
+        probs.resize(nq * t, 0.0);
+        self.decode_attend(layer, &qs, &mut output, &mut probs);
+        self.layers.scratch = probs;
+        Ok(output)
+    }
+
     /// Multi-row attention ([`Layers::rows`]) feeding QAQ's state.
     fn rows(&mut self, layer: usize, q_rows: &[f32], n_q: usize, full: bool) -> Result<Vec<f32>> {
         let p = &self.params;
@@ -397,7 +511,7 @@ impl RowObserver for Observe<'_> {
                 }
             }
         }
-        observe(&mut self.heads[h], qs, probs, g, d, tv, feed);
+        self.heads[h].observe(qs, probs, g, d, tv, feed);
     }
 }
 
@@ -411,112 +525,6 @@ fn scale_queries(qs: &mut [f32], kscale: &[f32]) {
         for (x, s) in qh.iter_mut().zip(kscale) {
             *x *= s;
         }
-    }
-}
-
-/// Feeds windows (the last `feed` tokens' worth: tokens `0..feed`) and the ||Q||^2 tracker.
-fn observe(hd: &mut HeadState, qs: &[f32], probs: &[f32], g: usize, d: usize, t: usize, feed: usize) {
-    observe_queries(hd, qs, g, d);
-    for tok in 0..feed.min(t) {
-        let mx = (0..g).map(|j| probs[j * t + tok]).fold(0f32, f32::max);
-        hd.win.push(tok, mx);
-    }
-}
-
-/// Feeds the `g` queries' ||q||^2 to the tracker.
-fn observe_queries(hd: &mut HeadState, qs: &[f32], g: usize, d: usize) {
-    for q in qs.chunks_exact(d).take(g) {
-        hd.qn.observe(q.iter().map(|x| (x * x) as f64).sum());
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn move_stream(
-    s: &mut PackedStream,
-    layer: usize,
-    head: usize,
-    is_key: bool,
-    p: &QaqParams,
-    host: &dyn HostTier,
-    c: &mut Counters,
-    mut rewritten: Option<&mut Vec<u32>>,
-    target: impl Fn(usize, &GroupMeta) -> u8,
-) -> Result<()> {
-    let d = s.d();
-    let spec = *s.spec();
-    let mut tmp = vec![0f32; d];
-    let (mut wants, mut sel) = ([0u8; BLOCK_TOKENS], [false; BLOCK_TOKENS]);
-    for bi in 0..s.blocks().len() {
-        let t0 = bi * BLOCK_TOKENS;
-        // Blocks are separate allocations: fetch the next block's metadata ahead of the
-        // scan (the stream prefetcher loses the stream at every block).
-        #[cfg(target_arch = "x86_64")]
-        if let Some(nb) = s.blocks().get(bi + 2) {
-            let p = nb.meta.as_ptr() as *const i8;
-            for off in (0..std::mem::size_of_val(nb.meta.as_slice())).step_by(64) {
-                // SAFETY: SSE is part of the x86-64 baseline; a prefetch never faults.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off)) };
-            }
-        }
-        let mut changed = false;
-        for (i, m) in s.blocks()[bi].meta.iter().enumerate() {
-            wants[i] = target(t0 + i, m);
-            sel[i] = wants[i] != m.bits;
-            changed |= sel[i];
-        }
-        if !changed {
-            continue;
-        }
-        s.rewrite_groups(bi, Some(&sel), |i, g, sink| {
-            let t = t0 + i;
-            let want = wants[i];
-            let cur = g.meta.bits;
-            if want == cur {
-                return Ok(None);
-            }
-            let up = want > cur;
-            let backup = host.get(layer, t).map(|(k, v)| if is_key { k } else { v });
-            let use_backup = up || p.down == DownSource::Backup;
-            match (backup, use_backup) {
-                (Some(row), true) => {
-                    row[head * d..(head + 1) * d].convert_to_f32_slice(&mut tmp);
-                    c.backup_bytes_read += 2 * d as u64;
-                }
-                (None, true) if up => {
-                    c.up_blocked += 1;
-                    return Ok(None);
-                }
-                _ => {
-                    if spec.scheme == Scheme::Midpoint
-                        && let Some(m) = quant::shift_down(&g.meta, d, g.codes, want, sink.codes)
-                    {
-                        sink.out_idx.extend_from_slice(g.out_idx);
-                        sink.out_val.extend_from_slice(g.out_val);
-                        bump(c, is_key, false);
-                        return Ok(Some(m));
-                    }
-                    quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
-                }
-            }
-            bump(c, is_key, up);
-            quant::encode_group(&tmp, want, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
-        })?;
-        if let Some(r) = rewritten.as_deref_mut() {
-            // Selected groups that now have their target width were re-encoded (an
-            // upward move without a backup kept its group).
-            let meta = &s.blocks()[bi].meta;
-            r.extend((0..meta.len()).filter(|&i| sel[i] && meta[i].bits == wants[i]).map(|i| (t0 + i) as u32));
-        }
-    }
-    Ok(())
-}
-
-fn bump(c: &mut Counters, is_key: bool, up: bool) {
-    match (is_key, up) {
-        (true, true) => c.k_up += 1,
-        (true, false) => c.k_down += 1,
-        (false, true) => c.v_up += 1,
-        (false, false) => c.v_down += 1,
     }
 }
 

@@ -172,7 +172,7 @@ fn write_head(w: &mut Writer, kscale: &[f32], qn: &QNormTracker, win: &Windows) 
     let (wn, vals, seen) = win.parts();
     w.len(wn);
     w.len(seen.len());
-    w.f32s(vals);
+    w.f32s(&vals);
     seen.iter().for_each(|&s| w.u32(s));
 }
 

@@ -58,6 +58,18 @@ pub struct Counters {
     pub backup_bytes_read: u64,
 }
 
+impl Counters {
+    /// Adds `o`'s counts.
+    pub(crate) fn add(&mut self, o: &Counters) {
+        self.k_up += o.k_up;
+        self.k_down += o.k_down;
+        self.v_up += o.v_up;
+        self.v_down += o.v_down;
+        self.up_blocked += o.up_blocked;
+        self.backup_bytes_read += o.backup_bytes_read;
+    }
+}
+
 /// One decode query's attention.
 #[derive(Clone, Debug)]
 pub struct Attention {

@@ -30,9 +30,14 @@
 //!   activation row, in a fixed float order), on `ggml` and `scalar`.
 //! - `qdot`: the quantized matmul's dispatching kernels (activation quantization, one
 //!   task of weight rows against all activation rows), on `qref` and `x86`.
+//! - `attend`: the dispatch of the attention's two halves ([`attend_probs`],
+//!   [`attend_values`]) and of QAQ's window pass ([`window_pass`], AVX-512 only; `rule`
+//!   holds its plain input types).
 //! - `x86` (x86-64 only), the composed kernels: `x86::attention`, fused
 //!   attention of one KV head over packed K/V (codes unpacked in registers, GQA heads
-//!   sharing each unpack); `x86::matmul`, the register blocks of [`linear_rows`];
+//!   sharing each unpack; an AVX2 and an AVX-512VL build, bit-identical);
+//!   `x86::window`, QAQ's window pass eight tokens at a time; `x86::matmul`, the
+//!   register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;
 //!   `x86::quant`, the AVX2 group encoder (two groups) and decoder, and the AVX2 level's
 //!   one-group encoder (which falls back to `portable`'s reference compiled with AVX2);
@@ -50,6 +55,7 @@
 //! summation order differs); [`linear_rows`] is bit-exact at every level, and so is the
 //! quantized matmul (activation quantization and every output).
 
+mod attend;
 pub(crate) mod ggml;
 mod input;
 mod level;
@@ -59,6 +65,7 @@ pub(crate) mod qdot;
 pub(crate) mod qref;
 #[cfg(test)]
 mod qtests;
+mod rule;
 pub mod scalar;
 #[cfg(test)]
 mod tests;
@@ -68,6 +75,9 @@ mod x86;
 pub use crate::base::h2f;
 pub use level::{Level, level, vnni};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
+
+pub(crate) use attend::{attend_probs, attend_values, window_pass};
+pub(crate) use rule::{Observed, UNDECIDED, WidthRule};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};
 use crate::error::{KernelError, Result};
@@ -193,9 +203,8 @@ pub(crate) fn decode_group(g: GroupRef<'_>, scheme: Scheme, out: &mut [f32]) {
 
 /// Attention of `g` query heads (`qs`, `g * d`, already scaled) over packed values `v`:
 /// writes `out` (`g * d`) and `probs` (`g * T`). The scores come from the packed keys
-/// `keys`, or, when `keys` is `None`, are already in `probs` (keys of another layout).
-/// AVX2 level: the fused kernels of `x86::attention`; else the portable ones
-/// (`portable::packed_scores`, `softmax_rows`, `weighted_values`).
+/// `keys`, or, when `keys` is `None`, are already in `probs` (keys of another layout):
+/// [`attend_probs`], then [`attend_values`].
 pub(crate) fn attend_packed(
     keys: Option<StreamView<'_>>,
     v: StreamView<'_>,
@@ -204,23 +213,6 @@ pub(crate) fn attend_packed(
     out: &mut [f32],
     probs: &mut [f32],
 ) {
-    let t = v.len;
-    #[cfg(target_arch = "x86_64")]
-    if avx2() && v.d.is_multiple_of(8) {
-        assert!(qs.len() >= g * v.d && out.len() >= g * v.d && probs.len() >= g * t);
-        // SAFETY: the features were detected at run time; lengths checked above.
-        unsafe {
-            if let Some(k) = keys {
-                x86::attention::packed_scores(k, qs, g, probs);
-            }
-            x86::attention::softmax_rows(probs, g, t);
-            x86::attention::weighted_values(v, probs, g, out);
-        }
-        return;
-    }
-    if let Some(k) = keys {
-        portable::packed_scores(k, qs, g, probs);
-    }
-    portable::softmax_rows(probs, g, t);
-    portable::weighted_values(v, probs, g, out);
+    attend_probs(keys, qs, g, v.len, probs);
+    attend_values(v, probs, g, out);
 }

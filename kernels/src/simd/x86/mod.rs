@@ -2,11 +2,11 @@
 //! [`super::level()`] detected (the helpers and AVX2 primitives they share are
 //! `simd::prim::x86`): [`quant`]
 //! (the AVX2 group encoder and decoder), [`quant512`] (the AVX-512 group encoder and
-//! decoder), [`attention`] (fused attention over packed K/V), [`matmul`] (the
-//! register blocks of `linear_rows`), [`qdot`] (the quantized matmul's 32-value formats
-//! at the AVX2 and VNNI levels, and its activation quantizer), [`qgemm`] (their GEMM for
-//! many activation rows, VNNI or AVX2), [`qdot_k`] (its k-quants) and [`qgemm_k`] (their
-//! GEMM).
+//! decoder), [`attention`] (fused attention over packed K/V), [`window`] (QAQ's
+//! window pass after a decode row), [`matmul`] (the register blocks of `linear_rows`),
+//! [`qdot`] (the quantized matmul's 32-value formats at the AVX2 and VNNI levels, and its
+//! activation quantizer), [`qgemm`] (their GEMM for many activation rows, VNNI or AVX2),
+//! [`qdot_k`] (its k-quants) and [`qgemm_k`] (their GEMM).
 
 pub(crate) mod attention;
 pub(crate) mod matmul;
@@ -16,3 +16,4 @@ pub(crate) mod qgemm;
 pub(crate) mod qgemm_k;
 pub(crate) mod quant;
 pub(crate) mod quant512;
+pub(crate) mod window;

@@ -1,0 +1,81 @@
+//! The two halves of the attention of one KV head's query heads over packed values,
+//! dispatched on the SIMD level: [`attend_probs`] (scores and softmax) and
+//! [`attend_values`] (the probability-weighted values). [`super::attend_packed`] is the
+//! one after the other; a caller that runs them as separate tasks (the decode of one
+//! sequence on several cores) gets the same results. And [`window_pass`], what QAQ does
+//! with a decode row's probabilities.
+
+use super::level::{Level, avx2, level};
+use super::portable;
+use super::rule::{Observed, WidthRule};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use crate::base::{Block, StreamView};
+
+/// The attention probabilities (`probs`, `g * T`) of `g` query heads (`qs`, `g * d`,
+/// already scaled) over packed keys `keys` of `t` tokens, or, when `keys` is `None`,
+/// from the scores already in `probs` (keys of another layout). AVX2 level: the fused
+/// kernels of `x86::attention` (at the AVX-512 level, their AVX-512VL build); else the
+/// portable ones.
+pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t: usize, probs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && keys.is_none_or(|k| k.d.is_multiple_of(8)) {
+        assert!(probs.len() >= g * t);
+        if let Some(k) = keys {
+            assert!(qs.len() >= g * k.d && k.len == t);
+            // SAFETY: the features were detected at run time (AVX-512F/VL for `wide`);
+            // lengths checked above.
+            unsafe { x86::attention::packed_scores(k, qs, g, probs, level() == Level::Avx512) };
+        }
+        // SAFETY: AVX2 and FMA detected.
+        unsafe { x86::attention::softmax_rows(probs, g, t) };
+        return;
+    }
+    if let Some(k) = keys {
+        portable::packed_scores(k, qs, g, probs);
+    }
+    portable::softmax_rows(probs, g, t);
+}
+
+/// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads over packed
+/// values `v` (dispatched as [`attend_probs`]).
+pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && v.d.is_multiple_of(8) {
+        assert!(out.len() >= g * v.d && probs.len() >= g * v.len);
+        // SAFETY: the features were detected at run time (AVX-512F/VL for `wide`);
+        // lengths checked above.
+        unsafe { x86::attention::weighted_values(v, probs, g, out, level() == Level::Avx512) };
+        return;
+    }
+    portable::weighted_values(v, probs, g, out);
+}
+
+/// The window update of one (layer, KV head) after a decode row, over every token (the
+/// rings `rows[slot][t]`, counts `seen` and next slots `pos` of
+/// [`crate::policy::Windows`]), and, with `rule`, the tokens whose key (value) width
+/// differs from its target: `(token, target)` appended to `kout` (`vout`) in token
+/// order, the target [`super::UNDECIDED`] where it is too close to a width boundary for the
+/// fast computation (those lanes may also not move). Returns `false` without doing
+/// anything below the AVX-512 level (the caller then runs its scalar pass).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn window_pass(
+    obs: Observed<'_>,
+    rows: &mut [Vec<f32>],
+    seen: &mut [u32],
+    pos: &mut [u32],
+    k: &[Block],
+    v: &[Block],
+    rule: Option<&WidthRule>,
+    kout: &mut Vec<(u32, u8)>,
+    vout: &mut Vec<(u32, u8)>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && !rows.is_empty() && rows.len() < i32::MAX as usize {
+        // SAFETY: the features were detected at run time; the shapes are checked inside.
+        unsafe { x86::window::window_pass(obs, rows, seen, pos, k, v, rule, kout, vout) };
+        return true;
+    }
+    let _ = (obs, rows, seen, pos, k, v, rule, kout, vout);
+    false
+}
