@@ -7,6 +7,8 @@ mod harness;
 
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/http.rs"]
+mod http;
 #[path = "cluster/security.rs"]
 mod security;
 
