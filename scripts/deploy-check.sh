@@ -239,7 +239,7 @@ EOF
   "${post[@]}" -d '{"prompt": "The capital of France is", "max_tokens": 8}' "$http/completions" >"$tmp/h1.log" 2>&1 \
     && grep -q '"text_completion"' "$tmp/h1.log" || ko "e2e: HTTP completion failed: $(tail -c 300 "$tmp/h1.log")"
   "${post[@]}" -N -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": true}' \
-    "$http/chat/completions" >"$tmp/h2.log" 2>&1 && tail -1 "$tmp/h2.log" | grep -q '^data: \[DONE\]' \
+    "$http/chat/completions" >"$tmp/h2.log" 2>&1 && grep -v '^$' "$tmp/h2.log" | tail -1 | grep -q '^data: \[DONE\]$' \
     || ko "e2e: HTTP streamed chat failed: $(tail -c 300 "$tmp/h2.log")"
   "${post[@]}" -d '{"prompt": "x", "top_p": 7}' "$http/completions" >"$tmp/h3.log" 2>&1 || true
   sleep 1.5; kill -TERM "$abort_pid" 2>/dev/null
