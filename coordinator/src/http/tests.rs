@@ -332,3 +332,26 @@ async fn a_client_that_goes_away_mid_stream_aborts_the_request_on_its_worker() {
     }
     assert_eq!(aborted.lock().unwrap().as_slice(), ["gone-1"]);
 }
+
+#[tokio::test]
+async fn the_request_id_header_is_the_id_generation_abort_takes() {
+    let cluster = Cluster::new(Config::default());
+    add_worker(&cluster, FakeWorker { tokens: 500, every: Duration::from_millis(10), ..Default::default() }).await;
+    let addr = front(&cluster).await;
+    let c = cluster.clone();
+    let reply = tokio::spawn(async move {
+        let body = hello(json!({"stream": true, "max_tokens": 500}));
+        post(&addr, CHAT, &body, &[("x-request-id", "abort-me")]).await
+    });
+    let t0 = tokio::time::Instant::now();
+    while !c.abort("abort-me").await {
+        assert!(t0.elapsed() < Duration::from_secs(5), "never in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r = reply.await.unwrap();
+    assert_eq!((r.status, r.header("x-request-id")), (200, Some("abort-me")));
+    let data: Vec<&str> = r.body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{data:?}");
+    let finish: Value = serde_json::from_str(data[data.len() - 2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "abort", "{finish}");
+}
