@@ -6,7 +6,7 @@
 //! `stop` and `eos` are `stop`; an aborted request ends with `abort` (as
 //! vLLM's). The exact qaq reason is `usage.qaq.finish_reason`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -189,17 +189,18 @@ pub fn with_request_id(mut r: Response, request_id: &str) -> Response {
     r
 }
 
-/// The retry hint of a 429, for tests and logs.
-pub fn retry_after_of(r: &Response) -> Option<Duration> {
-    let ms = r.headers().get("retry-after-ms")?.to_str().ok()?.parse().ok()?;
-    Some(Duration::from_millis(ms))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use qaq_proto::v1::{KvStats, Usage};
 
     use super::*;
+
+    fn retry_after_of(r: &Response) -> Option<Duration> {
+        let ms = r.headers().get("retry-after-ms")?.to_str().ok()?.parse().ok()?;
+        Some(Duration::from_millis(ms))
+    }
 
     fn last() -> GenerateResponse {
         GenerateResponse {
