@@ -1,13 +1,13 @@
 # qaq — the two commands of the README:
 #   make demo   fetch the model, build, start a local cluster, stream a generation
 #   make test   fetch the model, build (also with --features cuda), clippy, the module
-#               structure check, all tests, and the CUDA checks that need no GPU (NVRTC
-#               compiles every kernel)
+#               structure check, the standard clients the HTTP front is tested with, all
+#               tests, and the CUDA checks that need no GPU (NVRTC compiles every kernel)
 SHELL := /bin/bash
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: demo test model build build-cuda clippy structure unit bench eval cuda-check
+.PHONY: demo test model build build-cuda clippy structure pyclients unit bench eval cuda-check
 
 model:
 	@scripts/fetch-model.sh
@@ -28,6 +28,12 @@ clippy:
 structure:
 	python3 scripts/check-cycles.py
 
+# The clients the coordinator's tests drive it with: the official `openai` Python package,
+# grpcio + grpcio-reflection (a venv in .pyclients/, git-ignored) and curl. The tests call
+# the script too (it is idempotent); installing first keeps pip out of the test timings.
+pyclients:
+	@scripts/install-pyclients.sh >/dev/null
+
 # CUDA without a GPU: every kernel source compiled to PTX by NVRTC (the library comes
 # from its PyPI wheel, installed into .nvrtc/ by the script, found through
 # LD_LIBRARY_PATH), launch shapes, the GEMM arguments, the device layout, the no-driver
@@ -41,7 +47,7 @@ cuda-check:
 unit: build
 	$(CARGO) test --release --workspace --no-fail-fast
 
-test: model build-cuda clippy structure unit cuda-check deploy-check
+test: model build-cuda clippy structure pyclients unit cuda-check deploy-check
 
 demo: model build
 	@scripts/demo.sh

@@ -6,10 +6,11 @@
 #   3. Helm chart: values.yaml against values.schema.json, the chart rendered by
 #      scripts/helm_render.py (helm itself is not installable from the registries this
 #      project reaches) and every manifest validated by kubernetes-validate (PyPI)
-#   4. end to end: `qaq up` (coordinator + 2 workers) on loopback, a real Prometheus server
-#      scraping it every second with deploy/prometheus/alerts.yml loaded, some load through
-#      `qaq generate`, then scripts/deploy_check.py asks Prometheus' HTTP API whether every
-#      metric name used by the dashboard and the alert rules has a series.
+#   4. end to end: `qaq up` (coordinator + 2 workers, HTTP front on) on loopback, a real
+#      Prometheus server scraping it every second with deploy/prometheus/alerts.yml loaded,
+#      some load through `qaq generate` and the OpenAI-compatible HTTP API (curl), then
+#      scripts/deploy_check.py asks Prometheus' HTTP API whether every metric name used by
+#      the dashboard and the alert rules has a series.
 # Every process started here is stopped by PID on exit. Set DEPLOY_CHECK_SKIP_E2E=1 to
 # skip step 4 (e.g. without the model).
 set -uo pipefail
@@ -57,6 +58,10 @@ if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
   ok "$(promtool --version 2>&1 | head -1); prometheus server at $(command -v prometheus)"
 else
   ko "promtool and prometheus binaries present after install"
+fi
+if ! command -v curl >/dev/null; then
+  echo "installing the Debian package curl (load on the HTTP front)"
+  apt_install curl >/dev/null || ko "apt-get install curl"
 fi
 if ! command -v docker-compose >/dev/null; then
   echo "installing the Debian package docker-compose (compose file validation, no engine)"
@@ -162,7 +167,8 @@ e2e() {
   for f in "$BIN/qaq" "$BIN/qaq-coordinator" "$BIN/qaq-worker" "$MODEL"; do
     [ -e "$f" ] || { ko "e2e: $f missing (make build model)"; return; }
   done
-  "$BIN/qaq" up --workers 2 --model "$MODEL" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$tmp/up.log" 2>&1 &
+  "$BIN/qaq" up --workers 2 --model "$MODEL" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --http-listen 127.0.0.1:0 >"$tmp/up.log" 2>&1 &
   up_pid=$!
   for _ in $(seq 1 3000); do
     grep -q "^qaq cluster ready" "$tmp/up.log" && break
@@ -172,16 +178,17 @@ e2e() {
   if ! grep -q "^qaq cluster ready" "$tmp/up.log"; then
     tail -40 "$tmp/up.log" >&2; ko "e2e: qaq up did not become ready within 300 s"; return
   fi
-  # qaq cluster ready: coordinator H:P (metrics http://H:P/metrics), 2 workers
+  # qaq cluster ready: coordinator H:P (metrics http://H:P/metrics), http http://H:P/v1, 2 workers
   #   worker-1 pid N grpc H:P metrics H:P
-  local ready addr cmetrics workers
+  local ready addr cmetrics workers http
   ready=$(grep "^qaq cluster ready" "$tmp/up.log")
   addr=$(sed -E 's/^qaq cluster ready: coordinator ([^ ]+) .*/\1/' <<<"$ready")
+  http=$(sed -nE 's#.*, http (http://[^,]+/v1),.*#\1#p' <<<"$ready")
   cmetrics=$(sed -nE 's#.*\(metrics http://([^/]+)/metrics\).*#\1#p' <<<"$ready")
   workers=$(sed -nE 's/^  worker-[0-9]+ pid [0-9]+ grpc [^ ]+ metrics ([^ ]+)$/\1/p' "$tmp/up.log" | grep -v '^-$' | tr '\n' ' ')
   echo "$ready"; grep -E '^  worker-' "$tmp/up.log"
-  if [ -z "$cmetrics" ] || [ "$(wc -w <<<"$workers")" -ne 2 ]; then
-    ko "e2e: could not read the coordinator's and workers' metrics addresses from qaq up"; return
+  if [ -z "$cmetrics" ] || [ -z "$http" ] || [ "$(wc -w <<<"$workers")" -ne 2 ]; then
+    ko "e2e: could not read the coordinator's metrics and HTTP addresses and the workers' from qaq up"; return
   fi
 
   local pport targets=""
@@ -227,12 +234,20 @@ EOF
   local abort_pid=$!; load_pids+=("$abort_pid")
   "${gen[@]}" --timeout-ms 30 --max-new-tokens 64 "This one times out" >"$tmp/deadline.log" 2>&1 || true
   "${gen[@]}" --top-p 7 "invalid top-p" >"$tmp/invalid.log" 2>&1 || true
+  # The HTTP front: a completion, a streamed chat completion, an invalid field.
+  local post=(timeout 120 curl -sS -H 'content-type: application/json')
+  "${post[@]}" -d '{"prompt": "The capital of France is", "max_tokens": 8}' "$http/completions" >"$tmp/h1.log" 2>&1 \
+    && grep -q '"text_completion"' "$tmp/h1.log" || ko "e2e: HTTP completion failed: $(tail -c 300 "$tmp/h1.log")"
+  "${post[@]}" -N -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": true}' \
+    "$http/chat/completions" >"$tmp/h2.log" 2>&1 && grep -v '^$' "$tmp/h2.log" | tail -1 | grep -q '^data: \[DONE\]$' \
+    || ko "e2e: HTTP streamed chat failed: $(tail -c 300 "$tmp/h2.log")"
+  "${post[@]}" -d '{"prompt": "x", "top_p": 7}' "$http/completions" >"$tmp/h3.log" 2>&1 || true
   sleep 1.5; kill -TERM "$abort_pid" 2>/dev/null
   local bad=0
   for i in "${pids[@]}"; do wait "$i" || bad=$((bad + 1)); done
   wait "$abort_pid" 2>/dev/null
   load_pids=()
-  [ "$bad" = 0 ] && ok "e2e: load (2 sequential, 6 concurrent, 1 aborted, 1 deadline, 1 invalid)" \
+  [ "$bad" = 0 ] && ok "e2e: load (2 sequential, 6 concurrent, 1 aborted, 1 deadline, 1 invalid; 3 over HTTP)" \
                  || ko "e2e: $bad of 6 concurrent generations failed"
   sleep 3 # two more scrapes after the load
 

@@ -94,6 +94,11 @@ impl ApiKeys {
         self.keys.len()
     }
 
+    /// The file's first key (what a tool that starts the coordinator may use itself).
+    pub fn first(&self) -> Option<&Secret> {
+        self.keys.first()
+    }
+
     /// Whether there is no key.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()

@@ -481,6 +481,11 @@ impl Cluster {
         ClusterStatusResponse { workers, in_flight: st.requests.len() as u32 }
     }
 
+    /// Whether [`Cluster::close`] was called: nothing new is admitted.
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
     /// Requests waiting in the admission queue.
     pub fn queue_depth(&self) -> usize {
         self.lock().queue.len()

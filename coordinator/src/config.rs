@@ -19,6 +19,11 @@ pub struct Args {
     /// gRPC address serving qaq.v1.Generation, qaq.v1.Registry, health and reflection.
     #[arg(long, env = "QAQ_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health; port 0 picks one). Served over TLS with --tls-cert, guarded by
+    /// --api-keys-file. Absent: no HTTP API.
+    #[arg(long, env = "QAQ_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Address of the Prometheus /metrics endpoint (port 0 picks one). Absent: no metrics endpoint.
     #[arg(long, env = "QAQ_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -174,7 +179,10 @@ impl TryFrom<&Args> for Config {
         };
         c.tls = match (&a.tls_cert, &a.tls_key) {
             (Some(cert), Some(key)) => {
-                Some(ServerTls::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?))
+                let tls = ServerTls::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?);
+                // An unusable pair fails here, not when a front starts serving.
+                tls.rustls_config(&[])?;
+                Some(tls)
             }
             _ => None,
         };
@@ -201,7 +209,8 @@ mod tests {
     fn defaults_validate() {
         let a = args(&[]);
         assert_eq!(a.listen.to_string(), "127.0.0.1:50051");
-        assert!(a.metrics_listen.is_none());
+        assert!(a.metrics_listen.is_none() && a.http_listen.is_none());
+        assert_eq!(args(&["--http-listen", "127.0.0.1:0"]).http_listen.unwrap().to_string(), "127.0.0.1:0");
         let c = Config::try_from(&a).unwrap();
         assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(c.lease, Duration::from_millis(2000));

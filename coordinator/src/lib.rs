@@ -1,15 +1,17 @@
-//! qaq coordinator: the client-facing gRPC service of a qaq cluster.
+//! qaq coordinator: the client-facing services of a qaq cluster.
 //!
 //! Workers register with the coordinator's `qaq.v1.Registry` (presenting the
 //! shared secret when one is configured) and heartbeat their load; clients
-//! call `qaq.v1.Generation` (with an API key when keys are configured), each
-//! request is admitted (or queued, or refused when the queue is full), placed
-//! on a worker and its stream forwarded to the client, failing over to
-//! another worker when its worker dies.
+//! call `qaq.v1.Generation` over gRPC or the OpenAI-compatible HTTP API (with
+//! an API key when keys are configured). Both fronts take one request path:
+//! each request is admitted (or queued, or refused when the queue is full),
+//! placed on a worker and its stream forwarded to the client, failing over
+//! to another worker when its worker dies.
 //!
 //! Modules:
 //! - [`config`]: clap [`config::Args`] (`QAQ_*` env) -> validated [`config::Config`].
-//! - [`error`]: typed errors and their one mapping to `tonic::Status`.
+//! - [`error`]: typed errors and their one mapping to `tonic::Status`, and
+//!   beside it to HTTP statuses and OpenAI-shaped errors.
 //! - [`auth`]: API keys and the registration secret (TLS settings are
 //!   `qaq_proto::tls`, loaded by [`config`]).
 //! - [`registry`]: the worker registry and leases (plain struct, time injected).
@@ -21,13 +23,17 @@
 //! - [`stream`]: forwards one worker stream to its client (deadline, abort,
 //!   disconnect, failover with request migration).
 //! - [`deadline`]: the client's `grpc-timeout`.
+//! - [`front`]: the one request path both fronts call (admit, count,
+//!   forward), with errors still typed.
 //! - [`service`]: the tonic services `Generation` and `Registry`.
+//! - [`http`]: the OpenAI-compatible HTTP front (axum), over [`front`].
 //! - [`metrics`]: metric names, buckets and the Prometheus recorder;
 //!   the `/metrics` endpoint is `qaq_proto::metrics_http`.
 //! - [`process`]: child processes that announce readiness on stdout (used by
 //!   `qaq up` and the integration tests).
 //!
-//! [`run`] serves everything on one listener until a shutdown future resolves.
+//! [`run`] serves the gRPC services on one listener and the HTTP front on
+//! another until a shutdown future resolves.
 
 pub mod admission;
 pub mod auth;
@@ -35,6 +41,8 @@ pub mod cluster;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod front;
+pub mod http;
 pub mod metrics;
 pub mod placement;
 pub mod process;
@@ -67,14 +75,36 @@ use crate::service::registry::RegistryService;
 pub const MAX_REQUEST_BYTES: usize = 2 * qaq_proto::validate::MAX_PROMPT_BYTES + (64 << 10);
 
 /// Prefix of the line the coordinator binary prints on stdout once serving:
-/// `QAQ_COORDINATOR_READY grpc=HOST:PORT metrics=HOST:PORT` (`metrics=-`
-/// when disabled).
+/// `QAQ_COORDINATOR_READY grpc=HOST:PORT metrics=HOST:PORT http=HOST:PORT`
+/// (`-` for a disabled endpoint).
 pub const READY_PREFIX: &str = "QAQ_COORDINATOR_READY";
 
 /// The readiness line for these addresses.
-pub fn ready_line(grpc: std::net::SocketAddr, metrics: Option<std::net::SocketAddr>) -> String {
-    let metrics = metrics.map_or_else(|| "-".to_string(), |m| m.to_string());
-    format!("{READY_PREFIX} grpc={grpc} metrics={metrics}")
+pub fn ready_line(
+    grpc: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+    http: Option<std::net::SocketAddr>,
+) -> String {
+    let or_dash = |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".to_string(), |a| a.to_string());
+    format!("{READY_PREFIX} grpc={grpc} metrics={} http={}", or_dash(metrics), or_dash(http))
+}
+
+/// The listeners the coordinator serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `qaq.v1.Generation`, `qaq.v1.Registry`, health and reflection (gRPC).
+    pub grpc: TcpListener,
+    /// The OpenAI-compatible HTTP API, if enabled.
+    pub http: Option<TcpListener>,
+}
+
+/// Server reflection, `grpc.reflection.v1` and `v1alpha` (grpcio's
+/// reflection client, older grpcurl and GUI clients speak `v1alpha`), over
+/// the `qaq.v1` and health descriptors.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// The accepted connections of `listener`, with TCP_NODELAY set:
@@ -85,11 +115,11 @@ fn nodelay(listener: TcpListener) -> TcpIncoming {
 }
 
 /// Serves `qaq.v1.Generation`, `qaq.v1.Registry`, `grpc.health.v1` and
-/// server reflection on `listener` until `shutdown` resolves; then nothing
-/// new is admitted and in-flight streams get `config.shutdown_grace` to
-/// finish.
+/// server reflection on `listeners.grpc`, and the HTTP front on
+/// `listeners.http`, until `shutdown` resolves; then nothing new is admitted
+/// and in-flight streams get `config.shutdown_grace` to finish.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -97,10 +127,8 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GenerationServer<GenerationService>>().await;
     health.set_serving::<RegistryServer<RegistryService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     // Sweeps lapsed leases so states and gauges change without traffic.
     let sweeper = {
@@ -136,9 +164,21 @@ pub async fn run(
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(generation, ApiKeyCheck::new(config.api_keys.clone())))
         .add_service(RegistryServer::new(RegistryService::new(cluster.clone())))
-        .serve_with_incoming_shutdown(nodelay(listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(nodelay(listeners.grpc), stopped(stop_rx.clone()));
+    let http_stopped = stopped(stop_rx.clone());
+    let http = async {
+        match listeners.http {
+            Some(l) => http::serve(l, cluster.clone(), http_stopped).await,
+            None => Ok(()),
+        }
+    };
+    let servers = async {
+        let (grpc, http) = tokio::join!(server, http);
+        grpc.map_err(ServeError::from).and(http)
+    };
     let grace = async {
         stopped(stop_rx).await;
         cluster.close();
@@ -148,7 +188,7 @@ pub async fn run(
         tokio::time::sleep(config.shutdown_grace).await;
     };
     let result = tokio::select! {
-        r = server => r.map_err(ServeError::from),
+        r = servers => r,
         _ = grace => {
             tracing::warn!("shutdown grace elapsed with streams still open");
             Ok(())

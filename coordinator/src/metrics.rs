@@ -6,19 +6,22 @@
 
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Gauge: requests streaming tokens (first token received).
+/// Gauge: requests streaming tokens (first token received), label [`LABEL_PROTOCOL`].
 pub const REQUESTS_RUNNING: &str = "qaq_coordinator_requests_running";
-/// Gauge: requests admitted and placed, not yet streaming their first token.
+/// Gauge: requests admitted and placed, not yet streaming their first token,
+/// label [`LABEL_PROTOCOL`].
 pub const REQUESTS_WAITING: &str = "qaq_coordinator_requests_waiting";
-/// Counter: finished requests, label [`LABEL_OUTCOME`].
+/// Counter: finished requests, labels [`LABEL_OUTCOME`] and [`LABEL_PROTOCOL`].
 pub const REQUESTS_TOTAL: &str = "qaq_coordinator_requests_total";
 /// Counter: tokens streamed to clients.
 pub const GENERATED_TOKENS_TOTAL: &str = "qaq_coordinator_generated_tokens_total";
-/// Histogram: seconds from receiving a request to streaming its first token.
+/// Histogram: seconds from receiving a request to streaming its first token,
+/// label [`LABEL_PROTOCOL`].
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "qaq_coordinator_time_to_first_token_seconds";
 /// Histogram: seconds between consecutive tokens of a stream.
 pub const INTER_TOKEN_LATENCY_SECONDS: &str = "qaq_coordinator_inter_token_latency_seconds";
-/// Histogram: seconds from receiving a request to its end (any outcome).
+/// Histogram: seconds from receiving a request to its end (any outcome),
+/// label [`LABEL_PROTOCOL`].
 pub const REQUEST_DURATION_SECONDS: &str = "qaq_coordinator_request_duration_seconds";
 /// Gauge: registered workers, label [`LABEL_STATE`].
 pub const WORKERS: &str = "qaq_coordinator_workers";
@@ -35,6 +38,10 @@ pub const REJECTIONS_TOTAL: &str = "qaq_coordinator_rejections_total";
 
 /// Label of [`REQUESTS_TOTAL`]: see [`Outcome`].
 pub const LABEL_OUTCOME: &str = "outcome";
+/// Label of the request metrics ([`REQUESTS_TOTAL`], [`REQUESTS_RUNNING`],
+/// [`REQUESTS_WAITING`], [`TIME_TO_FIRST_TOKEN_SECONDS`],
+/// [`REQUEST_DURATION_SECONDS`]): the front the request came in through, see [`Protocol`].
+pub const LABEL_PROTOCOL: &str = "protocol";
 /// Label of [`WORKERS`]: `up`, `draining` or `down`.
 pub const LABEL_STATE: &str = "state";
 /// Values of [`LABEL_STATE`].
@@ -76,6 +83,29 @@ impl Rejection {
     /// Counts one rejection.
     pub fn count(self) {
         metrics::counter!(REJECTIONS_TOTAL, LABEL_REASON => self.as_str()).increment(1);
+    }
+}
+
+/// The front a request came in through, the values of [`LABEL_PROTOCOL`]:
+/// one request path, two wire formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `qaq.v1.Generation` over gRPC.
+    Grpc,
+    /// The OpenAI-compatible HTTP API (`--http-listen`).
+    Http,
+}
+
+impl Protocol {
+    /// Every value, for initialising the series at 0.
+    pub const ALL: [Protocol; 2] = [Self::Grpc, Self::Http];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http",
+        }
     }
 }
 
@@ -146,8 +176,18 @@ pub fn describe() {
 /// series from startup (dashboards query series that must exist before the
 /// first event).
 pub fn initialise() {
-    for o in Outcome::ALL {
-        metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => o.as_str()).absolute(0);
+    for p in Protocol::ALL {
+        let p = p.as_str();
+        for o in Outcome::ALL {
+            metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => o.as_str(), LABEL_PROTOCOL => p).absolute(0);
+        }
+        for n in [REQUESTS_RUNNING, REQUESTS_WAITING] {
+            metrics::gauge!(n, LABEL_PROTOCOL => p).set(0.0);
+        }
+        for n in [TIME_TO_FIRST_TOKEN_SECONDS, REQUEST_DURATION_SECONDS] {
+            // Registering the histogram is enough for the exporter to render it.
+            let _ = metrics::histogram!(n, LABEL_PROTOCOL => p);
+        }
     }
     for r in Rejection::ALL {
         metrics::counter!(REJECTIONS_TOTAL, LABEL_REASON => r.as_str()).absolute(0);
@@ -155,16 +195,11 @@ pub fn initialise() {
     for n in [GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL] {
         metrics::counter!(n).absolute(0);
     }
-    for n in [REQUESTS_RUNNING, REQUESTS_WAITING, QUEUE_DEPTH] {
-        metrics::gauge!(n).set(0.0);
-    }
+    metrics::gauge!(QUEUE_DEPTH).set(0.0);
     for s in STATES {
         metrics::gauge!(WORKERS, LABEL_STATE => s).set(0.0);
     }
-    for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
-        // Registering the histogram is enough for the exporter to render it.
-        let _ = metrics::histogram!(n);
-    }
+    let _ = metrics::histogram!(INTER_TOKEN_LATENCY_SECONDS);
 }
 
 /// A Prometheus recorder with real (bucketed) histograms for every histogram
@@ -218,18 +253,25 @@ mod tests {
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             describe();
-            metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS).record(0.2);
+            let http = Protocol::Http.as_str();
+            metrics::histogram!(TIME_TO_FIRST_TOKEN_SECONDS, LABEL_PROTOCOL => http).record(0.2);
             metrics::histogram!(INTER_TOKEN_LATENCY_SECONDS).record(0.02);
-            metrics::histogram!(REQUEST_DURATION_SECONDS).record(3.0);
-            metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => Outcome::Ok.as_str()).increment(1);
+            metrics::histogram!(REQUEST_DURATION_SECONDS, LABEL_PROTOCOL => http).record(3.0);
+            metrics::counter!(REQUESTS_TOTAL, LABEL_OUTCOME => Outcome::Ok.as_str(), LABEL_PROTOCOL => http)
+                .increment(1);
         });
         let text = handle.render();
-        for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
+        for n in [TIME_TO_FIRST_TOKEN_SECONDS, REQUEST_DURATION_SECONDS] {
             assert!(text.contains(&format!("# TYPE {n} histogram")), "{n} not a histogram:\n{text}");
-            assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 1")), "{n}:\n{text}");
+            assert!(text.contains(&format!("{n}_bucket{{protocol=\"http\",le=\"+Inf\"}} 1")), "{n}:\n{text}");
         }
-        assert!(text.contains("qaq_coordinator_time_to_first_token_seconds_bucket{le=\"0.25\"} 1"), "{text}");
-        assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\"} 1"), "{text}");
+        let n = INTER_TOKEN_LATENCY_SECONDS;
+        assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 1")), "{n}:\n{text}");
+        assert!(
+            text.contains("qaq_coordinator_time_to_first_token_seconds_bucket{protocol=\"http\",le=\"0.25\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"http\"} 1"), "{text}");
     }
 
     #[test]
@@ -241,9 +283,19 @@ mod tests {
             initialise();
         });
         let text = handle.render();
-        for o in Outcome::ALL {
-            let line = format!("{REQUESTS_TOTAL}{{{LABEL_OUTCOME}=\"{}\"}} 0", o.as_str());
-            assert!(text.contains(&line), "{line}:\n{text}");
+        for p in Protocol::ALL {
+            let p = p.as_str();
+            for o in Outcome::ALL {
+                let line = format!("{REQUESTS_TOTAL}{{{LABEL_OUTCOME}=\"{}\",{LABEL_PROTOCOL}=\"{p}\"}} 0", o.as_str());
+                assert!(text.contains(&line), "{line}:\n{text}");
+            }
+            for n in [REQUESTS_RUNNING, REQUESTS_WAITING] {
+                assert!(text.contains(&format!("\n{n}{{{LABEL_PROTOCOL}=\"{p}\"}} 0")), "{n} {p}:\n{text}");
+            }
+            for n in [TIME_TO_FIRST_TOKEN_SECONDS, REQUEST_DURATION_SECONDS] {
+                let line = format!("{n}_bucket{{{LABEL_PROTOCOL}=\"{p}\",le=\"+Inf\"}} 0");
+                assert!(text.contains(&line), "{line}:\n{text}");
+            }
         }
         for r in Rejection::ALL {
             let line = format!("{REJECTIONS_TOTAL}{{{LABEL_REASON}=\"{}\"}} 0", r.as_str());
@@ -252,14 +304,13 @@ mod tests {
         for s in STATES {
             assert!(text.contains(&format!("{WORKERS}{{{LABEL_STATE}=\"{s}\"}} 0")), "{s}:\n{text}");
         }
-        for n in
-            [GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL, QUEUE_DEPTH, REQUESTS_RUNNING, REQUESTS_WAITING]
-        {
+        for n in [GENERATED_TOKENS_TOTAL, MIGRATIONS_TOTAL, RETRIES_TOTAL, QUEUE_DEPTH] {
             assert!(text.contains(&format!("\n{n} 0")), "{n}:\n{text}");
         }
         for n in [TIME_TO_FIRST_TOKEN_SECONDS, INTER_TOKEN_LATENCY_SECONDS, REQUEST_DURATION_SECONDS] {
             assert!(text.contains(&format!("# TYPE {n} histogram")), "{n} not a histogram:\n{text}");
-            assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 0")), "{n}:\n{text}");
         }
+        let n = INTER_TOKEN_LATENCY_SECONDS;
+        assert!(text.contains(&format!("{n}_bucket{{le=\"+Inf\"}} 0")), "{n}:\n{text}");
     }
 }

@@ -27,7 +27,7 @@ use tonic::{Status, Streaming};
 
 use crate::cluster::{Admission, Cluster, Placed, abort_on_worker};
 use crate::error::GenerateError;
-use crate::metrics::{self as m, Outcome};
+use crate::metrics::{self as m, Outcome, Protocol};
 
 /// After an Abort, how long the worker gets to send its own final message
 /// before the coordinator ends the stream with a synthesized one.
@@ -123,19 +123,23 @@ pub struct Forward {
     phase: Phase,
     /// Duration of a successful request (feeds the retry-after estimate).
     duration: Option<Duration>,
+    /// The front the request came in through (metrics label).
+    protocol: Protocol,
 }
 
 impl Forward {
     /// Takes over a placed request. `received` is when the client's request
-    /// arrived; `timeout` the client's gRPC timeout.
+    /// arrived; `timeout` the client's timeout; `protocol` the front it came
+    /// in through.
     pub fn new(
         cluster: Cluster,
         admission: Admission,
         request: GenerateRequest,
         received: Instant,
         timeout: Option<Duration>,
+        protocol: Protocol,
     ) -> Self {
-        metrics::gauge!(m::REQUESTS_WAITING).increment(1.0);
+        metrics::gauge!(m::REQUESTS_WAITING, m::LABEL_PROTOCOL => protocol.as_str()).increment(1.0);
         let Admission { request_id, placed, abort, predicted_tokens, .. } = admission;
         let Placed { worker_id, incarnation, worker, address } = placed;
         let deadline = deadline_of(received, timeout);
@@ -163,6 +167,7 @@ impl Forward {
             tokens: 0,
             phase: Phase::Waiting,
             duration: None,
+            protocol,
         }
     }
 
@@ -170,7 +175,7 @@ impl Forward {
     /// timeout), failing over to other workers while that is retryable. On
     /// error the request is over; dropping `self` then releases it (and
     /// aborts it on the worker if the call was cut short).
-    pub async fn start(&mut self) -> Result<(), Status> {
+    pub async fn start(&mut self) -> Result<(), GenerateError> {
         match self.submit_once().await {
             Ok(()) => Ok(()),
             Err(Attempt::Deadline) => Err(self.deadline_error()),
@@ -213,7 +218,7 @@ impl Forward {
     /// Fails over after `status` from the current worker until a worker
     /// accepts the request. `Ok(true)`: every token was already streamed, the
     /// caller ends the stream.
-    async fn resubmit(&mut self, mut status: Status) -> Result<bool, Status> {
+    async fn resubmit(&mut self, mut status: Status) -> Result<bool, GenerateError> {
         loop {
             tracing::info!(
                 request_id = %self.request_id, worker_id = %self.worker_id, tokens = self.token_ids.len(),
@@ -266,7 +271,7 @@ impl Forward {
         }
     }
 
-    fn give_up(&mut self, status: Status) -> Status {
+    fn give_up(&mut self, status: Status) -> GenerateError {
         self.fail(GenerateError::RetriesExhausted {
             retries: self.retries,
             tokens: self.token_ids.len() as u32,
@@ -275,13 +280,13 @@ impl Forward {
         })
     }
 
-    fn deadline_error(&mut self) -> Status {
+    fn deadline_error(&mut self) -> GenerateError {
         let timeout = self.deadline.map(|d| d.1).unwrap_or_default();
         self.fail(GenerateError::Deadline { timeout, tokens: self.tokens })
     }
 
     /// Fails over, then: `None` to keep reading, or the item to return.
-    async fn fail_over(&mut self, status: Status) -> Option<Result<GenerateResponse, Status>> {
+    async fn fail_over(&mut self, status: Status) -> Option<Result<GenerateResponse, GenerateError>> {
         match self.resubmit(status).await {
             Ok(false) => None,
             // The worker failed after streaming the last token, before its final message.
@@ -290,12 +295,13 @@ impl Forward {
         }
     }
 
-    /// The client's response stream.
-    pub fn into_stream(self) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send + 'static {
+    /// The client's response stream: the worker's messages, or the typed
+    /// error that ended the request (each front maps it to its wire format).
+    pub fn into_stream(self) -> impl Stream<Item = Result<GenerateResponse, GenerateError>> + Send + 'static {
         futures::stream::unfold(self, |mut f| async move { f.next().await.map(|item| (item, f)) })
     }
 
-    async fn next(&mut self) -> Option<Result<GenerateResponse, Status>> {
+    async fn next(&mut self) -> Option<Result<GenerateResponse, GenerateError>> {
         loop {
             if self.phase == Phase::Done {
                 self.drain_finished_worker().await;
@@ -398,7 +404,8 @@ impl Forward {
         if n > 0 {
             match self.last_token {
                 None => {
-                    metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS).record(now.duration_since(self.received));
+                    metrics::histogram!(m::TIME_TO_FIRST_TOKEN_SECONDS, m::LABEL_PROTOCOL => self.protocol.as_str())
+                        .record(now.duration_since(self.received));
                     if n > 1 {
                         // Tokens batched into the first message arrived together.
                         for _ in 1..n {
@@ -418,8 +425,9 @@ impl Forward {
             self.token_ids.extend_from_slice(&msg.token_ids);
             metrics::counter!(m::GENERATED_TOKENS_TOTAL).increment(u64::from(n));
             if self.phase == Phase::Waiting {
-                metrics::gauge!(m::REQUESTS_WAITING).decrement(1.0);
-                metrics::gauge!(m::REQUESTS_RUNNING).increment(1.0);
+                let protocol = self.protocol.as_str();
+                metrics::gauge!(m::REQUESTS_WAITING, m::LABEL_PROTOCOL => protocol).decrement(1.0);
+                metrics::gauge!(m::REQUESTS_RUNNING, m::LABEL_PROTOCOL => protocol).increment(1.0);
                 self.phase = Phase::Running;
             }
         }
@@ -450,23 +458,25 @@ impl Forward {
         }
     }
 
-    fn fail(&mut self, e: GenerateError) -> Status {
+    fn fail(&mut self, e: GenerateError) -> GenerateError {
         tracing::debug!(request_id = %self.request_id, worker_id = %self.worker_id, error = %e, "request failed");
         self.end(e.outcome());
-        e.into()
+        e
     }
 
     /// Records the outcome and leaves the gauges (the worker stream is read
     /// to its end by the next poll, or dropped and aborted by Drop).
     fn end(&mut self, outcome: Outcome) {
+        let protocol = self.protocol.as_str();
         match self.phase {
-            Phase::Waiting => metrics::gauge!(m::REQUESTS_WAITING).decrement(1.0),
-            Phase::Running => metrics::gauge!(m::REQUESTS_RUNNING).decrement(1.0),
+            Phase::Waiting => metrics::gauge!(m::REQUESTS_WAITING, m::LABEL_PROTOCOL => protocol).decrement(1.0),
+            Phase::Running => metrics::gauge!(m::REQUESTS_RUNNING, m::LABEL_PROTOCOL => protocol).decrement(1.0),
             Phase::Done => return,
         }
         self.phase = Phase::Done;
-        metrics::counter!(m::REQUESTS_TOTAL, m::LABEL_OUTCOME => outcome.as_str()).increment(1);
-        metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(self.received.elapsed());
+        metrics::counter!(m::REQUESTS_TOTAL, m::LABEL_OUTCOME => outcome.as_str(), m::LABEL_PROTOCOL => protocol)
+            .increment(1);
+        metrics::histogram!(m::REQUEST_DURATION_SECONDS, m::LABEL_PROTOCOL => protocol).record(self.received.elapsed());
         if outcome == Outcome::Ok {
             self.duration = Some(self.received.elapsed());
         }
@@ -578,7 +588,7 @@ mod tests {
         cluster.register(&worker).unwrap();
         let mut request = GenerateRequest { prompt: "hi".into(), max_new_tokens: Some(4), ..Default::default() };
         let admission = cluster.admit(&mut request, None, None).await.unwrap();
-        let forward = Forward::new(cluster.clone(), admission, request, Instant::now(), None);
+        let forward = Forward::new(cluster.clone(), admission, request, Instant::now(), None, Protocol::Grpc);
         (cluster, forward)
     }
 
@@ -590,7 +600,7 @@ mod tests {
     async fn a_draining_refusal_fails_over_without_marking_the_worker_down() {
         let (cluster, mut forward) =
             one_fake_worker(FakeWorker { refusal: Some(|| qaq_proto::status::draining("worker is draining")) }).await;
-        let e = forward.start().await.unwrap_err();
+        let e = Status::from(forward.start().await.unwrap_err());
         assert_eq!(e.code(), Code::Unavailable);
         assert!(e.message().contains("gave up after 0 retries"), "{}", e.message());
         assert_eq!(state_of_w1(&cluster), WorkerState::Up);
@@ -602,7 +612,7 @@ mod tests {
     async fn a_plain_unavailable_marks_the_worker_down() {
         let (cluster, mut forward) =
             one_fake_worker(FakeWorker { refusal: Some(|| Status::unavailable("worker is draining")) }).await;
-        let e = forward.start().await.unwrap_err();
+        let e = Status::from(forward.start().await.unwrap_err());
         assert_eq!(e.code(), Code::Unavailable);
         assert_eq!(state_of_w1(&cluster), WorkerState::Down);
     }
@@ -613,7 +623,7 @@ mod tests {
     async fn a_stream_ending_without_its_final_message_is_failed_over() {
         let (cluster, mut forward) = one_fake_worker(FakeWorker { refusal: None }).await;
         forward.start().await.unwrap();
-        let items: Vec<_> = forward.into_stream().collect().await;
+        let items: Vec<_> = forward.into_stream().map(|r| r.map_err(Status::from)).collect().await;
         let [Err(e)] = items.as_slice() else { panic!("{items:?}") };
         assert_eq!(e.code(), Code::Unavailable);
         assert!(e.message().contains("gave up after 0 retries"), "{}", e.message());

@@ -7,6 +7,8 @@ mod harness;
 
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/http.rs"]
+mod http;
 #[path = "cluster/security.rs"]
 mod security;
 
@@ -126,11 +128,15 @@ async fn two_workers_serve_concurrent_streams() {
     }
     // Metrics: the requests were counted, histograms have buckets.
     let text = cluster.metrics().await;
-    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\"} 9"), "{text}");
+    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"grpc\"} 9"), "{text}");
     assert!(text.contains("qaq_coordinator_workers{state=\"up\"} 2"), "{text}");
-    for h in ["time_to_first_token_seconds", "inter_token_latency_seconds", "request_duration_seconds"] {
+    for (h, labels) in [
+        ("time_to_first_token_seconds", "protocol=\"grpc\","),
+        ("inter_token_latency_seconds", ""),
+        ("request_duration_seconds", "protocol=\"grpc\","),
+    ] {
         assert!(text.contains(&format!("# TYPE qaq_coordinator_{h} histogram")), "{h}: {text}");
-        assert!(text.contains(&format!("qaq_coordinator_{h}_bucket{{le=\"+Inf\"}}")), "{h}: {text}");
+        assert!(text.contains(&format!("qaq_coordinator_{h}_bucket{{{labels}le=\"+Inf\"}}")), "{h}: {text}");
     }
 }
 
@@ -195,10 +201,10 @@ async fn cancellation_stops_work_on_the_worker() {
     assert!(!text.is_empty());
     let text = cluster.metrics().await;
     for line in [
-        "qaq_coordinator_requests_total{outcome=\"aborted\"} 4",
-        "qaq_coordinator_requests_total{outcome=\"ok\"} 1",
-        "qaq_coordinator_requests_running 0",
-        "qaq_coordinator_requests_waiting 0",
+        "qaq_coordinator_requests_total{outcome=\"aborted\",protocol=\"grpc\"} 4",
+        "qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"grpc\"} 1",
+        "qaq_coordinator_requests_running{protocol=\"grpc\"} 0",
+        "qaq_coordinator_requests_waiting{protocol=\"grpc\"} 0",
     ] {
         assert!(text.contains(line), "{line} missing:\n{text}");
     }
@@ -221,7 +227,7 @@ async fn deadline_exceeded_ends_the_stream_and_frees_the_worker() {
     cluster.wait_worker_idle(0).await;
     cluster.wait_state(|s| s.in_flight == 0, "coordinator in-flight back to 0").await;
     let text = cluster.metrics().await;
-    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"deadline\"} 1"), "{text}");
+    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"deadline\",protocol=\"grpc\"} 1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,15 +301,15 @@ async fn bad_input_is_rejected_naming_the_field() {
     cluster.wait_state(|s| s.in_flight == 0, "coordinator in-flight back to 0").await;
     assert!(collect(&mut c, ok()).await.is_ok());
     let text = cluster.metrics().await;
-    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"invalid\"} 12"), "{text}");
-    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\"} 1"), "{text}");
+    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"invalid\",protocol=\"grpc\"} 12"), "{text}");
+    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"grpc\"} 1"), "{text}");
 
     // A coordinator without workers: UNAVAILABLE.
     let empty = TestCluster::start(0, 2000).await;
     let err = collect(&mut empty.client().await, ok()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let text = empty.metrics().await;
-    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"unavailable\"} 1"), "{text}");
+    assert!(text.contains("qaq_coordinator_requests_total{outcome=\"unavailable\",protocol=\"grpc\"} 1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,10 @@ pub enum PemError {
         /// The file.
         path: PathBuf,
     },
+    /// The certificate chain or the private key cannot be used by rustls
+    /// (feature `rustls-server`).
+    #[error("tls-cert, tls-key: {0}")]
+    Identity(String),
 }
 
 /// Reads the PEM file `path`, given by `flag`; it must hold a PEM block.
@@ -66,6 +70,38 @@ impl ServerTls {
     /// The tonic server configuration.
     pub fn server_config(&self) -> ServerTlsConfig {
         ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key))
+    }
+
+    /// The same identity as a rustls server configuration (ring provider, as
+    /// tonic's), offering the ALPN protocols `alpn`: for servers that are not
+    /// tonic's (the coordinator's HTTP front).
+    #[cfg(feature = "rustls-server")]
+    pub fn rustls_config(
+        &self,
+        alpn: &[&[u8]],
+    ) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, PemError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PemError::Identity(format!("certificate chain: {e}")))?;
+        if certs.is_empty() {
+            return Err(PemError::Identity("certificate chain: no CERTIFICATE block".into()));
+        }
+        // The key's error never quotes the key.
+        let key = PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|_| PemError::Identity("private key: no usable PRIVATE KEY block".into()))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| PemError::Identity(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| PemError::Identity(e.to_string()))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(std::sync::Arc::new(config))
     }
 }
 
@@ -167,5 +203,14 @@ mod tests {
     fn the_private_key_is_never_printed() {
         let t = ServerTls::from_pem(b"c".to_vec(), b"PRIVATE".to_vec());
         assert!(!format!("{t:?}").contains("PRIVATE"));
+    }
+
+    #[cfg(feature = "rustls-server")]
+    #[test]
+    fn an_unusable_identity_is_an_error_that_quotes_no_key() {
+        let t = ServerTls::from_pem(b"-----BEGIN NOTHING-----\n".to_vec(), b"PRIVATE".to_vec());
+        let e = t.rustls_config(&[b"h2"]).unwrap_err();
+        assert!(e.to_string().starts_with("tls-cert, tls-key: certificate chain"), "{e}");
+        assert!(!e.to_string().contains("PRIVATE"));
     }
 }

@@ -47,10 +47,13 @@ pub async fn run(
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<WorkerServer<WorkerService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1 and v1alpha (grpcio's reflection client, older grpcurl and GUI clients).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(qaq_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
     let announcement = cfg.coordinator.as_ref().map(|c| Announcement {
         coordinator: c.clone(),
@@ -74,6 +77,7 @@ pub async fn run(
     let server = builder
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(WorkerServer::new(service))
         // TCP_NODELAY on accepted sockets (`Server::tcp_nodelay` does not apply
         // to an incoming stream): small streamed messages must not wait for ACKs.

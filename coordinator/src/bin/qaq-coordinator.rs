@@ -6,7 +6,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Parser;
-use qaq_coordinator::{Args, Config, metrics, ready_line};
+use qaq_coordinator::{Args, Config, Listeners, metrics, ready_line};
 use qaq_proto::metrics_http;
 use tokio::net::TcpListener;
 
@@ -24,6 +24,11 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     let grpc_addr = listener.local_addr()?;
+    let http = match args.http_listen {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("binding --http-listen {addr}"))?),
+    };
+    let http_addr = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = match args.metrics_listen {
         None => None,
@@ -39,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let server = tokio::spawn(qaq_coordinator::run(listener, config, {
+    let server = tokio::spawn(qaq_coordinator::run(Listeners { grpc: listener, http }, config, {
         let mut rx = stop_rx;
         async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -47,12 +52,13 @@ async fn main() -> anyhow::Result<()> {
     }));
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", ready_line(grpc_addr, metrics_addr))?;
+        writeln!(out, "{}", ready_line(grpc_addr, metrics_addr, http_addr))?;
         out.flush()?;
     }
     tracing::info!(
         grpc = %grpc_addr,
         metrics = ?metrics_addr,
+        http = ?http_addr,
         placement = ?args.placement,
         api_keys = config_summary.0,
         registration_secret = config_summary.1,

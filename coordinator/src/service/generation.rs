@@ -1,21 +1,20 @@
-//! `qaq.v1.Generation`, the client API.
+//! `qaq.v1.Generation`, the client API over gRPC: a thin adapter onto the
+//! request path both fronts share ([`crate::front`]).
 
 use std::pin::Pin;
 use std::time::Instant;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use qaq_proto::v1::generation_server::Generation;
 use qaq_proto::v1::{
-    AbortRequest, AbortResponse, ClusterStatusRequest, ClusterStatusResponse, FinishReason, GenerateRequest,
-    GenerateResponse, ListModelsRequest, ListModelsResponse, Usage,
+    AbortRequest, AbortResponse, ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse,
+    ListModelsRequest, ListModelsResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
-use crate::deadline;
-use crate::error::GenerateError;
-use crate::metrics as m;
-use crate::stream::{Forward, deadline_of};
+use crate::metrics::Protocol;
+use crate::{deadline, front};
 
 /// The client API over a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -30,15 +29,6 @@ impl GenerationService {
     }
 }
 
-/// How much earlier than the client's deadline a queued request gives up.
-const QUEUE_DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(10);
-
-/// Records a request rejected before it reached a worker.
-fn count_rejection(e: &GenerateError, received: Instant) {
-    metrics::counter!(m::REQUESTS_TOTAL, m::LABEL_OUTCOME => e.outcome().as_str()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS).record(received.elapsed());
-}
-
 /// The response stream type of Generate.
 pub type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send + 'static>>;
 
@@ -49,34 +39,8 @@ impl Generation for GenerationService {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let received = Instant::now();
         let timeout = deadline::from_metadata(request.metadata());
-        let mut req = request.into_inner();
-        // tonic cancels the call ("Timeout expired", CANCELLED) when the
-        // client's grpc-timeout passes before the response starts: a queued
-        // request gives up just before that, with DEADLINE_EXCEEDED.
-        let deadline = deadline_of(received, timeout)
-            .map(|(at, t)| at.checked_sub(QUEUE_DEADLINE_MARGIN.min(t / 10)).unwrap_or(at));
-        let admission = match self.cluster.admit(&mut req, deadline, timeout).await {
-            Ok(a) => a,
-            Err(e @ GenerateError::AbortedWhileQueued) => {
-                count_rejection(&e, received);
-                // Aborted before it ran: the stream is just the final message.
-                let last = GenerateResponse {
-                    request_id: req.request_id.clone(),
-                    finish_reason: FinishReason::Aborted as i32,
-                    usage: Some(Usage::default()),
-                    ..Default::default()
-                };
-                return Ok(Response::new(Box::pin(tokio_stream::iter([Ok(last)]))));
-            }
-            Err(e) => {
-                count_rejection(&e, received);
-                return Err(Status::from(e));
-            }
-        };
-        tracing::debug!(request_id = %admission.request_id, worker_id = %admission.placed.worker_id, ?timeout, "placed");
-        let mut forward = Forward::new(self.cluster.clone(), admission, req, received, timeout);
-        forward.start().await?;
-        Ok(Response::new(Box::pin(forward.into_stream())))
+        let started = front::generate(&self.cluster, request.into_inner(), received, timeout, Protocol::Grpc).await?;
+        Ok(Response::new(Box::pin(started.stream.map(|r| r.map_err(Status::from)))))
     }
 
     async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {

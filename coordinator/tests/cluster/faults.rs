@@ -104,7 +104,7 @@ async fn busiest_streaming_worker(progress: &Progress, only: Option<&str>, strea
 }
 
 /// The value of a metric line `name value` in a Prometheus text.
-fn metric(text: &str, series: &str) -> f64 {
+pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
@@ -180,9 +180,16 @@ async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() 
         started.elapsed()
     );
     assert!(migrated >= 1 && migrations >= 1.0, "nothing was migrated");
-    assert_eq!(metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\"}"), (DISTINCT + STREAMS) as f64);
+    assert_eq!(
+        metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"grpc\"}"),
+        (DISTINCT + STREAMS) as f64
+    );
     for bad in ["error", "unavailable", "aborted", "deadline"] {
-        assert_eq!(metric(&text, &format!("qaq_coordinator_requests_total{{outcome=\"{bad}\"}}")), 0.0, "{bad}");
+        assert_eq!(
+            metric(&text, &format!("qaq_coordinator_requests_total{{outcome=\"{bad}\",protocol=\"grpc\"}}")),
+            0.0,
+            "{bad}"
+        );
     }
     cluster.wait_state(|s| s.in_flight == 0, "nothing in flight").await;
 }
@@ -219,7 +226,7 @@ async fn sigterm_drain_under_load_fails_no_request() {
     let text = cluster.metrics().await;
     eprintln!("drain: {STREAMS} streams completed, {moved} moved off the draining worker");
     assert!(moved >= 1, "a 150 ms grace cannot finish 32 tokens: some streams must have moved");
-    assert_eq!(metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\"}"), STREAMS as f64);
+    assert_eq!(metric(&text, "qaq_coordinator_requests_total{outcome=\"ok\",protocol=\"grpc\"}"), STREAMS as f64);
     // w2 keeps serving.
     let r = run(client.clone(), dense("Hello", 4), streamed.clone()).await.unwrap();
     assert_eq!(r.workers, ["w2"]);

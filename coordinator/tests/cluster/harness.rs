@@ -24,7 +24,7 @@ pub const POLL_LIMIT: Duration = Duration::from_secs(10);
 /// and on a 2-core machine running them side by side only adds contention.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn workspace() -> PathBuf {
+pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 

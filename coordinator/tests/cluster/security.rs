@@ -133,7 +133,7 @@ async fn full_queue_is_resource_exhausted_and_queued_requests_keep_deadlines() {
     for line in [
         "qaq_coordinator_rejections_total{reason=\"queue_full\"} 1",
         "qaq_coordinator_rejections_total{reason=\"queue_timeout\"} 1",
-        "qaq_coordinator_requests_total{outcome=\"rejected\"} 1",
+        "qaq_coordinator_requests_total{outcome=\"rejected\",protocol=\"grpc\"} 1",
         "qaq_coordinator_queue_depth 0",
     ] {
         assert!(m.contains(line), "{line} missing:\n{m}");
@@ -142,7 +142,7 @@ async fn full_queue_is_resource_exhausted_and_queued_requests_keep_deadlines() {
 
 /// A test CA and a certificate it signed for `localhost` and 127.0.0.1
 /// (openssl CLI): (ca.pem, cert.pem, key.pem).
-fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+pub fn certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let p = |n: &str| dir.join(n);
     let openssl = |args: &[&str]| {
         let out = std::process::Command::new("openssl")

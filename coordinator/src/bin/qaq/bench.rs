@@ -5,6 +5,12 @@
 //! directly against one worker's `Worker.Submit` as well, side by side, and
 //! the coordinator's added latency is printed.
 //!
+//! With `--http-addr` (or `--spawn-echo`, whose coordinator then serves its
+//! HTTP front too) the same load also runs through the coordinator's
+//! OpenAI-compatible HTTP API (`POST /v1/completions`, streamed as SSE to its
+//! `[DONE]`), and HTTP's latency is printed against gRPC's, measured side by
+//! side in the same run.
+//!
 //! `--spawn-echo` starts a coordinator and one `qaq-echo-worker` (the TEST
 //! ENGINE: echoes prompt words, no model) on loopback, which isolates the
 //! coordinator's own overhead.
@@ -15,6 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use qaq_coordinator::process::{ReadyChild, StdoutMode, spawn_ready};
 use qaq_proto::v1::worker_client::WorkerClient;
 use qaq_proto::v1::{GenerateRequest, SubmitRequest};
@@ -31,6 +42,10 @@ pub struct BenchArgs {
     /// Also run the load directly against this worker (Worker.Submit), side by side.
     #[arg(long)]
     pub worker_addr: Option<String>,
+    /// Also run the load through the coordinator's HTTP front at this address (host:port,
+    /// plaintext), side by side with gRPC.
+    #[arg(long)]
+    pub http_addr: Option<String>,
     /// Start a coordinator and one qaq-echo-worker (test engine, no model) on loopback and bench them.
     #[arg(long)]
     pub spawn_echo: bool,
@@ -60,10 +75,57 @@ pub struct BenchArgs {
     pub warmup: u32,
 }
 
+/// The coordinator's HTTP front: a pooled HTTP/1.1 client, the completions
+/// URL and the `authorization` header value.
+#[derive(Clone)]
+struct Http {
+    client: HttpClient<HttpConnector, Full<Bytes>>,
+    url: String,
+    authorization: Option<String>,
+}
+
+impl Http {
+    fn new(addr: &str, api_key: Option<&str>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self {
+            client: HttpClient::builder(TokioExecutor::new()).build(connector),
+            url: format!("http://{addr}/v1/completions"),
+            authorization: api_key.map(|k| format!("Bearer {k}")),
+        }
+    }
+
+    /// One streamed completion, read to its `data: [DONE]`.
+    async fn once(&self, req: &GenerateRequest) -> Result<(), tonic::Status> {
+        let body = serde_json::json!({
+            "model": req.model,
+            "prompt": req.prompt,
+            "max_tokens": req.max_new_tokens,
+            "ignore_eos": req.ignore_eos,
+            "temperature": 0,
+            "stream": true,
+        });
+        let mut r = hyper::Request::post(&self.url).header("content-type", "application/json");
+        if let Some(a) = &self.authorization {
+            r = r.header("authorization", a);
+        }
+        let http_error = |e: &dyn std::fmt::Display| tonic::Status::unavailable(format!("HTTP: {e}"));
+        let r = r.body(Full::new(Bytes::from(body.to_string()))).map_err(|e| http_error(&e))?;
+        let response = self.client.request(r).await.map_err(|e| http_error(&e))?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| http_error(&e))?.to_bytes();
+        if !status.is_success() || !body.ends_with(b"data: [DONE]\n\n") {
+            return Err(tonic::Status::unknown(format!("HTTP {status}: {}", String::from_utf8_lossy(&body))));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 enum Target {
     Coordinator(qaq_proto::client::Client),
     Worker(WorkerClient<Channel>),
+    Http(Http),
 }
 
 impl Target {
@@ -71,12 +133,14 @@ impl Target {
         match self {
             Self::Coordinator(_) => "coordinator",
             Self::Worker(_) => "direct-worker",
+            Self::Http(_) => "coordinator-http",
         }
     }
 
     /// One request to its final message.
     async fn once(&self, req: GenerateRequest) -> Result<(), tonic::Status> {
         let mut s = match self {
+            Self::Http(h) => return h.once(&req).await,
             Self::Coordinator(c) => c.clone().generate(req).await?.into_inner(),
             Self::Worker(w) => {
                 let req = GenerateRequest { request_id: uuid::Uuid::new_v4().to_string(), ..req };
@@ -173,10 +237,10 @@ fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
 
-fn print_pair(direct: Option<&Report>, coord: &Report) {
-    for r in direct.into_iter().chain([coord]) {
+fn print_runs(direct: Option<&Report>, coord: &Report, http: Option<&Report>) {
+    for r in direct.into_iter().chain([coord]).chain(http) {
         println!(
-            "{:<14} {:<18} {:>7} {:>6} {:>10} {:>10} {:>10.0}",
+            "{:<16} {:<18} {:>7} {:>6} {:>10} {:>10} {:>10.0}",
             r.target,
             r.mode,
             r.ok,
@@ -186,8 +250,18 @@ fn print_pair(direct: Option<&Report>, coord: &Report) {
             r.per_s
         );
     }
+    let added = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e3;
+    if let Some(h) = http {
+        println!(
+            "  HTTP vs gRPC through the coordinator ({}): p50 {:+.3} ms, p99 {:+.3} ms; requests/s {:.0} vs {:.0}",
+            h.mode,
+            added(h.p50, coord.p50),
+            added(h.p99, coord.p99),
+            h.per_s,
+            coord.per_s
+        );
+    }
     if let Some(d) = direct {
-        let added = |a: Duration, b: Duration| (a.as_secs_f64() - b.as_secs_f64()) * 1e3;
         println!(
             "  added by the coordinator ({}): p50 {:+.3} ms, p99 {:+.3} ms; requests/s {:.0} vs {:.0} direct",
             coord.mode,
@@ -204,14 +278,17 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(me.with_file_name(name))
 }
 
-async fn spawn_echo(args: &BenchArgs) -> anyhow::Result<(Vec<ReadyChild>, String, String)> {
+/// (children, coordinator gRPC address, echo worker address, coordinator HTTP address).
+async fn spawn_echo(args: &BenchArgs) -> anyhow::Result<(Vec<ReadyChild>, String, String, String)> {
     let mut cmd = Command::new(sibling("qaq-coordinator")?);
     cmd.args(["--listen", "127.0.0.1:0", "--heartbeat-interval-ms", "200", "--lease-ms", "1000"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .env("QAQ_LOG", "warn");
     let coord =
         spawn_ready(cmd, "coordinator", qaq_coordinator::READY_PREFIX, Duration::from_secs(30), StdoutMode::Discard)
             .await?;
     let caddr = coord.ready.get("grpc").unwrap_or_default().to_string();
+    let haddr = coord.ready.get("http").unwrap_or_default().to_string();
     let mut cmd = Command::new(sibling("qaq-echo-worker")?);
     cmd.args(["--coordinator", &caddr, "--tokens-per-s", &args.echo_tokens_per_s.to_string()]);
     let worker = spawn_ready(cmd, "echo", "QAQ_WORKER_READY", Duration::from_secs(30), StdoutMode::Discard).await?;
@@ -227,16 +304,17 @@ async fn spawn_echo(args: &BenchArgs) -> anyhow::Result<(Vec<ReadyChild>, String
         anyhow::ensure!(Instant::now() < deadline, "the echo worker did not register within 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok((vec![coord, worker], caddr, waddr))
+    Ok((vec![coord, worker], caddr, waddr, haddr))
 }
 
 pub async fn run(args: BenchArgs, api_key: Option<&str>) -> anyhow::Result<ExitCode> {
-    let (mut children, addr, worker_addr) = if args.spawn_echo {
-        let (c, a, w) = spawn_echo(&args).await?;
-        (c, a, Some(w))
+    let (mut children, addr, worker_addr, http_addr) = if args.spawn_echo {
+        let (c, a, w, h) = spawn_echo(&args).await?;
+        (c, a, Some(w), Some(h))
     } else {
-        (Vec::new(), args.addr.clone(), args.worker_addr.clone())
+        (Vec::new(), args.addr.clone(), args.worker_addr.clone(), args.http_addr.clone())
     };
+    let http = http_addr.map(|h| Target::Http(Http::new(&h, api_key)));
     let coord = Target::Coordinator(connect(&addr, api_key).await?);
     let direct = match &worker_addr {
         Some(w) => {
@@ -252,7 +330,7 @@ pub async fn run(args: BenchArgs, api_key: Option<&str>) -> anyhow::Result<ExitC
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<14} {:<18} {:>7} {:>6} {:>10} {:>10} {:>10}",
+        "{:<16} {:<18} {:>7} {:>6} {:>10} {:>10} {:>10}",
         "TARGET", "MODE", "OK", "ERR", "P50_MS", "P99_MS", "REQ/S"
     );
     let mut failed = false;
@@ -267,8 +345,15 @@ pub async fn run(args: BenchArgs, api_key: Option<&str>) -> anyhow::Result<ExitC
         };
         run_load(&coord, &args, args.warmup, None).await;
         let c = run_load(&coord, &args, args.requests, rate).await;
-        failed |= c.errors > 0 || d.as_ref().is_some_and(|d| d.errors > 0);
-        print_pair(d.as_ref(), &c);
+        let h = match &http {
+            Some(t) => {
+                run_load(t, &args, args.warmup, None).await;
+                Some(run_load(t, &args, args.requests, rate).await)
+            }
+            None => None,
+        };
+        failed |= c.errors > 0 || [&d, &h].iter().any(|r| r.as_ref().is_some_and(|r| r.errors > 0));
+        print_runs(d.as_ref(), &c, h.as_ref());
     }
     for c in &mut children {
         c.shutdown(Duration::from_secs(5)).await;

@@ -63,8 +63,9 @@ async fn main() -> std::process::ExitCode {
         }
     }
     let api_key = cli.api_key.as_deref();
+    let global = Global { api_key, tls_ca: cli.tls_ca.as_deref(), tls_domain: cli.tls_domain.as_deref() };
     let result = match cli.command {
-        Command::Up(a) => up::run(a, api_key).await,
+        Command::Up(a) => up::run(a, global).await,
         Command::Generate(a) => generate::run(a, api_key).await,
         Command::Status(a) => status::run(a, api_key).await,
         Command::Bench(a) => bench::run(a, api_key).await,
@@ -76,6 +77,17 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The global options, as given.
+#[derive(Debug, Clone, Copy)]
+struct Global<'a> {
+    /// `--api-key`.
+    api_key: Option<&'a str>,
+    /// `--tls-ca`.
+    tls_ca: Option<&'a std::path::Path>,
+    /// `--tls-domain`.
+    tls_domain: Option<&'a str>,
 }
 
 /// `--tls-ca` (PEM) and `--tls-domain`, set once by `main`.

@@ -3,6 +3,14 @@
 //! `qaq`), waits for their READY lines and for every worker to be UP, then
 //! on Ctrl-C / SIGTERM sends SIGTERM to each child by PID, waits for them
 //! (SIGKILL after a grace period) and exits 0.
+//!
+//! Security options are passed through explicitly: `--api-keys-file` to the
+//! coordinator (both fronts then need a key; `qaq up` itself uses `--api-key`,
+//! else the file's first key), the registration secret to the coordinator
+//! and every worker (in their environment, never on a command line), and
+//! `--tls-cert/--tls-key` with the global `--tls-ca` to every process: the
+//! coordinator serves its fronts over TLS and dials workers over TLS, the
+//! workers serve TLS and verify the coordinator and each other against the CA.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use qaq_coordinator::auth::ApiKeys;
 use qaq_coordinator::process::{ReadyChild, StdoutMode, spawn_ready};
 use qaq_proto::v1::{ClusterStatusRequest, WorkerState};
 use tokio::process::Command;
 
-use crate::DEFAULT_ADDR;
+use crate::{DEFAULT_ADDR, Global};
 
 /// Prefix of the worker's READY line (worker process contract).
 const WORKER_READY: &str = "QAQ_WORKER_READY";
@@ -41,6 +50,26 @@ pub struct UpArgs {
     /// Address of the coordinator's Prometheus /metrics endpoint (port 0 picks one).
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Address of the coordinator's OpenAI-compatible HTTP API (port 0 picks one).
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Client API keys (one per line): the coordinator's gRPC and HTTP fronts then need one.
+    #[arg(long, env = "QAQ_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Shared secret the workers present to register (prefer the file or the environment).
+    #[arg(long, env = "QAQ_REGISTRATION_SECRET", hide_env_values = true)]
+    pub registration_secret: Option<String>,
+    /// File holding the registration secret (first line).
+    #[arg(long, env = "QAQ_REGISTRATION_SECRET_FILE", conflicts_with = "registration_secret")]
+    pub registration_secret_file: Option<PathBuf>,
+    /// PEM certificate chain (with --tls-key and the global --tls-ca that signed it): TLS
+    /// on the coordinator's fronts and between coordinator and workers (every process uses
+    /// this certificate, so it must name the hosts they listen on, e.g. 127.0.0.1).
+    #[arg(long, env = "QAQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "QAQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The qaq-worker binary (default: next to this executable).
     #[arg(long, env = "QAQ_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
@@ -62,7 +91,80 @@ fn check_file(path: &Path, what: &str, hint: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(args: UpArgs, api_key: Option<&str>) -> anyhow::Result<ExitCode> {
+/// What `qaq up` passes to its children, read and checked before any starts.
+struct Security {
+    /// The key `qaq up` itself sends.
+    api_key: Option<String>,
+    /// The registration secret.
+    secret: Option<String>,
+    /// `(cert, key, ca, domain)`.
+    tls: Option<(PathBuf, PathBuf, PathBuf, Option<String>)>,
+}
+
+impl Security {
+    fn of(args: &UpArgs, global: &Global<'_>) -> anyhow::Result<Self> {
+        let mut api_key = global.api_key.map(str::to_string);
+        if let Some(path) = &args.api_keys_file {
+            let keys = ApiKeys::load(path)?;
+            api_key = api_key.or_else(|| keys.first().map(|k| k.expose().to_string()));
+        }
+        let secret = match (&args.registration_secret, &args.registration_secret_file) {
+            (Some(s), _) => Some(s.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--registration-secret-file: cannot read {}", path.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        if secret.as_deref() == Some("") {
+            anyhow::bail!("--registration-secret: must not be empty");
+        }
+        let tls = match (&args.tls_cert, &args.tls_key, global.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some((cert.clone(), key.clone(), ca.to_path_buf(), global.tls_domain.map(str::to_string)))
+            }
+            (Some(_), _, None) => anyhow::bail!(
+                "--tls-cert needs --tls-ca (the CA that signed it): the workers and qaq itself verify the coordinator against it"
+            ),
+            _ => None,
+        };
+        Ok(Self { api_key, secret, tls })
+    }
+
+    /// The flags and environment of the coordinator.
+    fn coordinator(&self, cmd: &mut Command) {
+        if let Some(secret) = &self.secret {
+            cmd.env("QAQ_REGISTRATION_SECRET", secret).env_remove("QAQ_REGISTRATION_SECRET_FILE");
+        }
+        if let Some((cert, key, ca, domain)) = &self.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key).arg("--worker-tls-ca").arg(ca);
+            if let Some(d) = domain {
+                cmd.args(["--worker-tls-domain", d]);
+            }
+        }
+    }
+
+    /// The flags and environment of a worker.
+    fn worker(&self, cmd: &mut Command) {
+        if let Some(secret) = &self.secret {
+            cmd.env("QAQ_REGISTRATION_SECRET", secret);
+        }
+        if let Some((cert, key, ca, domain)) = &self.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            cmd.arg("--coordinator-ca").arg(ca).arg("--peer-ca").arg(ca);
+            if let Some(d) = domain {
+                cmd.args(["--coordinator-tls-domain", d]);
+            }
+        }
+    }
+}
+
+pub async fn run(args: UpArgs, global: Global<'_>) -> anyhow::Result<ExitCode> {
     let coordinator_bin = match &args.coordinator_bin {
         Some(p) => p.clone(),
         None => sibling("qaq-coordinator")?,
@@ -78,13 +180,14 @@ pub async fn run(args: UpArgs, api_key: Option<&str>) -> anyhow::Result<ExitCode
     )?;
     check_file(&worker_bin, "qaq-worker", "build it with `cargo build --release`, or pass --worker-bin")?;
     check_file(&args.model, "model", "run scripts/fetch-model.sh, or pass --model / set QAQ_MODEL")?;
+    let security = Security::of(&args, &global)?;
 
     // Handlers first: a Ctrl-C during start-up must still stop the children
     // (they live in their own process groups and would not see it).
     let mut signals = Signals::new()?;
     let mut children: Vec<ReadyChild> = Vec::new();
     let started = tokio::select! {
-        r = start(&args, &coordinator_bin, &worker_bin, api_key, &mut children) => r,
+        r = start(&args, &coordinator_bin, &worker_bin, &security, &mut children) => r,
         name = signals.recv() => Err(anyhow::anyhow!("{name} during start-up")),
     };
     let outcome = match started {
@@ -123,7 +226,7 @@ async fn start(
     args: &UpArgs,
     coordinator_bin: &Path,
     worker_bin: &Path,
-    api_key: Option<&str>,
+    security: &Security,
     children: &mut Vec<ReadyChild>,
 ) -> anyhow::Result<()> {
     let mut cmd = Command::new(coordinator_bin);
@@ -131,11 +234,20 @@ async fn start(
     if let Some(m) = &args.metrics_listen {
         cmd.arg("--metrics-listen").arg(m);
     }
+    if let Some(h) = &args.http_listen {
+        cmd.arg("--http-listen").arg(h);
+    }
+    if let Some(keys) = &args.api_keys_file {
+        cmd.arg("--api-keys-file").arg(keys);
+    }
+    security.coordinator(&mut cmd);
     cmd.process_group(0);
     let coordinator =
         spawn_ready(cmd, "coordinator", qaq_coordinator::READY_PREFIX, COORDINATOR_START, StdoutMode::Prefixed).await?;
     let grpc = coordinator.ready.get("grpc").context("coordinator READY line has no grpc=")?.to_string();
     let metrics = coordinator.ready.get("metrics").map(str::to_string);
+    let scheme = if security.tls.is_some() { "https" } else { "http" };
+    let http = coordinator.ready.get("http").map(|h| format!("{scheme}://{h}/v1"));
     children.push(coordinator);
 
     let spawns = (1..=args.workers).map(|i| {
@@ -147,6 +259,7 @@ async fn start(
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--coordinator", &grpc])
             .args(["--worker-id", &name])
             .process_group(0);
+        security.worker(&mut cmd);
         async move { spawn_ready(cmd, &name, WORKER_READY, WORKER_START, StdoutMode::Prefixed).await }
     });
     let mut failure = None;
@@ -160,9 +273,10 @@ async fn start(
         return Err(e.into());
     }
 
-    wait_workers_up(&grpc, api_key, args.workers as usize).await?;
+    wait_workers_up(&grpc, security.api_key.as_deref(), args.workers as usize).await?;
     let metrics = metrics.map_or_else(|| "metrics off".to_string(), |m| format!("metrics http://{m}/metrics"));
-    println!("qaq cluster ready: coordinator {grpc} ({metrics}), {} workers", args.workers);
+    let http_part = http.as_deref().map(|h| format!(", http {h}")).unwrap_or_default();
+    println!("qaq cluster ready: coordinator {grpc} ({metrics}){http_part}, {} workers", args.workers);
     for c in children.iter().skip(1) {
         println!(
             "  {} pid {} grpc {} metrics {}",
@@ -173,6 +287,12 @@ async fn start(
         );
     }
     println!("try: qaq generate --addr {grpc} \"Once upon a time\"   (Ctrl-C here stops the cluster)");
+    if let Some(h) = http {
+        println!(
+            "     curl -N {h}/chat/completions -H 'content-type: application/json' \\\n       \
+             -d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], \"stream\": true}}'"
+        );
+    }
     Ok(())
 }
 
