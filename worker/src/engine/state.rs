@@ -37,6 +37,20 @@ struct Seq {
     exported: qaq_kernels::Counters,
 }
 
+impl Seq {
+    /// Tokens this sequence may be fed in one step. The prompt is prefilled in chunks;
+    /// generated tokens (resumed after a migration, or fed again after a dropped cache)
+    /// one per step, as they were when first generated: a prefill chunk's rows attend by
+    /// another kernel than a decode row (and a compressed cache decides its widths during
+    /// decode steps), and a last-bit difference can flip the 8-bit codes of the quantized
+    /// matmuls' inputs, so only the same steps reproduce the same logits, and a resumed
+    /// greedy sequence continues exactly as it would have.
+    fn feedable(&self) -> usize {
+        let (fed, prompt) = (self.kv.len(), self.job.prompt.len());
+        if fed < prompt { prompt - fed } else { (self.tokens.len() - fed).min(1) }
+    }
+}
+
 pub(super) struct EngineState<M: StepModel> {
     model: Arc<M>,
     cfg: EngineConfig,
@@ -248,7 +262,7 @@ impl<M: StepModel> EngineState<M> {
             .iter()
             .map(|s| SeqNeed {
                 bytes: s.kv.bytes_used() as u64,
-                pending: s.tokens.len() - s.kv.len(),
+                pending: s.feedable(),
                 worst_per_token: s.job.worst_bytes_per_token as u64,
             })
             .collect();
