@@ -364,9 +364,12 @@ batch = md_rows("qaq-batch.md")
 ctx = md_rows("qaq-contexts.md")
 
 def qb(b, col):
+    """Column `col` of batch `b`; a column named `col (...)` matches too (the bench
+    names the prompt length in the prefill column's header)."""
     for r in batch:
         if num(r.get("batch")) == b:
-            return num(r.get(col))
+            key = next((k for k in r if k == col or k.startswith(col + " (")), None)
+            return num(r.get(key)) if key else None
     return None
 
 def qc(policy, c, col):
