@@ -81,7 +81,7 @@ fn md_usize(c: &gguf_file::Content, key: &str) -> Result<usize> {
 }
 
 /// The GGUF type of a tensor as a matrix format of the kernels.
-fn format(dtype: GgmlDType) -> Result<QFormat> {
+pub fn format(dtype: GgmlDType) -> Result<QFormat> {
     Ok(match dtype {
         GgmlDType::F32 => QFormat::F32,
         GgmlDType::F16 => QFormat::F16,
