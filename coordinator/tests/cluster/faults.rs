@@ -117,6 +117,20 @@ fn prompt(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() {
+    kill9_mid_run(dense).await;
+}
+
+/// The same under the worker's default (QAQ) policy: a migrated stream's new worker feeds
+/// the prompt and then the streamed tokens one step each, as the first worker did, so its
+/// compressed cache makes the same decisions and the output is unchanged too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_run_under_the_default_qaq_policy_the_output_is_unchanged_too() {
+    kill9_mid_run(qaq).await;
+}
+
+/// 64 greedy streams over 3 workers under `request`'s KV policy; `kill -9` the busiest
+/// worker mid-run: every stream completes, equal to the no-fault run.
+async fn kill9_mid_run(request: fn(&str, u32) -> GenerateRequest) {
     const DISTINCT: usize = 8;
     const STREAMS: usize = 64;
     const MAX: u32 = 12;
@@ -127,7 +141,7 @@ async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() 
     // The no-fault run: each distinct prompt once.
     let none = Arc::new(AtomicU32::new(0));
     let reference: Vec<Vec<u32>> =
-        futures::future::join_all((0..DISTINCT).map(|i| run(client.clone(), dense(&prompt(i), MAX), none.clone())))
+        futures::future::join_all((0..DISTINCT).map(|i| run(client.clone(), request(&prompt(i), MAX), none.clone())))
             .await
             .into_iter()
             .map(|r| r.expect("no-fault run").tokens)
@@ -141,7 +155,7 @@ async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() 
     let tasks: Vec<_> = (0..STREAMS)
         .map(|i| {
             let (c, req, s, p) =
-                (client.clone(), dense(&prompt(i % DISTINCT), MAX), streamed.clone(), progress.clone());
+                (client.clone(), request(&prompt(i % DISTINCT), MAX), streamed.clone(), progress.clone());
             tokio::spawn(run_tracked(c, req, s, Some((p, i))))
         })
         .collect();
