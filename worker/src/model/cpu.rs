@@ -12,7 +12,7 @@ use qaq_kernels::qmat::{self, InputKind, QInput, QMatrix};
 use super::backend::Backend;
 use super::decoder::{self, BatchItem, Ops, Plan};
 use super::weights::HostWeights;
-use super::{LlamaConfig, ModelError, Result};
+use super::{LlamaConfig, Result};
 
 /// RoPE tables: `cos` and `sin` for every position and rotary pair, `[context, head_dim / 2]`.
 #[derive(Debug)]
@@ -112,8 +112,10 @@ pub struct Operand {
     quantized: RefCell<Option<(InputKind, QInput)>>,
 }
 
-fn kernel(e: qaq_kernels::KernelError) -> ModelError {
-    ModelError::Format(e.to_string())
+impl Operand {
+    fn new(x: Vec<f32>, m: usize) -> Self {
+        Operand { x, m, quantized: RefCell::new(None) }
+    }
 }
 
 /// `x · wᵀ (+ bias)` for the rows of `x`.
@@ -121,11 +123,11 @@ fn apply(w: &QMatrix, x: &Operand, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     let kind = w.format().input_kind();
     let mut q = x.quantized.borrow_mut();
     if q.as_ref().is_none_or(|(k, _)| *k != kind) {
-        *q = Some((kind, QInput::new(w.format(), &x.x, x.m, w.cols()).map_err(kernel)?));
+        *q = Some((kind, QInput::new(w.format(), &x.x, x.m, w.cols())?));
     }
     let (_, input) = q.as_ref().expect("quantized above");
     let mut out = vec![0f32; x.m * w.rows()];
-    qmat::linear_input(w, input, &mut out).map_err(kernel)?;
+    qmat::linear_input(w, input, &mut out)?;
     if let Some(b) = bias {
         for row in out.chunks_exact_mut(w.rows()) {
             for (o, b) in row.iter_mut().zip(b) {
@@ -159,7 +161,7 @@ impl Ops for CpuPass<'_> {
         let h = table.cols();
         let mut x = vec![0f32; self.n() * h];
         for (&t, row) in self.plan.ids.iter().zip(x.chunks_exact_mut(h)) {
-            table.dequantize_row(t as usize, row).map_err(kernel)?;
+            table.dequantize_row(t as usize, row)?;
         }
         Ok(x)
     }
@@ -169,7 +171,7 @@ impl Ops for CpuPass<'_> {
     }
 
     fn operand(&self, x: Vec<f32>) -> Result<Operand> {
-        Ok(Operand { m: self.n(), x, quantized: RefCell::new(None) })
+        Ok(Operand::new(x, self.n()))
     }
 
     fn linear(&self, w: &QMatrix, x: &Operand, bias: Option<&Vec<f32>>) -> Result<Vec<f32>> {
@@ -217,6 +219,6 @@ impl Ops for CpuPass<'_> {
             sel.extend_from_slice(&x[r * h..][..h]);
         }
         let sel = rms_norm(&sel, norm, self.b.cfg.rms_eps as f32);
-        apply(head, &Operand { m: rows.len(), x: sel, quantized: RefCell::new(None) }, None)
+        apply(head, &Operand::new(sel, rows.len()), None)
     }
 }

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use qaq_kernels::qmat::{QFormat, QMatrix};
 
 use super::tokenizer::TextTokenizer;
-use super::weights::{HostTensor, HostWeights};
+use super::weights::{HostTensor, HostWeights, host_tensors};
 use super::{Llama, LlamaConfig, ModelError, Result};
 
 /// A model ready to serve.
@@ -62,8 +62,7 @@ pub fn read_model(path: &Path) -> Result<(LlamaConfig, HashMap<String, HostTenso
         )))
     } else if path.is_dir() {
         let (cfg, w, tok) = load_hf_dir(path)?;
-        let tensors = w.iter().map(|(k, t)| Ok((k.clone(), HostTensor::from_tensor(t)?))).collect::<Result<_>>()?;
-        Ok((cfg, tensors, tok))
+        Ok((cfg, host_tensors(&w)?, tok))
     } else if path.extension().is_some_and(|e| e == "gguf") {
         load_gguf(path)
     } else {

@@ -47,6 +47,8 @@ pub enum ModelError {
     Device(String),
     #[error("kv cache: {0}")]
     Kv(#[from] KvError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] qaq_kernels::KernelError),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

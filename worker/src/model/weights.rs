@@ -91,10 +91,6 @@ pub enum HostTensor {
     Vec(Vec<f32>),
 }
 
-fn kernel(e: qaq_kernels::KernelError) -> ModelError {
-    ModelError::Format(e.to_string())
-}
-
 impl HostTensor {
     /// An f32 tensor of one or two dimensions (a matrix keeps f32).
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
@@ -102,7 +98,7 @@ impl HostTensor {
         Ok(match *t.dims() {
             [rows, cols] => {
                 let v = t.flatten_all()?.to_vec1::<f32>()?;
-                HostTensor::Mat(QMatrix::from_f32(QFormat::F32, rows, cols, &v).map_err(kernel)?)
+                HostTensor::Mat(QMatrix::from_f32(QFormat::F32, rows, cols, &v)?)
             }
             _ => HostTensor::Vec(t.flatten_all()?.to_vec1::<f32>()?),
         })
@@ -121,8 +117,7 @@ impl HostWeights {
     /// Builds the weights from HF-named f32 tensors (`model.layers.N.self_attn.q_proj.weight`,
     /// ...), checking every shape against `cfg`.
     pub fn from_hf(cfg: &LlamaConfig, w: HashMap<String, Tensor>) -> Result<Self> {
-        let named = w.iter().map(|(k, t)| Ok((k.clone(), HostTensor::from_tensor(t)?))).collect::<Result<_>>()?;
-        Self::from_named(cfg, named)
+        Self::from_named(cfg, host_tensors(&w)?)
     }
 
     /// Builds the weights from HF-named host tensors, checking every shape against `cfg`.
@@ -157,25 +152,11 @@ impl HostWeights {
         let norm = vector(w, "model.norm.weight", h)?;
         Ok(Self { embed, layers, norm, lm_head })
     }
+}
 
-    /// Bytes of every matrix and vector (what a forward pass reads, at most).
-    pub fn bytes(&self) -> usize {
-        let vec = |v: &Vec<f32>| 4 * v.len();
-        let opt = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, vec);
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<usize>()
-                    + vec(&l.attn_norm)
-                    + vec(&l.ffn_norm)
-                    + opt(&l.bq)
-                    + opt(&l.bk)
-                    + opt(&l.bv)
-            })
-            .sum();
-        self.embed.bytes() + self.lm_head.as_ref().map_or(0, QMatrix::bytes) + vec(&self.norm) + layers
-    }
+/// Named tensors (any float type) as host tensors, f32.
+pub fn host_tensors(w: &HashMap<String, Tensor>) -> Result<HashMap<String, HostTensor>> {
+    w.iter().map(|(k, t)| Ok((k.clone(), HostTensor::from_tensor(t)?))).collect()
 }
 
 /// Takes matrix `name` of shape `dims` out of `w`.
