@@ -11,7 +11,7 @@ use qaq_proto::v1::{
     ClusterStatusResponse, GenerateRequest, HeartbeatRequest, HeartbeatResponse, ListModelsResponse, ModelInfo,
     RegisterRequest, RegisterResponse, WorkerState, WorkerStatus,
 };
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tonic::transport::Channel;
 
 use crate::admission::{AdmissionQueue, DurationEwma, retry_after};
@@ -24,8 +24,6 @@ use crate::requests::RequestTable;
 use crate::workers::channel_for;
 pub use crate::workers::{ABORT_TIMEOUT, abort_on_worker};
 
-/// Session-affinity entries kept before the table is reset.
-const MAX_SESSIONS: usize = 100_000;
 /// Prompt bytes per token assumed when predicting a request's KV footprint
 /// (the coordinator does not tokenize).
 const BYTES_PER_PROMPT_TOKEN: u64 = 3;
@@ -38,13 +36,13 @@ struct State {
     /// worker id -> (incarnation, channel): reused until the worker re-registers.
     channels: HashMap<String, (u64, Channel)>,
     queue: AdmissionQueue,
-    /// session id -> the worker that last ran it (affinity).
-    sessions: HashMap<String, String>,
     /// Round-robin position.
     cursor: u64,
     durations: DurationEwma,
     /// Set by [`Cluster::close`]: nothing new is admitted.
     closing: bool,
+    /// Readiness (see [`Cluster::ready`]), for watchers.
+    ready: watch::Sender<bool>,
 }
 
 /// Shared handle; cheap to clone.
@@ -139,10 +137,10 @@ impl Cluster {
             requests: RequestTable::default(),
             channels: HashMap::new(),
             queue: AdmissionQueue::new(config.max_queue),
-            sessions: HashMap::new(),
             cursor: 0,
             durations: DurationEwma::default(),
             closing: false,
+            ready: watch::Sender::new(false),
         };
         Self { inner: Arc::new(Inner { config, state: Mutex::new(state), slot_freed: Notify::new() }) }
     }
@@ -175,7 +173,7 @@ impl Cluster {
         let mut st = self.lock();
         let w = st.registry.register(req, Instant::now())?;
         tracing::info!(worker_id = %w.worker_id, address = %w.address, model = %w.model.name, "worker registered");
-        publish_worker_gauges(&st.registry);
+        publish_worker_gauges(&st);
         drop(st);
         self.inner.slot_freed.notify_waiters();
         Ok(RegisterResponse {
@@ -198,7 +196,7 @@ impl Cluster {
             if after == Some(WorkerState::Draining) {
                 tracing::info!(worker_id = %req.worker_id, "worker draining: no new placements");
             }
-            publish_worker_gauges(&st.registry);
+            publish_worker_gauges(&st);
         }
         let queued = !st.queue.is_empty();
         drop(st);
@@ -214,7 +212,7 @@ impl Cluster {
         let mut st = self.lock();
         let known = st.registry.deregister(worker_id);
         st.channels.remove(worker_id);
-        publish_worker_gauges(&st.registry);
+        publish_worker_gauges(&st);
         Ok(known)
     }
 
@@ -222,7 +220,7 @@ impl Cluster {
     pub fn sweep(&self) {
         let mut st = self.lock();
         expire(&mut st);
-        publish_worker_gauges(&st.registry);
+        publish_worker_gauges(&st);
     }
 
     /// A worker's connection failed: mark it DOWN now rather than at the end
@@ -232,13 +230,16 @@ impl Cluster {
         if st.registry.mark_down(worker_id, incarnation) {
             tracing::warn!(%worker_id, "worker connection failed: marked down");
             st.channels.remove(worker_id);
-            publish_worker_gauges(&st.registry);
+            publish_worker_gauges(&st);
         }
     }
 
     /// Stops admitting (coordinator shutdown); queued requests are rejected.
     pub fn close(&self) {
-        self.lock().closing = true;
+        let mut st = self.lock();
+        st.closing = true;
+        publish_worker_gauges(&st);
+        drop(st);
         self.inner.slot_freed.notify_waiters();
     }
 
@@ -369,11 +370,10 @@ impl Cluster {
                 w.capacity = u32::MAX;
             }
         }
-        let affinity = (!want.session.is_empty()).then(|| st.sessions.get(want.session).cloned()).flatten();
         let ask = Ask {
             model: want.model,
             predicted_tokens: want.predicted_tokens,
-            affinity: affinity.as_deref(),
+            session: want.session,
             exclude: want.exclude,
         };
         let mut decision = placement::place(self.inner.config.placement, &snapshot, &ask, st.cursor, &mut rand::rng());
@@ -392,12 +392,6 @@ impl Cluster {
         st.cursor = st.cursor.wrapping_add(1);
         st.requests.set_worker(want.request_id, &w.worker_id);
         st.registry.add_in_flight(&w.worker_id);
-        if !want.session.is_empty() {
-            if st.sessions.len() >= MAX_SESSIONS {
-                st.sessions.clear();
-            }
-            st.sessions.insert(want.session.to_string(), w.worker_id.clone());
-        }
         Ok(Some(Placed {
             worker_id: w.worker_id.clone(),
             incarnation: w.incarnation,
@@ -486,6 +480,21 @@ impl Cluster {
         self.lock().closing
     }
 
+    /// Whether this coordinator can serve a request now: at least one worker
+    /// is UP and it is not shutting down (readiness: gRPC health of
+    /// `qaq.v1.Generation`, HTTP `/health`).
+    pub fn ready(&self) -> bool {
+        let mut st = self.lock();
+        expire(&mut st);
+        *st.ready.borrow()
+    }
+
+    /// Follows [`Self::ready`] as workers come and go (leases lapse at the
+    /// next sweep or request).
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.lock().ready.subscribe()
+    }
+
     /// Requests waiting in the admission queue.
     pub fn queue_depth(&self) -> usize {
         self.lock().queue.len()
@@ -515,15 +524,18 @@ fn expire(st: &mut State) {
         st.channels.remove(id);
     }
     if !down.is_empty() {
-        publish_worker_gauges(&st.registry);
+        publish_worker_gauges(st);
     }
 }
 
-fn publish_worker_gauges(r: &Registry) {
-    let (up, draining, down) = r.state_counts();
+/// Publishes the registry's state counts: the worker gauges and readiness.
+fn publish_worker_gauges(st: &State) {
+    let (up, draining, down) = st.registry.state_counts();
     for (state, n) in m::STATES.into_iter().zip([up, draining, down]) {
         metrics::gauge!(m::WORKERS, m::LABEL_STATE => state).set(n as f64);
     }
+    let ready = up > 0 && !st.closing;
+    st.ready.send_if_modified(|r| std::mem::replace(r, ready) != ready);
 }
 
 /// The proto enum of a status' state field, for display.
@@ -709,19 +721,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_stick_to_their_worker() {
+    async fn sessions_stick_to_their_worker_on_every_coordinator_replica() {
         let c = Cluster::new(Config::default());
         for id in ["w1", "w2", "w3"] {
             c.register(&reg(id, 0)).unwrap();
         }
-        let mut r = req("hi");
-        r.session_id = "chat-7".into();
-        let first = admit(&c, &mut r).await.unwrap().placed.worker_id;
-        for _ in 0..5 {
-            let mut r = req("more");
-            r.session_id = "chat-7".into();
-            assert_eq!(admit(&c, &mut r).await.unwrap().placed.worker_id, first);
+        // A second coordinator that heard of the workers in another order.
+        let replica = Cluster::new(Config::default());
+        for id in ["w3", "w1", "w2"] {
+            replica.register(&reg(id, 0)).unwrap();
         }
+        let mut workers = std::collections::HashSet::new();
+        for n in 0..12 {
+            let session = format!("chat-{n}");
+            let mut r = req("hi");
+            r.session_id = session.clone();
+            let a = admit(&c, &mut r).await.unwrap();
+            let first = a.placed.worker_id;
+            c.release(&a.request_id, None);
+            for cluster in [&c, &replica, &c, &replica] {
+                let mut r = req("more");
+                r.session_id = session.clone();
+                let a = admit(cluster, &mut r).await.unwrap();
+                assert_eq!(a.placed.worker_id, first, "{session}");
+                cluster.release(&a.request_id, None);
+            }
+            workers.insert(first);
+        }
+        assert!(workers.len() > 1, "sessions spread over the workers: {workers:?}");
+    }
+
+    #[tokio::test]
+    async fn ready_while_a_worker_is_up_and_not_closing() {
+        let c = Cluster::new(Config::default());
+        let mut watch = c.readiness();
+        assert!(!c.ready() && !*watch.borrow_and_update());
+        c.register(&reg("w1", 0)).unwrap();
+        assert!(c.ready() && watch.has_changed().unwrap() && *watch.borrow_and_update());
+        c.register(&reg("w2", 0)).unwrap();
+        assert!(!watch.has_changed().unwrap(), "a second worker changes nothing");
+        c.deregister("w1", "").unwrap();
+        assert!(c.ready());
+        let incarnation = c.lock().registry.get("w2").unwrap().incarnation;
+        c.suspect("w2", incarnation);
+        assert!(!c.ready() && !*watch.borrow_and_update());
+        c.register(&reg("w2", 0)).unwrap();
+        assert!(c.ready());
+        c.close();
+        assert!(!c.ready() && !*watch.borrow_and_update());
     }
 
     #[tokio::test]

@@ -125,7 +125,9 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let cluster = Cluster::new(config.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<GenerationServer<GenerationService>>().await;
+    // Generation is SERVING only while a worker is UP (readiness, kept
+    // current below). Registry serves from the start.
+    health.set_not_serving::<GenerationServer<GenerationService>>().await;
     health.set_serving::<RegistryServer<RegistryService>>().await;
     let reflection = reflection_builder().build_v1()?;
     let reflection_v1alpha = reflection_builder().build_v1alpha()?;
@@ -140,6 +142,22 @@ pub async fn run(
             loop {
                 tick.tick().await;
                 cluster.sweep();
+            }
+        })
+    };
+    // Keeps Generation's health in step with readiness.
+    let readiness = {
+        let (mut ready, health) = (cluster.readiness(), health.clone());
+        tokio::spawn(async move {
+            loop {
+                if *ready.borrow_and_update() {
+                    health.set_serving::<GenerationServer<GenerationService>>().await;
+                } else {
+                    health.set_not_serving::<GenerationServer<GenerationService>>().await;
+                }
+                if ready.changed().await.is_err() {
+                    return;
+                }
             }
         })
     };
@@ -195,5 +213,6 @@ pub async fn run(
         }
     };
     sweeper.abort();
+    readiness.abort();
     result
 }

@@ -7,8 +7,15 @@
 //! - [`Policy::KvAware`] (default): the request's predicted KV footprint
 //!   (tokens x the worker's reported bytes per token) must fit the worker's
 //!   free device bytes (budget 0: unlimited; requests placed since the last
-//!   heartbeat are reserved); among the workers it fits, a session's
-//!   affinity worker first, then the least loaded. Random tie-break.
+//!   heartbeat are reserved); among the workers it fits, a request with a
+//!   session id goes to the session's rendezvous choice (below), any other to
+//!   the least loaded. Random tie-break.
+//!
+//! Session affinity is rendezvous (highest-random-weight) hashing: each worker
+//! scores `hash(session id, worker id)` and the session runs on the highest
+//! score among the workers that fit. It needs no table, so every coordinator
+//! replica maps a session to the same worker from the same set of UP workers,
+//! and a worker joining or leaving moves only the sessions it wins or held.
 
 use qaq_proto::v1::WorkerState;
 use rand::Rng;
@@ -23,7 +30,7 @@ pub enum Policy {
     /// Fewest running + waiting (last heartbeat) + the coordinator's own
     /// in-flight requests; random among equals.
     LeastLoaded,
-    /// Where the predicted KV footprint fits, session affinity, then least loaded.
+    /// Where the predicted KV footprint fits, session affinity (rendezvous), then least loaded.
     #[default]
     KvAware,
 }
@@ -36,8 +43,8 @@ pub struct Ask<'a> {
     /// Tokens the request will hold in the KV cache at most (prompt estimate
     /// plus max_new_tokens).
     pub predicted_tokens: u64,
-    /// The worker that served this request's session before, if any.
-    pub affinity: Option<&'a str>,
+    /// The request's session id (empty: none).
+    pub session: &'a str,
     /// Workers that already failed this request.
     pub exclude: &'a [String],
 }
@@ -133,12 +140,27 @@ fn kv_aware<R: Rng + ?Sized>(workers: &[WorkerSnapshot], open: &[usize], ask: &A
         }
         return Decision::Busy;
     }
-    if let Some(target) = ask.affinity
-        && let Some(&i) = fits.iter().find(|&&i| workers[i].worker_id == target)
+    if !ask.session.is_empty()
+        && let Some(&i) = fits.iter().max_by_key(|&&i| rendezvous(ask.session, &workers[i].worker_id))
     {
         return Decision::Place(i);
     }
     Decision::Place(least_loaded(workers, &fits, rng))
+}
+
+/// A session's score on a worker: FNV-1a over both ids, then a 64-bit
+/// finalizer. Fixed (not `std`'s hasher, whose keys and algorithm may change
+/// between builds), so coordinator replicas of different builds agree.
+pub fn rendezvous(session: &str, worker_id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in session.as_bytes().iter().chain(&[0xff]).chain(worker_id.as_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 #[cfg(test)]
@@ -174,7 +196,7 @@ mod tests {
     }
 
     fn ask() -> Ask<'static> {
-        Ask { model: "smol", predicted_tokens: 100, affinity: None, exclude: &[] }
+        Ask { model: "smol", predicted_tokens: 100, session: "", exclude: &[] }
     }
 
     fn pick_with<'a>(p: Policy, ws: &'a [WorkerSnapshot], a: &Ask<'_>, seed: u64) -> Option<&'a str> {
@@ -315,20 +337,56 @@ mod tests {
         assert_eq!(pick_with(Policy::KvAware, &ws, &big, 0), Some("b"));
     }
 
+    /// The session's worker: the highest rendezvous score among those that fit.
+    fn rendezvous_choice<'a>(ws: &'a [WorkerSnapshot], session: &str) -> &'a str {
+        ws.iter().max_by_key(|w| rendezvous(session, &w.worker_id)).map(|w| w.worker_id.as_str()).unwrap()
+    }
+
     #[test]
-    fn kv_aware_prefers_the_session_worker_when_it_fits() {
-        let ws = [budgeted("a", 0, 1_000_000, 0), budgeted("b", 0, 1_000_000, 4)];
-        let sticky = Ask { affinity: Some("b"), ..ask() };
-        for seed in 0..20 {
-            assert_eq!(pick_with(Policy::KvAware, &ws, &sticky, seed), Some("b"));
+    fn kv_aware_sends_a_session_to_its_rendezvous_worker_whatever_the_load() {
+        let ws = [budgeted("a", 0, 1_000_000, 0), budgeted("b", 0, 1_000_000, 4), budgeted("c", 0, 1_000_000, 9)];
+        let mut chosen = HashSet::new();
+        for n in 0..40 {
+            let session = format!("chat-{n}");
+            let sticky = Ask { session: &session, ..ask() };
+            let expected = rendezvous_choice(&ws, &session);
+            // Every coordinator (any seed, any order of its registry) picks the same worker.
+            for seed in 0..5 {
+                assert_eq!(pick_with(Policy::KvAware, &ws, &sticky, seed), Some(expected));
+                let mut reversed = ws.clone();
+                reversed.reverse();
+                assert_eq!(pick_with(Policy::KvAware, &reversed, &sticky, seed), Some(expected));
+            }
+            chosen.insert(expected);
+            // Not when that worker is out of memory or down: the next score among the rest.
+            let mut full = ws.clone();
+            let at = full.iter().position(|w| w.worker_id == expected).unwrap();
+            full[at].kv_device_bytes = 990_000;
+            let rest: Vec<WorkerSnapshot> = ws.iter().filter(|w| w.worker_id != expected).cloned().collect();
+            let second = rendezvous_choice(&rest, &session);
+            assert_eq!(pick_with(Policy::KvAware, &full, &sticky, 0), Some(second));
+            full[at].kv_device_bytes = 0;
+            full[at].state = WorkerState::Down;
+            assert_eq!(pick_with(Policy::KvAware, &full, &sticky, 0), Some(second));
         }
-        // Not when it is full, down or out of memory.
-        let full = [budgeted("a", 0, 1_000_000, 0), budgeted("b", 990_000, 1_000_000, 4)];
-        assert_eq!(pick_with(Policy::KvAware, &full, &sticky, 0), Some("a"));
-        let mut gone = ws.clone();
-        gone[1].state = WorkerState::Down;
-        assert_eq!(pick_with(Policy::KvAware, &gone, &sticky, 0), Some("a"));
-        let unknown = Ask { affinity: Some("zz"), ..ask() };
-        assert_eq!(pick_with(Policy::KvAware, &ws, &unknown, 0), Some("a"));
+        // Sessions spread over the workers.
+        assert_eq!(chosen.len(), 3, "{chosen:?}");
+    }
+
+    #[test]
+    fn a_new_worker_takes_only_the_sessions_it_wins() {
+        let two = [up("a", 0), up("b", 0)];
+        let three = [up("a", 0), up("b", 0), up("c", 0)];
+        for n in 0..200 {
+            let session = format!("s{n}");
+            let before = rendezvous_choice(&two, &session);
+            let after = rendezvous_choice(&three, &session);
+            assert!(after == before || after == "c", "{session}: {before} -> {after}");
+        }
+        // The score is a fixed function (replicas of other builds agree): a
+        // known answer, computed independently of this code.
+        assert_eq!(rendezvous("chat-7", "worker-1"), 0xb242_c24f_8e86_a178);
+        assert_ne!(rendezvous("chat-7", "worker-1"), rendezvous("chat-7", "worker-2"));
+        assert_ne!(rendezvous("ab", "c"), rendezvous("a", "bc"));
     }
 }

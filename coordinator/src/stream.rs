@@ -15,6 +15,10 @@
 //! parked the request's KV cache: the resubmission names it as
 //! `kv_source_address`, and the next worker pulls the cache from there
 //! instead of prefilling prompt and tokens again.
+//!
+//! A client resuming a cut stream (`GenerateRequest.resume_token_ids`, e.g.
+//! after its coordinator died) starts the same way as a migration: those
+//! tokens are where the stream continues from.
 
 use std::time::{Duration, Instant};
 
@@ -98,7 +102,8 @@ pub struct Forward {
     /// The request as submitted (resubmitted on failover).
     request: GenerateRequest,
     predicted_tokens: u64,
-    /// Every token streamed to the client (resume_token_ids on failover).
+    /// Every token the client has: the ones it resumed after, then the ones
+    /// streamed here (resume_token_ids of each Submit).
     token_ids: Vec<u32>,
     /// Workers that failed this request.
     failed: Vec<String>,
@@ -111,6 +116,8 @@ pub struct Forward {
     /// Whether the worker's side of the request is over (final message or
     /// error): no Worker.Abort needed.
     worker_finished: bool,
+    /// Every token was resumed by the client: the stream is only the final message.
+    complete: bool,
     /// The client's deadline, with the original timeout for messages.
     deadline: Option<(tokio::time::Instant, Duration)>,
     /// Fired by Generation.Abort; the sender lives in the request table.
@@ -134,7 +141,7 @@ impl Forward {
     pub fn new(
         cluster: Cluster,
         admission: Admission,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
         received: Instant,
         timeout: Option<Duration>,
         protocol: Protocol,
@@ -143,6 +150,7 @@ impl Forward {
         let Admission { request_id, placed, abort, predicted_tokens, .. } = admission;
         let Placed { worker_id, incarnation, worker, address } = placed;
         let deadline = deadline_of(received, timeout);
+        let token_ids = std::mem::take(&mut request.resume_token_ids);
         Self {
             cluster,
             request_id,
@@ -153,12 +161,13 @@ impl Forward {
             kv_source: None,
             request,
             predicted_tokens,
-            token_ids: Vec::new(),
+            token_ids,
             failed: Vec::new(),
             retries: 0,
             pending_failure: None,
             inbound: None,
             worker_finished: false,
+            complete: false,
             deadline,
             abort: Some(abort),
             abort_grace: None,
@@ -176,6 +185,11 @@ impl Forward {
     /// error the request is over; dropping `self` then releases it (and
     /// aborts it on the worker if the call was cut short).
     pub async fn start(&mut self) -> Result<(), GenerateError> {
+        if self.nothing_left() {
+            self.complete = true;
+            self.worker_finished = true;
+            return Ok(());
+        }
         match self.submit_once().await {
             Ok(()) => Ok(()),
             Err(Attempt::Deadline) => Err(self.deadline_error()),
@@ -232,7 +246,7 @@ impl Forward {
             }
             self.failed.push(self.worker_id.clone());
             let tokens = self.token_ids.len() as u32;
-            if self.request.max_new_tokens.is_some_and(|max| tokens >= max) {
+            if self.nothing_left() {
                 return Ok(true);
             }
             if self.retries >= self.cluster.config().max_retries {
@@ -271,6 +285,13 @@ impl Forward {
         }
     }
 
+    /// Whether the client has every token it may get: `max_new_tokens`, or
+    /// the default (the most a worker allows when the client set none).
+    fn nothing_left(&self) -> bool {
+        let max = self.request.max_new_tokens.unwrap_or(qaq_proto::validate::DEFAULT_MAX_NEW_TOKENS);
+        self.token_ids.len() >= max as usize
+    }
+
     fn give_up(&mut self, status: Status) -> GenerateError {
         self.fail(GenerateError::RetriesExhausted {
             retries: self.retries,
@@ -306,6 +327,9 @@ impl Forward {
             if self.phase == Phase::Done {
                 self.drain_finished_worker().await;
                 return None;
+            }
+            if self.complete {
+                return Some(Ok(self.synthesized_final(FinishReason::Length)));
             }
             if let Some(status) = self.pending_failure.take() {
                 match self.fail_over(status).await {
@@ -446,13 +470,14 @@ impl Forward {
 
     /// The final message the worker did not send, ending the request with
     /// `reason`: `Aborted` (an aborted request whose worker sent none in time)
-    /// or `Length` (a worker that died after streaming the last token).
+    /// or `Length` (a worker that died after streaming the last token, or a
+    /// client that resumed after every token).
     fn synthesized_final(&mut self, reason: FinishReason) -> GenerateResponse {
         self.end(if reason == FinishReason::Aborted { Outcome::Aborted } else { Outcome::Ok });
         GenerateResponse {
             request_id: self.request_id.clone(),
             finish_reason: reason as i32,
-            usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.tokens }),
+            usage: Some(Usage { prompt_tokens: 0, completion_tokens: self.token_ids.len() as u32 }),
             worker_id: self.worker_id.clone(),
             ..Default::default()
         }

@@ -9,6 +9,8 @@ mod harness;
 mod faults;
 #[path = "cluster/http.rs"]
 mod http;
+#[path = "cluster/replicas.rs"]
+mod replicas;
 #[path = "cluster/security.rs"]
 mod security;
 
@@ -336,21 +338,36 @@ async fn killed_worker_is_marked_down_and_avoided() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qaq_cli_up_generate_status_and_clean_shutdown() {
+async fn qaq_cli_up_two_coordinators_generate_status_and_clean_shutdown() {
     use qaq_coordinator::process::{ReadyLine, StdoutMode, spawn_until};
 
     let _serial = SERIAL.lock().await;
     let log = std::env::temp_dir().join(format!("qaq-up-test-{}.log", std::process::id()));
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_qaq"));
-    cmd.args(["up", "--workers", "2", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .arg("--model")
-        .arg(harness::model_path())
-        .arg("--worker-bin")
-        .arg(harness::worker_bin())
-        .env("QAQ_LOG", "warn")
-        .stderr(std::fs::File::create(&log).unwrap());
+    cmd.args([
+        "up",
+        "--workers",
+        "2",
+        "--coordinators",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--model")
+    .arg(harness::model_path())
+    .arg("--worker-bin")
+    .arg(harness::worker_bin())
+    .env("QAQ_LOG", "warn")
+    .stderr(std::fs::File::create(&log).unwrap());
+    // `qaq coordinators (...): HOST:PORT HOST:PORT`, then
     // `qaq cluster ready: coordinator HOST:PORT (metrics ...), N workers`
+    let replicas = std::sync::Mutex::new(Vec::<String>::new());
     let matcher = |line: &str| {
+        if let Some((_, list)) = line.strip_prefix("qaq coordinators ").and_then(|l| l.split_once("): ")) {
+            *replicas.lock().unwrap() = list.split_whitespace().map(str::to_string).collect();
+        }
         let rest = line.strip_prefix("qaq cluster ready: coordinator ")?;
         let addr = rest.split_whitespace().next()?;
         let mut r = ReadyLine::default();
@@ -364,6 +381,9 @@ async fn qaq_cli_up_generate_status_and_clean_shutdown() {
             .expect("qaq up prints its ready line");
     let addr = up.ready.get("grpc").unwrap().to_string();
     assert!(up.ready.get("line").unwrap().ends_with("2 workers"), "{:?}", up.ready);
+    let replicas = replicas.into_inner().unwrap();
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    assert_eq!(replicas[0], addr);
 
     let qaq = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_qaq")).args(args).output().expect("run qaq");
@@ -381,11 +401,13 @@ async fn qaq_cli_up_generate_status_and_clean_shutdown() {
     assert!(st.success(), "qaq generate failed: {err}");
     assert!(!out.trim().is_empty(), "no text streamed; stderr: {err}");
     assert!(err.contains("finish=") && err.contains("tokens/s"), "{err}");
-    let addr = up.ready.get("grpc").unwrap().to_string();
-    let (st, out, err) = tokio::task::spawn_blocking(move || qaq(&["status", "--addr", &addr])).await.unwrap();
-    assert!(st.success(), "qaq status failed: {err}");
-    assert!(out.starts_with("WORKER"), "{out}");
-    assert_eq!(out.lines().filter(|l| l.contains(" UP ")).count(), 2, "{out}");
+    // Both coordinators know both workers.
+    for addr in replicas {
+        let (st, out, err) = tokio::task::spawn_blocking(move || qaq(&["status", "--addr", &addr])).await.unwrap();
+        assert!(st.success(), "qaq status failed: {err}");
+        assert!(out.starts_with("WORKER"), "{out}");
+        assert_eq!(out.lines().filter(|l| l.contains(" UP ")).count(), 2, "{out}");
+    }
     let addr = up.ready.get("grpc").unwrap().to_string();
     let (st, _, err) =
         tokio::task::spawn_blocking(move || qaq(&["generate", "--addr", &addr, "--max-new-tokens", "0", "x"]))

@@ -70,6 +70,7 @@ pub fn generate_request(req: &GenerateRequest, context_length: u32, vocab_size: 
             )));
         }
     }
+    resume_token_ids(req, context_length, vocab_size)?;
     if let Some(s) = &req.sampling {
         if let Some(t) = s.temperature
             && !(0.0..=100.0).contains(&t)
@@ -107,6 +108,31 @@ pub fn generate_request(req: &GenerateRequest, context_length: u32, vocab_size: 
     }
     if let Some(p) = &req.kv_policy {
         kv_policy(p)?;
+    }
+    Ok(())
+}
+
+/// The tokens a client resumes after: at most `max_new_tokens` (its default
+/// when unset), fewer than the context, each inside the vocabulary (bounds
+/// that are 0 are unknown and not checked). The worker checks the sum with
+/// the tokenized prompt.
+fn resume_token_ids(req: &GenerateRequest, context_length: u32, vocab_size: u32) -> Result<(), Status> {
+    let n = req.resume_token_ids.len();
+    let max_new = req.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+    if n > max_new as usize {
+        let field = if req.max_new_tokens.is_some() { "max_new_tokens" } else { "the default max_new_tokens" };
+        return Err(invalid(format!("resume_token_ids: at most {max_new} tokens ({field}), got {n}")));
+    }
+    if context_length > 0 && n >= context_length as usize {
+        return Err(invalid(format!(
+            "resume_token_ids: at most {} tokens (context length minus at least one prompt token), got {n}",
+            context_length - 1
+        )));
+    }
+    if vocab_size > 0
+        && let Some((i, t)) = req.resume_token_ids.iter().enumerate().find(|&(_, &t)| t >= vocab_size)
+    {
+        return Err(invalid(format!("resume_token_ids[{i}]: must be in [0, {}), got {t}", vocab_size)));
     }
     Ok(())
 }
@@ -207,5 +233,27 @@ mod tests {
         assert!(msg_of(GenerateRequest { stop: vec![String::new()], ..ok_req() }).starts_with("stop[0]"));
         let p = KvPolicy { min_bits: Some(5), max_bits: Some(2), ..Default::default() };
         assert!(msg_of(GenerateRequest { kv_policy: Some(p), ..ok_req() }).starts_with("kv_policy.min_bits"));
+    }
+
+    #[test]
+    fn resumed_tokens_fit_max_new_tokens_the_context_and_the_vocabulary() {
+        let r = |n: usize, max: Option<u32>| GenerateRequest {
+            resume_token_ids: vec![7; n],
+            max_new_tokens: max,
+            ..ok_req()
+        };
+        // Up to max_new_tokens (exactly that many: nothing left to generate, still valid).
+        generate_request(&r(4, Some(4)), 8192, 49152).unwrap();
+        generate_request(&r(256, None), 8192, 49152).unwrap();
+        let e = msg_of(r(5, Some(4)));
+        assert!(e.starts_with("resume_token_ids: at most 4 tokens (max_new_tokens), got 5"), "{e}");
+        let e = msg_of(r(257, None));
+        assert!(e.contains("at most 256") && e.contains("default max_new_tokens"), "{e}");
+        let e = generate_request(&r(100, Some(200)), 64, 0).unwrap_err();
+        assert!(e.message().starts_with("max_new_tokens:"), "{}", e.message());
+        let e = generate_request(&r(100, None), 64, 0).unwrap_err();
+        assert!(e.message().starts_with("resume_token_ids: at most 63 tokens (context"), "{}", e.message());
+        let bad = GenerateRequest { resume_token_ids: vec![1, 49152], ..ok_req() };
+        assert_eq!(msg_of(bad), "resume_token_ids[1]: must be in [0, 49152), got 49152");
     }
 }

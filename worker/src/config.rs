@@ -30,7 +30,9 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address; empty disables.
     #[arg(long, env = "QAQ_WORKER_METRICS_LISTEN", default_value = "127.0.0.1:0")]
     pub metrics_listen: String,
-    /// Coordinator address to register with (host:port or URI); empty: standalone.
+    /// Coordinators to register with: comma-separated host:port or URIs; a DNS name with
+    /// several addresses (a headless Service) is one coordinator per address, re-resolved
+    /// every 5 s. Empty: standalone.
     #[arg(long, env = "QAQ_COORDINATOR", default_value = "")]
     pub coordinator: String,
     /// Worker id; default: worker-<hostname>-<pid>.
@@ -107,7 +109,8 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
-    pub coordinator: Option<String>,
+    /// Coordinators to register with (`--coordinator`'s entries; empty: standalone).
+    pub coordinators: Vec<String>,
     pub worker_id: String,
     pub advertise: Option<String>,
     pub registration_secret: Option<Secret>,
@@ -165,6 +168,14 @@ impl ServeArgs {
         let kv_policy =
             PolicyChoice::parse(&self.kv_policy).map_err(|e| ServeError::Config(format!("--kv-policy: {e}")))?;
         let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(ServeError::Config)?;
+        let coordinators = crate::registration::parse_list(&self.coordinator);
+        for c in &coordinators {
+            let uri = qaq_proto::client::normalize_uri(c);
+            let host = uri.parse::<tonic::transport::Uri>().ok().and_then(|u| u.host().map(str::to_string));
+            ensure(host.is_some_and(|h| !h.is_empty()), || {
+                format!("--coordinator: {c:?} is not host:port or a URI (in a comma-separated list)")
+            })?;
+        }
         let node = self.node.unwrap_or_else(hostname);
         crate::nccl::check_node("--node", &node).map_err(ServeError::Config)?;
         let worker_id = match self.worker_id {
@@ -180,7 +191,7 @@ impl ServeArgs {
             model: self.model,
             listen: self.listen,
             metrics_listen,
-            coordinator: Some(self.coordinator).filter(|c| !c.trim().is_empty()),
+            coordinators,
             worker_id,
             advertise: self.advertise,
             registration_secret: self.registration_secret.map(Secret),

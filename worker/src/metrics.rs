@@ -55,6 +55,11 @@ pub const KV_MIGRATIONS_TOTAL: &str = "qaq_worker_kv_migrations_total";
 pub const KV_MIGRATION_BYTES_TOTAL: &str = "qaq_worker_kv_migration_bytes_total";
 /// Bytes of KV caches parked for their next worker to pull (gauge).
 pub const KV_PARKED_BYTES: &str = "qaq_worker_kv_parked_bytes";
+/// Coordinator addresses this worker is registered with (`state="registered"`) or
+/// failing to reach or register with (`state="unreachable"`) (gauge).
+pub const COORDINATORS: &str = "qaq_worker_coordinators";
+/// The `state` label values of [`COORDINATORS`].
+pub const COORDINATOR_STATES: [&str; 2] = ["registered", "unreachable"];
 
 /// The `outcome` label of [`KV_MIGRATIONS_TOTAL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +151,10 @@ pub fn describe() {
         PROMPT_TOKENS_TOTAL,
     ] {
         counter!(c).absolute(0);
+    }
+    describe_gauge!(COORDINATORS, "Coordinator addresses this worker is registered with, or failing to reach");
+    for state in COORDINATOR_STATES {
+        metrics::gauge!(COORDINATORS, "state" => state).set(0.0);
     }
     describe_gauge!(REQUESTS_RUNNING, "Sequences in the running batch");
     describe_gauge!(REQUESTS_WAITING, "Requests waiting for a batch slot");

@@ -16,7 +16,7 @@ use crate::engine::EngineHandle;
 use crate::error::ServeError;
 use crate::kv;
 use crate::model::LoadedModel;
-use crate::registration::{self, Announcement};
+use crate::registration::{self, Announcement, Coordinator};
 use crate::service::{KvSettings, WorkerService};
 
 /// Serves until `shutdown` resolves. `metrics_addr` is announced to the
@@ -55,15 +55,16 @@ pub async fn run(
     };
     let (reflection, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
 
-    let announcement = cfg.coordinator.as_ref().map(|c| Announcement {
-        coordinator: c.clone(),
+    let coordinators: Vec<Coordinator> =
+        cfg.coordinators.iter().map(|c| Coordinator { name: c.clone(), tls: cfg.tls.coordinator_client(c) }).collect();
+    let announcement = (!coordinators.is_empty()).then(|| Announcement {
+        coordinators,
         worker_id: cfg.worker_id.clone(),
         address: cfg.advertise.clone().unwrap_or_else(|| addr.to_string()),
         metrics_address: metrics_addr,
         model: WorkerService::model_info(&model),
         secret: cfg.registration_secret.clone(),
         max_batch: cfg.engine.max_batch,
-        coordinator_tls: cfg.tls.coordinator_client(c),
     });
     let heartbeats =
         announcement.clone().map(|a| tokio::spawn(registration::keep_registered(a, engine.clone(), draining.clone())));

@@ -247,7 +247,7 @@ pub async fn health(State(s): State<HttpState>) -> Response {
     let status = s.cluster.status();
     let count = |state: WorkerState| status.workers.iter().filter(|w| w.state == state as i32).count();
     let up = count(WorkerState::Up);
-    let ready = up > 0 && !s.cluster.is_closing();
+    let ready = s.cluster.ready();
     let body = json!({
         "status": if ready { "ok" } else { "unavailable" },
         "workers": {"up": up, "draining": count(WorkerState::Draining), "down": count(WorkerState::Down)},

@@ -58,6 +58,8 @@ pub fn worker_bin() -> PathBuf {
 pub struct Opts {
     /// Workers `w1..wn`.
     pub workers: usize,
+    /// Coordinators (replicas; 0 counts as 1); every worker registers with each.
+    pub coordinators: usize,
     /// Lease (heartbeats every `lease_ms / 5`).
     pub lease_ms: u64,
     /// Extra coordinator flags.
@@ -81,10 +83,12 @@ impl Opts {
     }
 }
 
-/// A coordinator process and its workers.
+/// A coordinator process (or several) and its workers.
 pub struct TestCluster {
     /// The coordinator (first) ...
     pub coordinator: ReadyChild,
+    /// ... the other coordinators (replicas), when there are several ...
+    pub replicas: Vec<ReadyChild>,
     /// ... and its workers, in start order.
     pub workers: Vec<ReadyChild>,
     /// How it was started.
@@ -100,29 +104,12 @@ impl TestCluster {
 
     /// Starts a cluster as `opts` say and waits until every worker is UP.
     pub async fn start_with(opts: Opts) -> Self {
-        let lease_ms = opts.lease_ms;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qaq-coordinator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .arg("--lease-ms")
-            .arg(lease_ms.to_string())
-            .arg("--heartbeat-interval-ms")
-            .arg((lease_ms / 5).max(1).to_string())
-            .args(&opts.coordinator_args)
-            .env("QAQ_LOG", opts.coordinator_log.as_deref().unwrap_or("warn"));
-        match &opts.coordinator_stderr {
-            Some(path) => cmd.stderr(std::fs::File::create(path).expect("create the coordinator's stderr file")),
-            None => cmd.stderr(Stdio::inherit()),
-        };
-        let coordinator = spawn_ready(
-            cmd,
-            "coordinator",
-            qaq_coordinator::READY_PREFIX,
-            Duration::from_secs(30),
-            StdoutMode::Discard,
-        )
-        .await
-        .expect("coordinator starts");
-        let mut cluster = Self { coordinator, workers: Vec::new(), opts };
+        let coordinator = start_coordinator(&opts, "127.0.0.1:0").await;
+        let mut replicas = Vec::new();
+        for _ in 1..opts.coordinators {
+            replicas.push(start_coordinator(&opts, "127.0.0.1:0").await);
+        }
+        let mut cluster = Self { coordinator, replicas, workers: Vec::new(), opts };
         let n = cluster.opts.workers;
         if n > 0 {
             let starts: Vec<_> = (1..=n).map(|i| cluster.worker_command(&format!("w{i}"), &[])).collect();
@@ -138,6 +125,11 @@ impl TestCluster {
         cluster
     }
 
+    /// Every coordinator's gRPC address (the first, then the replicas).
+    pub fn coordinator_addrs(&self) -> Vec<String> {
+        std::iter::once(&self.coordinator).chain(&self.replicas).map(grpc_of).collect()
+    }
+
     /// The command line of a worker `id` of this cluster, plus `extra` flags.
     pub fn worker_command(&self, id: &str, extra: &[&str]) -> Command {
         let mut cmd = Command::new(worker_bin());
@@ -145,7 +137,7 @@ impl TestCluster {
             .arg("--model")
             .arg(model_path())
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(["--coordinator", &self.grpc(), "--worker-id", id])
+            .args(["--coordinator", &self.coordinator_addrs().join(","), "--worker-id", id])
             .args(&self.opts.worker_args)
             .args(extra)
             .env("QAQ_LOG", "warn")
@@ -155,7 +147,7 @@ impl TestCluster {
 
     /// The coordinator's gRPC address.
     pub fn grpc(&self) -> String {
-        self.coordinator.ready.get("grpc").expect("grpc= in READY line").to_string()
+        grpc_of(&self.coordinator)
     }
 
     /// A client of the coordinator (sending the API key of the options).
@@ -220,6 +212,32 @@ impl TestCluster {
         wait_load_on(c, |l| l.running == 0 && l.waiting == 0, "idle").await;
         started.elapsed()
     }
+}
+
+/// The gRPC address in a coordinator's READY line.
+pub fn grpc_of(c: &ReadyChild) -> String {
+    c.ready.get("grpc").expect("grpc= in READY line").to_string()
+}
+
+/// Starts a coordinator as `opts` say, listening on `listen` (lease
+/// `opts.lease_ms`, heartbeats every fifth of it).
+pub async fn start_coordinator(opts: &Opts, listen: &str) -> ReadyChild {
+    let lease_ms = opts.lease_ms;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qaq-coordinator"));
+    cmd.args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
+        .arg("--lease-ms")
+        .arg(lease_ms.to_string())
+        .arg("--heartbeat-interval-ms")
+        .arg((lease_ms / 5).max(1).to_string())
+        .args(&opts.coordinator_args)
+        .env("QAQ_LOG", opts.coordinator_log.as_deref().unwrap_or("warn"));
+    match &opts.coordinator_stderr {
+        Some(path) => cmd.stderr(std::fs::File::create(path).expect("create the coordinator's stderr file")),
+        None => cmd.stderr(Stdio::inherit()),
+    };
+    spawn_ready(cmd, "coordinator", qaq_coordinator::READY_PREFIX, Duration::from_secs(30), StdoutMode::Discard)
+        .await
+        .expect("coordinator starts")
 }
 
 /// Polls Worker.Stats on `c` (every 2 ms, at most [`POLL_LIMIT`]) until

@@ -1,6 +1,8 @@
-//! `qaq up`: a local cluster. Starts `qaq-coordinator` and N `qaq-worker`
+//! `qaq up`: a local cluster. Starts `qaq-coordinator` (or several, with
+//! `--coordinators N`: every worker registers with each) and N `qaq-worker`
 //! processes (each in its own process group, so that Ctrl-C reaches only
-//! `qaq`), waits for their READY lines and for every worker to be UP, then
+//! `qaq`), waits for their READY lines and for every worker to be UP on every
+//! coordinator, then
 //! on Ctrl-C / SIGTERM sends SIGTERM to each child by PID, waits for them
 //! (SIGKILL after a grace period) and exits 0.
 //!
@@ -41,6 +43,11 @@ pub struct UpArgs {
     /// Number of worker processes.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: u32,
+    /// Number of coordinator processes (replicas): the first listens on --listen (and
+    /// --metrics-listen, --http-listen), the others on free ports of the same hosts; every
+    /// worker registers with each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub coordinators: u32,
     /// Model every worker serves (GGUF file or HF safetensors folder).
     #[arg(long, env = "QAQ_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
@@ -229,26 +236,35 @@ async fn start(
     security: &Security,
     children: &mut Vec<ReadyChild>,
 ) -> anyhow::Result<()> {
-    let mut cmd = Command::new(coordinator_bin);
-    cmd.arg("--listen").arg(&args.listen);
-    if let Some(m) = &args.metrics_listen {
-        cmd.arg("--metrics-listen").arg(m);
-    }
-    if let Some(h) = &args.http_listen {
-        cmd.arg("--http-listen").arg(h);
-    }
-    if let Some(keys) = &args.api_keys_file {
-        cmd.arg("--api-keys-file").arg(keys);
-    }
-    security.coordinator(&mut cmd);
-    cmd.process_group(0);
-    let coordinator =
-        spawn_ready(cmd, "coordinator", qaq_coordinator::READY_PREFIX, COORDINATOR_START, StdoutMode::Prefixed).await?;
-    let grpc = coordinator.ready.get("grpc").context("coordinator READY line has no grpc=")?.to_string();
-    let metrics = coordinator.ready.get("metrics").map(str::to_string);
     let scheme = if security.tls.is_some() { "https" } else { "http" };
-    let http = coordinator.ready.get("http").map(|h| format!("{scheme}://{h}/v1"));
-    children.push(coordinator);
+    // Coordinator i (0-based): the given addresses for the first, their hosts with port 0
+    // for the others.
+    let listen_of = |addr: &str, i: u32| if i == 0 { addr.to_string() } else { any_port(addr) };
+    let mut coordinators = Vec::new();
+    for i in 0..args.coordinators {
+        let mut cmd = Command::new(coordinator_bin);
+        cmd.arg("--listen").arg(listen_of(&args.listen, i));
+        if let Some(m) = &args.metrics_listen {
+            cmd.arg("--metrics-listen").arg(listen_of(m, i));
+        }
+        if let Some(h) = &args.http_listen {
+            cmd.arg("--http-listen").arg(listen_of(h, i));
+        }
+        if let Some(keys) = &args.api_keys_file {
+            cmd.arg("--api-keys-file").arg(keys);
+        }
+        security.coordinator(&mut cmd);
+        cmd.process_group(0);
+        let name = if i == 0 { "coordinator".to_string() } else { format!("coordinator-{}", i + 1) };
+        let c = spawn_ready(cmd, &name, qaq_coordinator::READY_PREFIX, COORDINATOR_START, StdoutMode::Prefixed).await?;
+        let grpc = c.ready.get("grpc").context("coordinator READY line has no grpc=")?.to_string();
+        coordinators.push(grpc);
+        children.push(c);
+    }
+    let grpc = coordinators[0].clone();
+    let metrics = children[0].ready.get("metrics").map(str::to_string);
+    let http = children[0].ready.get("http").map(|h| format!("{scheme}://{h}/v1"));
+    let coordinator_list = coordinators.join(",");
 
     let spawns = (1..=args.workers).map(|i| {
         let name = format!("worker-{i}");
@@ -256,7 +272,8 @@ async fn start(
         cmd.arg("serve")
             .arg("--model")
             .arg(&args.model)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--coordinator", &grpc])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--coordinator", &coordinator_list])
             .args(["--worker-id", &name])
             .process_group(0);
         security.worker(&mut cmd);
@@ -273,13 +290,19 @@ async fn start(
         return Err(e.into());
     }
 
-    wait_workers_up(&grpc, security.api_key.as_deref(), args.workers as usize).await?;
+    for addr in &coordinators {
+        wait_workers_up(addr, security.api_key.as_deref(), args.workers as usize).await?;
+    }
+    if coordinators.len() > 1 {
+        println!("qaq coordinators (every worker registered with each): {}", coordinators.join(" "));
+    }
     let metrics = metrics.map_or_else(|| "metrics off".to_string(), |m| format!("metrics http://{m}/metrics"));
     let http_part = http.as_deref().map(|h| format!(", http {h}")).unwrap_or_default();
     println!("qaq cluster ready: coordinator {grpc} ({metrics}){http_part}, {} workers", args.workers);
     for c in children.iter().skip(1) {
+        let http = c.ready.get("http").map(|h| format!(" http {scheme}://{h}/v1")).unwrap_or_default();
         println!(
-            "  {} pid {} grpc {} metrics {}",
+            "  {} pid {} grpc {} metrics {}{http}",
             c.name,
             c.pid,
             c.ready.get("grpc").unwrap_or("-"),
@@ -294,6 +317,14 @@ async fn start(
         );
     }
     Ok(())
+}
+
+/// `addr` (`host:port`) with port 0 (a free port on the same host).
+fn any_port(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:0"),
+        None => format!("{addr}:0"),
+    }
 }
 
 /// Polls ClusterStatus until `n` workers are UP.
