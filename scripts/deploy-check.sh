@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # make deploy-check: checks the deploy/ artifacts.
-#   1. promtool check config / check rules (Debian package `prometheus`, installed if missing)
+#   1. promtool check config / check rules, and the alert rules' unit tests
+#      (deploy/prometheus/alerts.test.yml, promtool test rules) (Debian package
+#      `prometheus`, installed if missing)
 #   2. docker-compose.yml: `docker-compose config` (Debian package `docker-compose`, v1,
 #      no engine needed) plus scripts/deploy_check_static.py (every file it mounts exists)
 #   3. Helm chart: values.yaml against values.schema.json, the chart rendered by
@@ -82,6 +84,7 @@ if want promtool; then
 step "promtool"
 if promtool check config deploy/prometheus/prometheus.yml; then ok "promtool check config"; else ko "promtool check config deploy/prometheus/prometheus.yml"; fi
 if promtool check rules deploy/prometheus/alerts.yml; then ok "promtool check rules"; else ko "promtool check rules deploy/prometheus/alerts.yml"; fi
+if promtool test rules deploy/prometheus/alerts.test.yml; then ok "promtool test rules"; else ko "promtool test rules deploy/prometheus/alerts.test.yml"; fi
 
 fi
 
