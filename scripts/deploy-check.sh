@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # make deploy-check: checks the deploy/ artifacts.
-#   1. promtool check config / check rules (Debian package `prometheus`, installed if missing)
+#   1. promtool check config / check rules, and the alert rules' unit tests
+#      (deploy/prometheus/alerts.test.yml, promtool test rules) (Debian package
+#      `prometheus`, installed if missing)
 #   2. docker-compose.yml: `docker-compose config` (Debian package `docker-compose`, v1,
 #      no engine needed) plus scripts/deploy_check_static.py (every file it mounts exists)
 #   3. Helm chart: values.yaml against values.schema.json, the chart rendered by
 #      scripts/helm_render.py (helm itself is not installable from the registries this
-#      project reaches) and every manifest validated by kubernetes-validate (PyPI)
+#      project reaches) with the default values and a few overrides (1 and 3 coordinator
+#      replicas among them), every manifest validated by kubernetes-validate (PyPI) and
+#      checked by scripts/deploy_check_static.py manifests
 #   4. end to end: `qaq up` (coordinator + 2 workers, HTTP front on) on loopback, a real
 #      Prometheus server scraping it every second with deploy/prometheus/alerts.yml loaded,
 #      some load through `qaq generate` and the OpenAI-compatible HTTP API (curl), then
@@ -80,6 +84,7 @@ if want promtool; then
 step "promtool"
 if promtool check config deploy/prometheus/prometheus.yml; then ok "promtool check config"; else ko "promtool check config deploy/prometheus/prometheus.yml"; fi
 if promtool check rules deploy/prometheus/alerts.yml; then ok "promtool check rules"; else ko "promtool check rules deploy/prometheus/alerts.yml"; fi
+if promtool test rules deploy/prometheus/alerts.test.yml; then ok "promtool test rules"; else ko "promtool test rules deploy/prometheus/alerts.test.yml"; fi
 
 fi
 
@@ -109,11 +114,12 @@ if "$VPY" -c 'import json,sys,yaml,jsonschema; s=json.load(open(sys.argv[1])); j
 else
   ko "values.yaml against values.schema.json"
 fi
-helm_case() { # name, extra --set arguments...
+helm_case() { # name, [--kube-version X.Y.Z (default 1.31.0)], extra --set arguments...
   local name=$1; shift
-  local out=$RENDER/$name.yaml
+  local out=$RENDER/$name.yaml kube=1.31.0
+  [ "${1:-}" = --kube-version ] && kube=$2
   if "$VPY" scripts/helm_render.py "$CHART" --release qaq --namespace qaq "$@" >"$out"; then
-    if "$VPY" -m kubernetes_validate --strict --kubernetes-version 1.31.0 "$out" >"$RENDER/$name.log" 2>&1 \
+    if "$VPY" -m kubernetes_validate --strict --kubernetes-version "$kube" "$out" >"$RENDER/$name.log" 2>&1 \
         && "$VPY" scripts/deploy_check_static.py manifests "$out" "$name"; then
       ok "helm render + kubernetes-validate: $name ($(grep -c '^kind:' "$out") objects)"
     else
@@ -127,6 +133,11 @@ helm_case default
 helm_case gpu-monitoring --set serviceMonitor.enabled=true --set apiKeys.keys[0]=k1 \
   --set registration.secret=s3cret --set worker.replicas=4 --set model.source=pvc --set model.pvc.claimName=models
 helm_case cpu --set worker.mode=cpu --set model.source=hostPath --set model.hostPath.path=/srv/models
+# Coordinator replicas: one (no coordinator PodDisruptionBudget), three spread hard.
+helm_case coordinator-single --set coordinator.replicas=1
+helm_case coordinator-3-hard --set coordinator.replicas=3 --set coordinator.podAntiAffinity=hard
+# The oldest Kubernetes Chart.yaml admits (kubeVersion), validated against its own schema.
+helm_case kube-1.25 --kube-version 1.25.0
 if "$VPY" scripts/helm_render.py "$CHART" --release qaq --set worker.mode=tpu >/dev/null 2>&1; then
   ko "helm: values.schema.json rejects worker.mode=tpu"
 else

@@ -14,7 +14,10 @@ inside its venv, which has PyYAML).
       names a stage; the CUDA variant runs on a CUDA base; no model copied in; a
       <Dockerfile>.dockerignore excludes target/.
   deploy_check_static.py manifests RENDERED.yaml CASE
-      the rendered Helm chart holds the objects the chart promises (per CASE).
+      the rendered Helm chart holds the objects the chart promises (per CASE), among them
+      the replicated coordinators: replicas, the headless Service the workers register
+      through, the coordinator PodDisruptionBudget, readiness on qaq.v1.Generation and
+      anti-affinity.
 """
 
 import json
@@ -129,11 +132,12 @@ def check_manifests(path, case):
         if k not in kinds:
             err(f"helm[{case}]: no {k}")
     sts = kinds.get("StatefulSet", [{}])[0]
-    headless = [s for s in kinds.get("Service", []) if s["spec"].get("clusterIP") == "None"]
+    headless = {s["metadata"]["name"]: s for s in kinds.get("Service", []) if s["spec"].get("clusterIP") == "None"}
     if not headless:
         err(f"helm[{case}]: no headless Service")
-    elif sts.get("spec", {}).get("serviceName") != headless[0]["metadata"]["name"]:
-        err(f"helm[{case}]: StatefulSet serviceName is not the headless Service")
+    elif sts.get("spec", {}).get("serviceName") not in headless:
+        err(f"helm[{case}]: StatefulSet serviceName is not a headless Service")
+    check_coordinator_ha(kinds, headless, sts, case)
     pods = [d["spec"]["template"]["spec"] for d in kinds.get("Deployment", []) + kinds.get("StatefulSet", [])]
     for spec in pods:
         for c in spec["containers"]:
@@ -170,6 +174,86 @@ def check_manifests(path, case):
             err(f"helm[{case}]: ServiceMonitor {sm['metadata']['name']} does not set job to qaq-coordinator/qaq-worker")
     if case == "default" and "ServiceMonitor" in kinds:
         err(f"helm[{case}]: ServiceMonitor rendered although disabled")
+
+
+# Coordinator replicas each case renders (deploy-check.sh's helm_case names and --sets).
+COORDINATOR_REPLICAS = {"coordinator-single": 1, "coordinator-3-hard": 3}
+
+
+def selects(match_labels, labels):
+    return bool(match_labels) and all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def check_coordinator_ha(kinds, headless, sts, case):
+    """No single point of failure: replicated coordinators, each known to every worker."""
+    want = COORDINATOR_REPLICAS.get(case, 2)  # the chart's default is 2
+    deps = [d for d in kinds.get("Deployment", []) if d["metadata"]["name"].endswith("-coordinator")]
+    if len(deps) != 1:
+        err(f"helm[{case}]: expected one coordinator Deployment, got {len(deps)}")
+        return
+    dep = deps[0]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    if dep["spec"].get("replicas") != want:
+        err(f"helm[{case}]: coordinator Deployment has {dep['spec'].get('replicas')} replicas, expected {want}")
+    if dep["spec"].get("strategy", {}).get("type") == "Recreate":
+        err(f"helm[{case}]: coordinator Deployment uses Recreate (every replica down at once on upgrade)")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    if c.get("readinessProbe", {}).get("grpc", {}).get("service") != "qaq.v1.Generation":
+        err(f"helm[{case}]: coordinator readiness probe does not check service qaq.v1.Generation")
+    if c.get("livenessProbe", {}).get("grpc", {}).get("service", "") != "":
+        err(f"helm[{case}]: coordinator liveness probe must check the server (service \"\"), not a service")
+
+    # The headless Service the workers register through.
+    name = dep["metadata"]["name"] + "-headless"
+    hs = headless.get(name)
+    if hs is None:
+        err(f"helm[{case}]: no headless Service {name} (clusterIP None)")
+    else:
+        if hs["spec"].get("publishNotReadyAddresses") is not True:
+            err(f"helm[{case}]: {name} lacks publishNotReadyAddresses: true (workers must reach unready coordinators)")
+        if not selects(hs["spec"].get("selector"), pod_labels):
+            err(f"helm[{case}]: {name} does not select the coordinator pods")
+        ports = {p["name"]: p for p in hs["spec"]["ports"]}
+        if "metrics" in ports:
+            err(f"helm[{case}]: {name} exposes metrics (a ServiceMonitor would scrape each coordinator twice)")
+        grpc = ports.get("grpc", {}).get("port")
+        wc = sts.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
+        env = {e["name"]: e.get("value") for e in wc.get("env", [])}
+        expect = f"{name}.{hs['metadata']['namespace']}.svc:{grpc}"
+        if env.get("QAQ_COORDINATOR") != expect:
+            err(f"helm[{case}]: workers' QAQ_COORDINATOR is {env.get('QAQ_COORDINATOR')!r}, expected {expect!r}")
+    clients = [s for s in kinds.get("Service", []) if s["metadata"]["name"] == dep["metadata"]["name"]]
+    if not clients or clients[0]["spec"].get("clusterIP") == "None":
+        err(f"helm[{case}]: the client Service {dep['metadata']['name']} is missing or headless")
+
+    # PodDisruptionBudgets: one for the coordinators when replicated, none selecting both.
+    pdbs = kinds.get("PodDisruptionBudget", [])
+    cpdbs = [p for p in pdbs if selects(p["spec"]["selector"].get("matchLabels"), pod_labels)]
+    if want > 1:
+        if len(cpdbs) != 1:
+            err(f"helm[{case}]: expected one PodDisruptionBudget for the coordinators, got {len(cpdbs)}")
+        elif "minAvailable" in cpdbs[0]["spec"] or cpdbs[0]["spec"].get("maxUnavailable") != 1:
+            err(f"helm[{case}]: coordinator PDB should be maxUnavailable: 1, got {cpdbs[0]['spec']}")
+        elif case == "kube-1.25":
+            if "unhealthyPodEvictionPolicy" in cpdbs[0]["spec"]:
+                err(f"helm[{case}]: coordinator PDB has unhealthyPodEvictionPolicy, unknown before Kubernetes 1.27")
+        elif cpdbs[0]["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow":
+            err(f"helm[{case}]: coordinator PDB must let unready replicas be evicted (unhealthyPodEvictionPolicy)")
+    elif cpdbs:
+        err(f"helm[{case}]: a coordinator PodDisruptionBudget is rendered for a single replica")
+    wlabels = sts.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+    for p in cpdbs:
+        if selects(p["spec"]["selector"].get("matchLabels"), wlabels):
+            err(f"helm[{case}]: PDB {p['metadata']['name']} selects coordinators and workers")
+
+    # Replicas spread over nodes: soft by default, required with podAntiAffinity=hard.
+    anti = dep["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {})
+    kind = "required" if case == "coordinator-3-hard" else "preferred"
+    terms = anti.get(f"{kind}DuringSchedulingIgnoredDuringExecution", [])
+    terms = [t.get("podAffinityTerm", t) for t in terms]
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and selects(t.get("labelSelector", {}).get("matchLabels"), pod_labels) for t in terms):
+        err(f"helm[{case}]: coordinator pods have no {kind} anti-affinity on kubernetes.io/hostname")
 
 
 def check_dockerfiles(*paths):

@@ -3,15 +3,17 @@
 binary cannot be installed from the package registries this project reaches (it is a
 Go program published on GitHub and get.helm.sh; no PyPI, npm or Debian package ships it).
 
-    helm_render.py CHART [--release NAME] [--namespace NS] [--set a.b=c]... [-f values.yaml]...
+    helm_render.py CHART [--release NAME] [--namespace NS] [--kube-version V] [--set a.b=c]... [-f values.yaml]...
 
 It does what `helm template` does for this chart: merges values.yaml, -f files and --set
 (helm's syntax: a.b=c, a.list[0]=x; true/false/integers/null typed), validates the result
 against values.schema.json (jsonschema), renders every templates/*.yaml with Go
 text/template semantics and the Sprig/Helm functions the chart uses, checks each document
-parses as YAML, and prints the stream. It implements a subset of Go templates: actions with
-{{- -}} trimming, comments, pipelines, parenthesised calls, variables ($x := / =),
-if/else if/else, with/else, range (lists and maps, with $i, $v :=), define/include/template.
+parses as YAML, and prints the stream. --kube-version sets .Capabilities.KubeVersion
+(default v1.31.0) and must meet Chart.yaml's kubeVersion, as with helm template. It
+implements a subset of Go templates: actions with {{- -}} trimming, comments, pipelines,
+parenthesised calls, variables ($x := / =), if/else if/else, with/else, range (lists and
+maps, with $i, $v :=), define/include/template.
 An unknown function or a field of a nil value is an error (as in helm). Needs PyYAML and
 jsonschema.
 """
@@ -263,6 +265,40 @@ def indent(n, s):
     return "\n".join(pad + line for line in str(s).split("\n"))
 
 
+SEMVER = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+def semver(v):
+    m = SEMVER.match(str(v).strip())
+    if not m:
+        raise TemplateError(f"semverCompare: {v!r} is not a version")
+    major, minor, patch, pre = m.groups()
+    return (int(major), int(minor or 0), int(patch or 0)), pre
+
+
+def semver_compare(constraint, version):
+    """Sprig's semverCompare for AND-ed (comma or space separated) `OP VERSION` terms, with
+    Masterminds' rule that a prerelease version only meets constraints that name one
+    (">=1.27-0" admits 1.29.1-gke.1, ">=1.27" does not)."""
+    ver, vpre = semver(version)
+
+    def key(core, pre):  # a release sorts after its prereleases
+        return core + ((1, "") if pre is None else (0, pre))
+
+    terms = re.findall(r"(>=|<=|!=|=|>|<)?\s*(v?\d[0-9A-Za-z.+-]*)", constraint)
+    if not terms:
+        raise TemplateError(f"semverCompare: cannot parse {constraint!r}")
+    for op, c in terms:
+        core, pre = semver(c)
+        if vpre is not None and pre is None:
+            return False
+        a, b = key(ver, vpre), key(core, pre)
+        if not {"": a == b, "=": a == b, "!=": a != b, ">": a > b, "<": a < b,
+                ">=": a >= b, "<=": a <= b}[op]:
+            return False
+    return True
+
+
 def printf(fmt, *args):
     args = list(args)
     out = []
@@ -333,6 +369,7 @@ class Renderer:
             "mul": lambda *v: __import__("math").prod(int(x) for x in v),
             "div": lambda a, b: int(a) // int(b),
             "max": lambda *v: max(int(x) for x in v),
+            "semverCompare": semver_compare,
             "kindIs": lambda k, v: {"map": dict, "slice": list, "string": str, "bool": bool}.get(k, type(None)) is type(v),
         }
 
@@ -548,9 +585,12 @@ def set_value(values, expr):
                 cur = cur[step]
 
 
-def render_chart(chart, release, namespace, sets, files):
+def render_chart(chart, release, namespace, sets, files, kube_version="v1.31.0"):
     with open(os.path.join(chart, "Chart.yaml")) as f:
         meta = yaml.safe_load(f)
+    if meta.get("kubeVersion") and not semver_compare(meta["kubeVersion"], kube_version):
+        raise TemplateError(f"chart requires kubeVersion: {meta['kubeVersion']} which is incompatible "
+                            f"with Kubernetes {kube_version}")
     with open(os.path.join(chart, "values.yaml")) as f:
         values = yaml.safe_load(f) or {}
     for fn in files:
@@ -572,7 +612,7 @@ def render_chart(chart, release, namespace, sets, files):
         "Release": {"Name": release, "Namespace": namespace, "Service": "Helm", "IsInstall": True,
                     "IsUpgrade": False, "Revision": 1},
         "Chart": {"Name": meta["name"], "Version": meta["version"], "AppVersion": meta.get("appVersion", "")},
-        "Capabilities": {"KubeVersion": {"Version": "v1.31.0"}},
+        "Capabilities": {"KubeVersion": {"Version": kube_version}},
     }
     tdir = os.path.join(chart, "templates")
     names = sorted(n for n in os.listdir(tdir) if n.endswith((".yaml", ".yml", ".tpl", ".txt")))
@@ -613,9 +653,11 @@ def main():
     ap.add_argument("--namespace", default="default")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("-f", "--values", action="append", default=[])
+    ap.add_argument("--kube-version", default="v1.31.0")
     a = ap.parse_args()
+    kube_version = a.kube_version if a.kube_version.startswith("v") else "v" + a.kube_version
     try:
-        sys.stdout.write(render_chart(a.chart, a.release, a.namespace, a.set, a.values))
+        sys.stdout.write(render_chart(a.chart, a.release, a.namespace, a.set, a.values, kube_version))
     except TemplateError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
