@@ -266,6 +266,8 @@ pub struct QaqParams {
     /// stores 3–4% fewer bytes on short prompts at the same agreement, and changes
     /// nothing measurable at 2k–8k (perplexity, passkeys).
     pub k_window: bool,
+    /// Keys and values stored rotated (`+rot`, see [`crate::cache::Rotation`]).
+    pub rotate: bool,
 }
 
 impl Default for QaqParams {
@@ -288,6 +290,7 @@ impl Default for QaqParams {
             sinks: 0,
             k_scale: 0.0,
             k_window: true,
+            rotate: false,
         }
     }
 }
@@ -386,6 +389,8 @@ pub struct UniformSpec {
     pub v_bits: Option<u8>,
     /// Keep 1% outliers exact (the paper's "non-attention quantization").
     pub outliers: bool,
+    /// Keys and values stored rotated (`+rot`, see [`crate::cache::Rotation`]).
+    pub rotate: bool,
 }
 
 /// KIVI-style baseline: keys per channel over groups of `group` tokens, values per token,
@@ -398,11 +403,13 @@ pub struct KiviSpec {
     pub group: usize,
     /// fp16 residual window R (tokens).
     pub residual: usize,
+    /// Keys and values stored rotated (`+rot`, see [`crate::cache::Rotation`]).
+    pub rotate: bool,
 }
 
 impl Default for KiviSpec {
     fn default() -> Self {
-        KiviSpec { bits: 2, group: 32, residual: 128 }
+        KiviSpec { bits: 2, group: 32, residual: 128, rotate: false }
     }
 }
 
@@ -419,12 +426,35 @@ pub enum KvPolicy {
     Qaq(QaqParams),
 }
 
+impl KvPolicy {
+    /// Whether keys and values are stored rotated (`+rot`).
+    pub fn rotated(&self) -> bool {
+        match self {
+            KvPolicy::Fp16 => false,
+            KvPolicy::Uniform(u) => u.rotate,
+            KvPolicy::Kivi(k) => k.rotate,
+            KvPolicy::Qaq(p) => p.rotate,
+        }
+    }
+
+    /// The same policy with keys and values stored rotated (fp16 stays as it is).
+    pub fn with_rotation(self) -> Self {
+        match self {
+            KvPolicy::Fp16 => KvPolicy::Fp16,
+            KvPolicy::Uniform(u) => KvPolicy::Uniform(UniformSpec { rotate: true, ..u }),
+            KvPolicy::Kivi(k) => KvPolicy::Kivi(KiviSpec { rotate: true, ..k }),
+            KvPolicy::Qaq(p) => KvPolicy::Qaq(QaqParams { rotate: true, ..p }),
+        }
+    }
+}
+
 /// The accepted policy strings (shown in parse errors).
 pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
 qaq[:key=value,...] | qaq-tuned[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, valpha, outliers=total|perside, \
 formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
 prefill=last|all, kt, ktmax, sinks, kscale, kwin=0|1) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
-sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=2048,kwin=0; N in 0..=8";
+sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=2048,kwin=0; N in 0..=8; any but fp16 may end in +rot \
+(keys and values stored rotated by a fixed randomized Hadamard transform)";
 
 impl FromStr for KvPolicy {
     type Err = KernelError;
@@ -439,6 +469,10 @@ impl FromStr for KvPolicy {
         let num = |t: &str| t.parse::<f64>().map_err(|_| err(format!("bad number {t:?}")));
         let int = |t: &str| t.parse::<usize>().map_err(|_| err(format!("bad integer {t:?}")));
         let lower = s.trim().to_ascii_lowercase();
+        let (lower, rotate) = match lower.strip_suffix("+rot") {
+            Some(base) => (base.to_string(), true),
+            None => (lower, false),
+        };
         let parts: Vec<&str> = lower.splitn(2, ':').collect();
         let (head, rest) = (parts[0], parts.get(1).copied());
         let pol = match (head, rest) {
@@ -451,13 +485,13 @@ impl FromStr for KvPolicy {
                     Some("noout") => false,
                     Some(o) => return Err(err(format!("unknown uniform option {o:?}"))),
                 };
-                KvPolicy::Uniform(UniformSpec { k_bits: Some(n), v_bits: Some(n), outliers })
+                KvPolicy::Uniform(UniformSpec { k_bits: Some(n), v_bits: Some(n), outliers, rotate: false })
             }
             ("uniform-k", Some(r)) => {
-                KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true })
+                KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true, rotate: false })
             }
             ("uniform-v", Some(r)) => {
-                KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true })
+                KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true, rotate: false })
             }
             ("kivi", r) => {
                 let mut k = KiviSpec::default();
@@ -553,6 +587,12 @@ impl FromStr for KvPolicy {
             }
             _ => return Err(err("unknown policy".into())),
         };
+        if rotate {
+            return match pol {
+                KvPolicy::Fp16 => Err(err("+rot rotates what a policy quantizes; fp16 quantizes nothing".into())),
+                p => Ok(p.with_rotation()),
+            };
+        }
         Ok(pol)
     }
 }

@@ -154,11 +154,26 @@ fn windows_ring() {
 }
 
 #[test]
+fn rotation_is_a_suffix_of_every_quantizing_policy() {
+    for base in ["uniform:3", "uniform-k:4", "kivi", "kivi:16:64:2", "qaq", "qaq-tuned:sinks=2", "qaq-ref"] {
+        let plain = base.parse::<KvPolicy>().unwrap();
+        let rot = format!("{base}+rot").parse::<KvPolicy>().unwrap();
+        assert!(!plain.rotated() && rot.rotated(), "{base}");
+        assert_eq!(rot, plain.with_rotation(), "{base}");
+        assert_ne!(format!("{plain:?}"), format!("{rot:?}"), "snapshots tell them apart");
+    }
+    let e = "fp16+rot".parse::<KvPolicy>().unwrap_err().to_string();
+    assert!(e.contains("fp16 quantizes nothing"), "{e}");
+    assert!("uniform:3+rot+rot".parse::<KvPolicy>().is_err());
+    assert!("uniform:3 +rot".parse::<KvPolicy>().is_err());
+}
+
+#[test]
 fn policy_strings() {
     assert_eq!("fp16".parse::<KvPolicy>().unwrap(), KvPolicy::Fp16);
     assert_eq!(
         "uniform:4".parse::<KvPolicy>().unwrap(),
-        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true })
+        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true, rotate: false })
     );
     assert!(matches!(
         "uniform:2:noout".parse::<KvPolicy>().unwrap(),
@@ -168,7 +183,7 @@ fn policy_strings() {
     assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
     assert_eq!(
         "kivi:16:64".parse::<KvPolicy>().unwrap(),
-        KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64 })
+        KvPolicy::Kivi(KiviSpec { bits: 2, group: 16, residual: 64, rotate: false })
     );
     let KvPolicy::Qaq(p) = "qaq:sigma_x=0.5,formula=code,qnorm=p95,bmax=4".parse::<KvPolicy>().unwrap() else {
         panic!("not qaq")

@@ -34,7 +34,7 @@ impl KiviCache {
         }
         let plain = QuantSpec { scheme: Scheme::Midpoint, outliers: Outliers::NONE };
         let keys = || KStore::Kivi(KiviKeys::new(cfg.head_dim, spec.bits, spec.group, spec.residual));
-        let layers = Layers::new(cfg, keys, plain, false);
+        let layers = Layers::new(cfg, keys, plain, false).rotated(spec.rotate)?;
         Ok(KiviCache { policy: KvPolicy::Kivi(spec), spec, layers, v_quantized: vec![0; cfg.n_layers] })
     }
 }

@@ -7,6 +7,9 @@
 //! dequantization and byte accounting. What a policy adds (QAQ's windows, ||Q||^2
 //! tracker, key scales, backups) comes in through [`RowObserver`] and the callbacks.
 
+use std::borrow::Cow;
+
+use super::rotation::Rotation;
 use super::types::{Attention, CacheConfig, CacheStats, Counters};
 use crate::attention::{self, KStore};
 use crate::base::{QuantSpec, RAW, check_finite};
@@ -50,6 +53,8 @@ pub struct Layers {
     pub(crate) scratch: Vec<f32>,
     /// The buffers of multi-row attention.
     dense: Dense,
+    /// Keys, values and queries rotated (a policy's `+rot`).
+    pub(crate) rotation: Option<Rotation>,
 }
 
 /// Contexts from which decode attention runs a layer's KV heads in parallel (below, a
@@ -141,7 +146,30 @@ impl Layers {
             staged_k: Vec::new(),
             staged_v: Vec::new(),
         };
-        Layers { cfg, layers: vec![layer; cfg.n_layers], step: 0, scratch: Vec::new(), dense: Dense::default() }
+        Layers {
+            cfg,
+            layers: vec![layer; cfg.n_layers],
+            step: 0,
+            scratch: Vec::new(),
+            dense: Dense::default(),
+            rotation: None,
+        }
+    }
+
+    /// These layers storing keys and values rotated when `rotate` (errors for a head size
+    /// the rotation does not support).
+    pub(crate) fn rotated(mut self, rotate: bool) -> Result<Self> {
+        self.rotation = if rotate { Some(Rotation::new(self.cfg.head_dim)?) } else { None };
+        Ok(self)
+    }
+
+    /// `rows` as the cache stores them: rotated when the policy says so (every head of
+    /// every row), else as given.
+    pub(crate) fn stored_form<'a>(&self, rows: &'a [f32]) -> Cow<'a, [f32]> {
+        match &self.rotation {
+            Some(r) => Cow::Owned(r.rotated(rows)),
+            None => Cow::Borrowed(rows),
+        }
     }
 
     /// Shape.
@@ -239,7 +267,8 @@ impl Layers {
     /// (the baselines' append).
     pub(crate) fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32], widths: (u8, u8)) -> Result<()> {
         self.check_rows(layer, k_rows, v_rows)?;
-        self.push_rows(layer, k_rows, v_rows, widths, |_, _, _| {})
+        let (k_rows, v_rows) = (self.stored_form(k_rows), self.stored_form(v_rows));
+        self.push_rows(layer, &k_rows, &v_rows, widths, |_, _, _| {})
     }
 
     /// A decode query (`n_q_heads * head_dim`) checked and scaled by `1/sqrt(D)`, in
@@ -255,7 +284,11 @@ impl Layers {
             return Err(KernelError::Config("attend on an empty layer".into()));
         }
         let scale = 1.0 / (d as f32).sqrt();
-        Ok(q.iter().map(|x| x * scale).collect())
+        let mut qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+        if let Some(r) = &self.rotation {
+            r.rotate(&mut qs);
+        }
+        Ok(qs)
     }
 
     /// Attention of prepared decode queries ([`Layers::decode_queries`], then the
@@ -328,6 +361,9 @@ impl Layers {
                 one(h, hd, &mut out[h * g * d..(h + 1) * g * d], &mut probs[h * g * t..(h + 1) * g * t], s);
             }
         }
+        if let Some(r) = &self.rotation {
+            r.unrotate(&mut out[..l.heads.len() * g * d]);
+        }
     }
 
     /// Exact causal attention of the last `n_q` positions of `layer` (`q_rows`:
@@ -355,7 +391,7 @@ impl Layers {
         }
         check_finite(q_rows, "q_rows")?;
         let row = self.cfg.row();
-        let Layers { layers, dense, .. } = self;
+        let Layers { layers, dense, rotation, .. } = self;
         let l = &layers[layer];
         let t_total = l.len;
         if n_q > t_total {
@@ -393,6 +429,9 @@ impl Layers {
                     for (x, &y) in q.iter_mut().zip(src) {
                         *x = y * scale;
                     }
+                    if let Some(rot) = rotation.as_ref() {
+                        rot.rotate(q);
+                    }
                     obs.queries(h, q);
                 }
                 let (kd, vd, qs) = (&kd[..], &vd[..], &qs[..]);
@@ -414,6 +453,9 @@ impl Layers {
                     obs.row(h, r0 + i, n_q, &qs[i * g * d..(i + 1) * g * d], p, tv);
                 }
             }
+        }
+        if full && let Some(r) = rotation.as_ref() {
+            r.unrotate(&mut out);
         }
         Ok(out)
     }

@@ -11,7 +11,9 @@
 //! for multi-row prefill attention, decode attention over the packed streams on the
 //! rayon pool, widths, dequantization, byte accounting), `policy_cache` (the trait; its
 //! provided methods are the shared behaviour), `snapshot` (the transfer format) and
-//! `types` ([`CacheConfig`], [`Attention`], [`Counters`], [`CacheStats`]). `requant` is
+//! `types` ([`CacheConfig`], [`Attention`], [`Counters`], [`CacheStats`]). A policy's
+//! `+rot` stores keys and values rotated ([`Rotation`]): `Layers` rotates what is
+//! appended and the queries, and rotates attention outputs back. `requant` is
 //! QAQ's width rule and re-encoding: the moves of a step are decided during its decode
 //! attention and only the moving tokens are re-encoded. [`mirror`] keeps the books of a
 //! device copy of a cache layer. `identity_tests` pins every policy's observables on a
@@ -30,6 +32,7 @@ pub mod mirror;
 mod policy_cache;
 mod qaq;
 mod requant;
+mod rotation;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -40,6 +43,7 @@ pub use fp16::Fp16Cache;
 pub use kivi::KiviCache;
 pub use policy_cache::PolicyCache;
 pub use qaq::QaqCache;
+pub use rotation::Rotation;
 pub use types::{Attention, CacheConfig, CacheStats, Counters};
 pub use uniform::UniformCache;
 

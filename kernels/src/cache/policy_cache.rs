@@ -6,6 +6,7 @@
 //! behaviour; QAQ overrides those its state takes part in.
 
 use super::layers::Layers;
+use super::rotation::Rotation;
 use super::snapshot;
 use super::types::{Attention, CacheConfig, CacheStats, Counters};
 use crate::error::Result;
@@ -53,6 +54,12 @@ pub trait PolicyCache: sealed::Storage + Send + std::fmt::Debug {
     /// Shape.
     fn config(&self) -> &CacheConfig {
         self.layers().config()
+    }
+    /// The rotation keys and values are stored in (a policy's `+rot`): queries are
+    /// rotated by [`PolicyCache::decode_queries`], and an attention output computed
+    /// elsewhere (a device mirror) must be rotated back with it.
+    fn rotation(&self) -> Option<&Rotation> {
+        self.layers().rotation.as_ref()
     }
     /// Tokens stored in `layer` (0 for a bad layer).
     fn len(&self, layer: usize) -> usize {

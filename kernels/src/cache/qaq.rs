@@ -150,7 +150,7 @@ impl QaqCache {
         cfg.validate()?;
         params.validate()?;
         let keys = || KStore::Packed(PackedStream::new(cfg.head_dim, params.quant, false));
-        let layers = Layers::new(cfg, keys, params.value_quant(), false);
+        let layers = Layers::new(cfg, keys, params.value_quant(), false).rotated(params.rotate)?;
         let head = HeadState {
             win: Windows::new(params.window),
             qn: QNormTracker::default(),
@@ -296,6 +296,8 @@ impl PolicyCache for QaqCache {
     /// token's fp16 rows backed up in the host tier.
     fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
         self.layers.check_rows(layer, k_rows, v_rows)?;
+        let (k_rotated, v_rotated) = (self.layers.stored_form(k_rows), self.layers.stored_form(v_rows));
+        let (k_rows, v_rows) = (&k_rotated[..], &v_rotated[..]);
         let (row, d) = (self.layers.cfg.row(), self.layers.cfg.head_dim);
         let beta = self.params.k_scale;
         let scaled;

@@ -57,7 +57,7 @@ fn continues_exactly(policy: &str, a: &mut dyn PolicyCache, b: &mut dyn PolicyCa
 
 #[test]
 fn a_restored_cache_continues_exactly_as_the_original() {
-    for policy in ["qaq-tuned", "qaq", "uniform:4", "fp16", "uniform-v:2"] {
+    for policy in ["qaq-tuned", "qaq", "uniform:4", "fp16", "uniform-v:2", "uniform:3+rot", "qaq-tuned+rot"] {
         let mut rng = StdRng::seed_from_u64(11);
         match KvPolicy::from_str(policy).unwrap() {
             KvPolicy::Qaq(p) => {
@@ -201,4 +201,66 @@ fn evicting_backups_frees_host_bytes_least_important_first() {
     let mut f = new_cache(SHAPE, KvPolicy::Fp16).unwrap();
     f.append(0, &rows, &rows).unwrap();
     assert_eq!((f.host_bytes(), f.evict_backups(100)), (0, (0, 0)));
+}
+
+/// Feeds the same steps to every cache in `caches` (a 40-token prefill, then `decode`
+/// one-token steps; keys with a massive channel 3 in every head, as real models have)
+/// and returns each cache's attention outputs, all layers, all steps.
+fn same_steps(caches: &mut [Box<dyn PolicyCache>], decode: usize) -> Vec<Vec<f32>> {
+    let mut rng = StdRng::seed_from_u64(3);
+    let cfg = *caches[0].config();
+    let (kv, q) = (cfg.n_kv_heads * cfg.head_dim, cfg.n_q_heads * cfg.head_dim);
+    let mut outs = vec![Vec::new(); caches.len()];
+    for n in std::iter::once(40).chain(std::iter::repeat_n(1, decode)) {
+        for layer in 0..cfg.n_layers {
+            let mut k = rows(&mut rng, n, kv);
+            for (i, x) in k.iter_mut().enumerate() {
+                if i % cfg.head_dim == 3 {
+                    *x *= 30.0;
+                }
+            }
+            let (v, qr) = (rows(&mut rng, n, kv), rows(&mut rng, n, q));
+            for (c, out) in caches.iter_mut().zip(&mut outs) {
+                c.append(layer, &k, &v).unwrap();
+                out.extend(c.attend_rows(layer, &qr, n).unwrap());
+            }
+        }
+        for c in caches.iter_mut() {
+            c.end_step().unwrap();
+        }
+    }
+    outs
+}
+
+fn rms_diff(a: &[f32], b: &[f32]) -> f32 {
+    (a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>() / a.len() as f32).sqrt()
+}
+
+#[test]
+fn a_rotated_cache_attends_as_the_exact_one_up_to_quantization() {
+    let make = |p: &str| new_cache(CFG, KvPolicy::from_str(p).unwrap()).unwrap();
+    // At 8 bits the rotation is all that differs from fp16: the same attention, prefill
+    // rows and decode rows alike (rotated queries, values rotated back), for every
+    // policy that rotates.
+    for policy in ["uniform:8", "qaq:bmin=8,bmax=8", "kivi:4:8:8"] {
+        let rot = format!("{policy}+rot");
+        let mut caches = vec![make("fp16"), make(policy), make(&rot)];
+        let outs = same_steps(&mut caches, 8);
+        let (plain, rotated) = (rms_diff(&outs[1], &outs[0]), rms_diff(&outs[2], &outs[0]));
+        assert!(rotated < 0.02 && plain < 0.02, "{policy}: {plain} unrotated, {rotated} rotated");
+        assert!(caches[2].policy().rotated() && !caches[1].policy().rotated());
+    }
+}
+
+#[test]
+fn rotation_spreads_a_massive_key_channel_that_a_per_token_group_would_inherit() {
+    // The default model's head size: the channel's energy is spread over 64 values.
+    let cfg = CacheConfig { head_dim: 64, ..CFG };
+    let make = |p: &str| new_cache(cfg, KvPolicy::from_str(p).unwrap()).unwrap();
+    // Without exact outliers a group's range is the massive channel's; rotated, the
+    // channel's energy is spread over the head and the error drops.
+    let mut caches = vec![make("fp16"), make("uniform:3:noout"), make("uniform:3:noout+rot")];
+    let outs = same_steps(&mut caches, 12);
+    let (plain, rotated) = (rms_diff(&outs[1], &outs[0]), rms_diff(&outs[2], &outs[0]));
+    assert!(rotated < 0.7 * plain, "rms error {plain} unrotated, {rotated} rotated");
 }

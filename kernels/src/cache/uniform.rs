@@ -31,7 +31,7 @@ impl UniformCache {
             }
         }
         let keys = || KStore::Packed(PackedStream::new(cfg.head_dim, qspec, spec.k_bits.is_none()));
-        let layers = Layers::new(cfg, keys, qspec, spec.v_bits.is_none());
+        let layers = Layers::new(cfg, keys, qspec, spec.v_bits.is_none()).rotated(spec.rotate)?;
         Ok(UniformCache { policy: KvPolicy::Uniform(spec), spec, layers })
     }
 }

@@ -83,6 +83,9 @@ pub struct DeviceKv {
     /// One attention scratch per KV head, reused across layers and steps.
     attn: Vec<Option<AttnBuffers>>,
     uploaded: u64,
+    /// A rotated cache's signs ([`crate::cache::Rotation::signs`]) on the device,
+    /// uploaded on first use: its attention outputs are rotated back there.
+    signs: Option<CudaSlice<f32>>,
 }
 
 impl std::fmt::Debug for DeviceKv {
@@ -119,6 +122,7 @@ impl DeviceKv {
             scheme,
             attn: (0..cfg.n_kv_heads).map(|_| None).collect(),
             uploaded: 0,
+            signs: None,
         })
     }
 
@@ -188,6 +192,16 @@ impl DeviceKv {
                 .memcpy_dtod(&buf.out.slice(..g * d), &mut out.slice_mut(h * g * d..(h + 1) * g * d))
                 .map_err(drv("copying the attention output"))?;
             windows.push(gpu.stream().clone_dtoh(&buf.window.slice(..t)).map_err(drv("device-to-host copy"))?);
+        }
+        // A rotated cache attended in the rotated space of its values (the queries came
+        // rotated from `decode_queries`): rotate the outputs back.
+        if let Some(r) = cache.rotation() {
+            if self.signs.is_none() {
+                self.signs = Some(gpu.upload(r.signs())?);
+            }
+            let signs = self.signs.as_ref().expect("uploaded above");
+            let n = self.n_kv * g;
+            gpu.unrotate_heads(&mut out.slice_mut(..n * d), signs, n, d)?;
         }
         gpu.synchronize()?;
         for (h, w) in windows.iter().enumerate() {

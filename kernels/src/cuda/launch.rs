@@ -89,6 +89,17 @@ pub fn rows(n_rows: usize) -> Result<Shape> {
     Ok(Shape { grid: (r, 1, 1), block: (ROW_THREADS, 1, 1), shared: 0 })
 }
 
+/// `qaq_unrotate_heads` over `n_heads` rows of `d` values: a block of `d` threads per
+/// head, `d` floats of shared memory; `d` a power of two up to 1024.
+pub fn unrotate_heads(n_heads: usize, d: usize) -> Result<Shape> {
+    if !d.is_power_of_two() || d > 1024 {
+        return Err(KernelError::Config(format!("unrotate: head size {d}, a power of two up to 1024 supported")));
+    }
+    let h = u32::try_from(n_heads).ok().filter(|&h| h > 0);
+    let h = h.ok_or_else(|| KernelError::Config(format!("unrotate: {n_heads} heads")))?;
+    Ok(Shape { grid: (h, 1, 1), block: (d as u32, 1, 1), shared: 4 * d as u32 })
+}
+
 /// `qaq_embed_f16`: grid (rows, column blocks).
 pub fn embedding(n_rows: usize, dim: usize) -> Result<Shape> {
     let r = rows(n_rows)?.grid.0;
@@ -113,6 +124,13 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} != {v}");
         }
         assert!(source::COMMON.contains(&format!("#define QAQ_MAX_GROUP {MAX_GROUP}u")));
+    }
+
+    #[test]
+    fn unrotate_shapes() {
+        assert_eq!(unrotate_heads(9, 64).unwrap(), Shape { grid: (9, 1, 1), block: (64, 1, 1), shared: 256 });
+        assert_eq!(unrotate_heads(1, 1024).unwrap().shared, 4096);
+        assert!(unrotate_heads(9, 96).is_err() && unrotate_heads(9, 2048).is_err() && unrotate_heads(0, 64).is_err());
     }
 
     #[test]

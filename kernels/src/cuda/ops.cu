@@ -152,6 +152,26 @@ extern "C" __global__ void qaq_add(float* __restrict__ x, const float* __restric
     if (e < n) x[e] += y[e];
 }
 
+// x[h] = s (.) (H x[h]) / sqrt(d) for each head row of d values (d a power of two, at
+// most 1024; `signs` holds s / sqrt(d)): the inverse of a KV cache's rotation (a policy's
+// `+rot`), applied to the attention outputs, which are in the rotated space of the
+// values. One block of d threads per head; the fast Walsh-Hadamard transform in shared
+// memory, the same butterflies as the CPU's `Rotation::unrotate`.
+extern "C" __global__ void qaq_unrotate_heads(float* __restrict__ x, const float* __restrict__ signs, u32 d) {
+    extern __shared__ float sh[];
+    float* row = x + (size_t)blockIdx.x * d;
+    const u32 i = threadIdx.x;
+    sh[i] = row[i];
+    __syncthreads();
+    for (u32 h = 1; h < d; h *= 2) {
+        const float a = sh[i], b = sh[i ^ h];
+        __syncthreads();
+        sh[i] = (i & h) ? b - a : a + b;
+        __syncthreads();
+    }
+    row[i] = sh[i] * signs[i];
+}
+
 // x[r][i] += b[i] for the `total / n` rows of `n` values (a linear layer's bias).
 extern "C" __global__ void qaq_add_bias(float* __restrict__ x, const float* __restrict__ b, u32 n, u32 total) {
     const u32 e = blockIdx.x * blockDim.x + threadIdx.x;

@@ -4,7 +4,7 @@
 use super::device::{Gpu, fire};
 use super::launch;
 use crate::error::{KernelError, Result};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
 
 fn need(what: &'static str, have: usize, expected: usize) -> Result<()> {
     if have < expected { Err(KernelError::Shape { what, expected, got: have }) } else { Ok(()) }
@@ -155,6 +155,28 @@ impl Gpu {
             let mut b = self.kernel("qaq_add")?;
             b.arg(x).arg(y).arg(&n32);
             fire(b, launch::elementwise(n)?, "qaq_add")
+        }
+    }
+
+    /// Rotates `n_heads` head rows of `d` values of `x` back from a cache's rotation
+    /// (`signs`: [`crate::cache::Rotation::signs`], uploaded).
+    pub fn unrotate_heads(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        signs: &CudaSlice<f32>,
+        n_heads: usize,
+        d: usize,
+    ) -> Result<()> {
+        need("unrotate target", x.len(), n_heads * d)?;
+        need("unrotate signs", signs.len(), d)?;
+        let shape = launch::unrotate_heads(n_heads, d)?;
+        let d32 = u32_of("unrotate", d)?;
+        // SAFETY: `qaq_unrotate_heads(x, signs, d)`, one block of d threads per head;
+        // lengths and the shape checked above.
+        unsafe {
+            let mut b = self.kernel("qaq_unrotate_heads")?;
+            b.arg(x).arg(signs).arg(&d32);
+            fire(b, shape, "qaq_unrotate_heads")
         }
     }
 

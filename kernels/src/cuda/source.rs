@@ -49,6 +49,7 @@ pub const OPS: KernelModule = KernelModule {
         "qaq_f32_to_f16",
         "qaq_add",
         "qaq_add_bias",
+        "qaq_unrotate_heads",
     ],
 };
 
