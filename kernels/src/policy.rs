@@ -306,7 +306,7 @@ impl QaqParams {
             ..Default::default()
         }
     }
-    /// qaq's tuned setting (`qaq-tuned`, the worker's default), measured in
+    /// qaq's tuned setting (`qaq-tuned`, the worker's default until wave 2), measured in
     /// `docs/results`: the paper's method with per-channel key scaling (`kscale=1`), the
     /// key bound's `T` held within [512, 2048] (`kt=512,ktmax=2048`), keys at their
     /// bound's width from the step they arrive (`kwin=0`), `sigma_S = 0.001`,
@@ -449,7 +449,7 @@ impl KvPolicy {
 }
 
 /// The accepted policy strings (shown in parse errors).
-pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
+pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform:K/V[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
 qaq[:key=value,...] | qaq-tuned[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, valpha, outliers=total|perside, \
 formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
 prefill=last|all, kt, ktmax, sinks, kscale, kwin=0|1) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
@@ -479,13 +479,20 @@ impl FromStr for KvPolicy {
             ("fp16", None) => KvPolicy::Fp16,
             ("uniform", Some(r)) => {
                 let mut it = r.split(':');
-                let n = width(it.next().unwrap_or(""))?;
+                // N, or K/V: keys at K bits, values at V.
+                let (k, v) = match it.next().unwrap_or("").split_once('/') {
+                    Some((k, v)) => (width(k)?, width(v)?),
+                    None => {
+                        let n = width(r.split(':').next().unwrap_or(""))?;
+                        (n, n)
+                    }
+                };
                 let outliers = match it.next() {
                     None => true,
                     Some("noout") => false,
                     Some(o) => return Err(err(format!("unknown uniform option {o:?}"))),
                 };
-                KvPolicy::Uniform(UniformSpec { k_bits: Some(n), v_bits: Some(n), outliers, rotate: false })
+                KvPolicy::Uniform(UniformSpec { k_bits: Some(k), v_bits: Some(v), outliers, rotate: false })
             }
             ("uniform-k", Some(r)) => {
                 KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true, rotate: false })

@@ -180,6 +180,11 @@ fn policy_strings() {
         KvPolicy::Uniform(UniformSpec { outliers: false, .. })
     ));
     assert!(matches!("uniform-k:2".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { v_bits: None, .. })));
+    assert_eq!(
+        "uniform:4/3:noout+rot".parse::<KvPolicy>().unwrap(),
+        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(3), outliers: false, rotate: true })
+    );
+    assert!("uniform:4/9".parse::<KvPolicy>().is_err() && "uniform:/3".parse::<KvPolicy>().is_err());
     assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
     assert_eq!(
         "kivi:16:64".parse::<KvPolicy>().unwrap(),

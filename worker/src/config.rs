@@ -14,6 +14,10 @@ use crate::kv::{PolicyChoice, QaqOverrides};
 
 /// Default model path (fetched by `scripts/fetch-model.sh`).
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default KV policy: keys at 4 bits and values at 3 per token, no outliers, stored
+/// rotated. Chosen on `docs/results/rotation8k`: the highest real ratio measured within 1%
+/// of fp16's perplexity at 8k (3.75x, +0.40%), ahead of every QAQ setting measured there.
+pub const DEFAULT_KV_POLICY: &str = "uniform:4/3:noout+rot";
 
 /// `qaq-worker serve` arguments.
 #[derive(Args, Debug, Clone)]
@@ -53,9 +57,10 @@ pub struct ServeArgs {
     /// Most requests waiting for a batch slot.
     #[arg(long, env = "QAQ_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
-    /// Default KV-cache policy: qaq-tuned | qaq | fp16 | uniform:N | kivi (see the QAQ
-    /// syntax in the README for every option, e.g. qaq:sigma_s=0.01,window=5).
-    #[arg(long, env = "QAQ_KV_POLICY", default_value = "qaq-tuned")]
+    /// Default KV-cache policy: uniform:4/3:noout+rot (keys at 4 bits, values at 3, no
+    /// outliers, rotated), qaq-tuned | qaq | fp16 | uniform:N | uniform:K/V | kivi, any but
+    /// fp16 with +rot (see the README for every option, e.g. qaq:sigma_s=0.01,window=5).
+    #[arg(long, env = "QAQ_KV_POLICY", default_value = DEFAULT_KV_POLICY)]
     pub kv_policy: String,
     /// QAQ key target sigma_S (overrides the policy string).
     #[arg(long, env = "QAQ_KV_SIGMA_S")]

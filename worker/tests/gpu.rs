@@ -85,15 +85,15 @@ fn gpu_forward_pass_matches_the_cpu_logits() {
     assert!(worst < 2e-2, "GPU logits stray {worst:.2e} of the logit range from the CPU's");
 }
 
-/// Greedy generation on the GPU equals the CPU's for 64 tokens, with the fp16 cache and
-/// with the default QAQ cache. The GPU's GEMMs run on f16 operands, so the two passes
-/// are not bit-identical: a difference is accepted only at a near-tie of the CPU's
+/// Greedy generation on the GPU equals the CPU's for 64 tokens, with the fp16 cache, a
+/// QAQ cache and the default (rotated) cache. The GPU's GEMMs run on f16 operands, so the
+/// two passes are not bit-identical: a difference is accepted only at a near-tie of the CPU's
 /// logits (top-1 margin below 0.05), and reported.
 #[test]
 fn greedy_generation_on_the_gpu_equals_the_cpu_for_64_tokens() {
     let (cpu, gpu) = models();
     let ids = prompt(cpu);
-    for policy in ["fp16", "qaq-tuned"] {
+    for policy in ["fp16", "qaq-tuned", "uniform:4/3:noout+rot"] {
         let (ta, margins) = greedy(cpu, policy, &ids, 64);
         let (tb, _) = greedy(gpu, policy, &ids, 64);
         match ta.iter().zip(&tb).position(|(x, y)| x != y) {

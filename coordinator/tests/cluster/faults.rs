@@ -23,10 +23,13 @@ fn dense(prompt: &str, n: u32) -> GenerateRequest {
     }
 }
 
-/// A greedy request under the worker's default KV policy (QAQ) that always runs `n`
-/// tokens.
+/// A greedy request under `qaq-tuned` (QAQ with re-quantization every step) that always
+/// runs `n` tokens.
 fn qaq(prompt: &str, n: u32) -> GenerateRequest {
-    GenerateRequest { kv_policy: None, ..dense(prompt, n) }
+    GenerateRequest {
+        kv_policy: Some(KvPolicy { policy: "qaq-tuned".into(), ..Default::default() }),
+        ..dense(prompt, n)
+    }
 }
 
 /// What one stream produced.
@@ -120,11 +123,11 @@ async fn kill9_mid_run_every_admitted_request_completes_with_unchanged_output() 
     kill9_mid_run(dense).await;
 }
 
-/// The same under the worker's default (QAQ) policy: a migrated stream's new worker feeds
+/// The same under QAQ (`qaq-tuned`): a migrated stream's new worker feeds
 /// the prompt and then the streamed tokens one step each, as the first worker did, so its
 /// compressed cache makes the same decisions and the output is unchanged too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_mid_run_under_the_default_qaq_policy_the_output_is_unchanged_too() {
+async fn kill9_mid_run_under_qaq_the_output_is_unchanged_too() {
     kill9_mid_run(qaq).await;
 }
 

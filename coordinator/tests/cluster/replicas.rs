@@ -26,7 +26,7 @@ fn prompt(i: usize) -> String {
     format!("Write one sentence about {}.", things[i % things.len()])
 }
 
-/// A greedy request under the workers' default (QAQ) KV policy that always runs `n` tokens.
+/// A greedy request under the workers' default KV policy that always runs `n` tokens.
 fn greedy(i: usize, n: u32) -> GenerateRequest {
     GenerateRequest { prompt: prompt(i), max_new_tokens: Some(n), ignore_eos: true, ..Default::default() }
 }

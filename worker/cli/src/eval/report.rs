@@ -186,6 +186,15 @@ pub fn markdown(rows: &[Row], header: &str) -> String {
 /// The method family of a policy label (one plot series each).
 pub fn family(policy: &str) -> &'static str {
     let p = policy.to_ascii_lowercase();
+    if p.ends_with("+rot") {
+        return if p.starts_with("uniform") {
+            "uniform, rotated (+rot)"
+        } else if p.starts_with("kivi") {
+            "KIVI, rotated (+rot)"
+        } else {
+            "QAQ, rotated (+rot)"
+        };
+    }
     if p == "fp16" {
         "fp16"
     } else if p.starts_with("uniform-k") {
@@ -216,7 +225,7 @@ pub fn family(policy: &str) -> &'static str {
     }
 }
 
-const COLORS: [(&str, &str); 11] = [
+const COLORS: [(&str, &str); 14] = [
     ("fp16", "#000000"),
     ("uniform (1% outliers)", "#1f77b4"),
     ("K-only uniform", "#ff7f0e"),
@@ -228,6 +237,9 @@ const COLORS: [(&str, &str); 11] = [
     ("QAQ (reference code)", "#8c564b"),
     ("QAQ + key channel scaling", "#17becf"),
     ("qaq-tuned and variants", "#bcbd22"),
+    ("uniform, rotated (+rot)", "#393b79"),
+    ("KIVI, rotated (+rot)", "#637939"),
+    ("QAQ, rotated (+rot)", "#843c39"),
 ];
 
 fn color(f: &str) -> &'static str {
@@ -416,6 +428,9 @@ mod tests {
         assert_eq!(family("qaq:sigma_s=0.001,sigma_x=0.03,bmin=1"), "QAQ bmin=1 (σ sweep)");
         assert_eq!(family("qaq:bmin=1,alpha=0"), "QAQ ablations");
         assert_eq!(family("qaq-tuned"), "qaq-tuned and variants");
+        assert_eq!(family("uniform:4:noout+rot"), "uniform, rotated (+rot)");
+        assert_eq!(family("qaq-tuned:alpha=0+rot"), "QAQ, rotated (+rot)");
+        assert_eq!(family("kivi+rot"), "KIVI, rotated (+rot)");
         assert_eq!(family("qaq-tuned:kscale=0,ktmax=1024"), "qaq-tuned and variants");
         assert_eq!(family("qaq:sigma_s=0.001,kscale=0"), "QAQ ablations");
         assert_eq!(family("qaq:sigma_s=0.001,kscale=0.5"), "QAQ + key channel scaling");
