@@ -173,7 +173,9 @@ impl ServeArgs {
         let kv_policy =
             PolicyChoice::parse(&self.kv_policy).map_err(|e| ServeError::Config(format!("--kv-policy: {e}")))?;
         let kv_policy = overrides.apply(kv_policy, "--kv-* flags").map_err(ServeError::Config)?;
-        let coordinators = crate::registration::parse_list(&self.coordinator);
+        // Comma-separated; blanks trimmed, empty entries dropped.
+        let coordinators: Vec<String> =
+            self.coordinator.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
         for c in &coordinators {
             let uri = qaq_proto::client::normalize_uri(c);
             let host = uri.parse::<tonic::transport::Uri>().ok().and_then(|u| u.host().map(str::to_string));

@@ -64,12 +64,6 @@ pub struct Announcement {
     pub max_batch: usize,
 }
 
-/// Splits `--coordinator`'s value into its entries (commas, blanks trimmed,
-/// empty entries dropped).
-pub fn parse_list(value: &str) -> Vec<String> {
-    value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
-}
-
 /// The addresses to dial for one entry: itself when its host is an IP
 /// address, else one per resolved address (IPv4 preferred), with the
 /// entry's scheme.
@@ -288,12 +282,6 @@ pub async fn deregister(a: &Announcement) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_list_of_coordinators() {
-        assert_eq!(parse_list("a:1, b:2,,https://c:3 "), ["a:1", "b:2", "https://c:3"]);
-        assert!(parse_list(" , ").is_empty());
-    }
 
     #[tokio::test]
     async fn ip_addresses_are_dialed_as_given_and_names_resolve_to_each_address() {

@@ -466,7 +466,8 @@ fn budgets_that_cannot_hold_a_sequence_are_start_up_errors() {
 #[test]
 fn coordinator_flag_takes_a_comma_separated_list() {
     assert!(serve_config(&[]).unwrap().coordinators.is_empty());
-    let cfg = serve_config(&["--coordinator", "10.0.0.1:50051, coord-headless.ns.svc:50051,https://c:1"]).unwrap();
+    assert!(serve_config(&["--coordinator", " , "]).unwrap().coordinators.is_empty());
+    let cfg = serve_config(&["--coordinator", "10.0.0.1:50051, coord-headless.ns.svc:50051,,https://c:1 "]).unwrap();
     assert_eq!(cfg.coordinators, ["10.0.0.1:50051", "coord-headless.ns.svc:50051", "https://c:1"]);
     let err = serve_config(&["--coordinator", "a:1,http://"]).unwrap_err().to_string();
     assert!(err.starts_with("--coordinator: \"http://\""), "{err}");
