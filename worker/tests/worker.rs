@@ -446,8 +446,12 @@ fn serve(args: &[&str]) -> (tokio::runtime::Runtime, String, tokio::sync::onesho
 #[test]
 fn budgets_that_cannot_hold_a_sequence_are_start_up_errors() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for (flag, value) in [("--kv-device-budget-bytes", "0"), ("--kv-host-budget-bytes", "1000")] {
-        let cfg = serve_config(&[flag, value]).unwrap();
+    // The host tier holds QAQ's fp16 backups: a QAQ policy needs room there (the default
+    // policy keeps none).
+    for (flag, value, policy) in
+        [("--kv-device-budget-bytes", "0", "qaq-tuned"), ("--kv-host-budget-bytes", "1000", "qaq-tuned")]
+    {
+        let cfg = serve_config(&[flag, value, "--kv-policy", policy]).unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let err = rt
             .block_on(qaq_worker::server::run(listener, String::new(), real().2.clone(), cfg, async {}))
