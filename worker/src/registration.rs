@@ -122,11 +122,27 @@ impl Drop for Task {
     }
 }
 
+impl Announcement {
+    /// The registration secret as sent (empty: none).
+    fn secret(&self) -> String {
+        self.secret.clone().map(|s| s.0).unwrap_or_default()
+    }
+}
+
+/// What every registration task shares: the announcement, the engine whose load
+/// it reports, the drain flag and the gauge's books.
+struct Registrar {
+    a: Announcement,
+    engine: Arc<EngineHandle>,
+    draining: Arc<AtomicBool>,
+    links: Links,
+}
+
 /// Keeps the worker registered with every coordinator until the task is
 /// dropped (which ends every registration).
 pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, draining: Arc<AtomicBool>) {
-    let a = Arc::new(a);
-    let links = Links::default();
+    let r = Arc::new(Registrar { a, engine, draining, links: Links::default() });
+    let (a, links) = (&r.a, &r.links);
     // Dialed address -> its registration.
     let mut sessions: HashMap<String, Task> = HashMap::new();
     // Per entry, its last resolution (kept while the name does not resolve).
@@ -152,11 +168,10 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
             if sessions.contains_key(&addr) {
                 continue;
             }
-            let c = a.coordinators[i].clone();
-            let (a, engine, draining, links) = (a.clone(), engine.clone(), draining.clone(), links.clone());
+            let (c, r) = (a.coordinators[i].clone(), r.clone());
             let task = tokio::spawn({
                 let addr = addr.clone();
-                async move { keep_registered_at(&addr, &c, &a, &engine, &draining, &links).await }
+                async move { r.keep_registered_at(&addr, &c).await }
             });
             sessions.insert(addr, Task(task));
         }
@@ -164,91 +179,79 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
     }
 }
 
-/// Keeps the worker registered with the coordinator at `addr` (of entry `c`).
-async fn keep_registered_at(
-    addr: &str,
-    c: &Coordinator,
-    a: &Announcement,
-    engine: &EngineHandle,
-    draining: &AtomicBool,
-    links: &Links,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut max_backoff = MAX_BACKOFF;
-    let mut failing = false;
-    loop {
-        match session(addr, c, a, engine, draining, links, &mut max_backoff).await {
-            Ok(()) => {
-                backoff = Duration::from_millis(100);
-                failing = false;
-            }
-            Err(e) => {
-                links.set(addr, false);
-                // Once per outage (the gauge shows it meanwhile), not every retry.
-                if !failing {
-                    tracing::warn!(coordinator = %addr, error = %e, "coordinator unreachable; retrying");
-                } else {
-                    tracing::debug!(coordinator = %addr, error = %e, "coordinator still unreachable");
+impl Registrar {
+    /// Keeps the worker registered with the coordinator at `addr` (of entry `c`).
+    async fn keep_registered_at(&self, addr: &str, c: &Coordinator) {
+        let mut backoff = Duration::from_millis(100);
+        let mut max_backoff = MAX_BACKOFF;
+        let mut failing = false;
+        loop {
+            match self.session(addr, c, &mut max_backoff).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    failing = false;
                 }
-                failing = true;
-                backoff = (backoff * 2).min(max_backoff);
+                Err(e) => {
+                    self.links.set(addr, false);
+                    // Once per outage (the gauge shows it meanwhile), not every retry.
+                    if !failing {
+                        tracing::warn!(coordinator = %addr, error = %e, "coordinator unreachable; retrying");
+                    } else {
+                        tracing::debug!(coordinator = %addr, error = %e, "coordinator still unreachable");
+                    }
+                    failing = true;
+                    backoff = (backoff * 2).min(max_backoff);
+                }
             }
+            tokio::time::sleep(backoff.min(max_backoff)).await;
         }
-        tokio::time::sleep(backoff.min(max_backoff)).await;
     }
-}
 
-/// One registration at `addr` and its heartbeats; returns when the
-/// coordinator forgets this worker, errs when it cannot be reached. Sets
-/// `max_backoff` to half the coordinator's heartbeat interval, so that a
-/// coordinator restarted on the same address sees this worker again within
-/// one interval.
-async fn session(
-    addr: &str,
-    c: &Coordinator,
-    a: &Announcement,
-    engine: &EngineHandle,
-    draining: &AtomicBool,
-    links: &Links,
-    max_backoff: &mut Duration,
-) -> Result<(), SessionError> {
-    let channel = crate::tls::grpc_endpoint(addr, c.tls.as_ref())
-        .map_err(|e| SessionError::Address(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
-    let mut client = RegistryClient::new(channel);
-    let resp = client
-        .register(RegisterRequest {
-            worker_id: a.worker_id.clone(),
-            address: a.address.clone(),
-            model: Some(a.model.clone()),
-            secret: a.secret.clone().map(|s| s.0).unwrap_or_default(),
-            load: Some(WorkerService::load(engine, a.max_batch)),
-            metrics_address: a.metrics_address.clone(),
-        })
-        .await?
-        .into_inner();
-    links.set(addr, true);
-    tracing::info!(coordinator = %addr, worker_id = %a.worker_id, "registered");
-    let interval = Duration::from_millis(resp.heartbeat_interval_ms.clamp(50, 60_000));
-    *max_backoff = (interval / 2).clamp(Duration::from_millis(50), MAX_BACKOFF);
-    loop {
-        tokio::time::sleep(interval).await;
-        let known = client
-            .heartbeat(HeartbeatRequest {
+    /// One registration at `addr` and its heartbeats; returns when the
+    /// coordinator forgets this worker, errs when it cannot be reached. Sets
+    /// `max_backoff` to half the coordinator's heartbeat interval, so that a
+    /// coordinator restarted on the same address sees this worker again within
+    /// one interval.
+    async fn session(&self, addr: &str, c: &Coordinator, max_backoff: &mut Duration) -> Result<(), SessionError> {
+        let Registrar { a, engine, draining, links } = self;
+        let channel = crate::tls::grpc_endpoint(addr, c.tls.as_ref())
+            .map_err(|e| SessionError::Address(e.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let mut client = RegistryClient::new(channel);
+        let resp = client
+            .register(RegisterRequest {
                 worker_id: a.worker_id.clone(),
+                address: a.address.clone(),
+                model: Some(a.model.clone()),
+                secret: a.secret(),
                 load: Some(WorkerService::load(engine, a.max_batch)),
-                secret: a.secret.clone().map(|s| s.0).unwrap_or_default(),
-                draining: draining.load(Ordering::Relaxed),
+                metrics_address: a.metrics_address.clone(),
             })
             .await?
-            .into_inner()
-            .known;
-        if !known {
-            tracing::info!(coordinator = %addr, "coordinator does not know this worker; registering again");
-            return Ok(());
+            .into_inner();
+        links.set(addr, true);
+        tracing::info!(coordinator = %addr, worker_id = %a.worker_id, "registered");
+        let interval = Duration::from_millis(resp.heartbeat_interval_ms.clamp(50, 60_000));
+        *max_backoff = (interval / 2).clamp(Duration::from_millis(50), MAX_BACKOFF);
+        loop {
+            tokio::time::sleep(interval).await;
+            let known = client
+                .heartbeat(HeartbeatRequest {
+                    worker_id: a.worker_id.clone(),
+                    load: Some(WorkerService::load(engine, a.max_batch)),
+                    secret: a.secret(),
+                    draining: draining.load(Ordering::Relaxed),
+                })
+                .await?
+                .into_inner()
+                .known;
+            if !known {
+                tracing::info!(coordinator = %addr, "coordinator does not know this worker; registering again");
+                return Ok(());
+            }
         }
     }
 }
@@ -261,10 +264,7 @@ pub async fn deregister(a: &Announcement) {
         else {
             return;
         };
-        let req = DeregisterRequest {
-            worker_id: a.worker_id.clone(),
-            secret: a.secret.clone().map(|s| s.0).unwrap_or_default(),
-        };
+        let req = DeregisterRequest { worker_id: a.worker_id.clone(), secret: a.secret() };
         if let Err(e) = RegistryClient::new(channel).deregister(req).await {
             tracing::warn!(coordinator = %addr, error = %e, "deregistration failed");
         }
