@@ -15,7 +15,8 @@
 #      the 32 decoded tokens) with f16 K/V and with q4_0 K/V (-ctk q4_0 -ctv q4_0).
 #   3. qaq (built with cargo unless --no-build, RAYON_NUM_THREADS=THREADS):
 #      `qaq-worker bench` batch mode (--batch 1,8, fp16 cache) and context mode
-#      (--contexts 2048,8192 --policies "fp16;qaq-tuned;uniform:4" --tokens 32).
+#      (--contexts 2048,8192 --policies "fp16;DEFAULT;qaq-tuned" --tokens 32, where
+#      DEFAULT is the worker's default KV policy, read from worker/src/config.rs).
 #   4. Prints one table with every ratio from this run (qaq / llama.cpp); the raw outputs
 #      go to target/peer/<timestamp>/ (or --results DIR).
 #   A benchmark, not a test: it is not part of `make test`. A full run takes ~15-25
@@ -70,7 +71,11 @@ PRINT_PPL=0
 # The contexts compared, and the tokens decoded at each (context = prompt + decoded).
 CONTEXTS=(2048 8192)
 CTX_GEN=32
-QAQ_POLICIES="fp16;qaq-tuned;uniform:4"
+# The worker's default KV policy (what `qaq-worker serve` runs without --kv-policy),
+# and QAQ with adaptive widths.
+DEFAULT_POLICY=$(sed -n 's/^pub const DEFAULT_KV_POLICY: &str = "\(.*\)";$/\1/p' "$(dirname "$0")/../worker/src/config.rs")
+[ -n "$DEFAULT_POLICY" ] || { echo "peer: error: DEFAULT_KV_POLICY not found in worker/src/config.rs" >&2; exit 1; }
+QAQ_POLICIES="fp16;$DEFAULT_POLICY;qaq-tuned"
 
 log() { printf 'peer: %s\n' "$*" >&2; }
 die() { printf 'peer: error: %s\n' "$*" >&2; exit 1; }
@@ -324,11 +329,12 @@ fi
 # The table: qaq's Markdown tables parsed by header names (a missing column prints "—"),
 # llama-bench's JSON by field names.
 
-"$PY" - "$RESULTS" "$THREADS" "$CTX_GEN" "${CONTEXTS[@]}" >"$RESULTS/summary.md" <<'PY'
+"$PY" - "$RESULTS" "$THREADS" "$CTX_GEN" "${CONTEXTS[@]}" "$DEFAULT_POLICY" >"$RESULTS/summary.md" <<'PY'
 import json, os, sys
 
 results, threads, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 c2k, c8k = (int(c) for c in sys.argv[4:6])
+default = sys.argv[6]
 
 def md_rows(name):
     """Rows of the first Markdown table in a file, as dicts keyed by header."""
@@ -397,8 +403,8 @@ for cache in ("f16", "q4_0"):
 q1, q8 = qb(1, "decode tok/s (all)"), qb(8, "decode tok/s (all)")
 qpp = qb(1, "prefill tok/s")
 qf2, qf8 = qc("fp16", c2k, "decode tok/s"), qc("fp16", c8k, "decode tok/s")
-qq2, qq8 = qc("qaq-tuned", c2k, "decode tok/s"), qc("qaq-tuned", c8k, "decode tok/s")
-qu8 = qc("uniform:4", c8k, "decode tok/s")
+qd2, qd8 = qc(default, c2k, "decode tok/s"), qc(default, c8k, "decode tok/s")
+qt8 = qc("qaq-tuned", c8k, "decode tok/s")
 tokens = next((r.get("tokens/seq") for r in batch), "?")
 
 rows = [
@@ -406,11 +412,12 @@ rows = [
     ("prefill, 512-token prompt (tok/s)", f(qpp), fl(pp, pp_sd, "pp512"), ratio(qpp, pp)),
     (f"decode at {c2k // 1024}k context, fp16/f16 cache", f(qf2), fl(*ld["f16", c2k], f"tg{gen} @ d{c2k - gen}"), ratio(qf2, ld["f16", c2k][0])),
     (f"decode at {c8k // 1024}k context, fp16/f16 cache", f(qf8), fl(*ld["f16", c8k], f"tg{gen} @ d{c8k - gen}"), ratio(qf8, ld["f16", c8k][0])),
-    (f"decode at {c2k // 1024}k context, default QAQ cache (qaq-tuned) / llama.cpp q4_0 K+V", f(qq2), fl(*ld["q4_0", c2k], f"tg{gen} @ d{c2k - gen}"), ratio(qq2, ld["q4_0", c2k][0])),
-    (f"decode at {c8k // 1024}k context, default QAQ cache (qaq-tuned) / llama.cpp q4_0 K+V", f(qq8), fl(*ld["q4_0", c8k], f"tg{gen} @ d{c8k - gen}"), ratio(qq8, ld["q4_0", c8k][0])),
-    (f"decode at {c8k // 1024}k, `uniform:4` cache", f(qu8), "—", "—"),
+    (f"decode at {c2k // 1024}k context, default cache (`{default}`) / llama.cpp q4_0 K+V", f(qd2), fl(*ld["q4_0", c2k], f"tg{gen} @ d{c2k - gen}"), ratio(qd2, ld["q4_0", c2k][0])),
+    (f"decode at {c8k // 1024}k context, default cache / llama.cpp q4_0 K+V", f(qd8), fl(*ld["q4_0", c8k], f"tg{gen} @ d{c8k - gen}"), ratio(qd8, ld["q4_0", c8k][0])),
+    (f"decode at {c8k // 1024}k context, default cache / llama.cpp f16 K+V (≥ 1.0× wanted)", f(qd8), fl(*ld["f16", c8k], f"tg{gen} @ d{c8k - gen}"), ratio(qd8, ld["f16", c8k][0])),
     ("8 concurrent sequences, aggregate decode vs 1 (qaq; ≥ 3× wanted)", f"{f(q8)} vs {f(q1)}", "—", ratio(q8, q1)),
-    (f"decode at {c8k // 1024}k: QAQ (qaq-tuned) vs qaq fp16", f"{f(qq8)} vs {f(qf8)}", "—", ratio(qq8, qf8)),
+    (f"decode at {c8k // 1024}k: default cache vs qaq fp16 (≥ 1.2× wanted)", f"{f(qd8)} vs {f(qf8)}", "—", ratio(qd8, qf8)),
+    (f"decode at {c8k // 1024}k: QAQ with adaptive widths (`qaq-tuned`) vs qaq fp16", f"{f(qt8)} vs {f(qf8)}", "—", ratio(qt8, qf8)),
 ]
 print(f"Peer benchmark, {threads} threads, llama.cpp with flash attention on (mean ± sd over repetitions); ratio = qaq / llama.cpp")
 env = open(os.path.join(results, "env.txt")).read().splitlines()
@@ -424,7 +431,7 @@ print("| figure | qaq | llama.cpp | ratio |")
 print("|---|---|---|---|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
-kb = [(p, qc(p, c8k, "bytes/token"), qc(p, c8k, "ratio")) for p in ("fp16", "qaq-tuned", "uniform:4")]
+kb = [(p, qc(p, c8k, "bytes/token"), qc(p, c8k, "ratio")) for p in ("fp16", default, "qaq-tuned")]
 if any(b is not None for _, b, _ in kb):
     print()
     print(f"qaq KV bytes/token at {c8k}: " + ", ".join(f"{p} {f(b, 0)} ({f(r, 2)}× vs fp16)" for p, b, r in kb))

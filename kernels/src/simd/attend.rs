@@ -15,17 +15,25 @@ use crate::base::{Block, StreamView};
 /// The attention probabilities (`probs`, `g * T`) of `g` query heads (`qs`, `g * d`,
 /// already scaled) over packed keys `keys` of `t` tokens, or, when `keys` is `None`,
 /// from the scores already in `probs` (keys of another layout). AVX2 level: the fused
-/// kernels of `x86::attention` (at the AVX-512 level, their AVX-512VL build); else the
-/// portable ones.
+/// kernels of `x86::attention`; at the AVX-512 level those of `x86::attention512` for
+/// head dims that are multiples of 64, else the AVX-512VL build of `x86::attention`;
+/// else the portable ones.
 pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t: usize, probs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() && keys.is_none_or(|k| k.d.is_multiple_of(8)) {
         assert!(probs.len() >= g * t);
         if let Some(k) = keys {
             assert!(qs.len() >= g * k.d && k.len == t);
-            // SAFETY: the features were detected at run time (AVX-512F/VL for `wide`);
-            // lengths checked above.
-            unsafe { x86::attention::packed_scores(k, qs, g, probs, level() == Level::Avx512) };
+            let wide = level() == Level::Avx512;
+            // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for
+            // `wide` and `attention512`); lengths checked above.
+            unsafe {
+                if wide && x86::attention512::fits(k.d) {
+                    x86::attention512::packed_scores(k, qs, g, probs);
+                } else {
+                    x86::attention::packed_scores(k, qs, g, probs, wide);
+                }
+            }
         }
         // SAFETY: AVX2 and FMA detected.
         unsafe { x86::attention::softmax_rows(probs, g, t) };
@@ -43,9 +51,16 @@ pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mu
     #[cfg(target_arch = "x86_64")]
     if avx2() && v.d.is_multiple_of(8) {
         assert!(out.len() >= g * v.d && probs.len() >= g * v.len);
-        // SAFETY: the features were detected at run time (AVX-512F/VL for `wide`);
-        // lengths checked above.
-        unsafe { x86::attention::weighted_values(v, probs, g, out, level() == Level::Avx512) };
+        let wide = level() == Level::Avx512;
+        // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for `wide`
+        // and `attention512`); lengths checked above.
+        unsafe {
+            if wide && x86::attention512::fits(v.d) {
+                x86::attention512::weighted_values(v, probs, g, out, super::level::vnni());
+            } else {
+                x86::attention::weighted_values(v, probs, g, out, wide);
+            }
+        }
         return;
     }
     portable::weighted_values(v, probs, g, out);

@@ -12,7 +12,8 @@ pub enum Level {
     /// AVX2, FMA, F16C and BMI2.
     Avx2,
     /// [`Level::Avx2`] plus AVX-512 F, BW, VL and VBMI (used by the group encoder and
-    /// decoder; the other kernels run their AVX2 versions).
+    /// decoder, QAQ's window pass and the attention at head dims that are multiples of
+    /// 64; the other kernels run their AVX2 versions).
     Avx512,
 }
 
@@ -56,7 +57,8 @@ pub(crate) fn avx2() -> bool {
 /// Whether the AVX-512 VNNI integer dot products (`vpdpbusd`) may run: the level is
 /// [`Level::Avx512`] and the CPU has AVX512_VNNI, unless `QAQ_KERNELS_NO_VNNI` is set
 /// (which leaves the other AVX-512 kernels on). Detected once. Used by the quantized
-/// matmul of the 32-value formats; the other kernels do not depend on it.
+/// matmul of the 32-value formats and by the attention's value tiles over blocks of one
+/// quantized width (`x86::attention512`); the other kernels do not depend on it.
 #[inline]
 pub fn vnni() -> bool {
     static VNNI: OnceLock<bool> = OnceLock::new();

@@ -5,7 +5,8 @@
 //! [`Level::Avx512`] adds AVX-512 F/BW/VL/VBMI. `QAQ_KERNELS_SCALAR` (any value) forces
 //! [`Level::Scalar`], `QAQ_KERNELS_NO_AVX512` caps the level at [`Level::Avx2`] (to
 //! exercise that path). One capability flag refines the AVX-512 level: [`vnni()`]
-//! (AVX512_VNNI present, `QAQ_KERNELS_NO_VNNI` unset), for the quantized matmul. The
+//! (AVX512_VNNI present, `QAQ_KERNELS_NO_VNNI` unset), for the quantized matmul and the
+//! attention's integer value tiles. The
 //! dispatching functions (the primitives re-exported here from `prim`, the kernels
 //! defined here, and `qdot`'s) are the only code that looks at the level;
 //! everything above them (quantizer, store, attention, caches, the worker's matmul)
@@ -36,6 +37,9 @@
 //! - `x86` (x86-64 only), the composed kernels: `x86::attention`, fused
 //!   attention of one KV head over packed K/V (codes unpacked in registers, GQA heads
 //!   sharing each unpack; an AVX2 and an AVX-512VL build, bit-identical);
+//!   `x86::attention512`, its AVX-512 version for head dims that are multiples of 64
+//!   (64 codes of any width unpacked at once, 16-lane vectors; with [`vnni()`], blocks of
+//!   one quantized width accumulate their values in 16-bit integer products);
 //!   `x86::window`, QAQ's window pass eight tokens at a time; `x86::matmul`, the
 //!   register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;

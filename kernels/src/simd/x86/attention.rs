@@ -53,7 +53,7 @@ unsafe fn raw8(p: *const u8) -> __m256 {
 /// block boundary).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn prefetch_block(b: Option<&Block>) {
+pub(super) fn prefetch_block(b: Option<&Block>) {
     let Some(b) = b else { return };
     let pf = |p: *const u8, len: usize| {
         for off in (0..len).step_by(64) {
@@ -71,7 +71,7 @@ fn prefetch_block(b: Option<&Block>) {
 /// `base` is computed as in [`GroupMeta::base`] (F16C conversion, exact).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn group_consts(m: &GroupMeta, offsets: &[f32; 9], d: usize) -> (f32, f32, usize) {
+pub(super) fn group_consts(m: &GroupMeta, offsets: &[f32; 9], d: usize) -> (f32, f32, usize) {
     if m.bits == RAW {
         (0.0, 1.0, 2 * d)
     } else {
@@ -82,14 +82,14 @@ fn group_consts(m: &GroupMeta, offsets: &[f32; 9], d: usize) -> (f32, f32, usize
 }
 
 /// `Scheme::offset` for widths 0..=8.
-fn offsets(scheme: Scheme) -> [f32; 9] {
+pub(super) fn offsets(scheme: Scheme) -> [f32; 9] {
     std::array::from_fn(|b| scheme.offset(b as u8))
 }
 
 /// `[dot(acc0), dot(acc1), dot(acc2), dot(acc3)]`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum4(a: [__m256; 4]) -> __m128 {
+pub(super) fn hsum4(a: [__m256; 4]) -> __m128 {
     let s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
 }
@@ -168,10 +168,124 @@ pub(crate) unsafe fn softmax_rows(x: &mut [f32], g: usize, t: usize) {
 
 /// The query heads' values at every channel, transposed: `qt[i]` holds channel `i` of
 /// heads `j0 .. j0 + 4` (zeros past `g`), for the outlier corrections.
-fn transpose_q(qs: &[f32], d: usize, g: usize, j0: usize, qt: &mut [[f32; 4]]) {
+pub(super) fn transpose_q(qs: &[f32], d: usize, g: usize, j0: usize, qt: &mut [[f32; 4]]) {
     for (i, q) in qt.iter_mut().enumerate().take(d) {
         for (j, x) in q.iter_mut().enumerate() {
             *x = if j0 + j < g { qs[(j0 + j) * d + i] } else { 0.0 };
+        }
+    }
+}
+
+/// The per-group constants (`p * base` summed per head) and outlier corrections
+/// of one block for `g <= 4` heads, four heads per vector operation: `cst` and
+/// `corr[i]` (channel `i`) hold heads `0..4`. The same products and sums, in the
+/// same order, as one head at a time.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_constants4(
+    b: &Block,
+    offs: &[f32; 9],
+    d: usize,
+    probs: &[f32],
+    g: usize,
+    t_total: usize,
+    t0: usize,
+    cst: &mut __m128,
+    corr: &mut [[f32; 4]],
+) {
+    let mut oo = 0usize;
+    for (i, m) in b.meta.iter().enumerate() {
+        if m.bits == RAW {
+            continue;
+        }
+        let (base, _, _) = group_consts(m, offs, d);
+        let mut p = [0f32; 4];
+        for (j, x) in p.iter_mut().enumerate().take(g) {
+            *x = probs[j * t_total + t0 + i];
+        }
+        // SAFETY: 4 floats.
+        let pv = unsafe { _mm_loadu_ps(p.as_ptr()) };
+        *cst = _mm_add_ps(*cst, _mm_mul_ps(pv, _mm_set1_ps(base)));
+        let no = m.n_out as usize;
+        for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
+            let delta = _mm_set1_ps(h2f_f16c(ov) - base);
+            let c = &mut corr[oi as usize];
+            // SAFETY: 4 floats.
+            unsafe { _mm_storeu_ps(c.as_mut_ptr(), _mm_add_ps(_mm_loadu_ps(c.as_ptr()), _mm_mul_ps(pv, delta))) };
+        }
+        oo += no;
+    }
+}
+
+/// [`block_constants4`] for any number of heads, one head at a time: `cst[j]` and
+/// `corr[j * d + i]`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn block_constants(
+    b: &Block,
+    offs: &[f32; 9],
+    d: usize,
+    probs: &[f32],
+    g: usize,
+    t_total: usize,
+    t0: usize,
+    cst: &mut [f32],
+    corr: &mut [f32],
+) {
+    let mut oo = 0usize;
+    for (i, m) in b.meta.iter().enumerate() {
+        if m.bits == RAW {
+            continue;
+        }
+        let (base, _, _) = group_consts(m, offs, d);
+        let no = m.n_out as usize;
+        for j in 0..g {
+            cst[j] += probs[j * t_total + t0 + i] * base;
+        }
+        for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
+            let delta = h2f_f16c(ov) - base;
+            for j in 0..g {
+                corr[j * d + oi as usize] += probs[j * t_total + t0 + i] * delta;
+            }
+        }
+        oo += no;
+    }
+}
+
+/// Adds the per-head constants and outlier corrections to the outputs (`g * d`): from
+/// `cst4` / `corr4` when `g <= 4` ([`block_constants4`]), else from `cst` / `corr`
+/// ([`block_constants`]).
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn add_constants(
+    out: &mut [f32],
+    d: usize,
+    g: usize,
+    cst4: __m128,
+    corr4: &[[f32; 4]],
+    cst: &mut [f32],
+    corr: &mut [f32],
+) {
+    if g <= 4 {
+        let mut c = [0f32; 4];
+        // SAFETY: 4 floats.
+        unsafe { _mm_storeu_ps(c.as_mut_ptr(), cst4) };
+        for j in 0..g {
+            cst[j] = c[j];
+            for i in 0..d {
+                corr[j * d + i] = corr4[i][j];
+            }
+        }
+    }
+    add_rows(out, d, g, cst, corr);
+}
+
+/// `out[j * d + i] += corr[j * d + i] + cst[j]` for `g` heads.
+pub(super) fn add_rows(out: &mut [f32], d: usize, g: usize, cst: &[f32], corr: &[f32]) {
+    for j in 0..g {
+        for (o, c) in out[j * d..(j + 1) * d].iter_mut().zip(&corr[j * d..(j + 1) * d]) {
+            *o += c + cst[j];
         }
     }
 }
@@ -408,50 +522,6 @@ macro_rules! fused_kernels {
             }
         }
 
-        /// The per-group constants (`p * base` summed per head) and outlier corrections
-        /// of one block for `g <= 4` heads, four heads per vector operation: `cst` and
-        /// `corr[i]` (channel `i`) hold heads `0..4`. The same products and sums, in the
-        /// same order, as one head at a time.
-        #[allow(clippy::too_many_arguments)]
-        #[inline]
-        #[target_feature(enable = $features)]
-        fn block_constants4(
-            b: &Block,
-            offs: &[f32; 9],
-            d: usize,
-            probs: &[f32],
-            g: usize,
-            t_total: usize,
-            t0: usize,
-            cst: &mut __m128,
-            corr: &mut [[f32; 4]],
-        ) {
-            let mut oo = 0usize;
-            for (i, m) in b.meta.iter().enumerate() {
-                if m.bits == RAW {
-                    continue;
-                }
-                let (base, _, _) = group_consts(m, offs, d);
-                let mut p = [0f32; 4];
-                for (j, x) in p.iter_mut().enumerate().take(g) {
-                    *x = probs[j * t_total + t0 + i];
-                }
-                // SAFETY: 4 floats.
-                let pv = unsafe { _mm_loadu_ps(p.as_ptr()) };
-                *cst = _mm_add_ps(*cst, _mm_mul_ps(pv, _mm_set1_ps(base)));
-                let no = m.n_out as usize;
-                for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
-                    let delta = _mm_set1_ps(h2f_f16c(ov) - base);
-                    let c = &mut corr[oi as usize];
-                    // SAFETY: 4 floats.
-                    unsafe {
-                        _mm_storeu_ps(c.as_mut_ptr(), _mm_add_ps(_mm_loadu_ps(c.as_ptr()), _mm_mul_ps(pv, delta)))
-                    };
-                }
-                oo += no;
-            }
-        }
-
         /// [`weighted_values`] in tiles of up to 3 heads x [`MAXV`] vectors.
         ///
         /// # Safety
@@ -476,24 +546,7 @@ macro_rules! fused_kernels {
                 if g <= 4 {
                     block_constants4(b, &offs, d, probs, g, t_total, t0, &mut cst4, &mut corr4);
                 } else {
-                    let mut oo = 0usize;
-                    for (i, m) in b.meta.iter().enumerate() {
-                        if m.bits == RAW {
-                            continue;
-                        }
-                        let (base, _, _) = group_consts(m, &offs, d);
-                        let no = m.n_out as usize;
-                        for j in 0..g {
-                            cst[j] += probs[j * t_total + t0 + i] * base;
-                        }
-                        for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
-                            let delta = h2f_f16c(ov) - base;
-                            for j in 0..g {
-                                corr[j * d + oi as usize] += probs[j * t_total + t0 + i] * delta;
-                            }
-                        }
-                        oo += no;
-                    }
+                    block_constants(b, &offs, d, probs, g, t_total, t0, &mut cst, &mut corr);
                 }
                 let mut j0 = 0;
                 while j0 < g {
@@ -532,22 +585,7 @@ macro_rules! fused_kernels {
                 }
                 t0 += b.len();
             }
-            if g <= 4 {
-                let mut c = [0f32; 4];
-                // SAFETY: 4 floats.
-                unsafe { _mm_storeu_ps(c.as_mut_ptr(), cst4) };
-                for j in 0..g {
-                    cst[j] = c[j];
-                    for i in 0..d {
-                        corr[j * d + i] = corr4[i][j];
-                    }
-                }
-            }
-            for j in 0..g {
-                for (o, c) in out[j * d..(j + 1) * d].iter_mut().zip(&corr[j * d..(j + 1) * d]) {
-                    *o += c + cst[j];
-                }
-            }
+            add_constants(out, d, g, cst4, &corr4, &mut cst, &mut corr);
         }
     };
 }

@@ -2,13 +2,15 @@
 //! [`super::level()`] detected (the helpers and AVX2 primitives they share are
 //! `simd::prim::x86`): [`quant`]
 //! (the AVX2 group encoder and decoder), [`quant512`] (the AVX-512 group encoder and
-//! decoder), [`attention`] (fused attention over packed K/V), [`window`] (QAQ's
+//! decoder), [`attention`] (fused attention over packed K/V, AVX2) and [`attention512`]
+//! (its AVX-512 version for head dims that are multiples of 64), [`window`] (QAQ's
 //! window pass after a decode row), [`matmul`] (the register blocks of `linear_rows`),
 //! [`qdot`] (the quantized matmul's 32-value formats at the AVX2 and VNNI levels, and its
 //! activation quantizer), [`qgemm`] (their GEMM for many activation rows, VNNI or AVX2),
 //! [`qdot_k`] (its k-quants) and [`qgemm_k`] (their GEMM).
 
 pub(crate) mod attention;
+pub(crate) mod attention512;
 pub(crate) mod matmul;
 pub(crate) mod qdot;
 pub(crate) mod qdot_k;

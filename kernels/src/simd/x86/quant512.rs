@@ -369,6 +369,31 @@ static SHIFT_CTL: [[u8; 64]; 9] = {
     t
 };
 
+/// The `n` (at most 64, a multiple of 8) codes of width `bits` (1..=8) packed at `p`, one
+/// per byte (bytes past `n` zero): the `n * bits / 8` code bytes are loaded under a mask,
+/// spread so that qword `k` starts with code `8 k` (`vpermb`), shifted into place byte by
+/// byte (`vpmultishiftqb`) and masked to the width.
+///
+/// # Safety
+/// `1 <= bits <= 8`, `n <= 64`; `n * bits / 8` bytes readable at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+pub(crate) unsafe fn codes64(p: *const u8, bits: u8, n: usize) -> __m512i {
+    let b = bits as usize;
+    let bytes = n * b / 8;
+    let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
+    let lanes = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    // SAFETY: the tables hold 64 bytes per width; the masked load reads only the `bytes`
+    // bytes at `p` that the contract makes readable.
+    unsafe {
+        let spread = _mm512_loadu_si512(SPREAD_IDX[b].as_ptr() as *const _);
+        let ctl = _mm512_loadu_si512(SHIFT_CTL[b].as_ptr() as *const _);
+        let w = _mm512_maskz_loadu_epi8(keep, p as *const i8);
+        let w = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, w));
+        _mm512_and_si512(w, _mm512_maskz_set1_epi8(lanes, ((1u32 << b) - 1) as u8 as i8))
+    }
+}
+
 /// Reconstructs a quantized group of width 1..=8: `out[i] = base + c_i * s` (multiply,
 /// then add, as `simd::portable::decode_group`), then the outliers. Reads only the group's
 /// code bytes.
@@ -388,19 +413,11 @@ pub(crate) unsafe fn decode_quantized(
 ) {
     let (b, d) = (bits as usize, out.len());
     assert!((1..=8).contains(&b) && d.is_multiple_of(8) && d <= 256 && codes.len() >= d * b / 8);
-    // SAFETY: 64 bytes each.
-    let (spread, ctl) = unsafe {
-        (_mm512_loadu_si512(SPREAD_IDX[b].as_ptr() as *const _), _mm512_loadu_si512(SHIFT_CTL[b].as_ptr() as *const _))
-    };
-    let mask = _mm512_set1_epi8(((1u32 << b) - 1) as u8 as i8);
     let (bv, sv) = (_mm512_set1_ps(base), _mm512_set1_ps(s));
     for blk in 0..d.div_ceil(64) {
         let cnt = (d - 64 * blk).min(64);
-        let bytes = cnt * b / 8;
-        let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
-        // SAFETY: bytes 8 blk b .. 8 blk b + bytes are inside `codes` (asserted length).
-        let w = unsafe { _mm512_maskz_loadu_epi8(keep, codes.as_ptr().add(8 * blk * b) as *const i8) };
-        let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, w)), mask);
+        // SAFETY: bytes 8 blk b .. 8 blk b + cnt b / 8 are inside `codes` (asserted length).
+        let w = unsafe { codes64(codes.as_ptr().add(8 * blk * b), bits, cnt) };
         let c = [
             _mm512_castsi512_si128(w),
             _mm512_extracti32x4_epi32::<1>(w),

@@ -1,0 +1,580 @@
+//! AVX-512 attention over the packed cache of one KV head, for head dims that are a
+//! multiple of 64 (up to 256): the AVX-512 level's version of [`super::attention`].
+//!
+//! The AVX2 kernels unpack 8 codes at a time (`pdep`, two widenings, a conversion) into
+//! 8-lane vectors, so a quantized group costs more instructions than an fp16 one and a
+//! compressed cache decodes no faster than fp16 although it reads a quarter of the bytes.
+//! Here a group's 64 codes of any width are unpacked at once into bytes
+//! ([`super::quant512::codes64`]: a masked load, `vpermb`, `vpmultishiftqb`, a mask) and
+//! widened to four 16-lane vectors; raw (fp16) groups are four 16-lane conversions. The
+//! arithmetic is the AVX2 kernels' (f32 fused multiply-adds against the query heads of
+//! the KV head, the per-group constants and outliers added the same way, the same
+//! softmax); only the summation order differs, so results agree with them and with the
+//! portable path to float rounding (the tests in [`crate::attention`] compare them).
+
+use super::attention::{add_rows, group_consts, offsets, prefetch_block, transpose_q};
+use super::quant512::codes64;
+use crate::base::{Block, MAX_GROUP, RAW, StreamView};
+
+/// Tokens per block of the packed stream (`crate::store::BLOCK_TOKENS`; the kernels
+/// assert it).
+const BLOCK: usize = 64;
+use crate::simd::prim::x86::h2f_f16c;
+use std::arch::x86_64::*;
+
+/// Whether these kernels take head dim `d`.
+pub(crate) fn fits(d: usize) -> bool {
+    d.is_multiple_of(64) && d <= MAX_GROUP
+}
+
+/// Per quarter `q` of 64 code bytes, the `vpermb` indices that move byte `16 q + i` to
+/// byte 0 of dword `i` (the other bytes are zeroed by [`DWORD_LOW`]).
+static WIDEN_IDX: [[u8; 64]; 4] = {
+    let mut t = [[0u8; 64]; 4];
+    let mut q = 0;
+    while q < 4 {
+        let mut i = 0;
+        while i < 16 {
+            t[q][4 * i] = (16 * q + i) as u8;
+            i += 1;
+        }
+        q += 1;
+    }
+    t
+};
+
+/// Byte 0 of every dword.
+const DWORD_LOW: u64 = 0x1111_1111_1111_1111;
+
+/// The `vpermb` indices of [`WIDEN_IDX`], loaded once per kernel call.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+fn widen_idx() -> [__m512i; 4] {
+    // SAFETY: 64 bytes each.
+    std::array::from_fn(|q| unsafe { _mm512_loadu_si512(WIDEN_IDX[q].as_ptr() as *const _) })
+}
+
+/// Codes `16 q .. 16 q + 16` of the code bytes `w` ([`codes64`]) as f32: one zeroing
+/// `vpermb` and a conversion.
+#[inline(always)]
+unsafe fn widen(w: __m512i, idx: &[__m512i; 4], q: usize) -> __m512 {
+    // SAFETY: AVX-512 F/BW/VBMI are enabled in every caller.
+    unsafe { _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(DWORD_LOW, idx[q], w)) }
+}
+
+/// Whether every group of `b` is quantized at one width (1..=8).
+fn one_width(b: &Block) -> bool {
+    b.meta.first().is_some_and(|f| (1..=8).contains(&f.bits) && b.meta.iter().all(|m| m.bits == f.bits))
+}
+
+/// 16 little-endian f16 values at `p` as f32.
+#[inline(always)]
+unsafe fn raw16(p: *const u8) -> __m512 {
+    // SAFETY: 32 bytes readable at `p` (callers); AVX-512F enabled in every caller.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+}
+
+/// The 8-lane sum of the two halves of `a` (the horizontal sum then goes on in
+/// [`hsum4`]).
+#[inline(always)]
+unsafe fn fold(a: __m512) -> __m256 {
+    // SAFETY: AVX-512F enabled in every caller.
+    unsafe {
+        _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))))
+    }
+}
+
+/// Scores of all `g` query heads over packed keys, four heads per pass.
+///
+/// # Safety
+/// The level is AVX-512 (F/BW/VL/VBMI, with AVX2, FMA, F16C); [`fits`]`(d)`;
+/// `qs.len() >= g * d`, `scores.len() >= g * T`.
+pub(crate) unsafe fn packed_scores(s: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32]) {
+    assert!(fits(s.d));
+    let mut qt = [[0f32; 4]; MAX_GROUP];
+    let mut j0 = 0;
+    while j0 < g {
+        transpose_q(qs, s.d, g, j0, &mut qt);
+        // SAFETY: per the contract; each call covers heads j0 .. min(j0 + 4, g).
+        unsafe {
+            match ((g - j0).min(4), s.d / 64) {
+                (1, 1) => scores_nh::<1, 1>(s, qs, &qt, j0, scores),
+                (2, 1) => scores_nh::<2, 1>(s, qs, &qt, j0, scores),
+                (3, 1) => scores_nh::<3, 1>(s, qs, &qt, j0, scores),
+                (_, 1) => scores_nh::<4, 1>(s, qs, &qt, j0, scores),
+                (1, 2) => scores_nh::<1, 2>(s, qs, &qt, j0, scores),
+                (2, 2) => scores_nh::<2, 2>(s, qs, &qt, j0, scores),
+                (3, 2) => scores_nh::<3, 2>(s, qs, &qt, j0, scores),
+                (_, 2) => scores_nh::<4, 2>(s, qs, &qt, j0, scores),
+                (1, 3) => scores_nh::<1, 3>(s, qs, &qt, j0, scores),
+                (2, 3) => scores_nh::<2, 3>(s, qs, &qt, j0, scores),
+                (_, 3) => scores_nh::<3, 3>(s, qs, &qt, j0, scores),
+                (1, _) => scores_nh::<1, 4>(s, qs, &qt, j0, scores),
+                (2, _) => scores_nh::<2, 4>(s, qs, &qt, j0, scores),
+                (_, _) => scores_nh::<3, 4>(s, qs, &qt, j0, scores),
+            }
+        }
+        // Three heads per pass where a head's query is 3 or 4 chunks (register room).
+        j0 += if s.d > 128 { (g - j0).min(3) } else { 4 };
+    }
+}
+
+/// The sums of the 8 lanes of each of `b[0..8]`, in order: a `vhaddps` tree and one
+/// 128-bit exchange.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum8x8(b: &[__m256; 8]) -> __m256 {
+    let h01 = _mm256_hadd_ps(b[0], b[1]);
+    let h23 = _mm256_hadd_ps(b[2], b[3]);
+    let h45 = _mm256_hadd_ps(b[4], b[5]);
+    let h67 = _mm256_hadd_ps(b[6], b[7]);
+    let lo = _mm256_hadd_ps(h01, h23);
+    let hi = _mm256_hadd_ps(h45, h67);
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(lo, hi), _mm256_permute2f128_ps::<0x31>(lo, hi))
+}
+
+/// Scores of `NH` query heads (`qs` rows `j0..j0 + NH`) over keys of `NC` chunks of 64.
+///
+/// Block by block: each token's dot products `q_j . c` are folded to 8 lanes and kept;
+/// at the end of the block they are summed eight tokens at a time ([`hsum8x8`]), scaled
+/// and offset per token (`s * dot + base * sum(q_j)`) and stored as contiguous runs of
+/// the score rows; then the outliers' `q_j[i] * (v_i - base)` are added. No token waits
+/// on the previous one's horizontal sum.
+///
+/// # Safety
+/// As [`packed_scores`]; `d == 64 NC`; `qt` of heads `j0..`.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+unsafe fn scores_nh<const NH: usize, const NC: usize>(
+    s: StreamView<'_>,
+    qs: &[f32],
+    qt: &[[f32; 4]],
+    j0: usize,
+    scores: &mut [f32],
+) {
+    let d = s.d;
+    let t_total = s.len;
+    assert!(d == 64 * NC && qs.len() >= (j0 + NH) * d && scores.len() >= (j0 + NH) * t_total && NH <= 4);
+    let offs = offsets(s.scheme);
+    let mut sumq = [0f32; 4];
+    for (j, sq) in sumq.iter_mut().enumerate().take(NH) {
+        *sq = qs[(j0 + j) * d..(j0 + j + 1) * d].iter().sum();
+    }
+    // The query heads' vectors, [head][16-lane vector].
+    let mut q = [[_mm512_setzero_ps(); 16]; NH];
+    for (j, row) in q.iter_mut().enumerate() {
+        for (v, x) in row.iter_mut().enumerate().take(4 * NC) {
+            // SAFETY: (j0 + j) * d + 16 v + 16 <= qs.len() (asserted).
+            *x = unsafe { _mm512_loadu_ps(qs.as_ptr().add((j0 + j) * d + 16 * v)) };
+        }
+    }
+    let widx = widen_idx();
+    // Per block: the folded dot products [head][token], each token's step and base.
+    let mut folded = [[_mm256_setzero_ps(); BLOCK]; NH];
+    let (mut steps, mut bases) = ([0f32; BLOCK], [0f32; BLOCK]);
+    let mut t0 = 0usize;
+    for (bi, b) in s.blocks.iter().enumerate() {
+        prefetch_block(s.blocks.get(bi + 1));
+        let n = b.len();
+        assert!(n <= BLOCK && t0 + n <= t_total);
+        let (cp, mut co) = (b.codes.as_ptr(), 0usize);
+        let mut outliers = false;
+        for (i, m) in b.meta.iter().enumerate() {
+            let (base, sc, cb) = group_consts(m, &offs, d);
+            (steps[i], bases[i]) = (sc, base);
+            outliers |= m.n_out > 0;
+            let mut acc = [_mm512_setzero_ps(); NH];
+            if m.bits == RAW {
+                for v in 0..4 * NC {
+                    // SAFETY: a raw group holds 2 d bytes at `co`.
+                    let x = unsafe { raw16(cp.add(co + 32 * v)) };
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(q[j][v], x, *a);
+                    }
+                }
+            } else if m.bits > 0 {
+                for c in 0..NC {
+                    // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
+                    let w = unsafe { codes64(cp.add(co + 8 * c * m.bits as usize), m.bits, 64) };
+                    for qd in 0..4 {
+                        // SAFETY: features enabled.
+                        let x = unsafe { widen(w, &widx, qd) };
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(q[j][4 * c + qd], x, *a);
+                        }
+                    }
+                }
+            }
+            for (f, a) in folded.iter_mut().zip(&acc) {
+                // SAFETY: features enabled.
+                f[i] = unsafe { fold(*a) };
+            }
+            co += cb;
+        }
+        for (j, f) in folded.iter_mut().enumerate() {
+            let row = &mut scores[(j0 + j) * t_total + t0..(j0 + j) * t_total + t0 + n];
+            let sq = _mm256_set1_ps(sumq[j]);
+            for i in (0..n).step_by(8) {
+                let k = (n - i).min(8);
+                f[i + k..i + 8].fill(_mm256_setzero_ps());
+                // SAFETY: `steps` and `bases` hold BLOCK floats, i + 8 <= BLOCK.
+                let r = unsafe {
+                    _mm256_fmadd_ps(
+                        _mm256_loadu_ps(steps.as_ptr().add(i)),
+                        hsum8x8(f[i..i + 8].try_into().expect("8 tokens")),
+                        _mm256_mul_ps(_mm256_loadu_ps(bases.as_ptr().add(i)), sq),
+                    )
+                };
+                let mut lanes = [0f32; 8];
+                // SAFETY: 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
+                row[i..i + k].copy_from_slice(&lanes[..k]);
+            }
+        }
+        if outliers {
+            let mut oo = 0usize;
+            for (i, m) in b.meta.iter().enumerate() {
+                let no = m.n_out as usize;
+                for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
+                    let delta = h2f_f16c(ov) - bases[i];
+                    for j in 0..NH {
+                        scores[(j0 + j) * t_total + t0 + i] += qt[oi as usize][j] * delta;
+                    }
+                }
+                oo += no;
+            }
+        }
+        t0 += n;
+    }
+}
+
+/// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads, in tiles of
+/// heads whose whole output rows stay in registers; with `vnni`, blocks of groups of one
+/// quantized width in 16-bit integer products ([`values_tile_int`]).
+///
+/// # Safety
+/// As [`packed_scores`], and AVX512_VNNI when `vnni`; `out.len() >= g * d`,
+/// `probs.len() >= g * T`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize, out: &mut [f32], vnni: bool) {
+    let d = vs.d;
+    let t_total = vs.len;
+    assert!(fits(d) && out.len() >= g * d && probs.len() >= g * t_total);
+    let offs = offsets(vs.scheme);
+    out[..g * d].fill(0.0);
+    let mut cst = vec![0f32; g];
+    let mut corr = vec![0f32; g * d];
+    let mut bases = Vec::new();
+    // Heads per tile: their rows (d / 16 vectors each) in at most 24 registers.
+    let per = (24 / (d / 16)).max(1);
+    let mut t0 = 0usize;
+    for (bi, b) in vs.blocks.iter().enumerate() {
+        prefetch_block(vs.blocks.get(bi + 1));
+        // SAFETY: features enabled; the block's tokens are within `probs`' rows.
+        unsafe { block_constants(b, &offs, d, probs, g, t_total, t0, &mut bases, &mut cst, &mut corr) };
+        // Integer products where the CPU has them and the block's groups are quantized
+        // at one width (raw, zero-width and mixed-width blocks take the f32 tiles: with
+        // mixed widths the weights `p * s` of the wide groups are small against those of
+        // the narrow ones, and 16 bits against the largest would not hold them).
+        let int = vnni && one_width(b);
+        let mut j0 = 0;
+        while j0 < g {
+            let nh = (g - j0).min(per);
+            if int {
+                // SAFETY: as below; VNNI detected.
+                unsafe {
+                    match (nh, d / 64) {
+                        (1, 1) => values_tile_int::<1, 1>(b, d, probs, t_total, t0, j0, out),
+                        (2, 1) => values_tile_int::<2, 1>(b, d, probs, t_total, t0, j0, out),
+                        (3, 1) => values_tile_int::<3, 1>(b, d, probs, t_total, t0, j0, out),
+                        (4, 1) => values_tile_int::<4, 1>(b, d, probs, t_total, t0, j0, out),
+                        (5, 1) => values_tile_int::<5, 1>(b, d, probs, t_total, t0, j0, out),
+                        (_, 1) => values_tile_int::<6, 1>(b, d, probs, t_total, t0, j0, out),
+                        (1, 2) => values_tile_int::<1, 2>(b, d, probs, t_total, t0, j0, out),
+                        (2, 2) => values_tile_int::<2, 2>(b, d, probs, t_total, t0, j0, out),
+                        (_, 2) => values_tile_int::<3, 2>(b, d, probs, t_total, t0, j0, out),
+                        (1, 3) => values_tile_int::<1, 3>(b, d, probs, t_total, t0, j0, out),
+                        (_, 3) => values_tile_int::<2, 3>(b, d, probs, t_total, t0, j0, out),
+                        (_, _) => values_tile_int::<1, 4>(b, d, probs, t_total, t0, j0, out),
+                    }
+                }
+                j0 += nh;
+                continue;
+            }
+            // SAFETY: heads j0 .. j0 + nh <= g; `d == 64 NC`.
+            unsafe {
+                match (nh, d / 64) {
+                    (1, 1) => values_tile::<1, 1>(b, d, probs, t_total, t0, j0, out),
+                    (2, 1) => values_tile::<2, 1>(b, d, probs, t_total, t0, j0, out),
+                    (3, 1) => values_tile::<3, 1>(b, d, probs, t_total, t0, j0, out),
+                    (4, 1) => values_tile::<4, 1>(b, d, probs, t_total, t0, j0, out),
+                    (5, 1) => values_tile::<5, 1>(b, d, probs, t_total, t0, j0, out),
+                    (_, 1) => values_tile::<6, 1>(b, d, probs, t_total, t0, j0, out),
+                    (1, 2) => values_tile::<1, 2>(b, d, probs, t_total, t0, j0, out),
+                    (2, 2) => values_tile::<2, 2>(b, d, probs, t_total, t0, j0, out),
+                    (_, 2) => values_tile::<3, 2>(b, d, probs, t_total, t0, j0, out),
+                    (1, 3) => values_tile::<1, 3>(b, d, probs, t_total, t0, j0, out),
+                    (_, 3) => values_tile::<2, 3>(b, d, probs, t_total, t0, j0, out),
+                    (_, _) => values_tile::<1, 4>(b, d, probs, t_total, t0, j0, out),
+                }
+            }
+            j0 += nh;
+        }
+        t0 += b.len();
+    }
+    add_rows(out, d, g, &cst, &corr);
+}
+
+/// The per-group constants of one block whose first token is `t0`: `cst[j] += sum_i
+/// p_j(t0 + i) * base_i` (raw groups: none) as 16-lane dot products of the probability
+/// rows with the block's bases, and the outliers' `corr[j * d + i] += p * (v - base)`.
+///
+/// # Safety
+/// As [`weighted_values`]; `t0 + b.len() <= T`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+unsafe fn block_constants(
+    b: &Block,
+    offs: &[f32; 9],
+    d: usize,
+    probs: &[f32],
+    g: usize,
+    t_total: usize,
+    t0: usize,
+    bases: &mut Vec<f32>,
+    cst: &mut [f32],
+    corr: &mut [f32],
+) {
+    let n = b.len();
+    assert!(t0 + n <= t_total && probs.len() >= g * t_total);
+    bases.clear();
+    bases.extend(b.meta.iter().map(|m| if m.bits == RAW { 0.0 } else { group_consts(m, offs, d).0 }));
+    bases.resize(n.next_multiple_of(16), 0.0);
+    for (j, c) in cst.iter_mut().enumerate().take(g) {
+        let row = probs[j * t_total + t0..].as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for i in (0..n).step_by(16) {
+            let keep: __mmask16 = if n - i >= 16 { 0xffff } else { (1u16 << (n - i)) - 1 };
+            // SAFETY: lanes of `keep` are tokens t0 + i .. t0 + n of row j (asserted);
+            // `bases` holds a multiple of 16 values past `i`.
+            acc = unsafe {
+                _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, row.add(i)), _mm512_loadu_ps(bases.as_ptr().add(i)), acc)
+            };
+        }
+        *c += _mm512_reduce_add_ps(acc);
+    }
+    let mut oo = 0usize;
+    for (i, m) in b.meta.iter().enumerate() {
+        let no = m.n_out as usize;
+        for (&oi, &ov) in b.out_idx[oo..oo + no].iter().zip(&b.out_val[oo..oo + no]) {
+            let delta = h2f_f16c(ov) - bases[i];
+            for j in 0..g {
+                corr[j * d + oi as usize] += probs[j * t_total + t0 + i] * delta;
+            }
+        }
+        oo += no;
+    }
+}
+
+/// Value accumulation of `NH` heads (`j0..j0 + NH`, whole rows of `NC` chunks of 64)
+/// over one block whose first token is `t0`.
+///
+/// # Safety
+/// As [`weighted_values`]; `d == 64 NC`; heads `j0 .. j0 + NH` within `g`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+unsafe fn values_tile<const NH: usize, const NC: usize>(
+    b: &Block,
+    d: usize,
+    probs: &[f32],
+    t_total: usize,
+    t0: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let op = out.as_mut_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 16]; NH];
+    for (j, row) in acc.iter_mut().enumerate() {
+        for (v, a) in row.iter_mut().enumerate().take(4 * NC) {
+            // SAFETY: (j0 + j) * d + 16 v + 16 <= g * d by the caller.
+            *a = unsafe { _mm512_loadu_ps(op.add((j0 + j) * d + 16 * v)) };
+        }
+    }
+    let widx = widen_idx();
+    let (cp, mut co) = (b.codes.as_ptr(), 0usize);
+    let pp = probs.as_ptr();
+    for (i, m) in b.meta.iter().enumerate() {
+        if m.bits == 0 {
+            continue;
+        }
+        let t = t0 + i;
+        let sc = if m.bits == RAW { 1.0 } else { h2f_f16c(m.s) };
+        let mut w = [_mm512_setzero_ps(); NH];
+        for (j, wj) in w.iter_mut().enumerate() {
+            // SAFETY: (j0 + j) * t_total + t < probs.len() by the caller.
+            *wj = _mm512_set1_ps(unsafe { *pp.add((j0 + j) * t_total + t) } * sc);
+        }
+        if m.bits == RAW {
+            for v in 0..4 * NC {
+                // SAFETY: a raw group holds 2 d bytes at `co`.
+                let x = unsafe { raw16(cp.add(co + 32 * v)) };
+                for j in 0..NH {
+                    acc[j][v] = _mm512_fmadd_ps(w[j], x, acc[j][v]);
+                }
+            }
+            co += 2 * d;
+        } else {
+            let nb = m.bits as usize;
+            for c in 0..NC {
+                // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
+                let wc = unsafe { codes64(cp.add(co + 8 * c * nb), m.bits, 64) };
+                for qd in 0..4 {
+                    // SAFETY: features enabled.
+                    let x = unsafe { widen(wc, &widx, qd) };
+                    for j in 0..NH {
+                        acc[j][4 * c + qd] = _mm512_fmadd_ps(w[j], x, acc[j][4 * c + qd]);
+                    }
+                }
+            }
+            co += d * nb / 8;
+        }
+    }
+    for (j, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate().take(4 * NC) {
+            // SAFETY: as for the loads above.
+            unsafe { _mm512_storeu_ps(op.add((j0 + j) * d + 16 * v), *a) };
+        }
+    }
+}
+
+/// Per 16 channels `c`, the `vpermt2b` indices that put code `16 c + k` of token `a`
+/// (the first table) in word 0 of dword `k` and that of token `b` (the second, index
+/// `64 +`) in word 1; the high bytes of both words are zeroed by [`WORD_LOW`].
+static PAIR_IDX: [[u8; 64]; 4] = {
+    let mut t = [[0u8; 64]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut k = 0;
+        while k < 16 {
+            t[c][4 * k] = (16 * c + k) as u8;
+            t[c][4 * k + 2] = (64 + 16 * c + k) as u8;
+            k += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// Byte 0 of every word.
+const WORD_LOW: u64 = 0x5555_5555_5555_5555;
+
+/// [`values_tile`] in integers, for a block whose groups are quantized at one width
+/// (1..=8): per head, the weights `p * s` of the block's tokens are rounded to 16 bits
+/// against their largest (`w_i = round(32767 p_i s_i / max)`, an error of at most
+/// `max / 65534` per token), two tokens' codes are interleaved as 16-bit pairs per
+/// channel (`vpermt2b`), and `vpdpwssd` adds both tokens' `w * c` to 32-bit sums (at most
+/// 64 * 32767 * 255 < 2^31), which are scaled back (`max / 32767`) into the f32 rows at
+/// the end of the block. Twice the products per instruction of the f32 tiles, and no
+/// conversion of codes to floats.
+///
+/// # Safety
+/// As [`values_tile`], and AVX512_VNNI; [`one_width`]`(b)`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn values_tile_int<const NH: usize, const NC: usize>(
+    b: &Block,
+    d: usize,
+    probs: &[f32],
+    t_total: usize,
+    t0: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let n = b.len();
+    assert!(n <= BLOCK && t0 + n <= t_total && one_width(b));
+    // The block's steps, then per head its 16-bit weights (an even count, the pad 0)
+    // and the scale back.
+    let mut steps = [0f32; BLOCK];
+    for (x, m) in steps.iter_mut().zip(&b.meta) {
+        *x = h2f_f16c(m.s);
+    }
+    let mut w16 = [[0i16; BLOCK]; NH];
+    let mut back = [0f32; NH];
+    for j in 0..NH {
+        let row = probs[(j0 + j) * t_total + t0..].as_ptr();
+        let mut wf = [_mm512_setzero_ps(); BLOCK / 16];
+        let mut mx = _mm512_setzero_ps();
+        for (c, w) in wf.iter_mut().enumerate() {
+            let i = 16 * c;
+            if i >= n {
+                break;
+            }
+            let keep: __mmask16 = if n - i >= 16 { 0xffff } else { (1u16 << (n - i)) - 1 };
+            // SAFETY: the lanes of `keep` are tokens t0 + i .. t0 + n of the row.
+            *w = unsafe {
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, row.add(i)), _mm512_loadu_ps(steps.as_ptr().add(i)))
+            };
+            mx = _mm512_max_ps(mx, *w);
+        }
+        let mx = _mm512_reduce_max_ps(mx);
+        if mx <= 0.0 {
+            continue;
+        }
+        back[j] = mx / 32767.0;
+        let to = _mm512_set1_ps(32767.0 / mx);
+        for (c, w) in wf.iter().enumerate().take(n.div_ceil(16)) {
+            let r = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_min_ps(
+                _mm512_mul_ps(*w, to),
+                _mm512_set1_ps(32767.0),
+            )));
+            // SAFETY: 16 words at 16 c < BLOCK.
+            unsafe { _mm256_storeu_si256(w16[j].as_mut_ptr().add(16 * c) as *mut __m256i, r) };
+        }
+        w16[j][n..].fill(0);
+    }
+    let mut acc = [[_mm512_setzero_si512(); 16]; NH];
+    let pidx: [__m512i; 4] =
+        // SAFETY: 64 bytes each.
+        std::array::from_fn(|c| unsafe { _mm512_loadu_si512(PAIR_IDX[c].as_ptr() as *const _) });
+    let cp = b.codes.as_ptr();
+    let (mut co, mut i) = (0usize, 0usize);
+    while i < n {
+        let (ma, mb) = (b.meta[i], b.meta.get(i + 1).copied());
+        let cb_a = d * ma.bits as usize / 8;
+        for c in 0..NC {
+            // SAFETY: each group's 8 bits bytes per chunk are inside the codes; the
+            // second token of an odd block's last pair is the first again (weight 0).
+            let (ca, cb) = unsafe {
+                let ca = codes64(cp.add(co + 8 * c * ma.bits as usize), ma.bits, 64);
+                let cb = match mb {
+                    Some(mb) => codes64(cp.add(co + cb_a + 8 * c * mb.bits as usize), mb.bits, 64),
+                    None => ca,
+                };
+                (ca, cb)
+            };
+            for k in 0..4 {
+                let x = _mm512_maskz_permutex2var_epi8(WORD_LOW, ca, pidx[k], cb);
+                for j in 0..NH {
+                    // SAFETY: i + 1 < BLOCK: the pair (w_i, w_i+1) as one dword.
+                    let wp = _mm512_set1_epi32(unsafe { (w16[j].as_ptr().add(i) as *const i32).read_unaligned() });
+                    acc[j][4 * c + k] = _mm512_dpwssd_epi32(acc[j][4 * c + k], x, wp);
+                }
+            }
+        }
+        co += cb_a + mb.map_or(0, |m| d * m.bits as usize / 8);
+        i += 2;
+    }
+    let op = out.as_mut_ptr();
+    for j in 0..NH {
+        let bk = _mm512_set1_ps(back[j]);
+        for v in 0..4 * NC {
+            // SAFETY: (j0 + j) * d + 16 v + 16 <= g * d by the caller.
+            unsafe {
+                let o = op.add((j0 + j) * d + 16 * v);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][v]), bk, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
