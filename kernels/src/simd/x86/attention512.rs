@@ -280,44 +280,28 @@ pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize
         let mut j0 = 0;
         while j0 < g {
             let nh = (g - j0).min(per);
-            if int {
-                // SAFETY: as below; VNNI detected.
-                unsafe {
+            // The tiles by (heads, chunks of 64): up to 6 heads of 64, 3 of 128, 2 of 192,
+            // 1 of 256.
+            macro_rules! tile {
+                ($f:ident) => {
                     match (nh, d / 64) {
-                        (1, 1) => values_tile_int::<1, 1>(b, d, probs, t_total, t0, j0, out),
-                        (2, 1) => values_tile_int::<2, 1>(b, d, probs, t_total, t0, j0, out),
-                        (3, 1) => values_tile_int::<3, 1>(b, d, probs, t_total, t0, j0, out),
-                        (4, 1) => values_tile_int::<4, 1>(b, d, probs, t_total, t0, j0, out),
-                        (5, 1) => values_tile_int::<5, 1>(b, d, probs, t_total, t0, j0, out),
-                        (_, 1) => values_tile_int::<6, 1>(b, d, probs, t_total, t0, j0, out),
-                        (1, 2) => values_tile_int::<1, 2>(b, d, probs, t_total, t0, j0, out),
-                        (2, 2) => values_tile_int::<2, 2>(b, d, probs, t_total, t0, j0, out),
-                        (_, 2) => values_tile_int::<3, 2>(b, d, probs, t_total, t0, j0, out),
-                        (1, 3) => values_tile_int::<1, 3>(b, d, probs, t_total, t0, j0, out),
-                        (_, 3) => values_tile_int::<2, 3>(b, d, probs, t_total, t0, j0, out),
-                        (_, _) => values_tile_int::<1, 4>(b, d, probs, t_total, t0, j0, out),
+                        (1, 1) => $f::<1, 1>(b, d, probs, t_total, t0, j0, out),
+                        (2, 1) => $f::<2, 1>(b, d, probs, t_total, t0, j0, out),
+                        (3, 1) => $f::<3, 1>(b, d, probs, t_total, t0, j0, out),
+                        (4, 1) => $f::<4, 1>(b, d, probs, t_total, t0, j0, out),
+                        (5, 1) => $f::<5, 1>(b, d, probs, t_total, t0, j0, out),
+                        (_, 1) => $f::<6, 1>(b, d, probs, t_total, t0, j0, out),
+                        (1, 2) => $f::<1, 2>(b, d, probs, t_total, t0, j0, out),
+                        (2, 2) => $f::<2, 2>(b, d, probs, t_total, t0, j0, out),
+                        (_, 2) => $f::<3, 2>(b, d, probs, t_total, t0, j0, out),
+                        (1, 3) => $f::<1, 3>(b, d, probs, t_total, t0, j0, out),
+                        (_, 3) => $f::<2, 3>(b, d, probs, t_total, t0, j0, out),
+                        (_, _) => $f::<1, 4>(b, d, probs, t_total, t0, j0, out),
                     }
-                }
-                j0 += nh;
-                continue;
+                };
             }
-            // SAFETY: heads j0 .. j0 + nh <= g; `d == 64 NC`.
-            unsafe {
-                match (nh, d / 64) {
-                    (1, 1) => values_tile::<1, 1>(b, d, probs, t_total, t0, j0, out),
-                    (2, 1) => values_tile::<2, 1>(b, d, probs, t_total, t0, j0, out),
-                    (3, 1) => values_tile::<3, 1>(b, d, probs, t_total, t0, j0, out),
-                    (4, 1) => values_tile::<4, 1>(b, d, probs, t_total, t0, j0, out),
-                    (5, 1) => values_tile::<5, 1>(b, d, probs, t_total, t0, j0, out),
-                    (_, 1) => values_tile::<6, 1>(b, d, probs, t_total, t0, j0, out),
-                    (1, 2) => values_tile::<1, 2>(b, d, probs, t_total, t0, j0, out),
-                    (2, 2) => values_tile::<2, 2>(b, d, probs, t_total, t0, j0, out),
-                    (_, 2) => values_tile::<3, 2>(b, d, probs, t_total, t0, j0, out),
-                    (1, 3) => values_tile::<1, 3>(b, d, probs, t_total, t0, j0, out),
-                    (_, 3) => values_tile::<2, 3>(b, d, probs, t_total, t0, j0, out),
-                    (_, _) => values_tile::<1, 4>(b, d, probs, t_total, t0, j0, out),
-                }
-            }
+            // SAFETY: heads j0 .. j0 + nh <= g; `d == 64 NC`; VNNI detected when `int`.
+            unsafe { if int { tile!(values_tile_int) } else { tile!(values_tile) } }
             j0 += nh;
         }
         t0 += b.len();
