@@ -275,9 +275,15 @@ impl Resuming {
         self.inbound = None;
         self.failures += 1;
         self.at += 1;
-        let message = format!("coordinator {addr}: {}", status.message());
-        self.last_error = Some(Status::new(status.code(), message));
+        self.last_error = Some(named(&addr, &status));
     }
+}
+
+/// `status` with the coordinator's address before its message; its code and details
+/// (a `qaq.v1.ErrorDetail` the client may read the reason from) are kept.
+fn named(addr: &str, status: &Status) -> Status {
+    let message = format!("coordinator {addr}: {}", status.message());
+    Status::with_details(status.code(), message, status.details().to_vec().into())
 }
 
 #[cfg(test)]
@@ -312,6 +318,17 @@ mod tests {
         // Two rounds: the second after a pause (100 + 200 ms).
         assert!(started.elapsed() >= std::time::Duration::from_millis(300), "{:?}", started.elapsed());
         assert_eq!(replicas.resumed(), 0);
+    }
+
+    #[test]
+    fn the_last_error_names_its_coordinator_and_keeps_the_reason() {
+        let draining = crate::status::draining("worker drains");
+        let e = named("10.0.0.1:50051", &draining);
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert_eq!(e.message(), "coordinator 10.0.0.1:50051: worker drains");
+        let reason = crate::status::detail(&e).map(|d| d.reason);
+        assert_eq!(reason, Some(crate::v1::ErrorReason::Draining as i32));
+        assert_eq!(crate::status::detail(&named("a:1", &Status::unavailable("x"))), None);
     }
 
     #[test]

@@ -152,7 +152,10 @@ pub fn describe() {
     ] {
         counter!(c).absolute(0);
     }
-    describe_gauge!(COORDINATORS, "Coordinator addresses this worker is registered with, or failing to reach");
+    describe_gauge!(
+        COORDINATORS,
+        "Coordinator addresses this worker is registered with, or failing to reach (a name that does not resolve counts as one)"
+    );
     for state in COORDINATOR_STATES {
         metrics::gauge!(COORDINATORS, "state" => state).set(0.0);
     }

@@ -105,11 +105,24 @@ impl Links {
         Self::publish(&map);
     }
 
-    fn publish(map: &HashMap<String, bool>) {
+    /// A configured name that does not resolve (`now`) and never has: one coordinator
+    /// the worker cannot reach, counted as unreachable until it resolves.
+    fn unresolved(&self, name: &str, now: bool) {
+        let key = format!("{name} (unresolved)");
+        if now { self.set(&key, false) } else { self.forget(&key) }
+    }
+
+    /// (registered, unreachable).
+    fn counts(map: &HashMap<String, bool>) -> (usize, usize) {
         let registered = map.values().filter(|&&r| r).count();
+        (registered, map.len() - registered)
+    }
+
+    fn publish(map: &HashMap<String, bool>) {
+        let (registered, unreachable) = Self::counts(map);
         let [r, u] = m::COORDINATOR_STATES;
         metrics::gauge!(m::COORDINATORS, "state" => r).set(registered as f64);
-        metrics::gauge!(m::COORDINATORS, "state" => u).set((map.len() - registered) as f64);
+        metrics::gauge!(m::COORDINATORS, "state" => u).set(unreachable as f64);
     }
 }
 
@@ -154,6 +167,7 @@ pub async fn keep_registered(a: Announcement, engine: Arc<EngineHandle>, drainin
                 Ok(addrs) => resolved[i] = addrs,
                 Err(e) => tracing::warn!(coordinator = %c.name, error = %e, "cannot resolve the coordinator"),
             }
+            links.unresolved(&c.name, resolved[i].is_empty());
             want.extend(resolved[i].iter().map(|addr| (addr.clone(), i)));
         }
         sessions.retain(|addr, _| {
@@ -282,6 +296,20 @@ pub async fn deregister(a: &Announcement) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gauge_counts_names_that_never_resolved_as_unreachable() {
+        let links = Links::default();
+        let counts = || Links::counts(&links.0.lock().unwrap());
+        links.set("10.0.0.1:5", true);
+        links.unresolved("coordinator.invalid:5", true);
+        assert_eq!(counts(), (1, 1));
+        links.unresolved("coordinator.invalid:5", true);
+        assert_eq!(counts(), (1, 1), "once per name, however often it fails");
+        links.unresolved("coordinator.invalid:5", false);
+        links.set("10.0.0.2:5", false);
+        assert_eq!(counts(), (1, 1), "resolved: its addresses count instead");
+    }
 
     #[tokio::test]
     async fn ip_addresses_are_dialed_as_given_and_names_resolve_to_each_address() {
