@@ -88,7 +88,8 @@ async fn resolve(name: &str) -> Result<Vec<String>, String> {
     Ok(addrs.into_iter().map(|a| scheme.map_or_else(|| a.to_string(), |s| format!("{s}://{a}"))).collect())
 }
 
-/// Each dialed address' state, for the [`m::COORDINATORS`] gauge.
+/// Each dialed address' state (and, as unreachable, each name that never resolved),
+/// for the [`m::COORDINATORS`] gauge.
 #[derive(Clone, Default)]
 struct Links(Arc<Mutex<HashMap<String, bool>>>);
 
