@@ -128,6 +128,47 @@ pub fn attend_dense_f32(k: &[f32], v: &[f32], d: usize, qs: &[f32], g: usize, ou
     }
 }
 
+/// Exact causal attention of several query rows over a dense f32 cache. Where the level
+/// has register tiles for the head dim ([`simd::dense_scores`], [`simd::dense_values`]:
+/// AVX-512), each row's scores and its weighted values are [`attend_dense_f32`]'s bit
+/// for bit, the rows sharing their loads, and the softmax between them is the level's
+/// vectorized one (as in decode attention; the portable one's serial sum and scalar exp
+/// would cost as much as the rest); elsewhere the rows are [`attend_dense_f32`]'s. Row `r` of the batch `qs` (`[r][g][d]`) is attended
+/// when it is in `rows`, over the first `tvs[n]` tokens of `k` and `v` for `r =
+/// rows[n]`; its `g * tv` probabilities go to `probs[r * g * stride..]` (laid out as
+/// `attend_dense_f32` lays them, `[g][tv]`), its output to `out[n * g * d..][..g * d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_dense_rows(
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    qs: &[f32],
+    g: usize,
+    (rows, tvs): (&[usize], &[usize]),
+    stride: usize,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    assert!(rows.len() == tvs.len() && out.len() >= rows.len() * g * d);
+    assert!(rows.iter().zip(tvs).all(|(&r, &tv)| tv <= stride && (r + 1) * g * d <= qs.len()));
+    let q: Vec<f32> = rows.iter().flat_map(|&r| qs[r * g * d..(r + 1) * g * d].iter().copied()).collect();
+    let lens: Vec<usize> = tvs.iter().flat_map(|&tv| std::iter::repeat_n(tv, g)).collect();
+    let offs: Vec<usize> =
+        rows.iter().zip(tvs).flat_map(|(&r, &tv)| (0..g).map(move |j| r * g * stride + j * tv)).collect();
+    if simd::dense_scores(k, d, &q, &lens, &offs, probs) {
+        for (&r, &tv) in rows.iter().zip(tvs) {
+            simd::softmax_rows(&mut probs[r * g * stride..r * g * stride + g * tv], g, tv);
+        }
+        if simd::dense_values(v, d, probs, &lens, &offs, out) {
+            return;
+        }
+    }
+    for (n, (&r, &tv)) in rows.iter().zip(tvs).enumerate() {
+        let (o, p) = (&mut out[n * g * d..(n + 1) * g * d], &mut probs[r * g * stride..r * g * stride + g * tv]);
+        attend_dense_f32(&k[..tv * d], &v[..tv * d], d, &q[n * g * d..(n + 1) * g * d], g, o, p);
+    }
+}
+
 /// Reference attention over a dense fp16 cache (little-endian f16 bytes, token-major).
 pub fn attend_dense_f16(k: &[u8], v: &[u8], d: usize, qs: &[f32], g: usize, out: &mut [f32], probs: &mut [f32]) {
     let t_total = k.len() / (2 * d);
@@ -327,6 +368,72 @@ mod tests {
                 let dp = probs.iter().zip(&p2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 let dout = out.iter().zip(&o2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(dp < 1e-5 && dout < 1e-3, "alpha {alpha}, widths {widths:?}: probs {dp}, output {dout}");
+            }
+        }
+    }
+
+    /// The multi-row attention is the row-by-row one: bit for bit the primitives' scores
+    /// and weighted values around the level's softmax (the vectorized one where the tiles
+    /// run, else the portable one, i.e. `attend_dense_f32` exactly), and within float
+    /// rounding of `attend_dense_f32` anyway. Head dims the tiles serve (16, 48, 64, 128)
+    /// and not (8, 72), GQA group sizes, rows skipped, contexts shorter than a tile and
+    /// longer than a key block.
+    #[test]
+    fn dense_rows_are_the_row_by_row_attention() {
+        let mut seed = 777u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (d, g, n, first) in [
+            (64, 3, 19, 1),
+            (64, 3, 9, 1200),
+            (128, 2, 11, 40),
+            (16, 5, 7, 3),
+            (48, 1, 6, 530),
+            (8, 3, 5, 9),
+            (72, 2, 4, 20),
+        ] {
+            let t_total = first + n - 1;
+            let k: Vec<f32> = (0..t_total * d).map(|_| rnd() * 2.0).collect();
+            let v: Vec<f32> = (0..t_total * d).map(|_| rnd()).collect();
+            let qs: Vec<f32> = (0..n * g * d).map(|_| rnd() * 0.3).collect();
+            let tiles = simd::dense_scores(&k, d, &qs[..g * d], &[1], &[0], &mut [0f32; 1]);
+            for skip in [usize::MAX, 3] {
+                let rows: Vec<usize> = (0..n).filter(|r| r % skip != 2).collect();
+                let tvs: Vec<usize> = rows.iter().map(|r| first + r).collect();
+                let mut out = vec![0f32; rows.len() * g * d];
+                let mut probs = vec![f32::NAN; n * g * t_total];
+                attend_dense_rows(&k, &v, d, &qs, g, (&rows, &tvs), t_total, &mut out, &mut probs);
+                for (i, (&r, &tv)) in rows.iter().zip(&tvs).enumerate() {
+                    let q = &qs[r * g * d..(r + 1) * g * d];
+                    let (mut o, mut p) = (vec![0f32; g * d], vec![0f32; g * tv]);
+                    attend_dense_f32(&k[..tv * d], &v[..tv * d], d, q, g, &mut o, &mut p);
+                    let at = r * g * t_total;
+                    let (got_p, got_o) = (&probs[at..at + g * tv], &out[i * g * d..(i + 1) * g * d]);
+                    let close = |a: &[f32], b: &[f32], tol: f32| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol);
+                    assert!(close(got_p, &p, 2e-6) && close(got_o, &o, 2e-5), "d {d} g {g} row {r}");
+                    if tiles {
+                        // The reference with the level's softmax.
+                        for j in 0..g {
+                            for t in 0..tv {
+                                p[j * tv + t] = simd::dot(&q[j * d..(j + 1) * d], &k[t * d..(t + 1) * d]);
+                            }
+                        }
+                        simd::softmax_rows(&mut p, g, tv);
+                        o.fill(0.0);
+                        for t in 0..tv {
+                            for j in 0..g {
+                                simd::axpy(&mut o[j * d..(j + 1) * d], p[j * tv + t], &v[t * d..(t + 1) * d]);
+                            }
+                        }
+                    }
+                    assert_eq!(bits(got_p), bits(&p), "d {d} g {g} row {r}: probabilities");
+                    assert_eq!(bits(got_o), bits(&o), "d {d} g {g} row {r}: output");
+                }
             }
         }
     }

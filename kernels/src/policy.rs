@@ -381,7 +381,7 @@ impl QaqParams {
 }
 
 /// Per-side mode of a uniform baseline: fp16 or a fixed width.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Default)]
 pub struct UniformSpec {
     /// Key width (`None` = fp16).
     pub k_bits: Option<u8>,
@@ -391,7 +391,31 @@ pub struct UniformSpec {
     pub outliers: bool,
     /// Keys and values stored rotated (`+rot`, see [`crate::cache::Rotation`]).
     pub rotate: bool,
+    /// The `recent` most recent tokens stay in fp16; a token leaving that window is
+    /// encoded at the widths above from its fp16 value (`recent=N`; 0: none).
+    pub recent: usize,
+    /// The first `sinks` tokens (attention sinks) stay in fp16 (`sinks=N`; 0: none).
+    pub sinks: usize,
 }
+
+/// Written as before the fp16 windows existed when they are off, so that stored
+/// results and snapshots, which name a policy by its `Debug` form, keep matching.
+impl std::fmt::Debug for UniformSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("UniformSpec");
+        d.field("k_bits", &self.k_bits)
+            .field("v_bits", &self.v_bits)
+            .field("outliers", &self.outliers)
+            .field("rotate", &self.rotate);
+        if self.recent != 0 || self.sinks != 0 {
+            d.field("recent", &self.recent).field("sinks", &self.sinks);
+        }
+        d.finish()
+    }
+}
+
+/// The largest `recent` / `sinks` a policy string may ask for (tokens).
+pub const MAX_FP16_WINDOW: usize = 1 << 20;
 
 /// KIVI-style baseline: keys per channel over groups of `group` tokens, values per token,
 /// the `residual` most recent tokens in fp16.
@@ -449,11 +473,12 @@ impl KvPolicy {
 }
 
 /// The accepted policy strings (shown in parse errors).
-pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout] | uniform:K/V[:noout] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
+pub const POLICY_SYNTAX: &str = "fp16 | uniform:N[:noout][:recent=R][:sinks=S] | uniform:K/V[:noout][:recent=R][:sinks=S] | uniform-k:N | uniform-v:N | kivi[:G:R[:BITS]] | \
 qaq[:key=value,...] | qaq-tuned[:key=value,...] (keys: sigma_s, sigma_x, bmin, bmax, window, alpha, valpha, outliers=total|perside, \
 formula=paper|code, quant=midpoint|mean, qnorm=p90|pNN|<constant>, down=codes|backup, every, \
 prefill=last|all, kt, ktmax, sinks, kscale, kwin=0|1) | qaq-ref (reference-code variant); qaq starts from the paper's constants, qaq-tuned from \
-sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=2048,kwin=0; N in 0..=8; any but fp16 may end in +rot \
+sigma_s=0.001,sigma_x=0.03,bmin=1,kscale=1,kt=512,ktmax=2048,kwin=0; N in 0..=8; uniform's recent=R and sinks=S keep \
+the R most recent and the S first tokens in fp16; any but fp16 may end in +rot \
 (keys and values stored rotated by a fixed randomized Hadamard transform)";
 
 impl FromStr for KvPolicy {
@@ -487,19 +512,35 @@ impl FromStr for KvPolicy {
                         (n, n)
                     }
                 };
-                let outliers = match it.next() {
-                    None => true,
-                    Some("noout") => false,
-                    Some(o) => return Err(err(format!("unknown uniform option {o:?}"))),
+                let mut u = UniformSpec { k_bits: Some(k), v_bits: Some(v), outliers: true, ..Default::default() };
+                let window = |v: &str| -> Result<usize> {
+                    match int(v)? {
+                        n if n <= MAX_FP16_WINDOW => Ok(n),
+                        n => Err(err(format!("{n} tokens: at most {MAX_FP16_WINDOW}"))),
+                    }
                 };
-                KvPolicy::Uniform(UniformSpec { k_bits: Some(k), v_bits: Some(v), outliers, rotate: false })
+                for o in it {
+                    match o.split_once('=') {
+                        None if o == "noout" => u.outliers = false,
+                        Some(("recent", v)) => u.recent = window(v)?,
+                        Some(("sinks", v)) => u.sinks = window(v)?,
+                        _ => return Err(err(format!("unknown uniform option {o:?} (noout, recent=N, sinks=N)"))),
+                    }
+                }
+                KvPolicy::Uniform(u)
             }
-            ("uniform-k", Some(r)) => {
-                KvPolicy::Uniform(UniformSpec { k_bits: Some(width(r)?), v_bits: None, outliers: true, rotate: false })
-            }
-            ("uniform-v", Some(r)) => {
-                KvPolicy::Uniform(UniformSpec { k_bits: None, v_bits: Some(width(r)?), outliers: true, rotate: false })
-            }
+            ("uniform-k", Some(r)) => KvPolicy::Uniform(UniformSpec {
+                k_bits: Some(width(r)?),
+                v_bits: None,
+                outliers: true,
+                ..Default::default()
+            }),
+            ("uniform-v", Some(r)) => KvPolicy::Uniform(UniformSpec {
+                k_bits: None,
+                v_bits: Some(width(r)?),
+                outliers: true,
+                ..Default::default()
+            }),
             ("kivi", r) => {
                 let mut k = KiviSpec::default();
                 if let Some(r) = r {

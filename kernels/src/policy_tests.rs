@@ -173,7 +173,7 @@ fn policy_strings() {
     assert_eq!("fp16".parse::<KvPolicy>().unwrap(), KvPolicy::Fp16);
     assert_eq!(
         "uniform:4".parse::<KvPolicy>().unwrap(),
-        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true, rotate: false })
+        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(4), outliers: true, ..Default::default() })
     );
     assert!(matches!(
         "uniform:2:noout".parse::<KvPolicy>().unwrap(),
@@ -182,8 +182,45 @@ fn policy_strings() {
     assert!(matches!("uniform-k:2".parse::<KvPolicy>().unwrap(), KvPolicy::Uniform(UniformSpec { v_bits: None, .. })));
     assert_eq!(
         "uniform:4/3:noout+rot".parse::<KvPolicy>().unwrap(),
-        KvPolicy::Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(3), outliers: false, rotate: true })
+        KvPolicy::Uniform(UniformSpec {
+            k_bits: Some(4),
+            v_bits: Some(3),
+            outliers: false,
+            rotate: true,
+            ..Default::default()
+        })
     );
+    assert_eq!(
+        "uniform:4/3:sinks=4:noout:recent=64+rot".parse::<KvPolicy>().unwrap(),
+        KvPolicy::Uniform(UniformSpec {
+            k_bits: Some(4),
+            v_bits: Some(3),
+            outliers: false,
+            rotate: true,
+            recent: 64,
+            sinks: 4
+        })
+    );
+    for bad in [
+        "uniform:4:recent",
+        "uniform:4:recent=-1",
+        "uniform:4:recent=2000000",
+        "uniform:4:noout:foo",
+        "uniform:4:sink=4",
+    ] {
+        let e = bad.parse::<KvPolicy>().unwrap_err().to_string();
+        assert!(
+            e.contains(bad) && (e.contains("recent=N") || e.contains("at most") || e.contains("integer")),
+            "{bad}: {e}"
+        );
+    }
+    // Without the fp16 windows the Debug form (which stored results and snapshots match
+    // on) is the one it was before they existed.
+    assert_eq!(
+        format!("{:?}", "uniform:4/3:noout+rot".parse::<KvPolicy>().unwrap()),
+        "Uniform(UniformSpec { k_bits: Some(4), v_bits: Some(3), outliers: false, rotate: true })"
+    );
+    assert!(format!("{:?}", "uniform:4:recent=8".parse::<KvPolicy>().unwrap()).contains("recent: 8, sinks: 0"));
     assert!("uniform:4/9".parse::<KvPolicy>().is_err() && "uniform:/3".parse::<KvPolicy>().is_err());
     assert_eq!("kivi".parse::<KvPolicy>().unwrap(), KvPolicy::Kivi(KiviSpec::default()));
     assert_eq!(

@@ -11,8 +11,6 @@ use crate::base::{MAX_BITS, Outliers, QuantSpec, RAW, Scheme};
 use crate::error::{KernelError, Result};
 use crate::kivi::KiviKeys;
 use crate::policy::{KiviSpec, KvPolicy};
-use crate::quant;
-use crate::store::{BLOCK_TOKENS, PackedStream};
 
 /// The KV cache of one sequence under [`KvPolicy::Kivi`]. Not transferable: its
 /// [`PolicyCache::snapshot`] is an error.
@@ -54,28 +52,12 @@ impl PolicyCache for KiviCache {
     }
     fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
         self.layers.append(layer, k_rows, v_rows, (RAW, RAW))?;
-        let l = &mut self.layers.layers[layer];
+        let upto = self.layers.len(layer).saturating_sub(self.spec.residual);
         let done = &mut self.v_quantized[layer];
-        while *done + self.spec.residual < l.len {
-            for hd in &mut l.heads {
-                requant_one(&mut hd.v, *done, self.spec.bits)?;
-            }
-            *done += 1;
+        if upto > *done {
+            self.layers.reencode(layer, *done..upto, None, self.spec.bits)?;
+            *done = upto;
         }
         Ok(())
     }
-}
-
-/// Re-encodes group `t` of a stream at `bits` from its decoded values.
-fn requant_one(s: &mut PackedStream, t: usize, bits: u8) -> Result<()> {
-    let d = s.d();
-    let spec = *s.spec();
-    let mut tmp = vec![0f32; d];
-    s.rewrite_block(t / BLOCK_TOKENS, |i, g, sink| {
-        if i != t % BLOCK_TOKENS {
-            return Ok(None);
-        }
-        quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
-        quant::encode_group(&tmp, bits, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
-    })
 }

@@ -8,6 +8,7 @@
 //! tracker, key scales, backups) comes in through [`RowObserver`] and the callbacks.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use super::rotation::Rotation;
 use super::types::{Attention, CacheConfig, CacheStats, Counters};
@@ -63,7 +64,10 @@ const PAR_MIN_TOKENS: usize = 256;
 
 /// Rows of a multi-row attention computed together (in parallel) before the policy
 /// sees them.
-const ROW_BATCH: usize = 16;
+const ROW_BATCH: usize = 32;
+
+/// Rows of a batch attended by one task (their loads of keys and values shared).
+const TASK_ROWS: usize = 8;
 
 /// The buffers of a multi-row attention, kept from one call to the next (a prefill
 /// attends chunk after chunk): one KV head's dequantized keys and values, a batch of
@@ -100,6 +104,25 @@ fn decode_stream(s: &PackedStream, out: &mut [f32]) {
             }
         });
     });
+}
+
+/// Re-encodes groups `tokens` of `s` at `bits` from their decoded values, block by
+/// block.
+fn reencode_stream(s: &mut PackedStream, tokens: Range<usize>, bits: u8) -> Result<()> {
+    let spec = *s.spec();
+    let mut tmp = vec![0f32; s.d()];
+    let mut t = tokens.start;
+    while t < tokens.end.min(s.len()) {
+        let b0 = t / BLOCK_TOKENS * BLOCK_TOKENS;
+        let end = tokens.end.min(b0 + BLOCK_TOKENS);
+        let selected: [bool; BLOCK_TOKENS] = std::array::from_fn(|i| (t..end).contains(&(b0 + i)));
+        s.rewrite_groups(t / BLOCK_TOKENS, Some(&selected), |_, g, sink| {
+            quant::decode_group(&g.meta, spec.scheme, g.codes, g.out_idx, g.out_val, &mut tmp);
+            quant::encode_group(&tmp, bits, &spec, sink.codes, sink.out_idx, sink.out_val).map(Some)
+        })?;
+        t = end;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Layers {
@@ -213,10 +236,22 @@ impl Layers {
         k_rows: &[f32],
         v_rows: &[f32],
         (kb, vb): (u8, u8),
-        mut stored: impl FnMut(usize, &[f16], &[f16]),
+        stored: impl FnMut(usize, &[f16], &[f16]),
     ) -> Result<()> {
         let kh = to_f16_checked(k_rows, "k_rows")?;
         let vh = to_f16_checked(v_rows, "v_rows")?;
+        self.push_f16(layer, &kh, &vh, (kb, vb), stored)
+    }
+
+    /// [`Layers::push_rows`] of rows already rounded to fp16 (and checked finite).
+    fn push_f16(
+        &mut self,
+        layer: usize,
+        kh: &[f16],
+        vh: &[f16],
+        (kb, vb): (u8, u8),
+        mut stored: impl FnMut(usize, &[f16], &[f16]),
+    ) -> Result<()> {
         let (row, d) = (self.cfg.row(), self.cfg.head_dim);
         let l = &mut self.layers[layer];
         let n_tok = kh.len() / row;
@@ -258,8 +293,47 @@ impl Layers {
             stored(l.len, kr, vr);
             l.len += 1;
         }
-        l.staged_k.extend_from_slice(&kh);
-        l.staged_v.extend_from_slice(&vh);
+        l.staged_k.extend_from_slice(kh);
+        l.staged_v.extend_from_slice(vh);
+        Ok(())
+    }
+
+    /// [`Layers::append`] with widths per run of tokens: `runs` are (tokens, (key
+    /// width, value width)) in order and cover the rows. All or nothing, like `append`.
+    pub(crate) fn append_runs(
+        &mut self,
+        layer: usize,
+        k_rows: &[f32],
+        v_rows: &[f32],
+        runs: &[(usize, (u8, u8))],
+    ) -> Result<()> {
+        self.check_rows(layer, k_rows, v_rows)?;
+        let row = self.cfg.row();
+        let n: usize = runs.iter().map(|r| r.0).sum();
+        if n * row != k_rows.len() {
+            return Err(KernelError::Shape { what: "k_rows (runs)", expected: n * row, got: k_rows.len() });
+        }
+        let kh = to_f16_checked(&self.stored_form(k_rows), "k_rows")?;
+        let vh = to_f16_checked(&self.stored_form(v_rows), "v_rows")?;
+        let mut at = 0;
+        for &(n, widths) in runs.iter().filter(|r| r.0 > 0) {
+            let (k, v) = (&kh[at * row..(at + n) * row], &vh[at * row..(at + n) * row]);
+            self.push_f16(layer, k, v, widths, |_, _, _| {})?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Re-encodes tokens `tokens` of `layer`, every KV head, from their decoded values:
+    /// packed keys at `kb` (`None`: keys untouched), values at `vb`. A raw fp16 group
+    /// re-encoded this way gets exactly the codes an append at that width gives.
+    pub(crate) fn reencode(&mut self, layer: usize, tokens: Range<usize>, kb: Option<u8>, vb: u8) -> Result<()> {
+        for hd in &mut self.layers[layer].heads {
+            if let (Some(kb), KStore::Packed(s)) = (kb, &mut hd.k) {
+                reencode_stream(s, tokens.clone(), kb)?;
+            }
+            reencode_stream(&mut hd.v, tokens.clone(), vb)?;
+        }
         Ok(())
     }
 
@@ -373,8 +447,9 @@ impl Layers {
     ///
     /// Per KV head: the head's keys and values are dequantized once (block by block, the
     /// blocks in parallel) into buffers the cache keeps, then the rows are attended in
-    /// batches of [`ROW_BATCH`], the rows of a batch in parallel (each row's result is
-    /// the same on any thread), and `obs` sees the batch's rows one after the other.
+    /// batches of [`ROW_BATCH`], tasks of [`TASK_ROWS`] rows in parallel
+    /// ([`attention::attend_dense_rows`]: each row's result is the same whatever rows
+    /// share its task), and `obs` sees the batch's rows one after the other.
     pub(crate) fn rows(
         &mut self,
         layer: usize,
@@ -435,17 +510,20 @@ impl Layers {
                     obs.queries(h, q);
                 }
                 let (kd, vd, qs) = (&kd[..], &vd[..], &qs[..]);
-                out.par_chunks_mut(qrow)
-                    .skip(r0)
-                    .take(rb)
-                    .zip(probs.par_chunks_mut(g * t_total))
-                    .zip(qs.par_chunks(g * d))
+                let rows = &mut out[r0 * qrow..(r0 + rb) * qrow];
+                rows.par_chunks_mut(TASK_ROWS * qrow)
+                    .zip(probs.par_chunks_mut(TASK_ROWS * g * t_total))
+                    .zip(qs.par_chunks(TASK_ROWS * g * d))
                     .enumerate()
-                    .filter(|&(i, _)| needs[r0 + i])
-                    .for_each(|(i, ((o, p), q))| {
-                        let tv = t_total - n_q + r0 + i + 1;
-                        let o = &mut o[h * g * d..(h + 1) * g * d];
-                        attention::attend_dense_f32(&kd[..tv * d], &vd[..tv * d], d, q, g, o, &mut p[..g * tv]);
+                    .for_each(|(task, ((o, p), q))| {
+                        let i0 = r0 + task * TASK_ROWS;
+                        let rows: Vec<usize> = (0..o.len() / qrow).filter(|&i| needs[i0 + i]).collect();
+                        let tvs: Vec<usize> = rows.iter().map(|&i| t_total - n_q + i0 + i + 1).collect();
+                        let mut oc = vec![0f32; rows.len() * g * d];
+                        attention::attend_dense_rows(kd, vd, d, q, g, (&rows, &tvs), t_total, &mut oc, p);
+                        for (&i, oc) in rows.iter().zip(oc.chunks_exact(g * d)) {
+                            o[i * qrow + h * g * d..i * qrow + (h + 1) * g * d].copy_from_slice(oc);
+                        }
                     });
                 for i in 0..rb {
                     let tv = t_total - n_q + r0 + i + 1;

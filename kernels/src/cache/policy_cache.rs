@@ -183,7 +183,8 @@ pub trait PolicyCache: sealed::Storage + Send + std::fmt::Debug {
 
     /// Starts recording which groups re-quantization re-encodes, for a mirror that copies
     /// only what changed ([`PolicyCache::take_rewrites`]). Appended tokens need no
-    /// record: a mirror knows how many it holds. (Only QAQ re-encodes groups.)
+    /// record: a mirror knows how many it holds. (QAQ re-encodes groups, and so does a
+    /// uniform cache as tokens leave its fp16 window.)
     fn track_rewrites(&mut self) {}
 
     /// The tokens whose key and value groups of `(layer, kv_head)` were re-encoded since

@@ -57,7 +57,16 @@ fn continues_exactly(policy: &str, a: &mut dyn PolicyCache, b: &mut dyn PolicyCa
 
 #[test]
 fn a_restored_cache_continues_exactly_as_the_original() {
-    for policy in ["qaq-tuned", "qaq", "uniform:4", "fp16", "uniform-v:2", "uniform:3+rot", "qaq-tuned+rot"] {
+    for policy in [
+        "qaq-tuned",
+        "qaq",
+        "uniform:4",
+        "fp16",
+        "uniform-v:2",
+        "uniform:3+rot",
+        "qaq-tuned+rot",
+        "uniform:4/3:noout:recent=8:sinks=2+rot",
+    ] {
         let mut rng = StdRng::seed_from_u64(11);
         match KvPolicy::from_str(policy).unwrap() {
             KvPolicy::Qaq(p) => {
@@ -263,4 +272,51 @@ fn rotation_spreads_a_massive_key_channel_that_a_per_token_group_would_inherit()
     let outs = same_steps(&mut caches, 12);
     let (plain, rotated) = (rms_diff(&outs[1], &outs[0]), rms_diff(&outs[2], &outs[0]));
     assert!(rotated < 0.7 * plain, "rms error {plain} unrotated, {rotated} rotated");
+}
+
+/// A uniform cache with fp16 windows holds its first `sinks` and last `recent` tokens raw
+/// and every other token exactly as the plain uniform cache does (same widths, same
+/// decoded values), through a prefill, decode steps and a second multi-row chunk; and
+/// the windows cost bytes.
+#[test]
+fn fp16_windows_hold_the_plain_uniform_codes_outside_them() {
+    let (recent, sinks) = (8, 3);
+    let mut rng = StdRng::seed_from_u64(11);
+    let plain = "uniform:4/3:noout+rot";
+    let windowed = format!("uniform:4/3:noout:recent={recent}:sinks={sinks}+rot");
+    let mut a = new_cache(CFG, KvPolicy::from_str(plain).unwrap()).unwrap();
+    let mut b = new_cache(CFG, KvPolicy::from_str(&windowed).unwrap()).unwrap();
+    let (kv, qw) = (CFG.n_kv_heads * CFG.head_dim, CFG.n_q_heads * CFG.head_dim);
+    // Chunks: shorter than the sinks, across the sinks, a long one, decode rows, a chunk
+    // shorter than the window.
+    for n in [2usize, 5, 30, 1, 1, 1, 4, 1, 1, 12, 1] {
+        let (k, v, q) = (rows(&mut rng, n, kv), rows(&mut rng, n, kv), rows(&mut rng, n, qw));
+        for layer in 0..CFG.n_layers {
+            for c in [&mut a, &mut b] {
+                c.append(layer, &k, &v).unwrap();
+                c.attend_rows(layer, &q, n).unwrap();
+            }
+        }
+        a.end_step().unwrap();
+        b.end_step().unwrap();
+        let len = a.len(0);
+        for layer in 0..CFG.n_layers {
+            let (da, db) = (a.dequantized(layer).unwrap(), b.dequantized(layer).unwrap());
+            for h in 0..CFG.n_kv_heads {
+                let ((ka, va), (kb, vb)) = (a.widths(layer, h).unwrap(), b.widths(layer, h).unwrap());
+                for t in 0..len {
+                    let raw = t < sinks || t + recent >= len;
+                    let want = if raw { (16, 16) } else { (ka[t], va[t]) };
+                    assert_eq!((kb[t], vb[t]), want, "len {len} layer {layer} head {h} token {t}");
+                    if !raw {
+                        let r = t * kv + h * CFG.head_dim..t * kv + (h + 1) * CFG.head_dim;
+                        assert_eq!(da.0[r.clone()], db.0[r.clone()], "keys, len {len} token {t}");
+                        assert_eq!(da.1[r.clone()], db.1[r], "values, len {len} token {t}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(a.len(0) > sinks + recent + 10);
+    assert!(b.bytes_used() > a.bytes_used(), "{} vs {}", b.bytes_used(), a.bytes_used());
 }

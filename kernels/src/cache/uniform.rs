@@ -1,5 +1,8 @@
 //! [`UniformCache`]: the uniform baselines, one width for every key (or raw fp16 keys)
-//! and one for every value, optionally with the paper's 1% exact outliers.
+//! and one for every value, optionally with the paper's 1% exact outliers, and
+//! optionally fp16 windows: the first `sinks` tokens and the `recent` most recent ones
+//! stay raw fp16, and a token leaving the recent window is encoded at the widths from
+//! its fp16 value (the codes an append at that width would have given).
 
 use super::layers::Layers;
 use super::policy_cache::PolicyCache;
@@ -17,6 +20,9 @@ pub struct UniformCache {
     policy: KvPolicy,
     spec: UniformSpec,
     layers: Layers,
+    /// Per layer and KV head, the tokens re-encoded since the last
+    /// [`PolicyCache::take_rewrites`], when a mirror tracks them.
+    rewritten: Option<Vec<Vec<Vec<u32>>>>,
 }
 
 impl UniformCache {
@@ -32,7 +38,7 @@ impl UniformCache {
         }
         let keys = || KStore::Packed(PackedStream::new(cfg.head_dim, qspec, spec.k_bits.is_none()));
         let layers = Layers::new(cfg, keys, qspec, spec.v_bits.is_none()).rotated(spec.rotate)?;
-        Ok(UniformCache { policy: KvPolicy::Uniform(spec), spec, layers })
+        Ok(UniformCache { policy: KvPolicy::Uniform(spec), spec, layers, rewritten: None })
     }
 }
 
@@ -50,7 +56,41 @@ impl PolicyCache for UniformCache {
         &self.policy
     }
     fn append(&mut self, layer: usize, k_rows: &[f32], v_rows: &[f32]) -> Result<()> {
-        let widths = (self.spec.k_bits.unwrap_or(RAW), self.spec.v_bits.unwrap_or(RAW));
-        self.layers.append(layer, k_rows, v_rows, widths)
+        let UniformSpec { k_bits, v_bits, recent, sinks, .. } = self.spec;
+        let widths = (k_bits.unwrap_or(RAW), v_bits.unwrap_or(RAW));
+        if recent == 0 && sinks == 0 {
+            return self.layers.append(layer, k_rows, v_rows, widths);
+        }
+        self.layers.check_rows(layer, k_rows, v_rows)?;
+        // Tokens `sinks..quantized(len)` are stored at the widths, the others raw.
+        let quantized = |len: usize| len.saturating_sub(recent).max(sinks);
+        let old = self.layers.len(layer);
+        let new = old + k_rows.len() / self.layers.cfg.row();
+        let (from, to) = (quantized(old), quantized(new));
+        // The new rows: raw sinks, then those already outside the window, then raw.
+        let a = sinks.clamp(old, new);
+        let b = to.clamp(a, new);
+        let runs = [(a - old, (RAW, RAW)), (b - a, widths), (new - b, (RAW, RAW))];
+        self.layers.append_runs(layer, k_rows, v_rows, &runs)?;
+        // Stored rows leaving the window.
+        let leaving = from..to.min(old);
+        if !leaving.is_empty() {
+            self.layers.reencode(layer, leaving.clone(), k_bits, widths.1)?;
+            if let Some(r) = &mut self.rewritten {
+                r[layer].iter_mut().for_each(|h| h.extend(leaving.clone().map(|t| t as u32)));
+            }
+        }
+        Ok(())
+    }
+
+    fn track_rewrites(&mut self) {
+        let c = self.layers.cfg;
+        self.rewritten.get_or_insert_with(|| vec![vec![Vec::new(); c.n_kv_heads]; c.n_layers]);
+    }
+
+    fn take_rewrites(&mut self, layer: usize, kv_head: usize) -> Option<[Vec<u32>; 2]> {
+        self.layers.head(layer, kv_head)?;
+        let r = self.rewritten.as_mut().map_or_else(Vec::new, |r| std::mem::take(&mut r[layer][kv_head]));
+        Some([r.clone(), r])
     }
 }

@@ -3,7 +3,8 @@
 //! [`attend_values`] (the probability-weighted values). [`super::attend_packed`] is the
 //! one after the other; a caller that runs them as separate tasks (the decode of one
 //! sequence on several cores) gets the same results. And [`window_pass`], what QAQ does
-//! with a decode row's probabilities.
+//! with a decode row's probabilities, and [`dense_scores`] / [`dense_values`], the
+//! register-tiled halves of a prefill's exact multi-row attention.
 
 use super::level::{Level, avx2, level};
 use super::portable;
@@ -35,14 +36,25 @@ pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t
                 }
             }
         }
-        // SAFETY: AVX2 and FMA detected.
-        unsafe { x86::attention::softmax_rows(probs, g, t) };
+        softmax_rows(probs, g, t);
         return;
     }
     if let Some(k) = keys {
         portable::packed_scores(k, qs, g, probs);
     }
-    portable::softmax_rows(probs, g, t);
+    softmax_rows(probs, g, t);
+}
+
+/// In-place softmax of each of the `g` rows of length `t` in `x`: at the AVX2 level and
+/// above `x86::attention`'s (vectorized exp and sums), else the portable one.
+pub(crate) fn softmax_rows(x: &mut [f32], g: usize, t: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: AVX2 and FMA detected.
+        unsafe { x86::attention::softmax_rows(x, g, t) };
+        return;
+    }
+    portable::softmax_rows(x, g, t);
 }
 
 /// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads over packed
@@ -64,6 +76,43 @@ pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mu
         return;
     }
     portable::weighted_values(v, probs, g, out);
+}
+
+/// Scores of many query vectors over f32 keys (`probs[offs[i] + t] = dot(q_i, k_t)` for
+/// `t < lens[i]`, `qs`: `[i][d]`, `k`: `[t][d]`), bit-identical to [`super::dot`] of each
+/// pair (for a prefill's multi-row attention, with [`softmax_rows`] and [`dense_values`]): `x86::dense512`'s register tiles at the AVX-512 level for head dims that are
+/// multiples of 16. Returns `false` without doing anything elsewhere (the caller then
+/// takes the primitives pair by pair, with the same results).
+pub(crate) fn dense_scores(k: &[f32], d: usize, qs: &[f32], lens: &[usize], offs: &[usize], probs: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && x86::dense512::fits(d) {
+        // SAFETY: AVX-512F, AVX2 and FMA detected; the kernel asserts the shapes.
+        unsafe { x86::dense512::scores(k, d, qs, lens, offs, probs) };
+        return true;
+    }
+    let _ = (k, d, qs, lens, offs, probs);
+    false
+}
+
+/// The weighted values of many query vectors (`out[i * d..][..d] = sum_{t < lens[i]}
+/// probs[offs[i] + t] * v_t`), bit-identical to [`super::axpy`] over `t` in order from
+/// zero; dispatched as [`dense_scores`].
+pub(crate) fn dense_values(
+    v: &[f32],
+    d: usize,
+    probs: &[f32],
+    lens: &[usize],
+    offs: &[usize],
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && x86::dense512::fits(d) {
+        // SAFETY: as in `dense_scores`.
+        unsafe { x86::dense512::values(v, d, probs, lens, offs, out) };
+        return true;
+    }
+    let _ = (v, d, probs, lens, offs, out);
+    false
 }
 
 /// The window update of one (layer, KV head) after a decode row, over every token (the

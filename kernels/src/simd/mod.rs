@@ -40,7 +40,9 @@
 //!   `x86::attention512`, its AVX-512 version for head dims that are multiples of 64
 //!   (64 codes of any width unpacked at once, 16-lane vectors; with [`vnni()`], blocks of
 //!   one quantized width accumulate their values in 16-bit integer products);
-//!   `x86::window`, QAQ's window pass eight tokens at a time; `x86::matmul`, the
+//!   `x86::window`, QAQ's window pass eight tokens at a time; `x86::dense512`, the
+//!   register-tiled exact attention of many query rows over f32 keys and values (a
+//!   prefill chunk), bit-identical to the primitives row by row; `x86::matmul`, the
 //!   register blocks of [`linear_rows`];
 //!   `x86::quant512`, the AVX-512 group encoder (four groups in lock step) and decoder;
 //!   `x86::quant`, the AVX2 group encoder (two groups) and decoder, and the AVX2 level's
@@ -80,7 +82,7 @@ pub use crate::base::h2f;
 pub use level::{Level, level, vnni};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
 
-pub(crate) use attend::{attend_probs, attend_values, window_pass};
+pub(crate) use attend::{attend_probs, attend_values, dense_scores, dense_values, softmax_rows, window_pass};
 pub(crate) use rule::{Observed, UNDECIDED, WidthRule};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};
