@@ -328,7 +328,7 @@ fn device_kv_tier_attends_like_the_cpu_cache_through_requantization() {
     let gpu = gpu();
     let cfg = CacheConfig { n_layers: 2, n_kv_heads: 3, n_q_heads: 9, head_dim: 64 };
     let (row, qrow) = (3 * 64, 9 * 64);
-    for label in ["qaq-tuned", "qaq", "uniform:4", "fp16", "uniform:4/3:noout+rot", "qaq-tuned+rot"] {
+    for label in ["qaq-tuned", "qaq", "uniform:4", "fp16", "uniform:6/3:noout+rot", "qaq-tuned+rot"] {
         let policy = KvPolicy::from_str(label).unwrap();
         let (mut cpu, mut dev) = (new_cache(cfg, policy).unwrap(), new_cache(cfg, policy).unwrap());
         let mut tier = DeviceKv::new(&mut *dev).unwrap();
