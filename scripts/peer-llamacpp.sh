@@ -13,9 +13,11 @@
 #   2. llama.cpp (flash attention on, -t THREADS): pp512 and tg128 with the default f16
 #      cache, then decode (tg32) at depth 2016 and 8160 (= contexts 2048 and 8192 after
 #      the 32 decoded tokens) with f16 K/V and with q4_0 K/V (-ctk q4_0 -ctv q4_0).
+#      QAQ_PEER_CTX_GEN=N decodes N tokens instead of 32 at those contexts, on both sides
+#      (steadier long-context figures; docs/results/peer-llamacpp.md uses 128).
 #   3. qaq (built with cargo unless --no-build, RAYON_NUM_THREADS=THREADS):
 #      `qaq-worker bench` batch mode (--batch 1,8, fp16 cache) and context mode
-#      (--contexts 2048,8192 --policies "fp16;DEFAULT;qaq-tuned" --tokens 32, where
+#      (--contexts 2048,8192 --policies "fp16;DEFAULT;qaq-tuned" --tokens 32 (or N), where
 #      DEFAULT is the worker's default KV policy, read from worker/src/config.rs).
 #   4. Prints one table with every ratio from this run (qaq / llama.cpp); the raw outputs
 #      go to target/peer/<timestamp>/ (or --results DIR).
@@ -70,7 +72,9 @@ PRINT_PPL=0
 
 # The contexts compared, and the tokens decoded at each (context = prompt + decoded).
 CONTEXTS=(2048 8192)
-CTX_GEN=32
+# QAQ_PEER_CTX_GEN: more decoded tokens give steadier long-context figures (each side's
+# per-token time is averaged over them).
+CTX_GEN=${QAQ_PEER_CTX_GEN:-32}
 # The worker's default KV policy (what `qaq-worker serve` runs without --kv-policy),
 # and QAQ with adaptive widths.
 DEFAULT_POLICY=$(sed -n 's/^pub const DEFAULT_KV_POLICY: &str = "\(.*\)";$/\1/p' "$(dirname "$0")/../worker/src/config.rs")
