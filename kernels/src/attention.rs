@@ -201,13 +201,8 @@ mod tests {
     fn simd_attention_matches_reference() {
         use crate::kivi::KiviKeys;
         use crate::quant::{OutlierMode, Outliers, Scheme};
-        let mut seed = 12345u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::testutil::Rng(12345);
+        let mut rnd = move || rng.f();
         for d in [8usize, 24, 64, 72, 128] {
             for (scheme, alpha) in [
                 (Scheme::Midpoint, 0.01),
@@ -258,13 +253,8 @@ mod tests {
     #[test]
     fn quantized_blocks_match_reference_at_every_wide_head_dim() {
         use crate::quant::{OutlierMode, Outliers, Scheme};
-        let mut seed = 777u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::testutil::Rng(777);
+        let mut rnd = move || rng.f();
         for d in [64usize, 128, 192, 256] {
             for alpha in [0.0, 0.02] {
                 for mixed in [false, true] {
@@ -380,13 +370,8 @@ mod tests {
     /// longer than a key block.
     #[test]
     fn dense_rows_are_the_row_by_row_attention() {
-        let mut seed = 777u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = crate::testutil::Rng(777);
+        let mut rnd = move || rng.f();
         let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for (d, g, n, first) in [
             (64, 3, 19, 1),

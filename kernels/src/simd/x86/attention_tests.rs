@@ -13,13 +13,8 @@ fn the_wide_build_is_bit_identical_to_the_avx2_build() {
     if level() != Level::Avx512 {
         return;
     }
-    let mut seed = 99u64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
+    let mut rng = crate::testutil::Rng(99);
+    let mut rnd = move || rng.f();
     for d in [8usize, 24, 64, 128] {
         for (scheme, alpha) in [(Scheme::Midpoint, 0.01), (Scheme::Midpoint, 0.05), (Scheme::MeanCentred, 0.0)] {
             let spec = QuantSpec { scheme, outliers: Outliers { alpha, mode: OutlierMode::Total } };
