@@ -80,8 +80,9 @@ pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mu
 
 /// Scores of many query vectors over f32 keys (`probs[offs[i] + t] = dot(q_i, k_t)` for
 /// `t < lens[i]`, `qs`: `[i][d]`, `k`: `[t][d]`), bit-identical to [`super::dot`] of each
-/// pair (for a prefill's multi-row attention, with [`softmax_rows`] and [`dense_values`]): `x86::dense512`'s register tiles at the AVX-512 level for head dims that are
-/// multiples of 16. Returns `false` without doing anything elsewhere (the caller then
+/// pair; with [`softmax_rows`] and [`dense_values`], a prefill's multi-row attention.
+/// `x86::dense512`'s register tiles at the AVX-512 level for head dims that are
+/// multiples of 16; returns `false` without doing anything elsewhere (the caller then
 /// takes the primitives pair by pair, with the same results).
 pub(crate) fn dense_scores(k: &[f32], d: usize, qs: &[f32], lens: &[usize], offs: &[usize], probs: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
