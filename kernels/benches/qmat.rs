@@ -7,9 +7,9 @@
 //!   the GB/s of weight bytes read at m = 1;
 //! - the fork-join cost of the kernels' pool against rayon's;
 //! - one forward pass's sequence of matmuls (7 per layer x 30 layers in Q4_1, plus the
-//!   Q8_0 head): decode (all 211 at m = 1) and prefill (the 210 layer calls at m = 512,
-//!   the head on the last row only), with the tokens/s they bound, on the kernels' pool,
-//!   on rayon's and on one thread.
+//!   Q8_0 head): decode (all 211 at m = 1), decode of 8 sequences (all at m = 8) and
+//!   prefill (the 210 layer calls at m = 512, the head on the last row only), with the
+//!   tokens/s they bound, on the kernels' pool, on rayon's and on one thread.
 //!
 //! Times are the fastest of repeated runs (the least disturbed on a shared machine).
 //!
@@ -233,16 +233,20 @@ fn bench_forward(_c: &mut Criterion) {
         md.layers.iter().flatten().map(|w| (w.dequantize(), w.rows(), w.cols())).collect();
     let head = md.head.dequantize();
     let one = Pool::new(1);
-    for (m, head_m) in [(1, 1), (512, 1)] {
+    for (m, head_m) in [(1, 1), (8, 8), (512, 1)] {
         let x = values(m * 576, 21);
         let xd = values(m * 1536, 23);
         let mut out = vec![0f32; m.max(head_m) * 49152];
-        let b = if m == 1 { budget() * 5 } else { budget() * 10 };
+        let b = if m < 512 { budget() * 5 } else { budget() * 10 };
         let q = best(b, || forward(pool::global(), &md, &x, &xd, m, head_m, &mut out));
         let r = best(b, || forward(&Rayon, &md, &x, &xd, m, head_m, &mut out));
         let q1 = best(b, || forward(&one, &md, &x, &xd, m, head_m, &mut out));
         let f = best(b, || forward_f32(&ws, &head, &x, &xd, m, head_m, &mut out));
-        let what = if m == 1 { "decode (211 calls at m=1)" } else { "prefill (210 calls at m=512, head at m=1)" };
+        let what = match m {
+            1 => "decode (211 calls at m=1)",
+            8 => "decode of 8 sequences (211 calls at m=8)",
+            _ => "prefill (210 calls at m=512, head at m=1)",
+        };
         let gbs = if m == 1 {
             format!(", {:.1} GB/s of {:.1} MB weights", bytes as f64 / q / 1e9, bytes as f64 / 1e6)
         } else {

@@ -12,7 +12,7 @@
 //! - [`simd`]: the one SIMD layer: every inner loop with its portable reference
 //!   ([`simd::scalar`]) and its x86-64 AVX2 / AVX-512 versions, chosen at one dispatch
 //!   point ([`simd::level`]; `QAQ_KERNELS_SCALAR`, `QAQ_KERNELS_NO_AVX512`,
-//!   `QAQ_KERNELS_NO_VNNI`): primitives, the group encoders and decoders, fused attention
+//!   `QAQ_KERNELS_NO_VNNI`, `QAQ_KERNELS_NO_INTERLEAVE`): primitives, the group encoders and decoders, fused attention
 //!   over packed K/V, [`simd::linear_rows`] (the worker's row-independent f32 matmul),
 //!   and the quantized matmul's kernels (GGUF block layouts, activation quantization,
 //!   integer dot products).

@@ -13,7 +13,10 @@
 //! `simd::qref` for the fixed float order): up to 7 rows with kernels that decode each
 //! weight block once for 1 or 4 rows; from 8 rows (prefill) with GEMMs that unpack a
 //! task's weights once into an interleaved layout and run register tiles of rows x
-//! weight rows. Float weights take the f32 kernels of [`crate::simd::linear_rows`].
+//! weight rows. At the VNNI level, `Q4_0`, `Q4_1` and `Q8_0` matrices keep their bytes
+//! in that interleaved order from the start (same size, reordered once in
+//! [`QMatrix::new`]), and every product, of any number of rows, runs the GEMM on them in
+//! place. Float weights take the f32 kernels of [`crate::simd::linear_rows`].
 //!
 //! Every output is computed the same way whatever the number of rows `m` and whichever
 //! rows share the call, at every SIMD level and whichever kernel runs it: the integer
@@ -38,16 +41,21 @@ use crate::error::{KernelError, Result};
 use crate::pool::{self, ParallelFor};
 use crate::simd::qdot::{self, OutTile};
 use crate::simd::qref;
+use std::borrow::Cow;
 
 /// A weight matrix of `rows` rows of `cols` values in a GGUF format: exactly the bytes
 /// of a GGUF tensor (`rows * row_bytes`, row-major, every row whole blocks). In GGUF's
-/// terms `cols` is `ne[0]` and `rows` the product of the other dimensions.
+/// terms `cols` is `ne[0]` and `rows` the product of the other dimensions. Where the
+/// level's GEMM reads a format in place (`simd::qdot::interleaves`), each row's bytes
+/// are held reordered (`simd::qdot::interleave_rows`; same size); [`QMatrix::data`]
+/// gives the GGUF bytes either way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QMatrix {
     format: QFormat,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    interleaved: bool,
 }
 
 impl QMatrix {
@@ -59,7 +67,12 @@ impl QMatrix {
         if data.len() != expected {
             return Err(KernelError::Shape { what: "QMatrix data (bytes)", expected, got: data.len() });
         }
-        Ok(QMatrix { format, rows, cols, data })
+        let mut data = data;
+        let interleaved = qdot::interleaves(format) && !data.is_empty();
+        if interleaved {
+            qdot::interleave_rows(format, &mut data, cols / format.block_values(), false);
+        }
+        Ok(QMatrix { format, rows, cols, data, interleaved })
     }
 
     /// Quantizes `values` (`rows * cols`, row-major) with a simple reference quantizer
@@ -97,14 +110,28 @@ impl QMatrix {
         self.cols
     }
 
-    /// The GGUF bytes.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// The GGUF bytes (a copy when the rows are held interleaved).
+    pub fn data(&self) -> Cow<'_, [u8]> {
+        if self.interleaved {
+            let mut d = self.data.clone();
+            qdot::interleave_rows(self.format, &mut d, self.cols / self.format.block_values(), true);
+            Cow::Owned(d)
+        } else {
+            Cow::Borrowed(&self.data)
+        }
     }
 
     /// The GGUF bytes, owned.
     pub fn into_data(self) -> Vec<u8> {
-        self.data
+        match self.data() {
+            Cow::Owned(d) => d,
+            Cow::Borrowed(_) => self.data,
+        }
+    }
+
+    /// Whether the rows are held in the interleaved order of the level's GEMM.
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
     }
 
     /// Bytes of the matrix (what one product reads).
@@ -117,10 +144,17 @@ impl QMatrix {
         self.data.len() / self.rows.max(1)
     }
 
-    /// Row `r`'s bytes.
-    pub fn row(&self, r: usize) -> &[u8] {
+    /// Row `r`'s GGUF bytes.
+    fn row(&self, r: usize) -> Cow<'_, [u8]> {
         let rb = self.row_bytes();
-        &self.data[r * rb..][..rb]
+        let row = &self.data[r * rb..][..rb];
+        if self.interleaved {
+            let mut d = row.to_vec();
+            qdot::interleave_rows(self.format, &mut d, self.cols / self.format.block_values(), true);
+            Cow::Owned(d)
+        } else {
+            Cow::Borrowed(row)
+        }
     }
 
     /// Dequantizes row `r` into `out` (`cols` values): the embedding lookup.
@@ -131,7 +165,7 @@ impl QMatrix {
         if out.len() != self.cols {
             return Err(KernelError::Shape { what: "dequantize_row output", expected: self.cols, got: out.len() });
         }
-        qref::dequantize_row(self.format, self.row(r), out);
+        qref::dequantize_row(self.format, &self.row(r), out);
         Ok(())
     }
 
@@ -140,14 +174,15 @@ impl QMatrix {
         let mut out = vec![0f32; self.rows * self.cols];
         if self.cols > 0 {
             for (r, o) in out.chunks_exact_mut(self.cols).enumerate() {
-                qref::dequantize_row(self.format, self.row(r), o);
+                qref::dequantize_row(self.format, &self.row(r), o);
             }
         }
         out
     }
 
     /// Reorders whole rows: row `i` becomes the former row `perm[i]`; `perm` must be a
-    /// permutation of `0..rows` (e.g. undoing llama.cpp's Q/K row permutation).
+    /// permutation of `0..rows` (e.g. undoing llama.cpp's Q/K row permutation). (Each
+    /// row's bytes move as a whole in either layout.)
     pub fn permute_rows(&mut self, perm: &[usize]) -> Result<()> {
         if perm.len() != self.rows {
             return Err(KernelError::Shape { what: "permute_rows permutation", expected: self.rows, got: perm.len() });
@@ -241,7 +276,7 @@ pub fn linear_in(pool: &dyn ParallelFor, w: &QMatrix, x: &QInput, out: &mut [f32
         let tile = base.columns_from(j0);
         // SAFETY: `out` holds `m * n` floats (checked); task `t` alone writes columns
         // `j0..j1` of every row, and the call returns after every task.
-        unsafe { qdot::matmul_task(w.format, &w.data[j0 * rb..j1 * rb], j1 - j0, k, x, tile) };
+        unsafe { qdot::matmul_task(w.format, w.interleaved, &w.data[j0 * rb..j1 * rb], j1 - j0, k, x, tile) };
     });
     Ok(())
 }

@@ -6,7 +6,9 @@
 //! [`Level::Scalar`], `QAQ_KERNELS_NO_AVX512` caps the level at [`Level::Avx2`] (to
 //! exercise that path). One capability flag refines the AVX-512 level: [`vnni()`]
 //! (AVX512_VNNI present, `QAQ_KERNELS_NO_VNNI` unset), for the quantized matmul and the
-//! attention's integer value tiles. The
+//! attention's integer value tiles; with it, `Q4_0`/`Q4_1`/`Q8_0` weights are stored in
+//! the GEMM's interleaved order (`qdot::interleaves`; `QAQ_KERNELS_NO_INTERLEAVE` keeps
+//! GGUF order, same results, to compare speeds). The
 //! dispatching functions (the primitives re-exported here from `prim`, the kernels
 //! defined here, and `qdot`'s) are the only code that looks at the level;
 //! everything above them (quantizer, store, attention, caches, the worker's matmul)

@@ -10,10 +10,16 @@
 //! or 2 weight rows) at once, and each output equals the single-row one (and the
 //! reference) bit for bit, whichever kernel ran it. Float weights take the f32 kernels
 //! of [`super::linear_rows`] (bit-exact).
+//!
+//! At the VNNI level, `Q4_0`, `Q4_1` and `Q8_0` weights are stored *interleaved*
+//! ([`interleaves`], [`interleave_rows`]): the same bytes as the GGUF rows, reordered
+//! once at load so that the VNNI GEMM reads them in place at every number of rows,
+//! instead of unpacking and transposing a task's weights on every call.
 
 use super::ggml::{InputKind, QFormat, QInput, QK, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::level::{avx2, vnni};
+pub(crate) use super::qref::OutTile;
 use super::qref::{self, InRow, RowMut};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
@@ -25,6 +31,9 @@ const ROWS: usize = 4;
 /// Activation rows from which the quantized formats take the GEMMs (AVX2 level; `Q8_0`
 /// at the VNNI level only).
 const GEMM_ROWS: usize = 8;
+/// Activation rows from which interleaved weights are still unpacked per call (their
+/// 4-bit codes split once, not once per register tile).
+const REPACK_ROWS: usize = 32;
 /// Activation rows per GEMM call (the rows one packed weight row meets before the next).
 const GEMM_TILE: usize = 64;
 /// Weight rows of a float format converted to f32 at a time.
@@ -57,7 +66,8 @@ pub(crate) fn quantize_input(
         }
         InputKind::Q8x32 => {
             let nbp = (cols / QK).div_ceil(8) * 8;
-            let gemm = m >= GEMM_ROWS && avx2_level();
+            // (At the VNNI level the interleaved weights take the GEMM at every `m`.)
+            let gemm = (m >= GEMM_ROWS || vnni_level()) && avx2_level();
             [cols, nbp, nbp, nbp, if gemm { 32 * nbp } else { 0 }]
         }
         InputKind::Q8x256 => {
@@ -103,10 +113,73 @@ pub(crate) fn quantize_input(
     }
 }
 
+/// Whether a weight matrix of format `f` is stored in the interleaved layout at this
+/// process's level (see [`interleave_rows`]): at the VNNI level, `Q4_0`, `Q4_1` and
+/// `Q8_0`, whose products then all run on `qgemm::gemm_interleaved_vnni`.
+/// `QAQ_KERNELS_NO_INTERLEAVE` keeps the GGUF order (the results are the same; for
+/// comparing speeds).
+pub(crate) fn interleaves(f: QFormat) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var_os("QAQ_KERNELS_NO_INTERLEAVE").is_some());
+    #[cfg(target_arch = "x86_64")]
+    return !off && vnni() && matches!(f, QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (f, off);
+        false
+    }
+}
+
+/// Reorders the rows in `data` (whole rows of `nb` blocks of `f`: `Q4_0`, `Q4_1` or
+/// `Q8_0`) from GGUF order into the interleaved layout, or back when `back`. The
+/// interleaved layout keeps each row's bytes in place as a whole and each group of 8
+/// consecutive blocks (the last group may hold fewer, `c`) in its own bytes, but within a
+/// group stores first the code bytes, 4 at a time: code bytes `4k..4k + 4` of block `t`
+/// at `4 * (c * k + t)` (so that one 32-byte load gives the 8 blocks' bytes `4k..4k + 4`,
+/// block `t` in 32-bit lane `t`), then the `c` f16 scales, then (`Q4_1`) the `c` f16
+/// minimums. The size is unchanged; nothing is added.
+pub(crate) fn interleave_rows(f: QFormat, data: &mut [u8], nb: usize, back: bool) {
+    assert!(matches!(f, QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0), "no interleaved layout for {f}");
+    let bb = f.block_bytes();
+    let head = if f == QFormat::Q4_1 { 4 } else { 2 };
+    let cb = bb - head;
+    assert!(nb > 0 && data.len().is_multiple_of(nb * bb), "whole rows of {nb} blocks");
+    let mut tmp = vec![0u8; 8 * bb];
+    for row in data.chunks_exact_mut(nb * bb) {
+        for group in row.chunks_mut(8 * bb) {
+            let c = group.len() / bb;
+            let tmp = &mut tmp[..group.len()];
+            // Moves `len` bytes between GGUF position `g` and interleaved position `i`.
+            let mut mv = |g: usize, i: usize, len: usize| {
+                let (from, to) = if back { (i, g) } else { (g, i) };
+                tmp[to..to + len].copy_from_slice(&group[from..from + len]);
+            };
+            for t in 0..c {
+                mv(t * bb, c * cb + 2 * t, 2);
+                if head == 4 {
+                    mv(t * bb + 2, c * cb + 2 * c + 2 * t, 2);
+                }
+                for k in 0..cb / 4 {
+                    mv(t * bb + head + 4 * k, 4 * (c * k + t), 4);
+                }
+            }
+            group.copy_from_slice(tmp);
+        }
+    }
+}
+
 /// Whether the AVX2 kernels (and so the GEMMs) run (false off x86-64).
 fn avx2_level() -> bool {
     #[cfg(target_arch = "x86_64")]
     return avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the VNNI kernels run (false off x86-64).
+fn vnni_level() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return vnni();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -174,36 +247,6 @@ fn quantize_row(kind: InputKind, x: &[f32], r: RowMut<'_>) {
     qref::quantize_row(kind, x, r);
 }
 
-/// Where a task writes: output `(i, j)` (activation row `i`, the task's weight row `j`)
-/// at `ptr + i * stride + j`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct OutTile {
-    pub(crate) ptr: *mut f32,
-    pub(crate) stride: usize,
-}
-
-// SAFETY: an `OutTile` is a plain address; the tasks that share one write disjoint
-// elements (the contract of `matmul_task`).
-unsafe impl Send for OutTile {}
-// SAFETY: as above.
-unsafe impl Sync for OutTile {}
-
-impl OutTile {
-    /// The tile whose column 0 is this one's column `j`.
-    #[inline]
-    pub(crate) fn columns_from(self, j: usize) -> OutTile {
-        OutTile { ptr: self.ptr.wrapping_add(j), stride: self.stride }
-    }
-
-    /// # Safety
-    /// Element `(i, j)` is valid for writes and written by no one else meanwhile.
-    #[inline]
-    unsafe fn put(self, i: usize, j: usize, v: f32) {
-        // SAFETY: the caller's contract.
-        unsafe { *self.ptr.add(i * self.stride + j) = v };
-    }
-}
-
 /// One task of the matmul: the `n` weight rows `w` (whole rows of format `f`, `cols`
 /// values each) against every row of `input` (`cols` values per row, quantized for
 /// `f`); writes output `(i, j)` for `i < input.rows()`, `j < n` into `out`. Activation
@@ -213,7 +256,15 @@ impl OutTile {
 /// # Safety
 /// Every element `(i, j)` of `out` in that range is valid for writes, and no one else
 /// accesses them during the call.
-pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, out: OutTile) {
+pub(crate) unsafe fn matmul_task(
+    f: QFormat,
+    interleaved: bool,
+    w: &[u8],
+    n: usize,
+    cols: usize,
+    input: &QInput,
+    out: OutTile,
+) {
     let m = input.m;
     if f.input_kind() == InputKind::Float {
         // SAFETY: forwarded contract.
@@ -221,11 +272,20 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if !input.qsi.is_empty() && (vnni() || f != QFormat::Q8_0) {
+    if interleaved {
+        assert!(interleaves(f) && !input.qsi.is_empty(), "interleaved {f} weights at this level");
+        let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
+        // SAFETY: forwarded contract; VNNI (`interleaves`), interleaved codes (checked).
+        unsafe { gemm_task(f, true, w, n, cols, input, &rows, out) };
+        return;
+    }
+    assert!(!interleaved, "interleaved weights off x86-64");
+    #[cfg(target_arch = "x86_64")]
+    if m >= GEMM_ROWS && !input.qsi.is_empty() && (vnni() || f != QFormat::Q8_0) {
         let rows: Vec<InRow<'_>> = (0..m).map(|i| input.row(i)).collect();
         // SAFETY: forwarded contract; `qsi` is only filled at the AVX2 level; the
         // condition above.
-        unsafe { gemm_task(f, w, n, cols, input, &rows, out) };
+        unsafe { gemm_task(f, false, w, n, cols, input, &rows, out) };
         return;
     }
     if m == 1 {
@@ -259,17 +319,31 @@ pub(crate) unsafe fn matmul_task(f: QFormat, w: &[u8], n: usize, cols: usize, in
     });
 }
 
-/// [`matmul_task`] with the GEMMs (VNNI, else AVX2): the weight rows packed once, then
-/// every tile of [`GEMM_TILE`] activation rows against them.
+/// [`matmul_task`] with the GEMMs (VNNI, else AVX2): the weight rows packed once (unless
+/// `interleaved`: then read in place), then every tile of [`GEMM_TILE`] activation rows
+/// against them.
 ///
 /// # Safety
-/// As [`matmul_task`]; the CPU supports the AVX2 level (and VNNI when [`vnni()`]);
-/// `input.qsi` holds the interleaved codes; `f` is not `Q8_0` without VNNI.
+/// As [`matmul_task`]; the CPU supports the AVX2 level (and VNNI when [`vnni()`] or
+/// `interleaved`); `input.qsi` holds the interleaved codes; `f` is not `Q8_0` without
+/// VNNI.
 #[cfg(target_arch = "x86_64")]
-unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput, rows: &[InRow<'_>], out: OutTile) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_task(
+    f: QFormat,
+    interleaved: bool,
+    w: &[u8],
+    n: usize,
+    cols: usize,
+    input: &QInput,
+    rows: &[InRow<'_>],
+    out: OutTile,
+) {
     type Scratch = (qgemm::Packed, qgemm_k::PackedK, Vec<f32>);
     /// One GEMM call: activation rows, their interleaved codes, the results.
     type Gemm<'a> = &'a dyn Fn(&[InRow<'_>], &[i8], &mut [f32]);
+    /// One GEMM call that writes its outputs itself.
+    type GemmOut<'a> = &'a dyn Fn(&[InRow<'_>], &[i8], OutTile);
     thread_local! {
         /// Each thread's packed weights and results, kept between calls (no allocation
         /// or page faults in the steady state).
@@ -278,9 +352,16 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
     let (m, vn) = (input.m, vnni());
     let stride = input.qsi.len() / m;
     SCRATCH.with_borrow_mut(|(packed, packed_k, res)| {
-        res.resize(n * GEMM_TILE.min(m), 0.0);
+        // Runs `gemm` on every tile of activation rows, into `out`.
+        let direct = |gemm: GemmOut<'_>| {
+            for i0 in (0..m).step_by(GEMM_TILE) {
+                let mt = (m - i0).min(GEMM_TILE);
+                gemm(&rows[i0..i0 + mt], &input.qsi[i0 * stride..], out.rows_from(i0));
+            }
+        };
         // Runs `gemm` on every tile of activation rows and writes its results out.
         let mut tiles = |gemm: Gemm<'_>| {
+            res.resize(n * GEMM_TILE.min(m), 0.0);
             for i0 in (0..m).step_by(GEMM_TILE) {
                 let mt = (m - i0).min(GEMM_TILE);
                 gemm(&rows[i0..i0 + mt], &input.qsi[i0 * stride..], &mut res[..n * mt]);
@@ -293,9 +374,24 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
             }
         };
         macro_rules! go {
-            ($($c:ident),*; $($k:ident),*) => {
+            ($($i:ident),*; $($c:ident),*; $($k:ident),*) => {
                 match f.block_values() {
                     QK => match qdot::code(f) {
+                        $(qdot::$i if interleaved && m >= REPACK_ROWS => {
+                            // SAFETY: VNNI (the contract); bounds are checked by the
+                            // callees.
+                            unsafe { qgemm::pack_interleaved_vnni::<{ qdot::$i }>(w, n, cols / QK, packed) };
+                            // SAFETY: as above; `packed` holds the `n` rows; the tile's
+                            // outputs are this task's (the contract).
+                            direct(&|x, xi, o| unsafe { qgemm::gemm_vnni::<{ qdot::$i }>(packed, n, x, xi, o) });
+                        },)*
+                        $(qdot::$i if interleaved => {
+                            // SAFETY: VNNI (the contract); bounds are checked by the
+                            // callee; the tile's outputs are this task's.
+                            direct(&|x, xi, o| unsafe {
+                                qgemm::gemm_interleaved_vnni::<{ qdot::$i }>(w, n, cols / QK, x, xi, o)
+                            });
+                        },)*
                         $(qdot::$c => {
                             // SAFETY: VNNI detected (bounds are checked by the callees).
                             unsafe {
@@ -306,12 +402,12 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
                                 }
                             };
                             // SAFETY: as above; `packed` holds the `n` rows of format `f`
-                            // for this ISA.
-                            tiles(&|x, xi, r| unsafe {
+                            // for this ISA; the tile's outputs are this task's.
+                            direct(&|x, xi, o| unsafe {
                                 if vn {
-                                    qgemm::gemm_vnni::<{ qdot::$c }>(packed, n, x, xi, r)
+                                    qgemm::gemm_vnni::<{ qdot::$c }>(packed, n, x, xi, o)
                                 } else {
-                                    qgemm::gemm_avx2::<{ qdot::$c }>(packed, n, x, xi, r)
+                                    qgemm::gemm_avx2::<{ qdot::$c }>(packed, n, x, xi, o)
                                 }
                             });
                         },)*
@@ -335,7 +431,7 @@ unsafe fn gemm_task(f: QFormat, w: &[u8], n: usize, cols: usize, input: &QInput,
                 }
             };
         }
-        go!(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
+        go!(Q4_0, Q4_1, Q8_0; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
     });
 }
 

@@ -346,3 +346,39 @@ pub(crate) fn dot_k(f: QFormat, wrow: &[u8], x: InRow<'_>) -> f32 {
 pub(crate) fn dot_row(f: QFormat, wrow: &[u8], x: InRow<'_>) -> f32 {
     if f.block_values() == QK { dot_b32(f, wrow, x) } else { dot_k(f, wrow, x) }
 }
+
+/// Where a task writes: output `(i, j)` (activation row `i`, the task's weight row `j`)
+/// at `ptr + i * stride + j`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OutTile {
+    pub(crate) ptr: *mut f32,
+    pub(crate) stride: usize,
+}
+
+// SAFETY: an `OutTile` is a plain address; the tasks that share one write disjoint
+// elements (the contract of `matmul_task`).
+unsafe impl Send for OutTile {}
+// SAFETY: as above.
+unsafe impl Sync for OutTile {}
+
+impl OutTile {
+    /// The tile whose column 0 is this one's column `j`.
+    #[inline]
+    pub(crate) fn columns_from(self, j: usize) -> OutTile {
+        OutTile { ptr: self.ptr.wrapping_add(j), stride: self.stride }
+    }
+
+    /// The tile whose row 0 is this one's row `i`.
+    #[inline]
+    pub(crate) fn rows_from(self, i: usize) -> OutTile {
+        OutTile { ptr: self.ptr.wrapping_add(i * self.stride), stride: self.stride }
+    }
+
+    /// # Safety
+    /// Element `(i, j)` is valid for writes and written by no one else meanwhile.
+    #[inline]
+    pub(crate) unsafe fn put(self, i: usize, j: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.ptr.add(i * self.stride + j) = v };
+    }
+}

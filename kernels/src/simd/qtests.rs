@@ -224,21 +224,33 @@ fn matmul_task_matches_reference_at_this_level() {
         let data = random_blocks(f, n, cols, &mut rng);
         let x = activations(m * cols, &mut rng);
         let input = QInput::new(f, &x, m, cols).unwrap();
-        let mut out = vec![f32::NAN; m * n];
-        // SAFETY: `out` holds m * n floats, this thread alone writes them.
-        unsafe { qdot::matmul_task(f, &data, n, cols, &input, OutTile { ptr: out.as_mut_ptr(), stride: n }) };
         let rb = f.row_bytes(cols).unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let wr = &data[j * rb..][..rb];
-                let want = if f.input_kind() == InputKind::Float {
-                    let mut w = vec![0f32; cols];
-                    qref::dequantize_row(f, wr, &mut w);
-                    super::scalar::row_dot(&x[i * cols..][..cols], &w)
-                } else {
-                    qref::dot_row(f, wr, input.row(i))
-                };
-                assert_eq!(out[i * n + j].to_bits(), want.to_bits(), "{f} ({i}, {j})");
+        let mut inter = data.clone();
+        let layouts = if qdot::interleaves(f) {
+            qdot::interleave_rows(f, &mut inter, cols / f.block_values(), false);
+            &[false, true][..]
+        } else {
+            &[false][..]
+        };
+        for &interleaved in layouts {
+            let mut out = vec![f32::NAN; m * n];
+            let w = if interleaved { &inter } else { &data };
+            // SAFETY: `out` holds m * n floats, this thread alone writes them.
+            unsafe {
+                qdot::matmul_task(f, interleaved, w, n, cols, &input, OutTile { ptr: out.as_mut_ptr(), stride: n })
+            };
+            for i in 0..m {
+                for j in 0..n {
+                    let wr = &data[j * rb..][..rb];
+                    let want = if f.input_kind() == InputKind::Float {
+                        let mut w = vec![0f32; cols];
+                        qref::dequantize_row(f, wr, &mut w);
+                        super::scalar::row_dot(&x[i * cols..][..cols], &w)
+                    } else {
+                        qref::dot_row(f, wr, input.row(i))
+                    };
+                    assert_eq!(out[i * n + j].to_bits(), want.to_bits(), "{f} interleaved {interleaved} ({i}, {j})");
+                }
             }
         }
     }
@@ -287,16 +299,18 @@ fn gemm_matches_reference_bit_for_bit_at_every_isa() {
                 }
                 let mut packed = qgemm::Packed::default();
                 let mut res = vec![f32::NAN; n * m];
+                let out = OutTile { ptr: res.as_mut_ptr(), stride: n };
                 macro_rules! run {
                     ($c:ident) => {{
-                        // SAFETY: the ISA's features were detected (bounds checked).
+                        // SAFETY: the ISA's features were detected (bounds checked); `out`
+                        // holds m x n outputs.
                         unsafe {
                             if vn {
                                 qgemm::pack_vnni::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
-                                qgemm::gemm_vnni::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                                qgemm::gemm_vnni::<{ k32::$c }>(&packed, n, &rows, &xi, out);
                             } else {
                                 qgemm::pack_avx2::<{ k32::$c }>(&data, n, cols / QK, &mut packed);
-                                qgemm::gemm_avx2::<{ k32::$c }>(&packed, n, &rows, &xi, &mut res);
+                                qgemm::gemm_avx2::<{ k32::$c }>(&packed, n, &rows, &xi, out);
                             }
                         }
                     }};
@@ -311,10 +325,74 @@ fn gemm_matches_reference_bit_for_bit_at_every_isa() {
                 for j in 0..n {
                     for i in 0..m {
                         let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
-                        assert_eq!(res[j * m + i].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
+                        assert_eq!(res[i * n + j].to_bits(), want.to_bits(), "{f} vnni {vn} cols {cols} ({i}, {j})");
                     }
                 }
             }
+            // The same rows stored interleaved, read in place, with 1 to `m` rows.
+            if !has_vnni || !matches!(f, QFormat::Q4_0 | QFormat::Q4_1 | QFormat::Q8_0) {
+                continue;
+            }
+            let mut inter = data.clone();
+            qdot::interleave_rows(f, &mut inter, cols / QK, false);
+            for mm in [1, 2, 3, 5, m] {
+                let mut res = vec![f32::NAN; n * mm];
+                let out = OutTile { ptr: res.as_mut_ptr(), stride: n };
+                macro_rules! run {
+                    ($c:ident) => {
+                        // SAFETY: VNNI detected (bounds checked); `out` holds mm x n
+                        // outputs.
+                        unsafe {
+                            qgemm::gemm_interleaved_vnni::<{ k32::$c }>(&inter, n, cols / QK, &rows[..mm], &xi, out)
+                        }
+                    };
+                }
+                match f {
+                    QFormat::Q4_0 => run!(Q4_0),
+                    QFormat::Q4_1 => run!(Q4_1),
+                    _ => run!(Q8_0),
+                }
+                for j in 0..n {
+                    for i in 0..mm {
+                        let want = qref::dot_row(f, &data[j * rb..][..rb], input.row(i));
+                        assert_eq!(
+                            res[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "{f} interleaved cols {cols} m {mm} ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The interleaved layout is a reordering of the GGUF bytes: back and forth is the
+/// identity, every byte moves, and a group's first code bytes are its blocks' first.
+#[test]
+fn the_interleaved_layout_round_trips() {
+    let mut rng = Rng(23);
+    for f in [QFormat::Q4_0, QFormat::Q4_1, QFormat::Q8_0] {
+        for cols in [32, 96, 256, 576, 800] {
+            let nb = cols / QK;
+            let data = random_blocks(f, 3, cols, &mut rng);
+            let mut inter = data.clone();
+            qdot::interleave_rows(f, &mut inter, nb, false);
+            assert_eq!(inter.len(), data.len());
+            let mut sorted = (data.clone(), inter.clone());
+            sorted.0.sort_unstable();
+            sorted.1.sort_unstable();
+            assert_eq!(sorted.0, sorted.1, "{f} {cols}: a permutation of the bytes");
+            if nb > 1 {
+                assert_ne!(inter, data, "{f} {cols}");
+            }
+            // Block 1's first 4 code bytes follow block 0's.
+            let (bb, head) = (f.block_bytes(), if f == QFormat::Q4_1 { 4 } else { 2 });
+            if nb > 1 {
+                assert_eq!(inter[4..8], data[bb + head..bb + head + 4], "{f} {cols}");
+            }
+            qdot::interleave_rows(f, &mut inter, nb, true);
+            assert_eq!(inter, data, "{f} {cols}");
         }
     }
 }

@@ -94,6 +94,27 @@ impl Sampler {
 
 /// Index of the largest logit (the first one on ties); NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
+    // The largest value over 16 independent lanes (vectorized), then its first index;
+    // with a NaN anywhere, the scalar rule below.
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut nan = false;
+    let chunks = logits.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            nan |= x.is_nan();
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for (m, &x) in lanes.iter_mut().zip(tail) {
+        nan |= x.is_nan();
+        *m = if x > *m { x } else { *m };
+    }
+    if !nan && !logits.is_empty() {
+        let max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        return logits.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    }
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
         if l > logits[best] || logits[best].is_nan() {
@@ -106,6 +127,40 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_is_the_first_largest_and_skips_nan() {
+        // The plain rule, one comparison per logit.
+        fn plain(l: &[f32]) -> u32 {
+            let mut best = 0;
+            for (i, &x) in l.iter().enumerate() {
+                if x > l[best] || l[best].is_nan() {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        for len in [1, 2, 15, 16, 17, 33, 49152] {
+            for case in 0..6 {
+                let mut l: Vec<f32> = (0..len).map(|_| (next() % 50) as f32 - 25.0).collect();
+                match case {
+                    1 => l.iter_mut().for_each(|x| *x = f32::NEG_INFINITY),
+                    2 => l[next() as usize % len] = f32::NAN,
+                    3 => l[0] = f32::NAN,
+                    4 => l.iter_mut().for_each(|x| *x = if *x > 0.0 { -0.0 } else { 0.0 }),
+                    5 => l.iter_mut().for_each(|x| *x = f32::NAN),
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), plain(&l), "len {len} case {case}");
+            }
+        }
+        assert_eq!(argmax(&[1.0, 5.0, 5.0, f32::NAN]), 1);
+    }
 
     #[test]
     fn greedy_picks_the_max_and_penalty_can_change_it() {

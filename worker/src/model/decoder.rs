@@ -168,19 +168,30 @@ pub fn cache_step(
     mut device: Option<&mut DeviceAttend<'_>>,
 ) -> Result<Vec<Attended>> {
     if device.is_none() && items.len() > 1 {
-        use rayon::prelude::*;
         // Spans are consecutive: each item's output rows are the next `len * qw` values.
-        let mut outs = Vec::with_capacity(items.len());
+        // The items run on the kernels' pool, the one the matmuls use (a second pool's
+        // threads would compete with its waiting workers for the cores); a cache's own
+        // parallel work inside a task runs on that task's thread or on rayon's pool.
         let mut rest = out;
-        for &(_, len) in spans {
+        let mut work = Vec::with_capacity(items.len());
+        for (it, &(off, len)) in items.iter_mut().zip(spans) {
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len * qw);
-            outs.push(mine);
+            work.push(std::sync::Mutex::new((it, off, len, mine, Ok::<(), ModelError>(()))));
             rest = tail;
         }
-        items.par_iter_mut().zip(spans).zip(outs).try_for_each(|((it, &(off, len)), o)| -> Result<()> {
-            it.kv.append(layer, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
-            Ok(it.kv.attend(layer, &q[off * qw..(off + len) * qw], len, o)?)
-        })?;
+        qaq_kernels::pool::global().parallel_for(work.len(), &|i| {
+            let mut w = work[i].lock().unwrap_or_else(|e| e.into_inner());
+            let (it, off, len, o, res) = &mut *w;
+            let (off, len) = (*off, *len);
+            *res = (|| -> Result<()> {
+                it.kv.append(layer, &k[off * kvw..(off + len) * kvw], &v[off * kvw..(off + len) * kvw])?;
+                Ok(it.kv.attend(layer, &q[off * qw..(off + len) * qw], len, o)?)
+            })();
+        });
+        // The first item's error, if any (as alone, in order).
+        for w in work {
+            w.into_inner().unwrap_or_else(|e| e.into_inner()).4?;
+        }
         return Ok(vec![Attended::Host; items.len()]);
     }
     let mut at = Vec::with_capacity(items.len());
