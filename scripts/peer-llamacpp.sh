@@ -27,6 +27,20 @@
 # Usage
 #   scripts/peer-llamacpp.sh [--threads N] [--model PATH] [--quick] [--only-llama|--only-qaq]
 #                            [--no-build] [--results DIR] [--print-perplexity-bin]
+#   scripts/peer-llamacpp.sh --ppl-frontier [--threads N] [--model PATH] [--results DIR]
+#
+# Perplexity frontier (--ppl-frontier)
+#   llama-perplexity on WikiText-2 test (-c 8192, the first 2 chunks, second half of each
+#   scored) for llama.cpp's KV cache types f16, q8_0, q5_0, q4_1, q4_0 and iq4_nl, each
+#   quantized type with its Hadamard rotation (the default) and without it
+#   (LLAMA_ATTN_ROT_DISABLE=1), then a table: bits per value (the type's block bytes * 8 /
+#   block values), ratio = 16 / bits, PPL, and Δ against the f16 cache. This is the
+#   llama.cpp side of docs/results/frontier; qaq's side is `qaq-worker eval --tasks ppl
+#   --ppl-contexts 8192 --ppl-windows 2 --ppl-score second-half`. A run already logged in
+#   the results folder (its "Final estimate" line) is not repeated, so an interrupted run
+#   resumes. Each quantized cache takes 5-13 minutes on 2 cores.
+#   Environment: QAQ_PEER_PPL_TEXT (the text), QAQ_PEER_PPL_CTX (8192),
+#   QAQ_PEER_PPL_CHUNKS (2), QAQ_PEER_PPL_TYPES (the list above, space-separated).
 #
 # Perplexity with llama.cpp (for comparisons scored the same way)
 #   PPL=$(scripts/peer-llamacpp.sh --print-perplexity-bin)   # builds it if needed
@@ -69,6 +83,7 @@ RUN_QAQ=1
 BUILD_QAQ=1
 RESULTS=
 PRINT_PPL=0
+PPL_FRONTIER=0
 
 # The contexts compared, and the tokens decoded at each (context = prompt + decoded).
 CONTEXTS=(2048 8192)
@@ -96,6 +111,7 @@ Options
   --no-build              do not run cargo build (use the existing qaq-worker)
   --results DIR           where raw outputs go; default target/peer/<timestamp>
   --print-perplexity-bin  build llama.cpp if needed, print llama-perplexity's path, exit
+  --ppl-frontier          llama.cpp's KV cache types' perplexity at 8k, rotation on and off
 Environment: QAQ_PEER_CACHE (cache folder), CARGO_TARGET_DIR (qaq build folder).
 EOF
 }
@@ -110,6 +126,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD_QAQ=0; shift ;;
     --results) RESULTS=${2:?--results needs a value}; shift 2 ;;
     --print-perplexity-bin) PRINT_PPL=1; shift ;;
+    --ppl-frontier) PPL_FRONTIER=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option: $1 (see --help)" ;;
   esac
@@ -237,6 +254,74 @@ ensure_llama() {
 if [ "$PRINT_PPL" = 1 ]; then
   ensure_llama
   echo "$LLAMA_PPL"
+  exit 0
+fi
+
+# Bits per value of a llama.cpp cache type: its block's bytes * 8 / the values it holds
+# (ggml's type traits: q8_0 34 B / 32, q5_0 22 / 32, q5_1 24 / 32, q4_1 20 / 32,
+# q4_0 18 / 32, iq4_nl 18 / 32).
+cache_bits() {
+  case "$1" in
+    f16|bf16) echo 16 ;;
+    q8_0) echo 8.5 ;;
+    q5_1) echo 6 ;;
+    q5_0) echo 5.5 ;;
+    q4_1) echo 5 ;;
+    q4_0|iq4_nl) echo 4.5 ;;
+    *) die "cache type $1: bits per value unknown (add it to cache_bits)" ;;
+  esac
+}
+
+if [ "$PPL_FRONTIER" = 1 ]; then
+  [ -f "$MODEL" ] || die "model not found: $MODEL (make model)"
+  text=${QAQ_PEER_PPL_TEXT:-$ROOT/../shared/data/wikitext2/wiki.test.raw}
+  [ -f "$text" ] || die "text not found: $text (set QAQ_PEER_PPL_TEXT)"
+  ctx=${QAQ_PEER_PPL_CTX:-8192}
+  chunks=${QAQ_PEER_PPL_CHUNKS:-2}
+  types=${QAQ_PEER_PPL_TYPES:-f16 q8_0 q5_0 q4_1 q4_0 iq4_nl}
+  for t in $types; do cache_bits "$t" >/dev/null; done
+  ensure_llama
+  RESULTS=${RESULTS:-target/peer/ppl-$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$RESULTS"
+  cp "$LLAMA_BUILD/qaq-peer-build.txt" "$RESULTS/llama-build.txt"
+  log "raw outputs: $RESULTS"
+  runs=()
+  for t in $types; do
+    if [ "$t" = f16 ] || [ "$t" = bf16 ]; then runs+=("$t:none"); else runs+=("$t:rot" "$t:norot"); fi
+  done
+  for r in "${runs[@]}"; do
+    t=${r%%:*} rot=${r#*:} out=$RESULTS/ppl-${r/:/-}.log
+    if grep -q 'Final estimate' "$out" 2>/dev/null; then
+      log "llama.cpp: $t ($rot): already in $out"
+      continue
+    fi
+    log "llama.cpp: $t ($rot): llama-perplexity -c $ctx --chunks $chunks"
+    disable=0
+    [ "$rot" = norot ] && disable=1
+    if ! LLAMA_ATTN_ROT_DISABLE=$disable "$LLAMA_PPL" -m "$MODEL" -f "$text" -c "$ctx" -b "$ctx" \
+        -t "$THREADS" -fa on -ctk "$t" -ctv "$t" --chunks "$chunks" >"$out.part" 2>&1; then
+      tail -n 20 "$out.part" >&2
+      die "llama-perplexity failed ($out.part)"
+    fi
+    mv "$out.part" "$out"
+  done
+  {
+    echo "| llama.cpp KV cache (K and V) | bits/value | ratio vs f16 | PPL | Δ vs its f16 |"
+    echo "|---|---|---|---|---|"
+    base=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$RESULTS/ppl-f16-none.log" 2>/dev/null || true)
+    for r in "${runs[@]}"; do
+      t=${r%%:*} rot=${r#*:}
+      ppl=$(sed -n 's/.*Final estimate: PPL = \([0-9.]*\).*/\1/p' "$RESULTS/ppl-${r/:/-}.log")
+      bits=$(cache_bits "$t")
+      case $rot in rot) label="$t, Hadamard rotation" ;; norot) label="$t, rotation off" ;; *) label=$t ;; esac
+      "$PY" -c 'import sys
+label, bits, ppl, base = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+delta = "—" if not base or label.startswith("f16") else "%+.2f%%" % (100 * (ppl / float(base) - 1))
+print("| %s | %g | %.2f× | %.3f | %s |" % (label, bits, 16 / bits, ppl, delta))' "$label" "$bits" "$ppl" "$base"
+    done
+    echo
+    echo "llama-perplexity -c $ctx -b $ctx --chunks $chunks -t $THREADS -fa on, $(basename "$text"), $MODEL"
+  } | tee "$RESULTS/ppl-frontier.md"
   exit 0
 fi
 

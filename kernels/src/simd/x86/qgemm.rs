@@ -82,9 +82,8 @@ impl Weights for Packed {
     }
 }
 
-/// How far ahead of a group of interleaved weights its tile asks for the bytes to come.
-/// (1-2 KB measured best at 1 and 8 rows on a Zen 4 core: the next rows' bytes, while
-/// the hardware prefetchers follow several row streams less well.)
+/// How many bytes past a group of interleaved weights its tile asks for (1-2 KB measured
+/// best at 1 and 8 rows on a Zen 4 core, against 320 bytes, i.e. 2 groups, and 4 KB).
 const PREFETCH_AHEAD: usize = 1024;
 
 /// Rows of `Q4_0`, `Q4_1` or `Q8_0` in `simd::qdot`'s interleaved layout, `nb` blocks each,
@@ -330,12 +329,13 @@ pub(crate) unsafe fn interleave(qs: &[i8], out: &mut [i8]) {
     }
 }
 
-/// `R` x `C` outputs: activation rows `xs` (their interleaved codes at `xi`) times packed
-/// weight rows `j..j + C`, as `[row][weight row]`.
+/// `R` x `C` outputs: activation rows `xs` (their interleaved codes at `xi`) times weight
+/// rows `j..j + C` of `p`, as `[row][weight row]`.
 ///
 /// # Safety
-/// AVX2, FMA (and the ISA's features); `j + C <= ` the packed rows; every `xi` holds
-/// `32 * p.nbp` codes and every row's `d`, `sums`, `s` `p.nbp` entries.
+/// AVX2, FMA (and the ISA's features); `j + C <=` the rows of `p`; with `nbp = 8 *
+/// p.groups()`, every `xi` holds `32 * nbp` codes and every row's `d`, `sums`, `s` `nbp`
+/// entries.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // (`h` picks a vector of each weight row)
 unsafe fn tile<const F: u8, I: Isa, W: Weights, const R: usize, const C: usize>(
