@@ -101,9 +101,9 @@ def dominance(pts):
     qaq = [p for p in pts if p["family"] == "QAQ"]
     other = [p for p in pts if p["family"] in ("uniform", "KIVI", "llama.cpp") and p.get("type") != "f16"]
     lines, fails = [], 0
-    for r in sorted({round(p["ratio"], 3) for p in qaq + other if 3.0 <= p["ratio"] <= 8.0}):
-        bq = min((p for p in qaq if p["ratio"] >= r - 1e-9), key=lambda p: p["delta"], default=None)
-        bo = min((p for p in other if p["ratio"] >= r - 1e-9), key=lambda p: p["delta"], default=None)
+    for r in sorted({p["ratio"] for p in qaq + other if 3.0 <= p["ratio"] <= 8.0}):
+        bq = min((p for p in qaq if p["ratio"] >= r), key=lambda p: p["delta"], default=None)
+        bo = min((p for p in other if p["ratio"] >= r), key=lambda p: p["delta"], default=None)
         if bo is None:
             continue
         ok = bq is not None and bq["delta"] < bo["delta"]

@@ -40,7 +40,8 @@
 #   the results folder (its "Final estimate" line) is not repeated, so an interrupted run
 #   resumes. Each quantized cache takes 5-13 minutes on 2 cores.
 #   Environment: QAQ_PEER_PPL_TEXT (the text), QAQ_PEER_PPL_CTX (8192),
-#   QAQ_PEER_PPL_CHUNKS (2), QAQ_PEER_PPL_TYPES (the list above, space-separated).
+#   QAQ_PEER_PPL_CHUNKS (2), QAQ_PEER_PPL_TYPES (the list above, space-separated),
+#   QAQ_PEER_PPL_ROT ("rot norot": which of the two runs of each quantized type).
 #
 # Perplexity with llama.cpp (for comparisons scored the same way)
 #   PPL=$(scripts/peer-llamacpp.sh --print-perplexity-bin)   # builds it if needed
@@ -286,8 +287,15 @@ if [ "$PPL_FRONTIER" = 1 ]; then
   cp "$LLAMA_BUILD/qaq-peer-build.txt" "$RESULTS/llama-build.txt"
   log "raw outputs: $RESULTS"
   runs=()
+  rots=${QAQ_PEER_PPL_ROT:-rot norot}
   for t in $types; do
-    if [ "$t" = f16 ] || [ "$t" = bf16 ]; then runs+=("$t:none"); else runs+=("$t:rot" "$t:norot"); fi
+    if [ "$t" = f16 ] || [ "$t" = bf16 ]; then
+      runs+=("$t:none")
+    else
+      for r in $rots; do
+        case $r in rot|norot) runs+=("$t:$r") ;; *) die "QAQ_PEER_PPL_ROT: rot and/or norot, not '$r'" ;; esac
+      done
+    fi
   done
   for r in "${runs[@]}"; do
     t=${r%%:*} rot=${r#*:} out=$RESULTS/ppl-${r/:/-}.log
