@@ -186,6 +186,9 @@ impl Cluster {
     pub fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, RegistryError> {
         self.check_secret(&req.worker_id, &req.secret)?;
         let mut st = self.lock();
+        // Other workers' lapsed leases first, reported (gauges, channels) as
+        // at every sweep: the registry's heartbeat only looks at this one.
+        expire(&mut st);
         let before = st.registry.get(&req.worker_id).map(|w| w.state);
         let known = st.registry.heartbeat(&req.worker_id, req.load, req.draining, Instant::now());
         if !known {
@@ -769,6 +772,29 @@ mod tests {
         assert!(c.ready());
         c.close();
         assert!(!c.ready() && !*watch.borrow_and_update());
+    }
+
+    /// The race behind a flaky cluster test: when another worker's heartbeat
+    /// is the first call after a lease lapsed, the lapse is still reported
+    /// (gauges, readiness, the dead worker's channel dropped), not absorbed.
+    #[test]
+    fn a_lease_noticed_by_another_workers_heartbeat_still_updates_the_gauges() {
+        let recorder = crate::metrics::prometheus_builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let lease = Duration::from_millis(60);
+            let c = Cluster::new(Config { lease, ..Config::default() });
+            c.register(&reg("w1", 0)).unwrap();
+            c.register(&reg("w2", 0)).unwrap();
+            std::thread::sleep(lease / 2);
+            assert!(c.heartbeat(&HeartbeatRequest { worker_id: "w2".into(), ..Default::default() }).unwrap().known);
+            std::thread::sleep(lease / 2 + Duration::from_millis(20));
+            // w1 lapsed; w2's lease (renewed half a lease ago) did not.
+            assert!(c.heartbeat(&HeartbeatRequest { worker_id: "w2".into(), ..Default::default() }).unwrap().known);
+        });
+        let text = handle.render();
+        assert!(text.contains("qaq_coordinator_workers{state=\"down\"} 1"), "{text}");
+        assert!(text.contains("qaq_coordinator_workers{state=\"up\"} 1"), "{text}");
     }
 
     #[tokio::test]

@@ -123,11 +123,17 @@ impl Registry {
         Ok(&self.workers[&req.worker_id])
     }
 
-    /// Renews a lease. Returns false when the worker is unknown or DOWN: it
-    /// must register again.
+    /// Renews a lease. Returns false when the worker is unknown, DOWN, or its
+    /// own lease lapsed before this heartbeat (then it is marked DOWN here):
+    /// it must register again. Other workers' leases are left to
+    /// [`Self::expire`], whose caller reports what it marks DOWN.
     pub fn heartbeat(&mut self, worker_id: &str, load: Option<WorkerLoad>, draining: bool, now: Instant) -> bool {
-        self.expire(now);
+        let lease = self.lease;
         match self.workers.get_mut(worker_id) {
+            Some(w) if w.state != WorkerState::Down && now.saturating_duration_since(w.last_heartbeat) > lease => {
+                w.state = WorkerState::Down;
+                false
+            }
             Some(w) if w.state != WorkerState::Down => {
                 w.last_heartbeat = now;
                 if let Some(l) = load {
