@@ -21,7 +21,7 @@
 //! - [`scalar`]: the references of the primitives and of [`linear_rows`] (pure scalar
 //!   code, the [`Level::Scalar`] path).
 //! - `prim`: the dispatching primitives ([`dot`], [`axpy`], [`f16_bytes_to_f32`],
-//!   [`unpack_f32`], [`pack_append`]), on `level`, `scalar` and `prim::x86`, which also
+//!   [`unpack_f32`], [`pack_append`], [`silu_mul`]), on `level`, `scalar` and `prim::x86`, which also
 //!   holds the x86 helpers (`lane_mask`, the 8-lane horizontal sum, the F16C conversion)
 //!   that the composed x86 kernels share.
 //! - `portable`: the portable versions of the composed kernels (reference group encoder
@@ -82,7 +82,7 @@ mod x86;
 
 pub use crate::base::h2f;
 pub use level::{Level, level, vnni};
-pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
+pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, silu_mul, unpack_f32};
 
 pub(crate) use attend::{attend_probs, attend_values, dense_scores, dense_values, softmax_rows, window_pass};
 pub(crate) use rule::{Observed, UNDECIDED, WidthRule};

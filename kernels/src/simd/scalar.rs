@@ -1,5 +1,5 @@
 //! Scalar references of the SIMD primitives (dot product, axpy, f16 conversion, code
-//! unpacking and packing) and of every output of [`super::linear_rows`]: the code the
+//! unpacking and packing, the SwiGLU activation) and of every output of [`super::linear_rows`]: the code the
 //! x86 versions are tested against and the [`super::Level::Scalar`] path. Depends on
 //! nothing else in the crate. (The composed kernels' portable versions are in
 //! `simd::portable`.)
@@ -27,6 +27,47 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     for (a, v) in acc.iter_mut().zip(x) {
         *a += w * v;
+    }
+}
+
+/// Constants of [`exp`]: `log2(e)`, `ln 2` in two parts (the high part exact in 9
+/// bits, so `n * LN2_HI` is exact for the `n` that occur), and the degree-5 minimax
+/// polynomial of `(e^r - 1 - r) / r^2` on `|r| <= ln(2) / 2` (Cephes' `expf`), as the
+/// attention's softmax has always used them (its outputs are pinned).
+pub(crate) mod exp_consts {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    pub const P: [f32; 6] = [1.987_569_1e-4, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+    /// Inputs are clamped to `[LO, HI]`: `2^n` stays a normal float.
+    pub const LO: f32 = -87.0;
+    pub const HI: f32 = 88.0;
+}
+
+/// `e^x` within 2 ulp for `x` in `[-87, 88]` (clamped there outside, so it is never 0
+/// or infinite), in fused multiply-adds and exact steps only: `n = round(x log2 e)`,
+/// `r = x - n ln 2` in two parts, a degree-5 polynomial, times `2^n`. The AVX2 version
+/// performs the same IEEE operations, so the two agree bit for bit (libm's `expf` is
+/// correctly rounded more often, and a call per value).
+pub fn exp(x: f32) -> f32 {
+    use exp_consts::*;
+    let x = x.clamp(LO, HI);
+    let n = (x * LOG2E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = P[0];
+    for c in &P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = (p * r).mul_add(r, r + 1.0);
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The SwiGLU activation in place: `gate[i] = gate[i] / (1 + e^-gate[i]) * up[i]` (SiLU
+/// of the gate times the up projection), with [`exp`].
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp(-*g)) * u;
     }
 }
 

@@ -470,3 +470,51 @@ fn linear_rows_match_a_plain_dot_product() {
         }
     }
 }
+
+/// ulps between two finite floats of one sign.
+fn ulps(a: f32, b: f32) -> u32 {
+    a.to_bits().abs_diff(b.to_bits())
+}
+
+#[test]
+fn exp_is_within_2_ulp_of_the_true_value_over_its_range() {
+    let mut worst = (0, 0f32);
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let want = (x as f64).exp() as f32;
+        let u = ulps(scalar::exp(x), want);
+        if u > worst.0 {
+            worst = (u, x);
+        }
+        x += 0.000_97;
+    }
+    assert!(worst.0 <= 2, "{} ulp at {}", worst.0, worst.1);
+    // Clamped outside: never 0 or infinite, monotone at the edges.
+    assert!(scalar::exp(-1000.0) > 0.0 && scalar::exp(-1000.0) == scalar::exp(-87.0));
+    assert!(scalar::exp(1000.0).is_finite() && scalar::exp(1000.0) == scalar::exp(88.0));
+    assert_eq!(scalar::exp(0.0), 1.0);
+}
+
+#[test]
+fn silu_mul_is_bit_exact_at_this_level_and_close_to_the_libm_formula() {
+    let mut rng = Rng(5);
+    for len in [0, 1, 7, 8, 9, 31, 1536, 1543] {
+        let mut gate: Vec<f32> = (0..len).map(|_| rng.f() * 12.0).collect();
+        let up: Vec<f32> = (0..len).map(|_| rng.f() * 2.0).collect();
+        // Extremes: large of both signs (the clamp), zeros of both signs, subnormals.
+        for (i, v) in [-100.0, 100.0, 0.0, -0.0, 1e-40, -1e-40, 88.5, -88.5].into_iter().enumerate() {
+            if i < len {
+                gate[i] = v;
+            }
+        }
+        let (mut fast, mut slow) = (gate.clone(), gate.clone());
+        silu_mul(&mut fast, &up);
+        scalar::silu_mul(&mut slow, &up);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&slow), "len {len}");
+        for ((&g, &u), &s) in gate.iter().zip(&up).zip(&fast) {
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!((s - want).abs() <= 4.0 * f32::EPSILON * want.abs() + 1e-35, "silu({g}) * {u}: {s} vs {want}");
+        }
+    }
+}

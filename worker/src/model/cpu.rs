@@ -191,9 +191,7 @@ impl Ops for CpuPass<'_> {
     }
 
     fn silu_mul(&self, mut gate: Vec<f32>, up: &Vec<f32>) -> Result<Vec<f32>> {
-        for (g, u) in gate.iter_mut().zip(up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        qaq_kernels::simd::silu_mul(&mut gate, up);
         Ok(gate)
     }
 

@@ -34,6 +34,20 @@ pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     scalar::axpy(acc, w, x)
 }
 
+/// The SwiGLU activation in place, `gate[i] = silu(gate[i]) * up[i]`
+/// ([`scalar::silu_mul`]; bit-exact at every level).
+#[inline]
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: gate and up differ in length");
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the required CPU features were detected at run time.
+        unsafe { x86::silu_mul(gate, up) };
+        return;
+    }
+    scalar::silu_mul(gate, up)
+}
+
 /// Converts little-endian f16 bytes (`2 * out.len()` of them) to f32.
 #[inline]
 pub fn f16_bytes_to_f32(src: &[u8], out: &mut [f32]) {

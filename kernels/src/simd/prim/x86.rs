@@ -76,6 +76,51 @@ pub(crate) unsafe fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     }
 }
 
+/// [`crate::simd::scalar::exp`] of 8 lanes, the same operations in the same order.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn exp8(x: __m256) -> __m256 {
+    use crate::simd::scalar::exp_consts::*;
+    // `max` then `min` as `f32::clamp`: finite inputs only matter (a NaN input's
+    // result is not used by the callers).
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
+    let n =
+        _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+    let mut p = _mm256_set1_ps(P[0]);
+    for c in &P[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+}
+
+/// [`crate::simd::scalar::silu_mul`], 8 values at a time (the tail by the reference,
+/// which agrees bit for bit).
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let (one, neg) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+    let mut i = 0;
+    // SAFETY: offsets < n, which bounds both slices.
+    unsafe {
+        while i + 8 <= n {
+            let g = _mm256_loadu_ps(pg.add(i));
+            let e = exp8(_mm256_xor_ps(g, neg));
+            let s = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(pu.add(i)));
+            _mm256_storeu_ps(pg.add(i), s);
+            i += 8;
+        }
+    }
+    crate::simd::scalar::silu_mul(&mut gate[i..n], &up[i..n]);
+}
+
 /// # Safety
 /// AVX2 and F16C available; `src.len() >= 2 * out.len()`, `out.len() % 8 == 0`.
 #[target_feature(enable = "avx2,f16c")]

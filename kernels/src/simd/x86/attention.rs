@@ -22,7 +22,7 @@
 //! agree bit for bit.
 
 use crate::base::{Block, GroupMeta, MAX_GROUP, RAW, Scheme, StreamView};
-use crate::simd::prim::x86::{h2f_f16c, lane_mask};
+use crate::simd::prim::x86::{exp8, h2f_f16c, lane_mask};
 use std::arch::x86_64::*;
 
 /// Loads the 8 codes starting at `p` (width `mask`'s bits) as f32.
@@ -94,30 +94,13 @@ pub(super) fn hsum4(a: [__m256; 4]) -> __m128 {
     _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
 }
 
-/// exp(x) for x <= 0 (softmax after max subtraction), relative error ~2 ulp; 0 below
-/// the f32 normal range.
+/// exp(x) for x <= 0 (softmax after max subtraction): the primitives' vector `exp`
+/// (within 2 ulp), and 0 below the f32 normal range.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn exp_neg(x: __m256) -> __m256 {
-    let lo = _mm256_set1_ps(-87.0);
-    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
-    let x = _mm256_max_ps(x, lo);
-    // x = n ln2 + r, |r| <= ln2 / 2 (two-constant Cody-Waite).
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    // exp(r) by a degree-6 Taylor-like minimax polynomial.
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [1.398_2e-3f32, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
-    let scale =
-        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
-    _mm256_and_ps(_mm256_mul_ps(p, scale), keep)
+    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.0));
+    _mm256_and_ps(exp8(x), keep)
 }
 
 /// In-place softmax of each of the `g` rows of length `t` in `x`.
