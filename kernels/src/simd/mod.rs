@@ -21,9 +21,10 @@
 //! - [`scalar`]: the references of the primitives and of [`linear_rows`] (pure scalar
 //!   code, the [`Level::Scalar`] path).
 //! - `prim`: the dispatching primitives ([`dot`], [`axpy`], [`f16_bytes_to_f32`],
-//!   [`unpack_f32`], [`pack_append`], [`silu_mul`]), on `level`, `scalar` and `prim::x86`, which also
-//!   holds the x86 helpers (`lane_mask`, the 8-lane horizontal sum, the F16C conversion)
-//!   that the composed x86 kernels share.
+//!   [`unpack_f32`], [`pack_append`], [`silu_mul`]), on `level`, `scalar` and
+//!   `prim::x86`, which also holds the x86 helpers (`lane_mask`, the 8-lane horizontal
+//!   sum, the F16C conversion, the vector `exp` of the softmax and of [`silu_mul`]) that
+//!   the composed x86 kernels share.
 //! - `portable`: the portable versions of the composed kernels (reference group encoder
 //!   and decoder, attention over packed K/V), built on `prim`.
 //! - `ggml`: the GGUF weight formats ([`crate::qmat::QFormat`]: type ids, block sizes,

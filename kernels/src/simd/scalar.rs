@@ -1,8 +1,8 @@
 //! Scalar references of the SIMD primitives (dot product, axpy, f16 conversion, code
-//! unpacking and packing, the SwiGLU activation) and of every output of [`super::linear_rows`]: the code the
-//! x86 versions are tested against and the [`super::Level::Scalar`] path. Depends on
-//! nothing else in the crate. (The composed kernels' portable versions are in
-//! `simd::portable`.)
+//! unpacking and packing, the SwiGLU activation) and of every output of
+//! [`super::linear_rows`]: the code the x86 versions are tested against and the
+//! [`super::Level::Scalar`] path. Depends on nothing else in the crate. (The composed
+//! kernels' portable versions are in `simd::portable`.)
 
 use half::f16;
 

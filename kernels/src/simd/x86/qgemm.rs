@@ -59,6 +59,17 @@ pub(crate) trait Weights {
     unsafe fn scales<const F: u8>(&self, j: usize, g: usize) -> (__m256, __m256);
 }
 
+impl Packed {
+    /// Sizes the buffers for `n` rows of `nb` blocks (rounded up to groups of 8); the
+    /// packer then writes every byte, scale and minimum, padding included.
+    fn size_for(&mut self, n: usize, nb: usize) {
+        self.nbp = nb.div_ceil(8) * 8;
+        self.q.resize(n * self.nbp * 32, 0);
+        self.d.resize(n * self.nbp, 0.0);
+        self.m.resize(n * self.nbp, 0.0);
+    }
+}
+
 impl Weights for Packed {
     #[inline(always)]
     fn groups(&self) -> usize {
@@ -218,12 +229,8 @@ const fn max_code<const F: u8>() -> usize {
 unsafe fn pack<const F: u8, I: Isa>(w: &[u8], n: usize, nb: usize, p: &mut Packed) {
     let bb = block_bytes::<F>();
     assert!(w.len() >= n * nb * bb);
-    let nbp = nb.div_ceil(8) * 8;
-    p.nbp = nbp;
-    // Every byte and scale is written below (padding included).
-    p.q.resize(n * nbp * 32, 0);
-    p.d.resize(n * nbp, 0.0);
-    p.m.resize(n * nbp, 0.0);
+    p.size_for(n, nb);
+    let nbp = p.nbp;
     for j in 0..n {
         for g in 0..nbp / 8 {
             let cnt = (nb - 8 * g).min(8);
@@ -281,11 +288,8 @@ pub(crate) unsafe fn pack_interleaved_vnni<const F: u8>(w: &[u8], n: usize, nb: 
     assert!(matches!(F, Q4_0 | Q4_1 | Q8_0), "no interleaved layout for this format");
     assert!(w.len() >= n * nb * block_bytes::<F>());
     let src = Interleaved { w, nb };
-    let nbp = 8 * src.groups();
-    p.nbp = nbp;
-    p.q.resize(n * nbp * 32, 0);
-    p.d.resize(n * nbp, 0.0);
-    p.m.resize(n * nbp, 0.0);
+    p.size_for(n, nb);
+    let nbp = p.nbp;
     for j in 0..n {
         for g in 0..nbp / 8 {
             // SAFETY: the features are enabled here; row `j` is within `w` (checked), and
