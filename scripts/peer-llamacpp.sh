@@ -18,11 +18,14 @@
 #   3. qaq (built with cargo unless --no-build, RAYON_NUM_THREADS=THREADS):
 #      `qaq-worker bench` batch mode (--batch 1,8, fp16 cache) and context mode
 #      (--contexts 2048,8192 --policies "fp16;DEFAULT;qaq-tuned" --tokens 32 (or N), where
-#      DEFAULT is the worker's default KV policy, read from worker/src/config.rs).
+#      DEFAULT is the worker's default KV policy, read from worker/src/config.rs), each in
+#      QAQ_PEER_REPEAT rounds (default 3, --quick 1; `bench --repeat`): a round measures
+#      every batch size, or every policy at every context, once, and the tables give the
+#      medians, so that the qaq-only ratios compare runs that alternated in time.
 #   4. Prints one table with every ratio from this run (qaq / llama.cpp); the raw outputs
 #      go to target/peer/<timestamp>/ (or --results DIR).
-#   A benchmark, not a test: it is not part of `make test`. A full run takes ~15-25
-#   minutes on 2 cores (plus ~15 for the first llama.cpp build).
+#   A benchmark, not a test: it is not part of `make test`. A full run takes ~25-35
+#   minutes on 2 cores with 3 rounds of qaq (plus ~15 for the first llama.cpp build).
 #
 # Usage
 #   scripts/peer-llamacpp.sh [--threads N] [--model PATH] [--quick] [--only-llama|--only-qaq]
@@ -353,9 +356,9 @@ mkdir -p "$RESULTS"
 log "raw outputs: $RESULTS"
 
 if [ "$QUICK" = 1 ]; then
-  REPS=2 DEPTH_REPS=1 QAQ_TOKENS=32
+  REPS=2 DEPTH_REPS=1 QAQ_TOKENS=32 QAQ_REPEAT=${QAQ_PEER_REPEAT:-1}
 else
-  REPS=5 DEPTH_REPS=3 QAQ_TOKENS=128
+  REPS=5 DEPTH_REPS=3 QAQ_TOKENS=128 QAQ_REPEAT=${QAQ_PEER_REPEAT:-3}
 fi
 
 {
@@ -411,13 +414,18 @@ if [ "$RUN_QAQ" = 1 ]; then
   if "$worker" bench --help 2>/dev/null | grep -q -- '--prefill-tokens'; then
     prefill=(--prefill-tokens 512)
   fi
-  log "qaq: bench --batch 1,8 --tokens $QAQ_TOKENS --policies fp16 ${prefill[*]}"
+  # Rounds of qaq's measurements (medians; the compared runs alternate in time).
+  repeat=()
+  if "$worker" bench --help 2>/dev/null | grep -q -- '--repeat'; then
+    repeat=(--repeat "$QAQ_REPEAT")
+  fi
+  log "qaq: bench --batch 1,8 --tokens $QAQ_TOKENS --policies fp16 ${prefill[*]} ${repeat[*]}"
   RAYON_NUM_THREADS=$THREADS "$worker" bench --model "$MODEL" --batch 1,8 --tokens "$QAQ_TOKENS" \
-    --policies fp16 "${prefill[@]}" >"$RESULTS/qaq-batch.md" 2>"$RESULTS/qaq-batch.log" \
+    --policies fp16 "${prefill[@]}" "${repeat[@]}" >"$RESULTS/qaq-batch.md" 2>"$RESULTS/qaq-batch.log" \
     || { tail -n 20 "$RESULTS/qaq-batch.log" >&2; die "qaq-worker bench (batch) failed"; }
-  log "qaq: bench --contexts $contexts --policies \"$QAQ_POLICIES\" --tokens $CTX_GEN"
+  log "qaq: bench --contexts $contexts --policies \"$QAQ_POLICIES\" --tokens $CTX_GEN ${repeat[*]}"
   RAYON_NUM_THREADS=$THREADS "$worker" bench --model "$MODEL" --contexts "$contexts" \
-    --policies "$QAQ_POLICIES" --tokens "$CTX_GEN" >"$RESULTS/qaq-contexts.md" 2>"$RESULTS/qaq-contexts.log" \
+    --policies "$QAQ_POLICIES" --tokens "$CTX_GEN" "${repeat[@]}" >"$RESULTS/qaq-contexts.md" 2>"$RESULTS/qaq-contexts.log" \
     || { tail -n 20 "$RESULTS/qaq-contexts.log" >&2; die "qaq-worker bench (contexts) failed"; }
   echo "load average after qaq: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS/env.txt"
 fi

@@ -2,6 +2,9 @@
 //!
 //! - Batch mode (default): decode tokens/s for several batch sizes, and prefill tokens/s
 //!   of as many `--prefill-tokens` prompts of real text (a separate run per batch size).
+//!   With `--repeat N` (both modes) the measurements are made in N rounds, each round
+//!   every batch size (or policy and context) once, and the tables give medians: on a
+//!   shared machine the ones compared then see the same stretches of load.
 //! - Context mode (`--contexts`): for each KV policy and context length, one
 //!   sequence prefilled with real text, then decoded: decode tokens/s, real
 //!   device bytes per cached token, how many sequences of 4k tokens fit
@@ -60,6 +63,12 @@ pub struct BenchArgs {
     /// Batch mode: prompt length (tokens of `--text`) of the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prefill_tokens: usize,
+    /// Rounds of measurements (batch and context modes): each round measures every batch
+    /// size (or every policy at every context) once, so that the ones compared alternate
+    /// in time; the tables give medians over the rounds, and a last column each round's
+    /// decode tokens/s.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
 }
 
 /// One measured run.
@@ -86,6 +95,7 @@ pub struct BenchRow {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.tokens >= 2, "--tokens: must be at least 2");
     anyhow::ensure!(args.batch.iter().all(|&b| (1..=256).contains(&b)), "--batch: each in [1, 256]");
+    anyhow::ensure!((1..=100).contains(&args.repeat), "--repeat: must be in [1, 100]");
     let policies = args
         .policies
         .iter()
@@ -100,25 +110,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let prompt = model.tokenizer.encode(&args.prompt)?;
         let n = args.prefill_tokens;
         anyhow::ensure!(n >= 1 && n < model.model.config().context_length, "--prefill-tokens: must be in [1, context)");
-        println!(
-            "| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) | prefill tok/s ({n}-token prompts) |"
-        );
-        println!("|---|---|---|---|---|---|---|");
         for &b in &args.batch {
-            let r = measure(&model, &policies[0], &vec![prompt.clone(); b], args.tokens)?;
-            // Prefill: b prompts of n real-text tokens (different passages), one token each.
             anyhow::ensure!(ids.len() >= b * n, "--text has only {} tokens, fewer than {b} x {n}", ids.len());
-            let long: Vec<Vec<u32>> = ids.chunks(n).take(b).map(<[u32]>::to_vec).collect();
-            let p = measure(&model, &policies[0], &long, 1)?;
+        }
+        // runs[i]: (decode row, prefill tok/s) of batch size i, one per round.
+        let mut runs: Vec<Vec<(BenchRow, f64)>> = vec![Vec::new(); args.batch.len()];
+        for _ in 0..args.repeat {
+            for (&b, runs) in args.batch.iter().zip(&mut runs) {
+                let r = measure(&model, &policies[0], &vec![prompt.clone(); b], args.tokens)?;
+                // Prefill: b prompts of n real-text tokens (different passages), one token each.
+                let long: Vec<Vec<u32>> = ids.chunks(n).take(b).map(<[u32]>::to_vec).collect();
+                let p = measure(&model, &policies[0], &long, 1)?;
+                runs.push((r, p.prefill_tokens_per_s));
+            }
+        }
+        println!(
+            "| policy | batch | tokens/seq | decode tok/s (all) | tok/s per sequence | mean TTFT (s) | prefill tok/s ({n}-token prompts) | decode tok/s per round |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for (&b, runs) in args.batch.iter().zip(&runs) {
+            let decode = median(runs.iter().map(|(r, _)| r.decode_tokens_per_s));
+            let r = &runs[0].0;
             println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.1} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
                 r.policy,
                 r.batch,
                 r.tokens_per_seq,
-                r.decode_tokens_per_s,
-                r.decode_tokens_per_s / b as f64,
-                r.mean_ttft_s,
-                p.prefill_tokens_per_s
+                decode,
+                decode / b as f64,
+                median(runs.iter().map(|(r, _)| r.mean_ttft_s)),
+                median(runs.iter().map(|&(_, p)| p)),
+                rounds(runs.iter().map(|(r, _)| r.decode_tokens_per_s))
             );
         }
         return Ok(());
@@ -127,39 +149,70 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.migration {
         return migration_table(&model, &policies, &args.contexts, &ids);
     }
+    for &c in &args.contexts {
+        // Context = prompt + generated tokens.
+        anyhow::ensure!(
+            c <= ctx_max && c > args.tokens as usize,
+            "--contexts: {c} must be in ({}, {ctx_max}] (prompt plus --tokens)",
+            args.tokens
+        );
+        let prompt = c - args.tokens as usize;
+        anyhow::ensure!(ids.len() >= prompt, "--text has only {} tokens, fewer than {prompt}", ids.len());
+    }
+    // runs[policy][context]: one row per round; a round measures every policy at every
+    // context, so that the policies compared at one context alternate in time.
+    let mut runs: Vec<Vec<Vec<BenchRow>>> = vec![vec![Vec::new(); args.contexts.len()]; policies.len()];
+    for _ in 0..args.repeat {
+        for (p, runs) in policies.iter().zip(&mut runs) {
+            for (&c, runs) in args.contexts.iter().zip(runs) {
+                let prompt = c - args.tokens as usize;
+                runs.push(measure(&model, p, &[ids[..prompt].to_vec()], args.tokens)?);
+            }
+        }
+    }
     println!(
-        "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB | prefill tok/s |",
+        "| policy | context | decode tok/s | bytes/token | fp16 bytes/token | ratio | K bits | V bits | {}-token seqs in {} MiB | prefill tok/s | decode tok/s per round |",
         args.fit_tokens,
         args.fit_budget_bytes >> 20
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for p in &policies {
-        for &c in &args.contexts {
-            // Context = prompt + generated tokens.
-            anyhow::ensure!(
-                c <= ctx_max && c > args.tokens as usize,
-                "--contexts: {c} must be in ({}, {ctx_max}] (prompt plus --tokens)",
-                args.tokens
-            );
-            let prompt = c - args.tokens as usize;
-            anyhow::ensure!(ids.len() >= prompt, "--text has only {} tokens, fewer than {prompt}", ids.len());
-            let r = measure(&model, p, &[ids[..prompt].to_vec()], args.tokens)?;
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for runs in &runs {
+        for (&c, runs) in args.contexts.iter().zip(runs) {
+            // The cache's contents do not depend on the round: its figures from the first.
+            let r = &runs[0];
             let fit = (args.fit_budget_bytes as f64 / (args.fit_tokens as f64 * r.bytes_per_token)).floor();
             println!(
-                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} | {:.1} |",
+                "| {} | {} | {:.2} | {:.0} | {:.0} | {:.2}x | {:.2} | {:.2} | {fit} | {:.1} | {} |",
                 r.policy,
                 c,
-                r.decode_tokens_per_s,
+                median(runs.iter().map(|r| r.decode_tokens_per_s)),
                 r.bytes_per_token,
                 r.fp16_bytes_per_token,
                 r.fp16_bytes_per_token / r.bytes_per_token,
                 r.avg_key_bits,
                 r.avg_value_bits,
-                r.prefill_tokens_per_s
+                median(runs.iter().map(|r| r.prefill_tokens_per_s)),
+                rounds(runs.iter().map(|r| r.decode_tokens_per_s))
             );
         }
     }
     Ok(())
+}
+
+/// The median (the mean of the middle two for an even count; NaN for none).
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Each round's value, in round order, for the last column.
+fn rounds(v: impl Iterator<Item = f64>) -> String {
+    v.map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Migration mode: per policy and context, the prefill of `ids` against snapshot +
@@ -293,4 +346,18 @@ pub fn measure(
         avg_key_bits: kv.avg_key_bits,
         avg_value_bits: kv.avg_value_bits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, rounds};
+
+    #[test]
+    fn median_of_odd_and_even_counts_and_the_rounds_column() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.5);
+        assert_eq!(median([7.5].into_iter()), 7.5);
+        assert!(median(std::iter::empty()).is_nan());
+        assert_eq!(rounds([482.54, 510.0].into_iter()), "482.5, 510.0");
+    }
 }
