@@ -30,7 +30,7 @@ pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t
             // `wide` and `attention512`); lengths checked above.
             unsafe {
                 if wide && x86::attention512::fits(k.d) {
-                    x86::attention512::packed_scores(k, qs, g, probs);
+                    x86::attention512::packed_scores(k, qs, g, probs, super::level::vnni());
                 } else {
                     x86::attention::packed_scores(k, qs, g, probs, wide);
                 }

@@ -48,9 +48,17 @@ unsafe fn raw8(p: *const u8) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
 }
 
-/// Prefetches a block's codes, metadata and outliers into the cache (the blocks are
-/// separate allocations, so the hardware stream prefetcher loses the stream at every
-/// block boundary).
+/// Code bytes of the next block that [`prefetch_block`] touches: enough to restart the
+/// hardware stream prefetcher, which follows the rest. Prefetching a whole block (up to
+/// 8 KiB of fp16, 128 lines at once) stalled the kernels on the prefetches themselves:
+/// with an fp16 cache of 8k tokens, one decode step's attention kernels took 23.4-23.7 ms
+/// of one core's time with it and 16.1-16.3 ms with this limit (6/3-bit codes: 15.1-15.7
+/// ms either way; `cargo bench -p qaq-kernels --bench decode`, its `kernel` column).
+const PREFETCH_CODES: usize = 512;
+
+/// Prefetches the start of a block's codes, its metadata and outliers into the cache
+/// (the blocks are separate allocations, so the hardware stream prefetcher loses the
+/// stream at every block boundary).
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) fn prefetch_block(b: Option<&Block>) {
@@ -61,7 +69,7 @@ pub(super) fn prefetch_block(b: Option<&Block>) {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8);
         }
     };
-    pf(b.codes.as_ptr(), b.codes.len());
+    pf(b.codes.as_ptr(), b.codes.len().min(PREFETCH_CODES));
     pf(b.meta.as_ptr() as *const u8, std::mem::size_of_val(b.meta.as_slice()));
     pf(b.out_idx.as_ptr(), b.out_idx.len());
     pf(b.out_val.as_ptr() as *const u8, 2 * b.out_val.len());

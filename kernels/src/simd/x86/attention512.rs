@@ -11,6 +11,10 @@
 //! the KV head, the per-group constants and outliers added the same way, the same
 //! softmax); only the summation order differs, so results agree with them and with the
 //! portable path to float rounding (the tests in [`crate::attention`] compare them).
+//! With AVX512_VNNI, quantized blocks take 16-bit integer products instead: the scores
+//! against queries rounded to 16 bits ([`scores_block_int`]), the values with weights
+//! rounded to 16 bits ([`values_tile_int`]); each rounding is at most 1/65534 of the
+//! largest query channel or weight, far below the codes' own step.
 
 use super::attention::{add_rows, group_consts, offsets, prefetch_block, transpose_q};
 use super::quant512::codes64;
@@ -84,12 +88,13 @@ unsafe fn fold(a: __m512) -> __m256 {
     }
 }
 
-/// Scores of all `g` query heads over packed keys, four heads per pass.
+/// Scores of all `g` query heads over packed keys, four heads per pass; with `vnni`,
+/// blocks without raw groups in 16-bit integer products ([`scores_block_int`]).
 ///
 /// # Safety
-/// The level is AVX-512 (F/BW/VL/VBMI, with AVX2, FMA, F16C); [`fits`]`(d)`;
-/// `qs.len() >= g * d`, `scores.len() >= g * T`.
-pub(crate) unsafe fn packed_scores(s: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32]) {
+/// The level is AVX-512 (F/BW/VL/VBMI, with AVX2, FMA, F16C), and AVX512_VNNI when
+/// `vnni`; [`fits`]`(d)`; `qs.len() >= g * d`, `scores.len() >= g * T`.
+pub(crate) unsafe fn packed_scores(s: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32], vnni: bool) {
     assert!(fits(s.d));
     let mut qt = [[0f32; 4]; MAX_GROUP];
     let mut j0 = 0;
@@ -98,20 +103,20 @@ pub(crate) unsafe fn packed_scores(s: StreamView<'_>, qs: &[f32], g: usize, scor
         // SAFETY: per the contract; each call covers heads j0 .. min(j0 + 4, g).
         unsafe {
             match ((g - j0).min(4), s.d / 64) {
-                (1, 1) => scores_nh::<1, 1>(s, qs, &qt, j0, scores),
-                (2, 1) => scores_nh::<2, 1>(s, qs, &qt, j0, scores),
-                (3, 1) => scores_nh::<3, 1>(s, qs, &qt, j0, scores),
-                (_, 1) => scores_nh::<4, 1>(s, qs, &qt, j0, scores),
-                (1, 2) => scores_nh::<1, 2>(s, qs, &qt, j0, scores),
-                (2, 2) => scores_nh::<2, 2>(s, qs, &qt, j0, scores),
-                (3, 2) => scores_nh::<3, 2>(s, qs, &qt, j0, scores),
-                (_, 2) => scores_nh::<4, 2>(s, qs, &qt, j0, scores),
-                (1, 3) => scores_nh::<1, 3>(s, qs, &qt, j0, scores),
-                (2, 3) => scores_nh::<2, 3>(s, qs, &qt, j0, scores),
-                (_, 3) => scores_nh::<3, 3>(s, qs, &qt, j0, scores),
-                (1, _) => scores_nh::<1, 4>(s, qs, &qt, j0, scores),
-                (2, _) => scores_nh::<2, 4>(s, qs, &qt, j0, scores),
-                (_, _) => scores_nh::<3, 4>(s, qs, &qt, j0, scores),
+                (1, 1) => scores_nh::<1, 1>(s, qs, &qt, j0, scores, vnni),
+                (2, 1) => scores_nh::<2, 1>(s, qs, &qt, j0, scores, vnni),
+                (3, 1) => scores_nh::<3, 1>(s, qs, &qt, j0, scores, vnni),
+                (_, 1) => scores_nh::<4, 1>(s, qs, &qt, j0, scores, vnni),
+                (1, 2) => scores_nh::<1, 2>(s, qs, &qt, j0, scores, vnni),
+                (2, 2) => scores_nh::<2, 2>(s, qs, &qt, j0, scores, vnni),
+                (3, 2) => scores_nh::<3, 2>(s, qs, &qt, j0, scores, vnni),
+                (_, 2) => scores_nh::<4, 2>(s, qs, &qt, j0, scores, vnni),
+                (1, 3) => scores_nh::<1, 3>(s, qs, &qt, j0, scores, vnni),
+                (2, 3) => scores_nh::<2, 3>(s, qs, &qt, j0, scores, vnni),
+                (_, 3) => scores_nh::<3, 3>(s, qs, &qt, j0, scores, vnni),
+                (1, _) => scores_nh::<1, 4>(s, qs, &qt, j0, scores, vnni),
+                (2, _) => scores_nh::<2, 4>(s, qs, &qt, j0, scores, vnni),
+                (_, _) => scores_nh::<3, 4>(s, qs, &qt, j0, scores, vnni),
             }
         }
         // Three heads per pass where a head's query is 3 or 4 chunks (register room).
@@ -139,7 +144,8 @@ fn hsum8x8(b: &[__m256; 8]) -> __m256 {
 /// at the end of the block they are summed eight tokens at a time ([`hsum8x8`]), scaled
 /// and offset per token (`s * dot + base * sum(q_j)`) and stored as contiguous runs of
 /// the score rows; then the outliers' `q_j[i] * (v_i - base)` are added. No token waits
-/// on the previous one's horizontal sum.
+/// on the previous one's horizontal sum. With `vnni`, a block without raw groups takes
+/// [`scores_block_int`] instead of the f32 products.
 ///
 /// # Safety
 /// As [`packed_scores`]; `d == 64 NC`; `qt` of heads `j0..`.
@@ -151,6 +157,7 @@ unsafe fn scores_nh<const NH: usize, const NC: usize>(
     qt: &[[f32; 4]],
     j0: usize,
     scores: &mut [f32],
+    vnni: bool,
 ) {
     let d = s.d;
     let t_total = s.len;
@@ -169,67 +176,25 @@ unsafe fn scores_nh<const NH: usize, const NC: usize>(
         }
     }
     let widx = widen_idx();
-    // Per block: the folded dot products [head][token], each token's step and base.
-    let mut folded = [[_mm256_setzero_ps(); BLOCK]; NH];
-    let (mut steps, mut bases) = ([0f32; BLOCK], [0f32; BLOCK]);
+    // The queries in 16 bits, for the integer blocks.
+    // SAFETY: AVX-512 F/BW (the level); `qs` holds heads j0 .. j0 + NH (asserted).
+    let qw = if vnni { Some(unsafe { query_words::<NH, NC>(qs, d, j0) }) } else { None };
+    // Each block's bases, for its outliers.
+    let mut bases = [0f32; BLOCK];
     let mut t0 = 0usize;
     for (bi, b) in s.blocks.iter().enumerate() {
         prefetch_block(s.blocks.get(bi + 1));
         let n = b.len();
         assert!(n <= BLOCK && t0 + n <= t_total);
-        let (cp, mut co) = (b.codes.as_ptr(), 0usize);
-        let mut outliers = false;
-        for (i, m) in b.meta.iter().enumerate() {
-            let (base, sc, cb) = group_consts(m, &offs, d);
-            (steps[i], bases[i]) = (sc, base);
-            outliers |= m.n_out > 0;
-            let mut acc = [_mm512_setzero_ps(); NH];
-            if m.bits == RAW {
-                for v in 0..4 * NC {
-                    // SAFETY: a raw group holds 2 d bytes at `co`.
-                    let x = unsafe { raw16(cp.add(co + 32 * v)) };
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(q[j][v], x, *a);
-                    }
-                }
-            } else if m.bits > 0 {
-                for c in 0..NC {
-                    // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
-                    let w = unsafe { codes64(cp.add(co + 8 * c * m.bits as usize), m.bits, 64) };
-                    for qd in 0..4 {
-                        // SAFETY: features enabled.
-                        let x = unsafe { widen(w, &widx, qd) };
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            *a = _mm512_fmadd_ps(q[j][4 * c + qd], x, *a);
-                        }
-                    }
-                }
-            }
-            for (f, a) in folded.iter_mut().zip(&acc) {
-                // SAFETY: features enabled.
-                f[i] = unsafe { fold(*a) };
-            }
-            co += cb;
-        }
-        for (j, f) in folded.iter_mut().enumerate() {
-            let row = &mut scores[(j0 + j) * t_total + t0..(j0 + j) * t_total + t0 + n];
-            let sq = _mm256_set1_ps(sumq[j]);
-            for i in (0..n).step_by(8) {
-                let k = (n - i).min(8);
-                f[i + k..i + 8].fill(_mm256_setzero_ps());
-                // SAFETY: `steps` and `bases` hold BLOCK floats, i + 8 <= BLOCK.
-                let r = unsafe {
-                    _mm256_fmadd_ps(
-                        _mm256_loadu_ps(steps.as_ptr().add(i)),
-                        hsum8x8(f[i..i + 8].try_into().expect("8 tokens")),
-                        _mm256_mul_ps(_mm256_loadu_ps(bases.as_ptr().add(i)), sq),
-                    )
-                };
-                let mut lanes = [0f32; 8];
-                // SAFETY: 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
-                row[i..i + k].copy_from_slice(&lanes[..k]);
-            }
+        let outliers = b.meta.iter().any(|m| m.n_out > 0);
+        if let Some((qw, back)) = &qw
+            && b.meta.iter().all(|m| m.bits != RAW)
+        {
+            // SAFETY: VNNI with `qw`; the block's tokens are t0 .. t0 + n of the rows.
+            unsafe { scores_block_int::<NH, NC>(b, &offs, qw, back, &sumq, (j0, t0, t_total), &mut bases, scores) };
+        } else {
+            // SAFETY: as this function's contract.
+            unsafe { scores_block::<NH, NC>(b, &offs, &q, &widx, &sumq, (j0, t0, t_total), &mut bases, scores) };
         }
         if outliers {
             let mut oo = 0usize;
@@ -245,6 +210,234 @@ unsafe fn scores_nh<const NH: usize, const NC: usize>(
             }
         }
         t0 += n;
+    }
+}
+
+/// The score rows of heads `j0..j0 + NH` over one block whose first token is `t0`
+/// (`at = (j0, t0, T)`), before its outliers, in f32 products: per token, the dot
+/// products with its codes (or raw values) folded to 8 lanes, then [`store_scores`].
+/// Fills `bases` with the block's per-token bases.
+///
+/// # Safety
+/// As [`scores_nh`]; `q` holds the heads' queries (`4 NC` vectors each).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
+unsafe fn scores_block<const NH: usize, const NC: usize>(
+    b: &Block,
+    offs: &[f32; 9],
+    q: &[[__m512; 16]; NH],
+    widx: &[__m512i; 4],
+    sumq: &[f32; 4],
+    at: (usize, usize, usize),
+    bases: &mut [f32; BLOCK],
+    scores: &mut [f32],
+) {
+    let d = 64 * NC;
+    let mut folded = [[_mm256_setzero_ps(); BLOCK]; NH];
+    let mut steps = [0f32; BLOCK];
+    let (cp, mut co) = (b.codes.as_ptr(), 0usize);
+    for (i, m) in b.meta.iter().enumerate() {
+        let (base, sc, cb) = group_consts(m, offs, d);
+        (steps[i], bases[i]) = (sc, base);
+        let mut acc = [_mm512_setzero_ps(); NH];
+        if m.bits == RAW {
+            for v in 0..4 * NC {
+                // SAFETY: a raw group holds 2 d bytes at `co`.
+                let x = unsafe { raw16(cp.add(co + 32 * v)) };
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(q[j][v], x, *a);
+                }
+            }
+        } else if m.bits > 0 {
+            for c in 0..NC {
+                // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
+                let w = unsafe { codes64(cp.add(co + 8 * c * m.bits as usize), m.bits, 64) };
+                for qd in 0..4 {
+                    // SAFETY: features enabled.
+                    let x = unsafe { widen(w, widx, qd) };
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(q[j][4 * c + qd], x, *a);
+                    }
+                }
+            }
+        }
+        for (f, a) in folded.iter_mut().zip(&acc) {
+            // SAFETY: features enabled.
+            f[i] = unsafe { fold(*a) };
+        }
+        co += cb;
+    }
+    let n = b.len();
+    // SAFETY: features enabled; the block's tokens are within the rows (the caller).
+    unsafe {
+        store_scores::<NH>(n, &steps, bases, sumq, &[1.0; NH], at, scores, |j, i| {
+            folded[j][n.min(i + 8)..i + 8].fill(_mm256_setzero_ps());
+            hsum8x8(folded[j][i..i + 8].try_into().expect("8 tokens"))
+        })
+    };
+}
+
+/// Per half `h` of 64 code bytes, the `vpermb` indices that move byte `32 h + i` to
+/// byte 0 of word `i` (the high bytes are zeroed by [`WORD_LOW`]).
+static WORD_IDX: [[u8; 64]; 2] = {
+    let mut t = [[0u8; 64]; 2];
+    let mut h = 0;
+    while h < 2 {
+        let mut i = 0;
+        while i < 32 {
+            t[h][2 * i] = (32 * h + i) as u8;
+            i += 1;
+        }
+        h += 1;
+    }
+    t
+};
+
+/// The queries of heads `j0..j0 + NH` in 16 bits for [`scores_block_int`]: per head,
+/// rounded against its largest magnitude (`w_i = round(32767 q_i / max)`, an error of
+/// at most `max / 65534` per channel), as `2 NC` vectors of 32 words (channels
+/// `32 k .. 32 k + 32`), and the scale back (`max / 32767`).
+///
+/// # Safety
+/// AVX-512 F/BW; `d == 64 NC`, `qs.len() >= (j0 + NH) * d`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn query_words<const NH: usize, const NC: usize>(
+    qs: &[f32],
+    d: usize,
+    j0: usize,
+) -> ([[__m512i; 8]; NH], [f32; NH]) {
+    assert!(d == 64 * NC && qs.len() >= (j0 + NH) * d);
+    let mut qw = [[_mm512_setzero_si512(); 8]; NH];
+    let mut back = [0f32; NH];
+    for j in 0..NH {
+        let row = &qs[(j0 + j) * d..(j0 + j + 1) * d];
+        let mx = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+        if mx <= 0.0 {
+            continue;
+        }
+        back[j] = mx / 32767.0;
+        let to = _mm512_set1_ps(32767.0 / mx);
+        let words = |v: usize| {
+            // SAFETY: 16 v + 16 <= d floats of the row.
+            let x = unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * v)) };
+            _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(x, to)))
+        };
+        for (k, w) in qw[j].iter_mut().enumerate().take(2 * NC) {
+            *w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words(2 * k)), words(2 * k + 1));
+        }
+    }
+    (qw, back)
+}
+
+/// The sums of the 8 lanes of each of `b[0..8]`, in order, in integers (as [`hsum8x8`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum8x8_epi32(b: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(b[0], b[1]);
+    let h23 = _mm256_hadd_epi32(b[2], b[3]);
+    let h45 = _mm256_hadd_epi32(b[4], b[5]);
+    let h67 = _mm256_hadd_epi32(b[6], b[7]);
+    let lo = _mm256_hadd_epi32(h01, h23);
+    let hi = _mm256_hadd_epi32(h45, h67);
+    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi))
+}
+
+/// [`scores_block`] in integers, for a block without raw groups: each token's codes are
+/// widened to 16 bits (two zeroing `vpermb` per 64) and `vpdpwssd` adds their products
+/// with the 16-bit queries ([`query_words`]) into 32-bit sums (at most
+/// `256 * 32767 * 255 < 2^31`), exact up to one conversion per token and head, scaled
+/// back per head. Half the multiply instructions of the f32 products, and no conversion
+/// of codes to floats.
+///
+/// # Safety
+/// As [`scores_block`], and AVX512_VNNI; no group of `b` is raw.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
+unsafe fn scores_block_int<const NH: usize, const NC: usize>(
+    b: &Block,
+    offs: &[f32; 9],
+    qw: &[[__m512i; 8]; NH],
+    back: &[f32; NH],
+    sumq: &[f32; 4],
+    at: (usize, usize, usize),
+    bases: &mut [f32; BLOCK],
+    scores: &mut [f32],
+) {
+    let d = 64 * NC;
+    // SAFETY: 64 bytes each.
+    let widx: [__m512i; 2] = std::array::from_fn(|h| unsafe { _mm512_loadu_si512(WORD_IDX[h].as_ptr() as *const _) });
+    let mut dots = [[_mm256_setzero_si256(); BLOCK]; NH];
+    let mut steps = [0f32; BLOCK];
+    let (cp, mut co) = (b.codes.as_ptr(), 0usize);
+    for (i, m) in b.meta.iter().enumerate() {
+        assert!(m.bits != RAW);
+        let (base, sc, cb) = group_consts(m, offs, d);
+        (steps[i], bases[i]) = (sc, base);
+        let mut acc = [_mm512_setzero_si512(); NH];
+        if m.bits > 0 {
+            for c in 0..NC {
+                // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
+                let w = unsafe { codes64(cp.add(co + 8 * c * m.bits as usize), m.bits, 64) };
+                let lo = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[0], w);
+                let hi = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[1], w);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_dpwssd_epi32(*a, lo, qw[j][2 * c]);
+                    *a = _mm512_dpwssd_epi32(*a, hi, qw[j][2 * c + 1]);
+                }
+            }
+        }
+        for (x, a) in dots.iter_mut().zip(&acc) {
+            x[i] = _mm256_add_epi32(_mm512_castsi512_si256(*a), _mm512_extracti64x4_epi64::<1>(*a));
+        }
+        co += cb;
+    }
+    let n = b.len();
+    // SAFETY: features enabled; the block's tokens are within the rows (the caller).
+    unsafe {
+        store_scores::<NH>(n, &steps, bases, sumq, back, at, scores, |j, i| {
+            dots[j][n.min(i + 8)..i + 8].fill(_mm256_setzero_si256());
+            _mm256_cvtepi32_ps(hsum8x8_epi32(dots[j][i..i + 8].try_into().expect("8 tokens")))
+        })
+    };
+}
+
+/// Stores a block's scores (`n` tokens from `t0` of the rows of heads `j0..j0 + NH`,
+/// `at = (j0, t0, T)`): eight tokens at a time, `s * scale_j * dot + base * sum(q_j)`,
+/// the dot products of head `j` and tokens `i..i + 8` given by `dots(j, i)`.
+///
+/// # Safety
+/// AVX2 and FMA; `t0 + n <= T`, `scores.len() >= (j0 + NH) * T`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_scores<const NH: usize>(
+    n: usize,
+    steps: &[f32; BLOCK],
+    bases: &[f32; BLOCK],
+    sumq: &[f32; 4],
+    scale: &[f32; NH],
+    (j0, t0, t_total): (usize, usize, usize),
+    scores: &mut [f32],
+    mut dots: impl FnMut(usize, usize) -> __m256,
+) {
+    for j in 0..NH {
+        let row = &mut scores[(j0 + j) * t_total + t0..(j0 + j) * t_total + t0 + n];
+        let (sq, sc) = (_mm256_set1_ps(sumq[j]), _mm256_set1_ps(scale[j]));
+        for i in (0..n).step_by(8) {
+            let k = (n - i).min(8);
+            // SAFETY: `steps` and `bases` hold BLOCK floats, i + 8 <= BLOCK; the features
+            // are those of every caller.
+            let r = unsafe {
+                let st = _mm256_mul_ps(_mm256_loadu_ps(steps.as_ptr().add(i)), sc);
+                _mm256_fmadd_ps(st, dots(j, i), _mm256_mul_ps(_mm256_loadu_ps(bases.as_ptr().add(i)), sq))
+            };
+            let mut lanes = [0f32; 8];
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), r) };
+            row[i..i + k].copy_from_slice(&lanes[..k]);
+        }
     }
 }
 
