@@ -6,7 +6,7 @@
 //! them each step.
 //!
 //! Criterion times whole steps (`decode_step/<policy>/T<n>`, wall time, the attention on
-//! the rayon pool). The `SUMMARY` lines give, for the same caches, medians over
+//! the kernels' pool). The `SUMMARY` lines give, for the same caches, medians over
 //! `QAQ_DECODE_STEPS` steps run on one thread (a pool of one, so that the thread's CPU
 //! clock measures all the work, whatever else runs on a shared machine):
 //! - `append`: the 30 appends;
@@ -357,12 +357,13 @@ fn bench_decode(c: &mut Criterion) {
             }
             let mut parts: Vec<Times> = Vec::new();
             let c0 = cache.counters();
-            // On one thread (a pool of one, whose thread runs the step's parallel work
-            // itself), so that its CPU clock measures all of it.
+            // On one thread (pools of one, rayon's and the kernels', whose thread runs the
+            // step's parallel work itself), so that its CPU clock measures all of it.
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let one_k = qaq_kernels::pool::Pool::new(1);
             for _ in 0..steps {
                 let mut tm = Times::default();
-                one.install(|| step(&mut *cache, &mut syn, &mut tm));
+                one.install(|| qaq_kernels::pool::with_pool(&one_k, || step(&mut *cache, &mut syn, &mut tm)));
                 parts.push(tm);
             }
             let c1 = cache.counters();
@@ -388,7 +389,7 @@ fn bench_decode(c: &mut Criterion) {
                 m(&|x| x.cpu[1]) - kernel * 1e3,
                 m(&|x| x.cpu[2]),
                 m(&|x| x.cpu[3]),
-                rayon::current_num_threads(),
+                qaq_kernels::pool::global().threads(),
                 median(walls),
                 s.k.avg_bits(),
                 s.v.avg_bits(),

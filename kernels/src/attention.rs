@@ -12,6 +12,7 @@
 use crate::kivi::KiviKeys;
 use crate::simd;
 use crate::store::{Bytes, PackedStream};
+use std::ops::Range;
 
 /// Key storage of one (layer, KV head).
 #[derive(Clone, Debug)]
@@ -100,6 +101,20 @@ pub fn attend_probs(k: &KStore, qs: &[f32], g: usize, t: usize, probs: &mut [f32
 /// The second half of [`attend_packed`]: `out` (`g * d`) from the probabilities.
 pub fn attend_values(v: &PackedStream, probs: &[f32], g: usize, out: &mut [f32]) {
     simd::attend_values(v.view(), probs, g, out)
+}
+
+/// The scores (before the softmax) of `g` query heads over the `n` keys of blocks
+/// `blocks` of `k`: `scores`, `g * n`, row `j` for head `j`. Each is the score
+/// [`attend_probs`] computes for that token.
+pub(crate) fn block_scores(k: &PackedStream, blocks: Range<usize>, qs: &[f32], g: usize, scores: &mut [f32]) {
+    simd::packed_scores(k.view_blocks(blocks), qs, g, scores)
+}
+
+/// The share of the tokens of blocks `blocks` of `v` in [`attend_values`]: `out`
+/// (`g * d`) from their probabilities `probs` (`g * n`, row `j` for head `j`). Over all
+/// the blocks it is `attend_values` itself.
+pub(crate) fn block_values(v: &PackedStream, blocks: Range<usize>, probs: &[f32], g: usize, out: &mut [f32]) {
+    simd::attend_values(v.view_blocks(blocks), probs, g, out)
 }
 
 /// The portable path of [`attend_packed`] (also the reference its SIMD path is tested

@@ -14,7 +14,9 @@
 //!
 //! [`global()`] is the process-wide pool the quantized matmul uses (threads: the
 //! `QAQ_KERNELS_THREADS` variable, else the available parallelism, or
-//! [`init_global`] before first use); other loops of the worker may share it.
+//! [`init_global`] before first use); other loops of the worker may share it. Decode
+//! attention takes the thread's current pool ([`with_current`]): the global one, or
+//! one that a benchmark or a test installs for a call ([`with_pool`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
@@ -317,9 +319,57 @@ pub fn parallel_for(n: usize, f: &(dyn Fn(usize) + Sync)) {
     global().parallel_for(n, f)
 }
 
+thread_local! {
+    /// The pool [`with_pool`] installed on this thread, or null.
+    static INSTALLED: std::cell::Cell<*const Pool> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Runs `f` with `pool` as this thread's current pool ([`with_current`]): for a
+/// benchmark or a test that runs the loops that take the current pool (decode
+/// attention) on a given number of threads.
+pub fn with_pool<R>(pool: &Pool, f: impl FnOnce() -> R) -> R {
+    struct Restore(*const Pool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INSTALLED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(INSTALLED.with(|c| c.replace(pool)));
+    f()
+}
+
+/// Runs `f` with this thread's current pool: the one [`with_pool`] installed, else
+/// [`global()`].
+pub fn with_current<R>(f: impl FnOnce(&Pool) -> R) -> R {
+    let p = INSTALLED.with(|c| c.get());
+    if p.is_null() {
+        f(global())
+    } else {
+        // SAFETY: `with_pool` installed `p` from a borrow that lasts until it returns,
+        // and it restores the previous value then (also when unwinding); this call
+        // runs inside it.
+        f(unsafe { &*p })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_current_pool_is_the_installed_one_inside_with_pool_only() {
+        let three = Pool::new(3);
+        let threads = || with_current(|p| p.threads());
+        let outside = threads();
+        assert_eq!(outside, global().threads());
+        assert_eq!(with_pool(&three, threads), 3);
+        assert_eq!(with_pool(&three, || with_pool(&Pool::new(1), threads)), 1);
+        assert_eq!(threads(), outside);
+        // Restored when `f` panics, too.
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| with_pool(&three, || panic!("in f"))));
+        assert!(r.is_err());
+        assert_eq!(threads(), outside);
+    }
 
     #[test]
     fn every_task_runs_once() {

@@ -162,7 +162,14 @@ impl PackedStream {
     }
     /// The stream as the attention kernels read it.
     pub(crate) fn view(&self) -> StreamView<'_> {
-        StreamView { blocks: &self.blocks, d: self.d, len: self.len, scheme: self.spec.scheme }
+        self.view_blocks(0..self.blocks.len())
+    }
+
+    /// Blocks `blocks` of the stream as the attention kernels read them.
+    pub(crate) fn view_blocks(&self, blocks: std::ops::Range<usize>) -> StreamView<'_> {
+        let blocks = &self.blocks[blocks];
+        let len = if blocks.len() == self.blocks.len() { self.len } else { blocks.iter().map(Block::len).sum() };
+        StreamView { blocks, d: self.d, len, scheme: self.spec.scheme }
     }
 
     /// Appends one group (f16-representable values) at width `bits`.

@@ -388,14 +388,71 @@ fn planned_requantization_decides_exactly_as_evaluating_every_token() {
     }
 }
 
+/// `f` with `n` threads for the caches' parallel loops: the kernels' pool (decode
+/// attention) and rayon's (re-quantization, multi-row attention).
+fn on_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
+    let pool = crate::pool::Pool::new(n);
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(|| crate::pool::with_pool(&pool, f))
+}
+
 /// A step computes the same whatever the number of threads its attention runs on.
 #[test]
 fn the_results_do_not_depend_on_the_thread_count() {
     for policy in ["qaq-tuned", "qaq:every=2", "fp16"] {
-        let hashes: Vec<(u64, u64)> = [1, 2, 3]
-            .iter()
-            .map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(|| run(policy, 120)))
-            .collect();
+        let hashes: Vec<(u64, u64)> = [1, 2, 3].iter().map(|&n| on_threads(n, || run(policy, 120))).collect();
         assert!(hashes.iter().all(|&h| h == hashes[0]), "{policy}: {hashes:x?}");
+    }
+}
+
+/// From 1,024 tokens on, a head's decode attention runs in runs of 1,024 tokens, whose
+/// weighted values are added in order: on a 2,650-token context the outputs do not
+/// depend on the thread count, and (fixed widths) they are the attention over the whole
+/// streams at once to float rounding.
+#[test]
+fn long_context_decode_runs_do_not_change_the_result() {
+    let (d, g) = (CFG.head_dim, CFG.group());
+    for policy in ["fp16", "uniform:4", "qaq-tuned", "kivi:16:32"] {
+        let run = || {
+            let mut c = new_cache(CFG, policy.parse().unwrap()).unwrap();
+            let mut data = Data::new(0x10c);
+            let mut h = Hashes { all: Fnv::new(), decisions: Fnv::new() };
+            for n in [512, 512, 512, 512, 512, 89] {
+                step(&mut *c, &mut data, n, 0, &mut h);
+            }
+            let mut outs = Vec::new();
+            for _ in 0..3 {
+                for layer in 0..CFG.n_layers {
+                    let (k, v) = data.kv(layer, 1);
+                    c.append(layer, &k, &v).unwrap();
+                    let q = data.q(layer, 1);
+                    // The whole streams at once, where the widths do not follow attention.
+                    let reference = (!policy.starts_with("qaq")).then(|| {
+                        let qs = c.decode_queries(layer, &q).unwrap();
+                        let t = c.len(layer);
+                        assert!(t > 2048);
+                        let mut out = vec![0f32; CFG.n_q_heads * d];
+                        for kv in 0..CFG.n_kv_heads {
+                            let (ks, vs) = c.streams(layer, kv)?;
+                            let (k, v) = (KStore::Packed(ks.clone()), vs.clone());
+                            let mut probs = vec![0f32; g * t];
+                            let o = &mut out[kv * g * d..(kv + 1) * g * d];
+                            attend_packed(&k, &v, &qs[kv * g * d..(kv + 1) * g * d], g, o, &mut probs);
+                        }
+                        Some(out)
+                    });
+                    let got = c.attend_rows(layer, &q, 1).unwrap();
+                    if let Some(Some(r)) = reference {
+                        let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                        let diff = got.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+                        assert!(diff <= 1e-5 * norm, "{policy}: rel {}", diff / norm);
+                    }
+                    outs.push(got);
+                }
+                c.end_step().unwrap();
+            }
+            outs
+        };
+        let by_threads: Vec<Vec<Vec<f32>>> = [1, 2, 3].iter().map(|&n| on_threads(n, run)).collect();
+        assert!(by_threads.iter().all(|o| *o == by_threads[0]), "{policy}: outputs depend on the thread count");
     }
 }

@@ -15,11 +15,14 @@ use super::types::{Attention, CacheConfig, CacheStats, Counters};
 use crate::attention::{self, KStore};
 use crate::base::{QuantSpec, RAW, check_finite};
 use crate::error::{KernelError, Result};
+use crate::pool::{self, Pool};
 use crate::quant;
+use crate::simd;
 use crate::store::{BLOCK_TOKENS, PackedStream};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// The storage of one KV head in one layer.
 #[derive(Clone, Debug)]
@@ -61,6 +64,45 @@ pub struct Layers {
 /// Contexts from which decode attention runs a layer's KV heads in parallel (below, a
 /// fork-join costs more than it saves).
 const PAR_MIN_TOKENS: usize = 256;
+
+/// Blocks per task of a long context's decode attention ([`Layers::attend_parallel`]):
+/// 1,024 tokens. The results depend on it (a head's values are summed run by run),
+/// not on the number of threads.
+const RUN_BLOCKS: usize = 1024 / BLOCK_TOKENS;
+
+/// The runs of [`RUN_BLOCKS`] blocks of `s`: their blocks and their tokens.
+fn runs(s: &PackedStream) -> Vec<(Range<usize>, Range<usize>)> {
+    let mut t0 = 0;
+    (0..s.blocks().len().max(1))
+        .step_by(RUN_BLOCKS)
+        .map(|b0| {
+            let blocks = b0..(b0 + RUN_BLOCKS).min(s.blocks().len());
+            let n: usize = s.blocks()[blocks.clone()].iter().map(|b| b.len()).sum();
+            t0 += n;
+            (blocks, t0 - n..t0)
+        })
+        .collect()
+}
+
+/// A task's own lock (never contended; a panicked task's data is still its own).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The columns `runs[i].1` of each of the rows of length `t` in `rows`, per run: the
+/// parts of the rows that each run's task writes.
+fn columns<'a>(rows: &'a mut [f32], t: usize, runs: &[(Range<usize>, Range<usize>)]) -> Vec<Vec<&'a mut [f32]>> {
+    let mut cols: Vec<Vec<&mut [f32]>> = runs.iter().map(|_| Vec::new()).collect();
+    for row in rows.chunks_exact_mut(t) {
+        let mut rest = row;
+        for (c, (_, tokens)) in cols.iter_mut().zip(runs) {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(tokens.len());
+            c.push(mine);
+            rest = tail;
+        }
+    }
+    cols
+}
 
 /// Rows of a multi-row attention computed together (in parallel) before the policy
 /// sees them.
@@ -393,10 +435,9 @@ impl Layers {
     /// at least `n_q_heads * T`), and `post(h, head, its probabilities, &mut states[h])`
     /// (`states`: one per KV head) once they are known.
     ///
-    /// From [`PAR_MIN_TOKENS`] tokens on, on the rayon pool: per KV head one task
-    /// computes the probabilities, then the weighted values and `post` run as two tasks,
-    /// so that two cores share a layer's three heads evenly. Each head's results are the
-    /// same whichever thread computes them, and however many there are.
+    /// From [`PAR_MIN_TOKENS`] tokens on, on the kernels' current pool
+    /// ([`Layers::attend_parallel`]); below, one head after the other on this thread
+    /// ([`attention::attend_packed`]).
     pub(crate) fn attend_with<S: Send>(
         &self,
         layer: usize,
@@ -413,19 +454,7 @@ impl Layers {
             states.len() == l.heads.len() && out.len() >= l.heads.len() * g * d && probs.len() >= l.heads.len() * g * t
         );
         if t >= PAR_MIN_TOKENS {
-            let post = &post;
-            rayon::scope(|sc| {
-                let parts = l.heads.iter().zip(out.chunks_mut(g * d)).zip(probs.chunks_mut(g * t)).zip(states);
-                for (h, (((hd, o), p), st)) in parts.enumerate() {
-                    let q = &qs[h * g * d..(h + 1) * g * d];
-                    sc.spawn(move |sc| {
-                        attention::attend_probs(&hd.k, q, g, t, p);
-                        let p: &[f32] = p;
-                        sc.spawn(move |_| attention::attend_values(&hd.v, p, g, o));
-                        post(h, hd, p, st);
-                    });
-                }
-            });
+            pool::with_current(|pool| self.attend_parallel(pool, layer, qs, out, probs, states, &post));
         } else {
             let one = |h: usize, hd: &Head, o: &mut [f32], p: &mut [f32], s: &mut S| {
                 attention::attend_packed(&hd.k, &hd.v, &qs[h * g * d..(h + 1) * g * d], g, o, p);
@@ -437,6 +466,123 @@ impl Layers {
         }
         if let Some(r) = &self.rotation {
             r.unrotate(&mut out[..l.heads.len() * g * d]);
+        }
+    }
+
+    /// [`Layers::attend_with`] on `pool`, in three rounds of tasks, so that the cores
+    /// share a layer's few KV heads evenly at any context: the scores of each run of
+    /// [`RUN_BLOCKS`] blocks of each head's keys; each head's softmax; `post` for each
+    /// head and the weighted values of each run of its values, whose outputs are then
+    /// added in the runs' order. Each head's results are the same whichever threads
+    /// compute them and however many there are; up to one run they are those of
+    /// [`attention::attend_packed`]. The kernels' pool rather than rayon's: its workers
+    /// stay awake between the step's matmuls and these short rounds, so that a round
+    /// costs microseconds where rayon's fork-join cost as much as the second core gave.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_parallel<S: Send>(
+        &self,
+        pool: &Pool,
+        layer: usize,
+        qs: &[f32],
+        out: &mut [f32],
+        probs: &mut [f32],
+        states: &mut [S],
+        post: &(impl Fn(usize, &Head, &[f32], &mut S) + Sync),
+    ) {
+        let (d, g) = (self.cfg.head_dim, self.cfg.group());
+        let l = &self.layers[layer];
+        let (t, nh) = (l.len, l.heads.len());
+        let query = |h: usize| &qs[h * g * d..(h + 1) * g * d];
+        // Scores: a task per run of a head's packed keys (the whole head for KIVI keys).
+        enum Scores<'a> {
+            Whole(usize, &'a KStore, &'a mut [f32]),
+            Run(usize, &'a PackedStream, Range<usize>, usize, Vec<&'a mut [f32]>),
+        }
+        let mut tasks = Vec::new();
+        for (h, (hd, p)) in l.heads.iter().zip(probs.chunks_mut(g * t)).enumerate() {
+            match &hd.k {
+                KStore::Packed(ks) if runs(ks).len() > 1 => {
+                    let runs = runs(ks);
+                    let cols = columns(&mut p[..g * t], t, &runs);
+                    for ((blocks, tokens), cols) in runs.into_iter().zip(cols) {
+                        tasks.push(Mutex::new(Scores::Run(h, ks, blocks, tokens.len(), cols)));
+                    }
+                }
+                k => tasks.push(Mutex::new(Scores::Whole(h, k, p))),
+            }
+        }
+        pool.parallel_for(tasks.len(), &|i| match &mut *lock(&tasks[i]) {
+            Scores::Whole(h, KStore::Packed(ks), p) => {
+                attention::block_scores(ks, 0..ks.blocks().len(), query(*h), g, p)
+            }
+            Scores::Whole(h, KStore::Kivi(kk), p) => kk.scores(query(*h), g, p),
+            Scores::Run(h, ks, blocks, n, cols) => {
+                let mut sc = vec![0f32; g * *n];
+                attention::block_scores(ks, blocks.clone(), query(*h), g, &mut sc);
+                for (c, r) in cols.iter_mut().zip(sc.chunks_exact(*n)) {
+                    c.copy_from_slice(r);
+                }
+            }
+        });
+        drop(tasks);
+        let rows: Vec<Mutex<&mut [f32]>> = probs.chunks_mut(g * t).take(nh).map(Mutex::new).collect();
+        pool.parallel_for(nh, &|h| simd::softmax_rows(&mut lock(&rows[h])[..], g, t));
+        drop(rows);
+        // `post` per head, and the values: a task per run of a head's values (the head's
+        // output itself for one run, else the run's own part).
+        let probs: &[f32] = probs;
+        let head_probs = |h: usize| &probs[h * g * t..(h + 1) * g * t];
+        enum Values<'a, S> {
+            Post(usize, &'a mut S),
+            Whole(usize, &'a mut [f32]),
+            Run(usize, Range<usize>, Range<usize>, &'a mut [f32]),
+        }
+        let mut parts: Vec<Vec<f32>> = l
+            .heads
+            .iter()
+            .map(|hd| match runs(&hd.v).len() {
+                1 => Vec::new(),
+                n => vec![0f32; n * g * d],
+            })
+            .collect();
+        let mut tasks: Vec<Mutex<Values<'_, S>>> =
+            states.iter_mut().enumerate().map(|(h, st)| Mutex::new(Values::Post(h, st))).collect();
+        for (h, ((hd, o), part)) in l.heads.iter().zip(out.chunks_mut(g * d)).zip(&mut parts).enumerate() {
+            let runs = runs(&hd.v);
+            if runs.len() == 1 {
+                tasks.push(Mutex::new(Values::Whole(h, o)));
+            } else {
+                for ((blocks, tokens), part) in runs.into_iter().zip(part.chunks_mut(g * d)) {
+                    tasks.push(Mutex::new(Values::Run(h, blocks, tokens, part)));
+                }
+            }
+        }
+        pool.parallel_for(tasks.len(), &|i| match &mut *lock(&tasks[i]) {
+            Values::Post(h, st) => post(*h, &l.heads[*h], head_probs(*h), st),
+            Values::Whole(h, o) => {
+                let v = &l.heads[*h].v;
+                attention::block_values(v, 0..v.blocks().len(), head_probs(*h), g, o)
+            }
+            Values::Run(h, blocks, tokens, part) => {
+                let mut pr = Vec::with_capacity(g * tokens.len());
+                for row in head_probs(*h).chunks_exact(t) {
+                    pr.extend_from_slice(&row[tokens.clone()]);
+                }
+                attention::block_values(&l.heads[*h].v, blocks.clone(), &pr, g, part);
+            }
+        });
+        drop(tasks);
+        // Each head's runs, added in order.
+        for (o, part) in out.chunks_mut(g * d).zip(&parts) {
+            let mut runs = part.chunks_exact(g * d);
+            if let Some(first) = runs.next() {
+                o[..g * d].copy_from_slice(first);
+                for r in runs {
+                    for (x, y) in o.iter_mut().zip(r) {
+                        *x += y;
+                    }
+                }
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //!
 //! Shared by the four: `layers` (per-layer heads with the K/V stores, staged fp16 rows
 //! for multi-row prefill attention, decode attention over the packed streams on the
-//! rayon pool, widths, dequantization, byte accounting), `policy_cache` (the trait; its
+//! kernels' pool, widths, dequantization, byte accounting), `policy_cache` (the trait; its
 //! provided methods are the shared behaviour), `snapshot` (the transfer format) and
 //! `types` ([`CacheConfig`], [`Attention`], [`Counters`], [`CacheStats`]). A policy's
 //! `+rot` stores keys and values rotated ([`Rotation`]): `Layers` rotates what is

@@ -14,35 +14,39 @@ use super::x86;
 use crate::base::{Block, StreamView};
 
 /// The attention probabilities (`probs`, `g * T`) of `g` query heads (`qs`, `g * d`,
-/// already scaled) over packed keys `keys` of `t` tokens, or, when `keys` is `None`,
-/// from the scores already in `probs` (keys of another layout). AVX2 level: the fused
-/// kernels of `x86::attention`; at the AVX-512 level those of `x86::attention512` for
-/// head dims that are multiples of 64, else the AVX-512VL build of `x86::attention`;
-/// else the portable ones.
+/// already scaled) over packed keys `keys` of `t` tokens ([`packed_scores`], then
+/// [`softmax_rows`]), or, when `keys` is `None`, from the scores already in `probs`
+/// (keys of another layout).
 pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t: usize, probs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() && keys.is_none_or(|k| k.d.is_multiple_of(8)) {
-        assert!(probs.len() >= g * t);
-        if let Some(k) = keys {
-            assert!(qs.len() >= g * k.d && k.len == t);
-            let wide = level() == Level::Avx512;
-            // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for
-            // `wide` and `attention512`); lengths checked above.
-            unsafe {
-                if wide && x86::attention512::fits(k.d) {
-                    x86::attention512::packed_scores(k, qs, g, probs, super::level::vnni());
-                } else {
-                    x86::attention::packed_scores(k, qs, g, probs, wide);
-                }
-            }
-        }
-        softmax_rows(probs, g, t);
-        return;
-    }
     if let Some(k) = keys {
-        portable::packed_scores(k, qs, g, probs);
+        assert!(k.len == t);
+        packed_scores(k, qs, g, probs);
     }
     softmax_rows(probs, g, t);
+}
+
+/// The scores (before the softmax; `scores`, `g * T`, row `j` for query head `j`) of
+/// `g` query heads (`qs`, `g * d`, already scaled) over the `T` packed keys of `k`. AVX2
+/// level: the fused kernels of `x86::attention`; at the AVX-512 level those of
+/// `x86::attention512` for head dims that are multiples of 64, else the AVX-512VL build
+/// of `x86::attention`; else the portable ones.
+pub(crate) fn packed_scores(k: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && k.d.is_multiple_of(8) {
+        assert!(qs.len() >= g * k.d && scores.len() >= g * k.len);
+        let wide = level() == Level::Avx512;
+        // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for
+        // `wide` and `attention512`, AVX512_VNNI for `vnni`); lengths checked above.
+        unsafe {
+            if wide && x86::attention512::fits(k.d) {
+                x86::attention512::packed_scores(k, qs, g, scores, super::level::vnni());
+            } else {
+                x86::attention::packed_scores(k, qs, g, scores, wide);
+            }
+        }
+        return;
+    }
+    portable::packed_scores(k, qs, g, scores);
 }
 
 /// In-place softmax of each of the `g` rows of length `t` in `x`: at the AVX2 level and
@@ -58,7 +62,7 @@ pub(crate) fn softmax_rows(x: &mut [f32], g: usize, t: usize) {
 }
 
 /// `out[j * d ..] = sum_t probs[j * T + t] * v_hat_t` for `g` query heads over packed
-/// values `v` (dispatched as [`attend_probs`]).
+/// values `v` (dispatched as [`packed_scores`]).
 pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() && v.d.is_multiple_of(8) {

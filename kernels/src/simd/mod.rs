@@ -85,7 +85,9 @@ pub use crate::base::h2f;
 pub use level::{Level, level, vnni};
 pub use prim::{axpy, dot, f16_bytes_to_f32, pack_append, silu_mul, unpack_f32};
 
-pub(crate) use attend::{attend_probs, attend_values, dense_scores, dense_values, softmax_rows, window_pass};
+pub(crate) use attend::{
+    attend_probs, attend_values, dense_scores, dense_values, packed_scores, softmax_rows, window_pass,
+};
 pub(crate) use rule::{Observed, UNDECIDED, WidthRule};
 
 use crate::base::{GroupMeta, GroupRef, MAX_GROUP, QuantSpec, Scheme, Sink, StreamView, check_group_len};

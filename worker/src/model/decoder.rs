@@ -171,7 +171,9 @@ pub fn cache_step(
         // Spans are consecutive: each item's output rows are the next `len * qw` values.
         // The items run on the kernels' pool, the one the matmuls use (a second pool's
         // threads would compete with its waiting workers for the cores); a cache's own
-        // parallel work inside a task runs on that task's thread or on rayon's pool.
+        // decode attention inside a task then runs on that task's thread (the pool is
+        // busy), its re-quantization on rayon's pool. One sequence's attention runs on
+        // the kernels' pool itself.
         let mut rest = out;
         let mut work = Vec::with_capacity(items.len());
         for (it, &(off, len)) in items.iter_mut().zip(spans) {
