@@ -130,7 +130,7 @@ impl Registry {
     pub fn heartbeat(&mut self, worker_id: &str, load: Option<WorkerLoad>, draining: bool, now: Instant) -> bool {
         let lease = self.lease;
         match self.workers.get_mut(worker_id) {
-            Some(w) if w.state != WorkerState::Down && now.saturating_duration_since(w.last_heartbeat) > lease => {
+            Some(w) if lapsed(w, now, lease) => {
                 w.state = WorkerState::Down;
                 false
             }
@@ -173,7 +173,7 @@ impl Registry {
         let lease = self.lease;
         let mut down = Vec::new();
         for w in self.workers.values_mut() {
-            if w.state != WorkerState::Down && now.saturating_duration_since(w.last_heartbeat) > lease {
+            if lapsed(w, now, lease) {
                 w.state = WorkerState::Down;
                 down.push(w.worker_id.clone());
             }
@@ -271,6 +271,11 @@ impl Registry {
             available: live.into_iter().map(|m| m.name).collect(),
         })
     }
+}
+
+/// Whether a worker that is not DOWN has gone longer than `lease` without a heartbeat.
+fn lapsed(w: &WorkerEntry, now: Instant, lease: Duration) -> bool {
+    w.state != WorkerState::Down && now.saturating_duration_since(w.last_heartbeat) > lease
 }
 
 #[cfg(test)]

@@ -407,7 +407,7 @@ fn the_results_do_not_depend_on_the_thread_count() {
 /// From 1,024 tokens on, a head's decode attention runs in runs of 1,024 tokens, whose
 /// weighted values are added in order: on a 2,650-token context the outputs do not
 /// depend on the thread count, and (fixed widths) they are the attention over the whole
-/// streams at once to float rounding.
+/// streams at once to float rounding (1e-4 relative).
 #[test]
 fn long_context_decode_runs_do_not_change_the_result() {
     let (d, g) = (CFG.head_dim, CFG.group());
@@ -444,7 +444,10 @@ fn long_context_decode_runs_do_not_change_the_result() {
                     if let Some(Some(r)) = reference {
                         let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
                         let diff = got.iter().zip(&r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-                        assert!(diff <= 1e-5 * norm, "{policy}: rel {}", diff / norm);
+                        // (Measured: 1.0e-6 for fp16 at every level, 1.05e-5 for
+                        // `uniform:4` at the scalar and AVX2 levels; a wrong run would be
+                        // off by the order of 1.)
+                        assert!(diff <= 1e-4 * norm, "{policy}: rel {}", diff / norm);
                     }
                     outs.push(got);
                 }

@@ -297,30 +297,37 @@ impl Layers {
         let (row, d) = (self.cfg.row(), self.cfg.head_dim);
         let l = &mut self.layers[layer];
         let n_tok = kh.len() / row;
-        // Prefill: one batch encode per head and stream. Only where no encode can fail
-        // (finite f16 input: widths >= 1 or raw), so the result is the same as the
-        // token-by-token loop below, errors included.
-        let batched = n_tok > 1 && kb != 0 && vb != 0 && l.heads.iter().all(|hd| matches!(hd.k, KStore::Packed(_)));
+        // One batch encode per head and stream, from the f16 rows (a decode token's head
+        // is a slice of its row; a prefill's heads are gathered). Only where no encode
+        // can fail (finite f16 input: widths >= 1 or raw), so the result is the same as
+        // the token-by-token loop below, errors included.
+        let batched = n_tok > 0 && kb != 0 && vb != 0 && l.heads.iter().all(|hd| matches!(hd.k, KStore::Packed(_)));
         if batched {
-            let (mut kbuf, mut vbuf) = (vec![f16::ZERO; n_tok * d], vec![f16::ZERO; n_tok * d]);
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
             for (h, hd) in l.heads.iter_mut().enumerate() {
-                for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
-                    kbuf[t * d..(t + 1) * d].copy_from_slice(&kr[h * d..(h + 1) * d]);
-                    vbuf[t * d..(t + 1) * d].copy_from_slice(&vr[h * d..(h + 1) * d]);
-                }
+                let (kg, vg): (&[f16], &[f16]) = if n_tok == 1 {
+                    (&kh[h * d..(h + 1) * d], &vh[h * d..(h + 1) * d])
+                } else {
+                    kbuf.resize(n_tok * d, f16::ZERO);
+                    vbuf.resize(n_tok * d, f16::ZERO);
+                    for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
+                        kbuf[t * d..(t + 1) * d].copy_from_slice(&kr[h * d..(h + 1) * d]);
+                        vbuf[t * d..(t + 1) * d].copy_from_slice(&vr[h * d..(h + 1) * d]);
+                    }
+                    (&kbuf, &vbuf)
+                };
                 if let KStore::Packed(s) = &mut hd.k {
-                    s.push_many_f16(&kbuf, kb)?;
+                    s.push_many_f16(kg, kb)?;
                 }
-                hd.v.push_many_f16(&vbuf, vb)?;
+                hd.v.push_many_f16(vg, vb)?;
             }
             for (t, (kr, vr)) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).enumerate() {
                 stored(l.len + t, kr, vr);
             }
             l.len += n_tok;
         }
-        let mut kf = vec![0f32; row];
-        let mut vf = vec![0f32; row];
         let per_token = if batched { 0 } else { n_tok };
+        let (mut kf, mut vf) = (vec![0f32; row * per_token.min(1)], vec![0f32; row * per_token.min(1)]);
         for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).take(per_token) {
             kr.convert_to_f32_slice(&mut kf);
             vr.convert_to_f32_slice(&mut vf);
@@ -500,11 +507,14 @@ impl Layers {
         }
         let mut tasks = Vec::new();
         for (h, (hd, p)) in l.heads.iter().zip(probs.chunks_mut(g * t)).enumerate() {
+            let key_runs = match &hd.k {
+                KStore::Packed(ks) => runs(ks),
+                KStore::Kivi(_) => Vec::new(),
+            };
             match &hd.k {
-                KStore::Packed(ks) if runs(ks).len() > 1 => {
-                    let runs = runs(ks);
-                    let cols = columns(&mut p[..g * t], t, &runs);
-                    for ((blocks, tokens), cols) in runs.into_iter().zip(cols) {
+                KStore::Packed(ks) if key_runs.len() > 1 => {
+                    let cols = columns(&mut p[..g * t], t, &key_runs);
+                    for ((blocks, tokens), cols) in key_runs.into_iter().zip(cols) {
                         tasks.push(Mutex::new(Scores::Run(h, ks, blocks, tokens.len(), cols)));
                     }
                 }
@@ -537,18 +547,17 @@ impl Layers {
             Whole(usize, &'a mut [f32]),
             Run(usize, Range<usize>, Range<usize>, &'a mut [f32]),
         }
-        let mut parts: Vec<Vec<f32>> = l
-            .heads
+        let value_runs: Vec<_> = l.heads.iter().map(|hd| runs(&hd.v)).collect();
+        let mut parts: Vec<Vec<f32>> = value_runs
             .iter()
-            .map(|hd| match runs(&hd.v).len() {
+            .map(|runs| match runs.len() {
                 1 => Vec::new(),
                 n => vec![0f32; n * g * d],
             })
             .collect();
         let mut tasks: Vec<Mutex<Values<'_, S>>> =
             states.iter_mut().enumerate().map(|(h, st)| Mutex::new(Values::Post(h, st))).collect();
-        for (h, ((hd, o), part)) in l.heads.iter().zip(out.chunks_mut(g * d)).zip(&mut parts).enumerate() {
-            let runs = runs(&hd.v);
+        for (h, ((runs, o), part)) in value_runs.into_iter().zip(out.chunks_mut(g * d)).zip(&mut parts).enumerate() {
             if runs.len() == 1 {
                 tasks.push(Mutex::new(Values::Whole(h, o)));
             } else {

@@ -2,6 +2,7 @@
 //! are loaded), one trait for the portable and the x86 encoders.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -15,6 +16,9 @@ mod sealed {
 pub(crate) trait Input: Copy + sealed::Sealed {
     /// The value as f32 (exact).
     fn value(self) -> f32;
+    /// `x` as f16 into `out` (as long; round to nearest even, exact for f16 input), or
+    /// `false` (and `out` unspecified) when a value lies outside f16's finite range.
+    fn halves(x: &[Self], out: &mut [f16]) -> bool;
     /// The value as f16 bits (round to nearest even, exact for f16-representable values).
     ///
     /// # Safety
@@ -39,6 +43,14 @@ impl Input for f32 {
     #[inline(always)]
     fn value(self) -> f32 {
         self
+    }
+    #[inline]
+    fn halves(x: &[Self], out: &mut [f16]) -> bool {
+        if crate::base::check_finite(x, "group").is_err() {
+            return false;
+        }
+        out.convert_from_f32_slice(x);
+        true
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -69,6 +81,11 @@ impl Input for f16 {
     #[inline(always)]
     fn value(self) -> f32 {
         self.to_f32()
+    }
+    #[inline]
+    fn halves(x: &[Self], out: &mut [f16]) -> bool {
+        out.copy_from_slice(x);
+        x.iter().all(|v| v.is_finite())
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]

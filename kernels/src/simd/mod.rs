@@ -164,6 +164,12 @@ pub(crate) fn encode_groups<T: Input>(
     if !x.len().is_multiple_of(d) {
         return Err(KernelError::Config(format!("{} values is not a whole number of groups of {d}", x.len())));
     }
+    if bits == crate::base::RAW {
+        for g in x.chunks_exact(d) {
+            metas.push(portable::encode_raw(g, out.codes)?);
+        }
+        return Ok(());
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2()
         && let Some((k_lo, k_hi)) = x86::quant::midpoint_counts(spec, bits, d)

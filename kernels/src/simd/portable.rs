@@ -5,6 +5,7 @@
 //! (`simd::prim`), so at the AVX2 level they are "portable structure, vector
 //! primitives", bit for bit what they always computed.
 
+use super::input::Input;
 use super::prim::{axpy, dot, f16_bytes_to_f32, pack_append, unpack_f32};
 use crate::base::{
     GroupMeta, GroupRef, MAX_BITS, MAX_GROUP, QuantSpec, RAW, Scheme, Sink, StreamView, check_finite, check_group_len,
@@ -136,6 +137,23 @@ fn select_outliers(
     (mn, mx, sum)
 }
 
+/// Appends one group of up to [`MAX_GROUP`] values stored raw: each as f16, little-endian
+/// (f16 input copied as is). Values outside f16's finite range are an error and append
+/// nothing.
+#[inline(always)]
+pub(crate) fn encode_raw<T: Input>(x: &[T], codes: &mut Vec<u8>) -> Result<GroupMeta> {
+    let mut h = [f16::ZERO; MAX_GROUP];
+    if !T::halves(x, &mut h[..x.len()]) {
+        return Err(KernelError::NonFinite { what: "group" });
+    }
+    let at = codes.len();
+    codes.resize(at + 2 * x.len(), 0);
+    for (c, v) in codes[at..].chunks_exact_mut(2).zip(&h) {
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+    Ok(GroupMeta { m: f16::ZERO, s: f16::ZERO, bits: RAW, n_out: 0 })
+}
+
 /// The reference group encoder ([`crate::quant::encode_group`]'s semantics on every
 /// CPU). Always inlined, so the AVX2 level can compile it with its features.
 #[inline(always)]
@@ -143,13 +161,10 @@ pub(crate) fn encode_group(x: &[f32], bits: u8, spec: &QuantSpec, out: &mut Sink
     let Sink { codes, out_idx, out_val } = out;
     let d = x.len();
     check_group_len(d)?;
-    check_finite(x, "group")?;
     if bits == RAW {
-        for &v in x {
-            codes.extend_from_slice(&f16::from_f32(v).to_le_bytes());
-        }
-        return Ok(GroupMeta { m: f16::ZERO, s: f16::ZERO, bits: RAW, n_out: 0 });
+        return encode_raw(x, codes);
     }
+    check_finite(x, "group")?;
     if bits > MAX_BITS {
         return Err(KernelError::Config(format!("width {bits} outside 0..=8")));
     }

@@ -112,9 +112,30 @@ pub struct Operand {
     quantized: RefCell<Option<(InputKind, QInput)>>,
 }
 
+/// Spare buffers kept per thread, at most (a pass holds a few operands at a time).
+const SPARE_INPUTS_MAX: usize = 4;
+
+thread_local! {
+    /// Quantized-activation buffers of dropped operands, reused by the next ones (no
+    /// allocation or zeroing per matmul input in the steady state).
+    static SPARE_INPUTS: RefCell<Vec<QInput>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Operand {
     fn new(x: Vec<f32>, m: usize) -> Self {
         Operand { x, m, quantized: RefCell::new(None) }
+    }
+}
+
+impl Drop for Operand {
+    fn drop(&mut self) {
+        if let Some((_, q)) = self.quantized.get_mut().take() {
+            SPARE_INPUTS.with_borrow_mut(|s| {
+                if s.len() < SPARE_INPUTS_MAX {
+                    s.push(q)
+                }
+            });
+        }
     }
 }
 
@@ -123,7 +144,12 @@ fn apply(w: &QMatrix, x: &Operand, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     let kind = w.format().input_kind();
     let mut q = x.quantized.borrow_mut();
     if q.as_ref().is_none_or(|(k, _)| *k != kind) {
-        *q = Some((kind, QInput::new(w.format(), &x.x, x.m, w.cols())?));
+        let mut input = match q.take() {
+            Some((_, input)) => input,
+            None => SPARE_INPUTS.with_borrow_mut(|s| s.pop()).unwrap_or_default(),
+        };
+        input.refill(w.format(), &x.x, x.m, w.cols())?;
+        *q = Some((kind, input));
     }
     let (_, input) = q.as_ref().expect("quantized above");
     let mut out = vec![0f32; x.m * w.rows()];
@@ -139,16 +165,40 @@ fn apply(w: &QMatrix, x: &Operand, bias: Option<&[f32]>) -> Result<Vec<f32>> {
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let h = w.len();
     let mut out = vec![0f32; x.len()];
-    for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-        // Rounded as candle's `rms_norm` is: quantized matmuls round their inputs to 8 bits,
-        // and a last-bit difference here can flip a code there.
-        let rms = (row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32 + eps).sqrt();
-        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
-            *o = v / rms * g;
+    let norm = |rows: &[f32], outs: &mut [f32], ss: &[f32]| {
+        for ((row, o), &ss) in rows.chunks_exact(h).zip(outs.chunks_exact_mut(h)).zip(ss) {
+            // Rounded as candle's `rms_norm` is: quantized matmuls round their inputs to 8
+            // bits, and a last-bit difference here can flip a code there.
+            let rms = (ss / h as f32 + eps).sqrt();
+            for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+                *o = v / rms * g;
+            }
         }
+    };
+    let mut rows = x.chunks_exact(8 * h);
+    let mut outs = out.chunks_exact_mut(8 * h);
+    for (r8, o8) in (&mut rows).zip(&mut outs) {
+        norm(r8, o8, &squares::<8>(r8, h));
+    }
+    for (r, o) in rows.remainder().chunks_exact(h).zip(outs.into_remainder().chunks_exact_mut(h)) {
+        norm(r, o, &squares::<1>(r, h));
     }
     out
+}
+
+/// The sums of squares of `N` rows of `h` values, each added up in order as one row alone
+/// (`Σ v²` from the first value on), the rows' independent chains interleaved.
+fn squares<const N: usize>(rows: &[f32], h: usize) -> [f32; N] {
+    let mut ss = [0f32; N];
+    for j in 0..h {
+        for (r, s) in ss.iter_mut().enumerate() {
+            let v = rows[r * h + j];
+            *s += v * v;
+        }
+    }
+    ss
 }
 
 impl Ops for CpuPass<'_> {
@@ -218,5 +268,36 @@ impl Ops for CpuPass<'_> {
         }
         let sel = rms_norm(&sel, norm, self.b.cfg.rms_eps as f32);
         apply(head, &Operand::new(sel, rows.len()), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rms_norm;
+
+    /// Each row normalized as alone, bit for bit: 1 to 19 rows (whole groups of 8 and
+    /// the rows after them), against the one-row formula.
+    #[test]
+    fn rms_norm_of_many_rows_equals_each_row_alone() {
+        let h = 96;
+        let mut seed = 7u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 6.0 - 3.0
+        };
+        let w: Vec<f32> = (0..h).map(|_| next()).collect();
+        for m in 1..20 {
+            let x: Vec<f32> = (0..m * h).map(|_| next()).collect();
+            let got = rms_norm(&x, &w, 1e-5);
+            for (row, g) in x.chunks_exact(h).zip(got.chunks_exact(h)) {
+                let rms = (row.iter().map(|v| v * v).sum::<f32>() / h as f32 + 1e-5).sqrt();
+                let want: Vec<f32> = row.iter().zip(&w).map(|(v, g)| v / rms * g).collect();
+                assert_eq!(
+                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{m} rows"
+                );
+            }
+        }
     }
 }
