@@ -478,7 +478,7 @@ impl Layers {
 
     /// [`Layers::attend_with`] on `pool`, in three rounds of tasks, so that the cores
     /// share a layer's few KV heads evenly at any context: the scores of each run of
-    /// [`RUN_BLOCKS`] blocks of each head's keys; each head's softmax; `post` for each
+    /// [`RUN_BLOCKS`] blocks of each head's keys; each query row's softmax; `post` for each
     /// head and the weighted values of each run of its values, whose outputs are then
     /// added in the runs' order. Each head's results are the same whichever threads
     /// compute them and however many there are; up to one run they are those of
@@ -535,8 +535,10 @@ impl Layers {
             }
         });
         drop(tasks);
-        let rows: Vec<Mutex<&mut [f32]>> = probs.chunks_mut(g * t).take(nh).map(Mutex::new).collect();
-        pool.parallel_for(nh, &|h| simd::softmax_rows(&mut lock(&rows[h])[..], g, t));
+        // Softmax: a task per query row (rows are independent; as many tasks as heads
+        // would leave a core idle for a head's softmax with 3 heads on 2 cores).
+        let rows: Vec<Mutex<&mut [f32]>> = probs.chunks_mut(t).take(nh * g).map(Mutex::new).collect();
+        pool.parallel_for(nh * g, &|r| simd::softmax_rows(&mut lock(&rows[r])[..], 1, t));
         drop(rows);
         // `post` per head, and the values: a task per run of a head's values (the head's
         // output itself for one run, else the run's own part).

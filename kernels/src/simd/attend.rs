@@ -90,13 +90,19 @@ pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mu
 /// takes the primitives pair by pair, with the same results).
 pub(crate) fn dense_scores(k: &[f32], d: usize, qs: &[f32], lens: &[usize], offs: &[usize], probs: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 && x86::dense512::fits(d) {
+    if dense512(d) {
         // SAFETY: AVX-512F, AVX2 and FMA detected; the kernel asserts the shapes.
         unsafe { x86::dense512::scores(k, d, qs, lens, offs, probs) };
         return true;
     }
     let _ = (k, d, qs, lens, offs, probs);
     false
+}
+
+/// Whether the dense kernels run at this level for head size `d` (AVX-512 only).
+#[cfg(target_arch = "x86_64")]
+fn dense512(d: usize) -> bool {
+    level() == Level::Avx512 && x86::dense512::fits(d)
 }
 
 /// The weighted values of many query vectors (`out[i * d..][..d] = sum_{t < lens[i]}
@@ -111,7 +117,7 @@ pub(crate) fn dense_values(
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if level() == Level::Avx512 && x86::dense512::fits(d) {
+    if dense512(d) {
         // SAFETY: as in `dense_scores`.
         unsafe { x86::dense512::values(v, d, probs, lens, offs, out) };
         return true;
