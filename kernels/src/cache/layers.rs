@@ -327,7 +327,7 @@ impl Layers {
             l.len += n_tok;
         }
         let per_token = if batched { 0 } else { n_tok };
-        let (mut kf, mut vf) = (vec![0f32; row * per_token.min(1)], vec![0f32; row * per_token.min(1)]);
+        let (mut kf, mut vf) = if batched { (Vec::new(), Vec::new()) } else { (vec![0f32; row], vec![0f32; row]) };
         for (kr, vr) in kh.chunks_exact(row).zip(vh.chunks_exact(row)).take(per_token) {
             kr.convert_to_f32_slice(&mut kf);
             vr.convert_to_f32_slice(&mut vf);

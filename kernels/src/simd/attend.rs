@@ -32,21 +32,39 @@ pub(crate) fn attend_probs(keys: Option<StreamView<'_>>, qs: &[f32], g: usize, t
 /// of `x86::attention`; else the portable ones.
 pub(crate) fn packed_scores(k: StreamView<'_>, qs: &[f32], g: usize, scores: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() && k.d.is_multiple_of(8) {
+    if let Some(path) = packed_path(k.d) {
         assert!(qs.len() >= g * k.d && scores.len() >= g * k.len);
-        let wide = level() == Level::Avx512;
-        // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for
-        // `wide` and `attention512`, AVX512_VNNI for `vnni`); lengths checked above.
+        // SAFETY: `packed_path` checked the features at run time; lengths checked above.
         unsafe {
-            if wide && x86::attention512::fits(k.d) {
-                x86::attention512::packed_scores(k, qs, g, scores, super::level::vnni());
-            } else {
-                x86::attention::packed_scores(k, qs, g, scores, wide);
+            match path {
+                PackedPath::Wide512 => x86::attention512::packed_scores(k, qs, g, scores, super::level::vnni()),
+                PackedPath::Attention { wide } => x86::attention::packed_scores(k, qs, g, scores, wide),
             }
         }
         return;
     }
     portable::packed_scores(k, qs, g, scores);
+}
+
+/// The x86 kernels of the packed attention.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum PackedPath {
+    /// `x86::attention512` (AVX-512 F/BW/VL/VBMI; AVX512_VNNI where detected).
+    Wide512,
+    /// `x86::attention`, its AVX-512VL build when `wide`, else AVX2.
+    Attention { wide: bool },
+}
+
+/// Which x86 kernels run the packed attention of head size `d` at this process's level
+/// (`None`: the portable ones).
+#[cfg(target_arch = "x86_64")]
+fn packed_path(d: usize) -> Option<PackedPath> {
+    if !avx2() || !d.is_multiple_of(8) {
+        return None;
+    }
+    let wide = level() == Level::Avx512;
+    Some(if wide && x86::attention512::fits(d) { PackedPath::Wide512 } else { PackedPath::Attention { wide } })
 }
 
 /// In-place softmax of each of the `g` rows of length `t` in `x`: at the AVX2 level and
@@ -65,16 +83,13 @@ pub(crate) fn softmax_rows(x: &mut [f32], g: usize, t: usize) {
 /// values `v` (dispatched as [`packed_scores`]).
 pub(crate) fn attend_values(v: StreamView<'_>, probs: &[f32], g: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx2() && v.d.is_multiple_of(8) {
+    if let Some(path) = packed_path(v.d) {
         assert!(out.len() >= g * v.d && probs.len() >= g * v.len);
-        let wide = level() == Level::Avx512;
-        // SAFETY: the features were detected at run time (AVX-512 F/BW/VL/VBMI for `wide`
-        // and `attention512`); lengths checked above.
+        // SAFETY: `packed_path` checked the features at run time; lengths checked above.
         unsafe {
-            if wide && x86::attention512::fits(v.d) {
-                x86::attention512::weighted_values(v, probs, g, out, super::level::vnni());
-            } else {
-                x86::attention::weighted_values(v, probs, g, out, wide);
+            match path {
+                PackedPath::Wide512 => x86::attention512::weighted_values(v, probs, g, out, super::level::vnni()),
+                PackedPath::Attention { wide } => x86::attention::weighted_values(v, probs, g, out, wide),
             }
         }
         return;
