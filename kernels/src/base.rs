@@ -116,8 +116,10 @@ impl Default for QuantSpec {
     }
 }
 
-/// Per-group metadata: 6 bytes in storage (f16 m, f16 s, width, outlier count).
+/// Per-group metadata: 6 bytes in storage (f16 m, f16 s, width, outlier count), laid out
+/// in that order in memory too (the AVX-512 attention reads 16 tokens' metadata at once).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
 pub struct GroupMeta {
     /// Grid origin: inlier min (midpoint) or inlier mean (mean-centred).
     pub m: f16,
@@ -128,6 +130,13 @@ pub struct GroupMeta {
     /// Number of outliers.
     pub n_out: u8,
 }
+
+const _: () = assert!(
+    std::mem::size_of::<GroupMeta>() == META_BYTES
+        && std::mem::offset_of!(GroupMeta, s) == 2
+        && std::mem::offset_of!(GroupMeta, bits) == 4
+        && std::mem::offset_of!(GroupMeta, n_out) == 5
+);
 
 impl GroupMeta {
     /// Reconstruction of code 0 (and of outlier positions before correction).

@@ -15,9 +15,15 @@
 //! against queries rounded to 16 bits ([`scores_block_int`]), the values with weights
 //! rounded to 16 bits ([`values_tile_int`]); each rounding is at most 1/65534 of the
 //! largest query channel or weight, far below the codes' own step.
+//!
+//! Per-token scalar work is what bounded these kernels on a compressed cache (scans of a
+//! block's groups for raw ones, outliers and one width, each token's constants from its
+//! f16 metadata): a block's metadata is read 16 tokens at a time ([`meta_words`], its
+//! `repr(C)` layout), its [`Kind`] decided once, and a block at one width unpacks its
+//! codes with constants made once ([`Unpack`]).
 
 use super::attention::{add_rows, group_consts, offsets, prefetch_block, transpose_q};
-use super::quant512::codes64;
+use super::quant512::{Unpack, codes64};
 use crate::base::{Block, MAX_GROUP, RAW, StreamView};
 
 /// Tokens per block of the packed stream (`crate::store::BLOCK_TOKENS`; the kernels
@@ -64,11 +70,6 @@ fn widen_idx() -> [__m512i; 4] {
 unsafe fn widen(w: __m512i, idx: &[__m512i; 4], q: usize) -> __m512 {
     // SAFETY: AVX-512 F/BW/VBMI are enabled in every caller.
     unsafe { _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(DWORD_LOW, idx[q], w)) }
-}
-
-/// Whether every group of `b` is quantized at one width (1..=8).
-fn one_width(b: &Block) -> bool {
-    b.meta.first().is_some_and(|f| (1..=8).contains(&f.bits) && b.meta.iter().all(|m| m.bits == f.bits))
 }
 
 /// 16 little-endian f16 values at `p` as f32.
@@ -186,17 +187,20 @@ unsafe fn scores_nh<const NH: usize, const NC: usize>(
         prefetch_block(s.blocks.get(bi + 1));
         let n = b.len();
         assert!(n <= BLOCK && t0 + n <= t_total);
-        let outliers = b.meta.iter().any(|m| m.n_out > 0);
+        // SAFETY: the level.
+        let kind = unsafe { kind(b) };
         if let Some((qw, back)) = &qw
-            && b.meta.iter().all(|m| m.bits != RAW)
+            && !kind.raw
         {
             // SAFETY: VNNI with `qw`; the block's tokens are t0 .. t0 + n of the rows.
-            unsafe { scores_block_int::<NH, NC>(b, &offs, qw, back, &sumq, (j0, t0, t_total), &mut bases, scores) };
+            unsafe {
+                scores_block_int::<NH, NC>(b, kind.width, &offs, qw, back, &sumq, (j0, t0, t_total), &mut bases, scores)
+            };
         } else {
             // SAFETY: as this function's contract.
             unsafe { scores_block::<NH, NC>(b, &offs, &q, &widx, &sumq, (j0, t0, t_total), &mut bases, scores) };
         }
-        if outliers {
+        if kind.outliers {
             let mut oo = 0usize;
             for (i, m) in b.meta.iter().enumerate() {
                 let no = m.n_out as usize;
@@ -330,17 +334,141 @@ unsafe fn query_words<const NH: usize, const NC: usize>(
     (qw, back)
 }
 
-/// The sums of the 8 lanes of each of `b[0..8]`, in order, in integers (as [`hsum8x8`]).
+/// Per field `f` of [`crate::base::GroupMeta`]'s three words (`m`, `s`, width and
+/// outlier count), the `vpermt2w` indices that gather word `f` of 16 tokens' metadata
+/// (96 bytes) into words 0..16.
+static META_IDX: [[u16; 32]; 3] = {
+    let mut t = [[0u16; 32]; 3];
+    let mut f = 0;
+    while f < 3 {
+        let mut i = 0;
+        while i < 16 {
+            t[f][i] = (3 * i + f) as u16;
+            i += 1;
+        }
+        f += 1;
+    }
+    t
+};
+
+/// `offs` ([`offsets`]) in the first 9 of 16 lanes, for `vpermps` by width.
 #[inline]
-#[target_feature(enable = "avx2")]
-fn hsum8x8_epi32(b: &[__m256i; 8]) -> __m256i {
-    let h01 = _mm256_hadd_epi32(b[0], b[1]);
-    let h23 = _mm256_hadd_epi32(b[2], b[3]);
-    let h45 = _mm256_hadd_epi32(b[4], b[5]);
-    let h67 = _mm256_hadd_epi32(b[6], b[7]);
-    let lo = _mm256_hadd_epi32(h01, h23);
-    let hi = _mm256_hadd_epi32(h45, h67);
-    _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi))
+#[target_feature(enable = "avx512f")]
+fn offsets16(offs: &[f32; 9]) -> __m512 {
+    let mut t = [0f32; 16];
+    t[..9].copy_from_slice(offs);
+    // SAFETY: 16 floats.
+    unsafe { _mm512_loadu_ps(t.as_ptr()) }
+}
+
+/// The steps and bases of tokens `i0 .. i0 + 16` of `b` (lanes past the block's end 0),
+/// from their metadata read 16 at a time: the values [`group_consts`] gives one token at
+/// a time (`m + offset(width) * s`, a multiply then an add; raw groups base 0, step 1).
+///
+/// # Safety
+/// AVX-512 F/BW; `i0 < b.len()`; `offs16` from [`offsets16`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn meta16(b: &Block, i0: usize, offs16: __m512) -> (__m512, __m512) {
+    // SAFETY: per the contract.
+    let [m, s, w] = unsafe { meta_words(b, i0) };
+    let (m, s) = (_mm512_cvtph_ps(m), _mm512_cvtph_ps(s));
+    let bits = _mm512_and_si512(_mm512_cvtepu16_epi32(w), _mm512_set1_epi32(0xff));
+    let raw = _mm512_cmpeq_epi32_mask(bits, _mm512_set1_epi32(RAW as i32));
+    let base = _mm512_add_ps(m, _mm512_mul_ps(_mm512_permutexvar_ps(bits, offs16), s));
+    (_mm512_mask_mov_ps(s, raw, _mm512_set1_ps(1.0)), _mm512_mask_mov_ps(base, raw, _mm512_setzero_ps()))
+}
+
+/// The three metadata words of tokens `i0 .. i0 + 16` of `b` (`m`, `s`, and the width
+/// with the outlier count in the high byte), 16 words each, 0 past the block's end: two
+/// masked loads of the `repr(C)` metadata and one `vpermt2w` per word.
+///
+/// # Safety
+/// AVX-512 F/BW; `i0 < b.len()`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn meta_words(b: &Block, i0: usize) -> [__m256i; 3] {
+    assert!(i0 < b.len());
+    let bytes = 6 * (b.len() - i0).min(16);
+    let mask = |n: usize| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    // SAFETY: the masked loads read only the `bytes` bytes of tokens i0.. of the
+    // metadata (`repr(C)`, 6 bytes each); the index tables hold 32 words each.
+    unsafe {
+        let p = b.meta.as_ptr().add(i0) as *const i8;
+        let lo = _mm512_maskz_loadu_epi8(mask(bytes), p);
+        let hi = _mm512_maskz_loadu_epi8(mask(bytes.saturating_sub(64)), p.add(64));
+        std::array::from_fn(|f| {
+            let idx = _mm512_loadu_si512(META_IDX[f].as_ptr() as *const _);
+            _mm512_castsi512_si256(_mm512_permutex2var_epi16(lo, idx, hi))
+        })
+    }
+}
+
+/// What the kernels need to know of a block's groups before taking it.
+#[derive(Clone, Copy)]
+struct Kind {
+    /// Some group is raw (fp16).
+    raw: bool,
+    /// Some group has outliers.
+    outliers: bool,
+    /// The width of every group, where they share one (1..=8).
+    width: Option<u8>,
+}
+
+/// [`Kind`] of `b`, from its metadata words 16 tokens at a time ([`meta_words`]).
+///
+/// # Safety
+/// AVX-512 F/BW/VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn kind(b: &Block) -> Kind {
+    let Some(first) = b.meta.first().map(|m| m.bits) else {
+        return Kind { raw: false, outliers: false, width: None };
+    };
+    let n = b.len();
+    let (mut raw, mut outliers, mut other): (__mmask16, __mmask16, __mmask16) = (0, 0, 0);
+    for i0 in (0..n).step_by(16) {
+        let k = (n - i0).min(16);
+        let keep: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+        // SAFETY: i0 < n.
+        let w = unsafe { meta_words(b, i0) }[2];
+        let bits = _mm256_and_si256(w, _mm256_set1_epi16(0xff));
+        raw |= _mm256_mask_cmpeq_epi16_mask(keep, bits, _mm256_set1_epi16(RAW as i16));
+        outliers |= _mm256_mask_test_epi16_mask(keep, w, _mm256_set1_epi16(0xff00u16 as i16));
+        other |= _mm256_mask_cmpneq_epi16_mask(keep, bits, _mm256_set1_epi16(first as i16));
+    }
+    Kind { raw: raw != 0, outliers: outliers != 0, width: (other == 0 && (1..=8).contains(&first)).then_some(first) }
+}
+
+/// Slot of token `i` (< 16) in the input of [`sum16`], so that its sums come out in
+/// token order (the reduction tree leaves them transposed 4 by 4).
+#[inline(always)]
+const fn slot16(i: usize) -> usize {
+    4 * (i % 4) + i / 4
+}
+
+/// Lane `i` = the sum of the 16 lanes of token `i`'s vector `a[slot16(i)]`: a tree of
+/// 128-bit shuffles, qword unpacks and dword shuffles, 45 instructions for 16 tokens.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sum16(a: &[__m512i; 16]) -> __m512i {
+    let c: [__m512i; 8] = std::array::from_fn(|p| {
+        let (x, y) = (a[2 * p], a[2 * p + 1]);
+        _mm512_add_epi32(_mm512_shuffle_i64x2::<0x44>(x, y), _mm512_shuffle_i64x2::<0xee>(x, y))
+    });
+    let e: [__m512i; 4] = std::array::from_fn(|p| {
+        let (x, y) = (c[2 * p], c[2 * p + 1]);
+        _mm512_add_epi32(_mm512_shuffle_i64x2::<0x88>(x, y), _mm512_shuffle_i64x2::<0xdd>(x, y))
+    });
+    let f: [__m512i; 2] = std::array::from_fn(|p| {
+        let (x, y) = (e[2 * p], e[2 * p + 1]);
+        _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
+    });
+    let (x, y) = (_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]));
+    _mm512_add_epi32(
+        _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(x, y)),
+        _mm512_castps_si512(_mm512_shuffle_ps::<0xdd>(x, y)),
+    )
 }
 
 /// [`scores_block`] in integers, for a block without raw groups: each token's codes are
@@ -348,59 +476,88 @@ fn hsum8x8_epi32(b: &[__m256i; 8]) -> __m256i {
 /// with the 16-bit queries ([`query_words`]) into 32-bit sums (at most
 /// `256 * 32767 * 255 < 2^31`), exact up to one conversion per token and head, scaled
 /// back per head. Half the multiply instructions of the f32 products, and no conversion
-/// of codes to floats.
+/// of codes to floats. Sixteen tokens at a time: their metadata in vectors
+/// ([`meta16`]), their sums in one tree ([`sum16`]), the score rows stored 16 lanes at
+/// a time; a block at one width unpacks its codes with constants made once.
 ///
 /// # Safety
-/// As [`scores_block`], and AVX512_VNNI; no group of `b` is raw.
+/// As [`scores_block`], and AVX512_VNNI; no group of `b` is raw; `width` as [`kind`]
+/// gives it.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn scores_block_int<const NH: usize, const NC: usize>(
     b: &Block,
+    width: Option<u8>,
     offs: &[f32; 9],
     qw: &[[__m512i; 8]; NH],
     back: &[f32; NH],
     sumq: &[f32; 4],
-    at: (usize, usize, usize),
+    (j0, t0, t_total): (usize, usize, usize),
     bases: &mut [f32; BLOCK],
     scores: &mut [f32],
 ) {
-    let d = 64 * NC;
+    let (d, n) = (64 * NC, b.len());
+    assert!(n <= BLOCK && t0 + n <= t_total && scores.len() >= (j0 + NH) * t_total);
+    assert!(width.is_none_or(|w| b.codes.len() >= n * d * w as usize / 8));
     // SAFETY: 64 bytes each.
     let widx: [__m512i; 2] = std::array::from_fn(|h| unsafe { _mm512_loadu_si512(WORD_IDX[h].as_ptr() as *const _) });
-    let mut dots = [[_mm256_setzero_si256(); BLOCK]; NH];
-    let mut steps = [0f32; BLOCK];
+    // SAFETY: a block's one width is 1..=8 ([`Kind`]).
+    let one = width.map(|w| (unsafe { Unpack::new(w, 64) }, w));
+    let offs16 = offsets16(offs);
     let (cp, mut co) = (b.codes.as_ptr(), 0usize);
-    for (i, m) in b.meta.iter().enumerate() {
-        assert!(m.bits != RAW);
-        let (base, sc, cb) = group_consts(m, offs, d);
-        (steps[i], bases[i]) = (sc, base);
-        let mut acc = [_mm512_setzero_si512(); NH];
-        if m.bits > 0 {
-            for c in 0..NC {
-                // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
-                let w = unsafe { codes64(cp.add(co + 8 * c * m.bits as usize), m.bits, 64) };
-                let lo = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[0], w);
-                let hi = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[1], w);
-                for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_dpwssd_epi32(*a, lo, qw[j][2 * c]);
-                    *a = _mm512_dpwssd_epi32(*a, hi, qw[j][2 * c + 1]);
+    let mut sums = [[_mm512_setzero_si512(); 16]; NH];
+    for i0 in (0..n).step_by(16) {
+        let k = (n - i0).min(16);
+        if k < 16 {
+            sums = [[_mm512_setzero_si512(); 16]; NH];
+        }
+        for i in 0..k {
+            // A block at one width: the groups' offsets without their metadata.
+            let (u, bits) = match one {
+                Some((u, bits)) => {
+                    co = (i0 + i) * d * bits as usize / 8;
+                    (Some(u), bits)
+                }
+                None => {
+                    let bits = b.meta[i0 + i].bits;
+                    assert!(bits != RAW);
+                    // SAFETY: width 1..=8.
+                    ((bits > 0).then(|| unsafe { Unpack::new(bits, 64) }), bits)
+                }
+            };
+            let mut acc = [_mm512_setzero_si512(); NH];
+            if let Some(u) = u {
+                for c in 0..NC {
+                    // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
+                    let at = co + 8 * c * bits as usize;
+                    let w = unsafe { u.load_in(cp.add(at), b.codes.len() - at) };
+                    let lo = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[0], w);
+                    let hi = _mm512_maskz_permutexvar_epi8(WORD_LOW, widx[1], w);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_dpwssd_epi32(*a, lo, qw[j][2 * c]);
+                        *a = _mm512_dpwssd_epi32(*a, hi, qw[j][2 * c + 1]);
+                    }
                 }
             }
+            for (s, a) in sums.iter_mut().zip(acc) {
+                s[slot16(i)] = a;
+            }
+            co += d * bits as usize / 8;
         }
-        for (x, a) in dots.iter_mut().zip(&acc) {
-            x[i] = _mm256_add_epi32(_mm512_castsi512_si256(*a), _mm512_extracti64x4_epi64::<1>(*a));
+        // SAFETY: i0 < n; `bases` holds BLOCK floats; the lanes of `keep` are tokens
+        // t0 + i0 .. t0 + i0 + k of each row (asserted).
+        unsafe {
+            let (step, base) = meta16(b, i0, offs16);
+            _mm512_storeu_ps(bases.as_mut_ptr().add(i0), base);
+            let keep: __mmask16 = if k == 16 { 0xffff } else { (1u16 << k) - 1 };
+            for (j, s) in sums.iter().enumerate() {
+                let st = _mm512_mul_ps(step, _mm512_set1_ps(back[j]));
+                let r = _mm512_fmadd_ps(st, _mm512_cvtepi32_ps(sum16(s)), _mm512_mul_ps(base, _mm512_set1_ps(sumq[j])));
+                _mm512_mask_storeu_ps(scores.as_mut_ptr().add((j0 + j) * t_total + t0 + i0), keep, r);
+            }
         }
-        co += cb;
     }
-    let n = b.len();
-    // SAFETY: features enabled; the block's tokens are within the rows (the caller).
-    unsafe {
-        store_scores::<NH>(n, &steps, bases, sumq, back, at, scores, |j, i| {
-            dots[j][n.min(i + 8)..i + 8].fill(_mm256_setzero_si256());
-            _mm256_cvtepi32_ps(hsum8x8_epi32(dots[j][i..i + 8].try_into().expect("8 tokens")))
-        })
-    };
 }
 
 /// Stores a block's scores (`n` tokens from `t0` of the rows of heads `j0..j0 + NH`,
@@ -457,19 +614,23 @@ pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize
     out[..g * d].fill(0.0);
     let mut cst = vec![0f32; g];
     let mut corr = vec![0f32; g * d];
-    let mut bases = Vec::new();
+    let mut bases = [0f32; BLOCK];
     // Heads per tile: their rows (d / 16 vectors each) in at most 24 registers.
     let per = (24 / (d / 16)).max(1);
     let mut t0 = 0usize;
     for (bi, b) in vs.blocks.iter().enumerate() {
         prefetch_block(vs.blocks.get(bi + 1));
         // SAFETY: features enabled; the block's tokens are within `probs`' rows.
-        unsafe { block_constants(b, &offs, d, probs, g, t_total, t0, &mut bases, &mut cst, &mut corr) };
+        let kind = unsafe { kind(b) };
+        // SAFETY: as above; `kind` gives the outliers.
+        unsafe {
+            block_constants(b, kind.outliers, &offs, d, probs, (g, t_total, t0), &mut bases, &mut cst, &mut corr)
+        };
         // Integer products where the CPU has them and the block's groups are quantized
         // at one width (raw, zero-width and mixed-width blocks take the f32 tiles: with
         // mixed widths the weights `p * s` of the wide groups are small against those of
         // the narrow ones, and 16 bits against the largest would not hold them).
-        let int = vnni && one_width(b);
+        let int = vnni && kind.width.is_some();
         let mut j0 = 0;
         while j0 < g {
             let nh = (g - j0).min(per);
@@ -502,43 +663,48 @@ pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize
     add_rows(out, d, g, &cst, &corr);
 }
 
-/// The per-group constants of one block whose first token is `t0`: `cst[j] += sum_i
-/// p_j(t0 + i) * base_i` (raw groups: none) as 16-lane dot products of the probability
-/// rows with the block's bases, and the outliers' `corr[j * d + i] += p * (v - base)`.
+/// The per-group constants of one block whose first token is `t0` (`at = (g, T, t0)`):
+/// `cst[j] += sum_i p_j(t0 + i) * base_i` (raw groups: none) as 16-lane dot products of
+/// the probability rows with the block's bases ([`meta16`]), and where `outliers`, their
+/// `corr[j * d + i] += p * (v - base)`.
 ///
 /// # Safety
-/// As [`weighted_values`]; `t0 + b.len() <= T`.
+/// As [`weighted_values`]; `t0 + b.len() <= T`; `outliers` if any group has outliers.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
 unsafe fn block_constants(
     b: &Block,
+    outliers: bool,
     offs: &[f32; 9],
     d: usize,
     probs: &[f32],
-    g: usize,
-    t_total: usize,
-    t0: usize,
-    bases: &mut Vec<f32>,
+    (g, t_total, t0): (usize, usize, usize),
+    bases: &mut [f32; BLOCK],
     cst: &mut [f32],
     corr: &mut [f32],
 ) {
     let n = b.len();
-    assert!(t0 + n <= t_total && probs.len() >= g * t_total);
-    bases.clear();
-    bases.extend(b.meta.iter().map(|m| if m.bits == RAW { 0.0 } else { group_consts(m, offs, d).0 }));
-    bases.resize(n.next_multiple_of(16), 0.0);
+    assert!(n <= BLOCK && t0 + n <= t_total && probs.len() >= g * t_total);
+    let offs16 = offsets16(offs);
+    for i0 in (0..n).step_by(16) {
+        // SAFETY: i0 < n; 16 floats at i0 < BLOCK.
+        unsafe { _mm512_storeu_ps(bases.as_mut_ptr().add(i0), meta16(b, i0, offs16).1) };
+    }
     for (j, c) in cst.iter_mut().enumerate().take(g) {
         let row = probs[j * t_total + t0..].as_ptr();
         let mut acc = _mm512_setzero_ps();
         for i in (0..n).step_by(16) {
             let keep: __mmask16 = if n - i >= 16 { 0xffff } else { (1u16 << (n - i)) - 1 };
             // SAFETY: lanes of `keep` are tokens t0 + i .. t0 + n of row j (asserted);
-            // `bases` holds a multiple of 16 values past `i`.
+            // `bases` holds BLOCK floats, i + 16 <= BLOCK.
             acc = unsafe {
                 _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, row.add(i)), _mm512_loadu_ps(bases.as_ptr().add(i)), acc)
             };
         }
         *c += _mm512_reduce_add_ps(acc);
+    }
+    if !outliers {
+        return;
     }
     let mut oo = 0usize;
     for (i, m) in b.meta.iter().enumerate() {
@@ -656,7 +822,7 @@ const WORD_LOW: u64 = 0x5555_5555_5555_5555;
 /// conversion of codes to floats.
 ///
 /// # Safety
-/// As [`values_tile`], and AVX512_VNNI; [`one_width`]`(b)`.
+/// As [`values_tile`], and AVX512_VNNI; `b`'s groups share one width (1..=8, [`kind`]).
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
@@ -670,12 +836,15 @@ unsafe fn values_tile_int<const NH: usize, const NC: usize>(
     out: &mut [f32],
 ) {
     let n = b.len();
-    assert!(n <= BLOCK && t0 + n <= t_total && one_width(b));
+    let gb = d * b.meta[0].bits as usize / 8;
+    assert!(n <= BLOCK && t0 + n <= t_total && (1..=8).contains(&b.meta[0].bits) && b.codes.len() >= n * gb);
+    debug_assert!(b.meta.iter().all(|m| m.bits == b.meta[0].bits));
     // The block's steps, then per head its 16-bit weights (an even count, the pad 0)
     // and the scale back.
     let mut steps = [0f32; BLOCK];
-    for (x, m) in steps.iter_mut().zip(&b.meta) {
-        *x = h2f_f16c(m.s);
+    for i0 in (0..n).step_by(16) {
+        // SAFETY: i0 < n; 16 floats at i0 < BLOCK.
+        unsafe { _mm512_storeu_ps(steps.as_mut_ptr().add(i0), meta16(b, i0, _mm512_setzero_ps()).0) };
     }
     let mut w16 = [[0i16; BLOCK]; NH];
     let mut back = [0f32; NH];
@@ -715,20 +884,20 @@ unsafe fn values_tile_int<const NH: usize, const NC: usize>(
     let pidx: [__m512i; 4] =
         // SAFETY: 64 bytes each.
         std::array::from_fn(|c| unsafe { _mm512_loadu_si512(PAIR_IDX[c].as_ptr() as *const _) });
-    let cp = b.codes.as_ptr();
-    let (mut co, mut i) = (0usize, 0usize);
+    let (cp, len) = (b.codes.as_ptr(), b.codes.len());
+    let bits = b.meta[0].bits;
+    // SAFETY: width 1..=8 (asserted).
+    let u = unsafe { Unpack::new(bits, 64) };
+    let mut i = 0usize;
     while i < n {
-        let (ma, mb) = (b.meta[i], b.meta.get(i + 1).copied());
-        let cb_a = d * ma.bits as usize / 8;
+        let co = i * gb;
         for c in 0..NC {
             // SAFETY: each group's 8 bits bytes per chunk are inside the codes; the
             // second token of an odd block's last pair is the first again (weight 0).
             let (ca, cb) = unsafe {
-                let ca = codes64(cp.add(co + 8 * c * ma.bits as usize), ma.bits, 64);
-                let cb = match mb {
-                    Some(mb) => codes64(cp.add(co + cb_a + 8 * c * mb.bits as usize), mb.bits, 64),
-                    None => ca,
-                };
+                let at = co + 8 * c * bits as usize;
+                let ca = u.load_in(cp.add(at), len - at);
+                let cb = if i + 1 < n { u.load_in(cp.add(at + gb), len - at - gb) } else { ca };
                 (ca, cb)
             };
             for k in 0..4 {
@@ -740,7 +909,6 @@ unsafe fn values_tile_int<const NH: usize, const NC: usize>(
                 }
             }
         }
-        co += cb_a + mb.map_or(0, |m| d * m.bits as usize / 8);
         i += 2;
     }
     let op = out.as_mut_ptr();
@@ -753,5 +921,72 @@ unsafe fn values_tile_int<const NH: usize, const NC: usize>(
                 _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][v]), bk, _mm512_loadu_ps(o)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::Scheme;
+    use crate::quant::{OutlierMode, Outliers, QuantSpec};
+    use crate::simd::{Level, level};
+    use crate::store::PackedStream;
+
+    /// The metadata read 16 tokens at a time ([`meta16`], [`kind`]) is what the scalar
+    /// reads give one token at a time ([`group_consts`], scans of the groups), bit for
+    /// bit: mixed widths, raw and zero-width groups, outliers, one-width blocks, partial
+    /// blocks, both schemes.
+    #[test]
+    fn metadata_read_sixteen_at_a_time_equals_one_at_a_time() {
+        if level() != Level::Avx512 {
+            return;
+        }
+        let mut rng = crate::testutil::Rng(7);
+        let mut rnd = move || rng.f();
+        let d = 64;
+        // Each case met at least once: raw groups, outliers, one width, mixed widths.
+        let mut seen = [false; 4];
+        let widths: [&[u8]; 4] = [&[0, 1, 2, 3, 4, 5, 6, 7, 8, RAW], &[6], &[3, 3, 3, 5], &[RAW]];
+        for (scheme, alpha) in [(Scheme::Midpoint, 0.0), (Scheme::Midpoint, 0.05), (Scheme::MeanCentred, 0.0)] {
+            let spec = QuantSpec { scheme, outliers: Outliers { alpha, mode: OutlierMode::Total } };
+            let offs = offsets(scheme);
+            for ws in widths {
+                let mut s = PackedStream::new(d, spec, false);
+                for t in 0..150 {
+                    let row: Vec<f32> = (0..d).map(|_| half::f16::from_f32(rnd() * 3.0).to_f32()).collect();
+                    s.push(&row, ws[t % ws.len()]).unwrap();
+                }
+                for b in s.blocks() {
+                    let n = b.len();
+                    // SAFETY: AVX-512 detected; i0 < n.
+                    let k = unsafe { kind(b) };
+                    assert_eq!(k.raw, b.meta.iter().any(|m| m.bits == RAW), "{ws:?}");
+                    assert_eq!(k.outliers, b.meta.iter().any(|m| m.n_out > 0), "{ws:?} {alpha}");
+                    let one = b.meta.iter().all(|m| m.bits == b.meta[0].bits) && (1..=8).contains(&b.meta[0].bits);
+                    assert_eq!(k.width, one.then_some(b.meta[0].bits), "{ws:?}");
+                    for (x, y) in seen.iter_mut().zip([k.raw, k.outliers, k.width.is_some(), !one && !k.raw]) {
+                        *x |= y;
+                    }
+                    for i0 in (0..n).step_by(16) {
+                        let (mut st, mut ba) = ([0f32; 16], [0f32; 16]);
+                        // SAFETY: as above; 16 floats each.
+                        unsafe {
+                            let (x, y) = meta16(b, i0, offsets16(&offs));
+                            _mm512_storeu_ps(st.as_mut_ptr(), x);
+                            _mm512_storeu_ps(ba.as_mut_ptr(), y);
+                        }
+                        for i in 0..16 {
+                            let want = match b.meta.get(i0 + i) {
+                                // SAFETY: AVX2 and F16C detected.
+                                Some(m) => unsafe { group_consts(m, &offs, d) },
+                                None => (0.0, 0.0, 0),
+                            };
+                            assert_eq!((ba[i].to_bits(), st[i].to_bits()), (want.0.to_bits(), want.1.to_bits()));
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, [true; 4]);
     }
 }

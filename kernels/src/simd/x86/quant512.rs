@@ -370,27 +370,86 @@ static SHIFT_CTL: [[u8; 64]; 9] = {
 };
 
 /// The `n` (at most 64, a multiple of 8) codes of width `bits` (1..=8) packed at `p`, one
-/// per byte (bytes past `n` zero): the `n * bits / 8` code bytes are loaded under a mask,
-/// spread so that qword `k` starts with code `8 k` (`vpermb`), shifted into place byte by
-/// byte (`vpmultishiftqb`) and masked to the width.
+/// per byte (bytes past `n` zero): [`Unpack::new`] then [`Unpack::load`].
 ///
 /// # Safety
 /// `1 <= bits <= 8`, `n <= 64`; `n * bits / 8` bytes readable at `p`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 pub(crate) unsafe fn codes64(p: *const u8, bits: u8, n: usize) -> __m512i {
-    let b = bits as usize;
-    let bytes = n * b / 8;
-    let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
-    let lanes = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
-    // SAFETY: the tables hold 64 bytes per width; the masked load reads only the `bytes`
-    // bytes at `p` that the contract makes readable.
-    unsafe {
-        let spread = _mm512_loadu_si512(SPREAD_IDX[b].as_ptr() as *const _);
-        let ctl = _mm512_loadu_si512(SHIFT_CTL[b].as_ptr() as *const _);
-        let w = _mm512_maskz_loadu_epi8(keep, p as *const i8);
-        let w = _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(spread, w));
-        _mm512_and_si512(w, _mm512_maskz_set1_epi8(lanes, ((1u32 << b) - 1) as u8 as i8))
+    // SAFETY: per the contract.
+    unsafe { Unpack::new(bits, n).load(p) }
+}
+
+/// The constants that unpack groups of `n` codes of one width, for a loop over many
+/// groups of that width (a block quantized at one width): the `n * bits / 8` code bytes
+/// are loaded under a mask, spread so that qword `k` starts with code `8 k` (`vpermb`),
+/// shifted into place byte by byte (`vpmultishiftqb`) and masked to the width.
+#[derive(Clone, Copy)]
+pub(crate) struct Unpack {
+    spread: __m512i,
+    ctl: __m512i,
+    keep: u64,
+    width: __m512i,
+}
+
+impl Unpack {
+    /// # Safety
+    /// `1 <= bits <= 8`, `n <= 64`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    pub(crate) unsafe fn new(bits: u8, n: usize) -> Unpack {
+        let b = bits as usize;
+        debug_assert!((1..=8).contains(&b) && n <= 64);
+        let bytes = n * b / 8;
+        let keep = if bytes >= 64 { u64::MAX } else { (1u64 << bytes) - 1 };
+        let lanes = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        // SAFETY: the tables hold 64 bytes per width.
+        unsafe {
+            Unpack {
+                spread: _mm512_loadu_si512(SPREAD_IDX[b].as_ptr() as *const _),
+                ctl: _mm512_loadu_si512(SHIFT_CTL[b].as_ptr() as *const _),
+                keep,
+                width: _mm512_maskz_set1_epi8(lanes, ((1u32 << b) - 1) as u8 as i8),
+            }
+        }
+    }
+
+    /// The group's codes at `p`, one per byte (bytes past `n` zero).
+    ///
+    /// # Safety
+    /// `n * bits / 8` bytes readable at `p` (the masked load reads no others).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    pub(crate) unsafe fn load(&self, p: *const u8) -> __m512i {
+        // SAFETY: per the contract.
+        let w = unsafe { _mm512_maskz_loadu_epi8(self.keep, p as *const i8) };
+        self.place(w)
+    }
+
+    /// [`Unpack::load`] where `avail` bytes are readable at `p`: with 64 or more, one plain
+    /// load (the bytes past the group's are masked off all the same).
+    ///
+    /// # Safety
+    /// `avail` bytes readable at `p`, `avail >= n * bits / 8`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    pub(crate) unsafe fn load_in(&self, p: *const u8, avail: usize) -> __m512i {
+        if avail >= 64 {
+            // SAFETY: 64 bytes readable at `p`.
+            self.place(unsafe { _mm512_loadu_si512(p as *const _) })
+        } else {
+            // SAFETY: per the contract.
+            unsafe { self.load(p) }
+        }
+    }
+
+    /// The codes of the loaded bytes `w`: spread, shifted, masked to the width (bytes
+    /// of `w` past the group's never reach a code).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    fn place(&self, w: __m512i) -> __m512i {
+        _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl, _mm512_permutexvar_epi8(self.spread, w)), self.width)
     }
 }
 
