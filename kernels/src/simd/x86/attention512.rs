@@ -72,6 +72,12 @@ unsafe fn widen(w: __m512i, idx: &[__m512i; 4], q: usize) -> __m512 {
     unsafe { _mm512_cvtepi32_ps(_mm512_maskz_permutexvar_epi8(DWORD_LOW, idx[q], w)) }
 }
 
+/// Where the kernels prefetch from while they take block `b`: the next block's codes at
+/// the offset of the group they are at (a block ahead), or past `b`'s own.
+fn next_codes(next: Option<&Block>, b: &Block) -> *const u8 {
+    next.map_or(b.codes.as_ptr().wrapping_add(b.codes.len()), |n| n.codes.as_ptr())
+}
+
 /// 16 little-endian f16 values at `p` as f32.
 #[inline(always)]
 unsafe fn raw16(p: *const u8) -> __m512 {
@@ -194,7 +200,18 @@ unsafe fn scores_nh<const NH: usize, const NC: usize>(
         {
             // SAFETY: VNNI with `qw`; the block's tokens are t0 .. t0 + n of the rows.
             unsafe {
-                scores_block_int::<NH, NC>(b, kind.width, &offs, qw, back, &sumq, (j0, t0, t_total), &mut bases, scores)
+                scores_block_int::<NH, NC>(
+                    b,
+                    next_codes(s.blocks.get(bi + 1), b),
+                    kind.width,
+                    &offs,
+                    qw,
+                    back,
+                    &sumq,
+                    (j0, t0, t_total),
+                    &mut bases,
+                    scores,
+                )
             };
         } else {
             // SAFETY: as this function's contract.
@@ -478,7 +495,9 @@ fn sum16(a: &[__m512i; 16]) -> __m512i {
 /// back per head. Half the multiply instructions of the f32 products, and no conversion
 /// of codes to floats. Sixteen tokens at a time: their metadata in vectors
 /// ([`meta16`]), their sums in one tree ([`sum16`]), the score rows stored 16 lanes at
-/// a time; a block at one width unpacks its codes with constants made once.
+/// a time; a block at one width unpacks its codes with constants made once. Each token
+/// prefetches the line a block ahead (`ahead`, [`next_codes`]): the blocks are separate
+/// allocations, and the hardware prefetcher alone left the code loads waiting.
 ///
 /// # Safety
 /// As [`scores_block`], and AVX512_VNNI; no group of `b` is raw; `width` as [`kind`]
@@ -488,6 +507,7 @@ fn sum16(a: &[__m512i; 16]) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn scores_block_int<const NH: usize, const NC: usize>(
     b: &Block,
+    ahead: *const u8,
     width: Option<u8>,
     offs: &[f32; 9],
     qw: &[[__m512i; 8]; NH],
@@ -527,6 +547,7 @@ unsafe fn scores_block_int<const NH: usize, const NC: usize>(
                 }
             };
             let mut acc = [_mm512_setzero_si512(); NH];
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(co) as *const i8);
             if let Some(u) = u {
                 for c in 0..NC {
                     // SAFETY: the group's 8 bits bytes per chunk are inside the codes.
@@ -631,6 +652,7 @@ pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize
         // mixed widths the weights `p * s` of the wide groups are small against those of
         // the narrow ones, and 16 bits against the largest would not hold them).
         let int = vnni && kind.width.is_some();
+        let ahead = next_codes(vs.blocks.get(bi + 1), b);
         let mut j0 = 0;
         while j0 < g {
             let nh = (g - j0).min(per);
@@ -639,18 +661,18 @@ pub(crate) unsafe fn weighted_values(vs: StreamView<'_>, probs: &[f32], g: usize
             macro_rules! tile {
                 ($f:ident) => {
                     match (nh, d / 64) {
-                        (1, 1) => $f::<1, 1>(b, d, probs, t_total, t0, j0, out),
-                        (2, 1) => $f::<2, 1>(b, d, probs, t_total, t0, j0, out),
-                        (3, 1) => $f::<3, 1>(b, d, probs, t_total, t0, j0, out),
-                        (4, 1) => $f::<4, 1>(b, d, probs, t_total, t0, j0, out),
-                        (5, 1) => $f::<5, 1>(b, d, probs, t_total, t0, j0, out),
-                        (_, 1) => $f::<6, 1>(b, d, probs, t_total, t0, j0, out),
-                        (1, 2) => $f::<1, 2>(b, d, probs, t_total, t0, j0, out),
-                        (2, 2) => $f::<2, 2>(b, d, probs, t_total, t0, j0, out),
-                        (_, 2) => $f::<3, 2>(b, d, probs, t_total, t0, j0, out),
-                        (1, 3) => $f::<1, 3>(b, d, probs, t_total, t0, j0, out),
-                        (_, 3) => $f::<2, 3>(b, d, probs, t_total, t0, j0, out),
-                        (_, _) => $f::<1, 4>(b, d, probs, t_total, t0, j0, out),
+                        (1, 1) => $f::<1, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (2, 1) => $f::<2, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (3, 1) => $f::<3, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (4, 1) => $f::<4, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (5, 1) => $f::<5, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (_, 1) => $f::<6, 1>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (1, 2) => $f::<1, 2>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (2, 2) => $f::<2, 2>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (_, 2) => $f::<3, 2>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (1, 3) => $f::<1, 3>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (_, 3) => $f::<2, 3>(b, ahead, d, probs, t_total, t0, j0, out),
+                        (_, _) => $f::<1, 4>(b, ahead, d, probs, t_total, t0, j0, out),
                     }
                 };
             }
@@ -729,6 +751,7 @@ unsafe fn block_constants(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c,bmi2")]
 unsafe fn values_tile<const NH: usize, const NC: usize>(
     b: &Block,
+    _ahead: *const u8,
     d: usize,
     probs: &[f32],
     t_total: usize,
@@ -820,6 +843,8 @@ const WORD_LOW: u64 = 0x5555_5555_5555_5555;
 /// 64 * 32767 * 255 < 2^31), which are scaled back (`max / 32767`) into the f32 rows at
 /// the end of the block. Twice the products per instruction of the f32 tiles, and no
 /// conversion of codes to floats.
+/// Each pair of tokens prefetches the line a block ahead (`ahead`, as in
+/// [`scores_block_int`]).
 ///
 /// # Safety
 /// As [`values_tile`], and AVX512_VNNI; `b`'s groups share one width (1..=8, [`kind`]).
@@ -828,6 +853,7 @@ const WORD_LOW: u64 = 0x5555_5555_5555_5555;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn values_tile_int<const NH: usize, const NC: usize>(
     b: &Block,
+    ahead: *const u8,
     d: usize,
     probs: &[f32],
     t_total: usize,
@@ -891,6 +917,7 @@ unsafe fn values_tile_int<const NH: usize, const NC: usize>(
     let mut i = 0usize;
     while i < n {
         let co = i * gb;
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(co) as *const i8);
         for c in 0..NC {
             // SAFETY: each group's 8 bits bytes per chunk are inside the codes; the
             // second token of an odd block's last pair is the first again (weight 0).
