@@ -23,6 +23,7 @@
 //! codes with constants made once ([`Unpack`]).
 
 use super::attention::{add_rows, group_consts, offsets, prefetch_block, transpose_q};
+use super::dense512::tree16;
 use super::quant512::{Unpack, codes64};
 use crate::base::{Block, MAX_GROUP, RAW, StreamView};
 
@@ -464,28 +465,14 @@ const fn slot16(i: usize) -> usize {
     4 * (i % 4) + i / 4
 }
 
-/// Lane `i` = the sum of the 16 lanes of token `i`'s vector `a[slot16(i)]`: a tree of
-/// 128-bit shuffles, qword unpacks and dword shuffles, 45 instructions for 16 tokens.
+/// Lane `i` = the sum of the 16 lanes of token `i`'s vector `a[slot16(i)]`: the dense
+/// kernels' tree ([`tree16`]) in integer additions (exact in any order).
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn sum16(a: &[__m512i; 16]) -> __m512i {
-    let c: [__m512i; 8] = std::array::from_fn(|p| {
-        let (x, y) = (a[2 * p], a[2 * p + 1]);
-        _mm512_add_epi32(_mm512_shuffle_i64x2::<0x44>(x, y), _mm512_shuffle_i64x2::<0xee>(x, y))
-    });
-    let e: [__m512i; 4] = std::array::from_fn(|p| {
-        let (x, y) = (c[2 * p], c[2 * p + 1]);
-        _mm512_add_epi32(_mm512_shuffle_i64x2::<0x88>(x, y), _mm512_shuffle_i64x2::<0xdd>(x, y))
-    });
-    let f: [__m512i; 2] = std::array::from_fn(|p| {
-        let (x, y) = (e[2 * p], e[2 * p + 1]);
-        _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
-    });
-    let (x, y) = (_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]));
-    _mm512_add_epi32(
-        _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(x, y)),
-        _mm512_castps_si512(_mm512_shuffle_ps::<0xdd>(x, y)),
-    )
+    let add =
+        |x: __m512, y: __m512| _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
+    _mm512_castps_si512(tree16(|n| _mm512_castsi512_ps(a[n]), add))
 }
 
 /// [`scores_block`] in integers, for a block without raw groups: each token's codes are

@@ -40,33 +40,41 @@ pub(crate) fn fits(d: usize) -> bool {
 }
 
 /// The 16 sums of a score tile's accumulators, `acc[i][j]` reduced as `prim::x86::dot`
-/// reduces its two 8-lane halves: lanes `(l, l + 8)` (`acc0 + acc1`), then `hsum`'s
-/// `(l, l + 4)`, `(l, l + 2)`, `(0, 1)`. The same tree, on four accumulators per vector
-/// at each level (30 shuffles and 15 additions for 16 sums instead of 16 `hsum`s).
-/// Lane `4 i + j` of the result is `acc[i][j]`'s sum.
+/// reduces its two 8-lane halves ([`tree16`]). Lane `4 i + j` of the result is
+/// `acc[i][j]`'s sum.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn reduce16(acc: &[[__m512; KT]; QT]) -> __m512 {
     // Accumulator n is acc[n % 4][n / 4]: then the last level leaves vector i's four sums
     // in 128-bit lane i.
-    let a = |n: usize| acc[n % QT][n / QT];
+    tree16(|n| acc[n % QT][n / QT], |x, y| _mm512_add_ps(x, y))
+}
+
+/// The sums of the 16 lanes of each of 16 vectors `a(0..16)` (`add` adds two vectors,
+/// as floats or as integers): lanes `(l, l + 8)`, then `(l, l + 4)`, `(l, l + 2)`,
+/// `(0, 1)`, the tree `prim::x86::dot`'s `hsum` walks, on four vectors per register at
+/// each level (30 shuffles and 15 additions for 16 sums). Lane `4 k + r` of the result
+/// is `a(4 r + k)`'s sum.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn tree16(a: impl Fn(usize) -> __m512, add: impl Fn(__m512, __m512) -> __m512) -> __m512 {
     // (l, l + 8): [a(2m) (8 lanes), a(2m + 1) (8 lanes)].
     let s1: [__m512; 8] = std::array::from_fn(|m| {
         let (x, y) = (a(2 * m), a(2 * m + 1));
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xEE>(x, y))
+        add(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xEE>(x, y))
     });
     // (l, l + 4): [a(4p), a(4p + 1), a(4p + 2), a(4p + 3)], 4 lanes each.
     let s2: [__m512; 4] = std::array::from_fn(|p| {
         let (x, y) = (s1[2 * p], s1[2 * p + 1]);
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xDD>(x, y))
+        add(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xDD>(x, y))
     });
     // (l, l + 2): 128-bit lane k = [a(8r + k) (2 lanes), a(8r + 4 + k) (2 lanes)].
     let s3: [__m512; 2] = std::array::from_fn(|r| {
         let (x, y) = (s2[2 * r], s2[2 * r + 1]);
-        _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y))
+        add(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y))
     });
-    // (0, 1): 128-bit lane k = [a(k), a(4 + k), a(8 + k), a(12 + k)] = acc[k][0..4].
-    _mm512_add_ps(_mm512_shuffle_ps::<0x88>(s3[0], s3[1]), _mm512_shuffle_ps::<0xDD>(s3[0], s3[1]))
+    // (0, 1): 128-bit lane k = [a(k), a(4 + k), a(8 + k), a(12 + k)].
+    add(_mm512_shuffle_ps::<0x88>(s3[0], s3[1]), _mm512_shuffle_ps::<0xDD>(s3[0], s3[1]))
 }
 
 /// Scores of query vectors `qs` (`n * d`) against keys `k` (`[t][d]`): `probs[offs[i] +
